@@ -1,0 +1,257 @@
+"""One typed configuration object for the whole service.
+
+Values come, highest priority first, from ``DICOM_AI_*`` environment variables (nested keys
+joined by ``__``, e.g. ``DICOM_AI_DICOM__PORT=11113``), the TOML file given by ``--config``, and
+the defaults below. Sections owned by later features may appear in the file; unknown top-level
+sections are ignored, but an unknown key inside a known section is an error, so typos surface at
+start instead of silently falling back to a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from dicom_ai.exceptions import ConfigError
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+def validate_ae_title(value: str) -> str:
+    """Check an AE title against PS3.5 section 6.2 (AE value representation).
+
+    Parameters
+    ----------
+    value : str
+        The AE title.
+
+    Returns
+    -------
+    str
+        The title without leading/trailing spaces.
+
+    Raises
+    ------
+    ValueError
+        If it is empty, longer than 16 characters, or holds a backslash or control character.
+    """
+    title = value.strip()
+    if not title or len(title) > 16:
+        raise ValueError(f"AE title {value!r} must have 1 to 16 characters")
+    if any(c == "\\" or ord(c) < 0x20 or ord(c) > 0x7E for c in title):
+        raise ValueError(f"AE title {value!r} may not hold backslashes or control characters")
+    return title
+
+
+AETitle = Annotated[str, AfterValidator(validate_ae_title)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DicomSettings(_Section):
+    """``[dicom]``: the receiver (Storage SCP, Verification SCP, MPPS SCP)."""
+
+    ae_title: AETitle = "DICOM_AI"
+    host: str = "0.0.0.0"  # noqa: S104 - a DICOM receiver listens for modalities on the LAN
+    port: Port = 11112
+    allowed_calling_aets: list[AETitle] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=list)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    max_associations: Annotated[int, Field(ge=1)] = 64
+    receivers: Annotated[int, Field(ge=1, le=64)] = 1
+    maximum_pdu_size: Annotated[int, Field(ge=0)] = 0
+    network_timeout: Annotated[float, Field(gt=0)] = 60.0
+    dimse_timeout: Annotated[float, Field(gt=0)] = 60.0
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            ipaddress.ip_network(entry, strict=False)  # raises ValueError naming the entry
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> DicomSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_ca needs tls_cert and tls_key")
+        return self
+
+
+class StorageSettings(_Section):
+    """``[storage]``: the file store and the index database."""
+
+    root: Path = Path("data")
+    database_url: str | None = None
+    min_free_bytes: Annotated[int, Field(ge=0)] = 1_000_000_000
+    duplicates: Literal["keep-first", "replace"] = "keep-first"
+
+    @property
+    def url(self) -> str:
+        """The database URL; SQLite inside the store root when none is configured."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.root / 'index.sqlite3').resolve()}"
+
+
+class CompletionSettings(_Section):
+    """``[completion]``: when a series or study counts as completely received."""
+
+    series_quiet_seconds: Annotated[float, Field(gt=0)] = 30.0
+    study_quiet_seconds: Annotated[float, Field(gt=0)] = 60.0
+    poll_seconds: Annotated[float, Field(gt=0)] = 1.0
+
+
+class ApiSettings(_Section):
+    """``[api]``: the HTTP API and dashboard."""
+
+    host: str = "127.0.0.1"
+    port: Port = 8080
+
+
+class LoggingSettings(_Section):
+    """``[logging]``: log level and format."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = False
+
+
+class Destination(_Section):
+    """``[[destinations]]``: a DICOM node results are sent to."""
+
+    name: str
+    ae_title: AETitle
+    host: str
+    port: Port
+    tls: bool = False
+
+
+class Source(_Section):
+    """``[[sources]]``: an archive batch jobs query and retrieve from."""
+
+    name: str
+    ae_title: AETitle
+    host: str
+    port: Port
+    retrieve: Literal["move", "get"] = "move"
+
+
+class Route(_Section):
+    """``[[routes]]``: a rule sending matching studies to a model and destinations."""
+
+    name: str
+    match: dict[str, str | list[str]] = Field(default_factory=dict)
+    model: str
+    destinations: list[str] = Field(default_factory=list)
+
+
+class Settings(BaseSettings):
+    """Every setting of the service, validated once at start."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DICOM_AI_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        frozen=True,
+    )
+
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    completion: CompletionSettings = Field(default_factory=CompletionSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    destinations: list[Destination] = Field(default_factory=list)
+    sources: list[Source] = Field(default_factory=list)
+    routes: list[Route] = Field(default_factory=list)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Order the sources: keyword arguments, environment, TOML file, defaults."""
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        for kind in ("destinations", "sources", "routes"):
+            names = [item.name for item in getattr(self, kind)]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"{kind}: duplicate name(s) {dupes}")
+        known = {d.name for d in self.destinations}
+        for route in self.routes:
+            missing = [d for d in route.destinations if d not in known]
+            if missing:
+                raise ValueError(f"routes.{route.name}: unknown destination(s) {missing}")
+        return self
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Read and validate the settings.
+
+    Parameters
+    ----------
+    path : Path or str, optional
+        A TOML file; without one only defaults and environment variables apply.
+        ``DICOM_AI_CONFIG`` names the file when `path` is not given.
+    **overrides
+        Section values that win over everything else (used by tests and the CLI).
+
+    Returns
+    -------
+    Settings
+        The validated settings.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing or unreadable, or a value is invalid; the message names the key.
+    """
+    chosen = path if path is not None else os.environ.get("DICOM_AI_CONFIG")
+    toml_file = Path(chosen) if chosen else None
+    if toml_file is not None and not toml_file.is_file():
+        raise ConfigError(f"config file {toml_file} does not exist")
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=toml_file)
+
+    try:
+        loaded = _FileSettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration{f' in {toml_file}' if toml_file else ''}: "
+                          f"{problems}") from None
+    except ValueError as exc:  # TOML syntax errors
+        raise ConfigError(f"cannot read {toml_file}: {exc}") from None
+    return loaded

@@ -1,0 +1,147 @@
+"""Start-up recovery: make the index agree with the store after any stop, clean or not.
+
+The files are the truth. After a crash:
+
+* ``incoming/`` may hold partial receptions that were never acknowledged: they are deleted;
+* ``instances/`` may hold files renamed into place whose index row was not yet committed
+  (never acknowledged, but complete and fsynced): they are indexed;
+* rows whose file was removed by hand are deleted.
+
+A clean shutdown leaves a marker file; its presence at start lets recovery skip the full walk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from dicom_ai.exceptions import IngestError
+from dicom_ai.ingest.index import read_stored_record
+from dicom_ai.ingest.spool import RECONCILE_MARKER
+from storage import repository
+from storage.db import Database
+from storage.filestore import FileStore, fsync_dir
+
+LOGGER = logging.getLogger(__name__)
+CLEAN_MARKER = "CLEAN_SHUTDOWN"
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What recovery found and did."""
+
+    clean_shutdown: bool
+    partial_files_removed: int
+    files_indexed: int
+    rows_removed: int
+    files_quarantined: int
+
+
+def mark_clean_shutdown(store: FileStore) -> None:
+    """Leave the marker that lets the next start skip the full reconciliation."""
+    marker = store.root / CLEAN_MARKER
+    marker.write_text(datetime.now(UTC).isoformat())
+    fsync_dir(store.root)
+
+
+def take_clean_marker(store: FileStore) -> bool:
+    """Remove the clean-shutdown marker; True if it was there."""
+    marker = store.root / CLEAN_MARKER
+    if not marker.exists():
+        return False
+    marker.unlink()
+    fsync_dir(store.root)
+    return True
+
+
+def clear_incoming(store: FileStore) -> int:
+    """Delete partial receptions (call before any receiver starts)."""
+    removed = store.clear_incoming()
+    if removed:
+        LOGGER.info("removed %d partial reception(s) from %s", removed, store.incoming)
+    return removed
+
+
+def reconcile(store: FileStore, db: Database) -> tuple[int, int, int]:
+    """Index stored files without rows, and delete rows without files.
+
+    Safe while receivers run: indexing is idempotent and rows are only written after their file
+    is in place.
+
+    Returns
+    -------
+    tuple of int
+        Files indexed, rows removed, files quarantined (unreadable files found in the store).
+    """
+    with db.sessions() as session:
+        known = repository.indexed_paths(session)
+    on_disk = set(store.iter_relative_paths())
+    orphans = sorted(on_disk - known)
+    indexed = quarantined = 0
+    for relative in orphans:
+        path = store.absolute(relative)
+        try:
+            record = read_stored_record(path)
+            expected = store.relative_path(
+                record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
+            )
+            if expected != relative:
+                raise IngestError(0xA900, f"file at {relative} holds {record.sop_instance_uid}")
+        except IngestError as exc:
+            store.quarantine(path, f"found in store during recovery: {exc.reason}",
+                             {"status": f"0x{exc.status:04X}", "store_path": relative})
+            quarantined += 1
+            continue
+        with db.write_session() as session:
+            repository.index_instance(
+                session,
+                record,
+                path=relative,
+                size_bytes=os.path.getsize(path),
+                calling_ae_title="",
+                now=datetime.now(UTC),
+                replace=False,
+            )
+        indexed += 1
+    missing = known - on_disk
+    # Re-check each file right before deleting its row: it may have been stored meanwhile.
+    missing = {p for p in missing if not store.absolute(p).exists()}
+    with db.write_session() as session:
+        removed = repository.delete_instances_by_path(session, sorted(missing))
+    return indexed, removed, quarantined
+
+
+def recover(store: FileStore, db: Database, *, force: bool = False) -> RecoveryReport:
+    """Run start-up recovery (partial files, then reconciliation unless the last stop was clean).
+
+    Parameters
+    ----------
+    store : FileStore
+        The store.
+    db : Database
+        The index database.
+    force : bool
+        Reconcile even after a clean shutdown.
+
+    Returns
+    -------
+    RecoveryReport
+        Counts of what was repaired.
+    """
+    clean = take_clean_marker(store)
+    requested = store.root / RECONCILE_MARKER
+    if requested.exists():  # an index write failed after its file was stored
+        force = True
+    partial = clear_incoming(store)
+    indexed = removed = quarantined = 0
+    if force or not clean:
+        indexed, removed, quarantined = reconcile(store, db)
+    requested.unlink(missing_ok=True)
+    report = RecoveryReport(clean, partial, indexed, removed, quarantined)
+    if partial or indexed or removed or quarantined:
+        LOGGER.warning("recovery: %s", report)
+    else:
+        LOGGER.info("recovery: store and index agree (clean shutdown: %s)", clean)
+    return report

@@ -1,0 +1,221 @@
+"""Durable acceptance of one received instance: check, move into place, index, then answer.
+
+The order is what makes an acknowledgement safe: the C-STORE success status is returned only
+after (1) the file is fsynced and atomically renamed into ``instances/`` with its directory
+fsynced, and (2) its index row is committed. A crash between (1) and (2) leaves a complete file
+without a row, which :mod:`dicom_ai.ingest.recovery` indexes on the next start; the sender saw no
+success, re-sends, and the duplicate policy makes that harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from dicom_ai.config import StorageSettings
+from dicom_ai.exceptions import IngestError, OutOfSpaceError
+from dicom_ai.ingest.index import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    instance_record,
+    read_dataset,
+)
+from storage import repository
+from storage.db import Database
+from storage.filestore import FileStore, fsync_file
+
+LOGGER = logging.getLogger(__name__)
+SUCCESS = 0x0000
+RECONCILE_MARKER = "RECONCILE_NEEDED"
+
+
+@dataclass(frozen=True)
+class Received:
+    """A file a receiver wrote, and what the C-STORE request said about it."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    calling_ae_title: str
+
+
+def _settle(flushed: Future[None]) -> None:
+    """Wait for a background fsync whose outcome no longer matters (the file is dropped)."""
+    with contextlib.suppress(OSError):
+        flushed.result()
+
+
+def request_reconcile(store: FileStore) -> None:
+    """Ask the next start to reconcile store and index (an unindexed file may exist)."""
+    try:
+        (store.root / RECONCILE_MARKER).touch()
+    except OSError:
+        LOGGER.exception("cannot write %s", RECONCILE_MARKER)
+
+
+class Ingestor:
+    """Accepts received files into the store and the index.
+
+    Parameters
+    ----------
+    store : FileStore
+        The file store.
+    db : Database
+        The index database.
+    settings : StorageSettings
+        ``min_free_bytes`` and the duplicate policy.
+    """
+
+    def __init__(
+        self, store: FileStore, db: Database, settings: StorageSettings
+    ) -> None:
+        self.store = store
+        self.db = db
+        self.min_free_bytes = settings.min_free_bytes
+        self.replace_duplicates = settings.duplicates == "replace"
+        self._io = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
+
+    def ingest(self, received: Received) -> int:
+        """Accept one received file, or refuse it with a DIMSE status.
+
+        Parameters
+        ----------
+        received : Received
+            The file (on the store's filesystem) and its request.
+
+        Returns
+        -------
+        int
+            ``0x0000`` once the instance is durable and indexed (or a kept duplicate);
+            ``0xA700`` when out of space or the index is unavailable (retryable);
+            ``0xA900``/``0xC000`` when the instance is refused and quarantined.
+        """
+        try:
+            self.store.check_space(self.min_free_bytes)
+        except OutOfSpaceError as exc:
+            LOGGER.error("refusing %s from %s: %s", received.sop_instance_uid,
+                         received.calling_ae_title, exc)
+            received.path.unlink(missing_ok=True)
+            return OUT_OF_RESOURCES
+        # The file's fsync (I/O, GIL released) overlaps the header parse (CPU).
+        flushed = self._io.submit(fsync_file, received.path)
+        try:
+            ds = read_dataset(received.path)
+            record = instance_record(
+                ds,
+                sop_class_uid=received.sop_class_uid,
+                sop_instance_uid=received.sop_instance_uid,
+            )
+            relative = self.store.relative_path(
+                record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
+            )
+        except IngestError as exc:
+            _settle(flushed)
+            self._quarantine(received, exc.status, exc.reason)
+            return exc.status
+        except Exception as exc:  # anything unforeseen in parsing: refuse and keep the file
+            LOGGER.exception("unexpected error reading %s", received.sop_instance_uid)
+            _settle(flushed)
+            self._quarantine(received, CANNOT_UNDERSTAND, f"unexpected error: {exc!r}")
+            return CANNOT_UNDERSTAND
+        del ds
+        return self._store(received, record, relative, flushed)
+
+    def _store(
+        self,
+        received: Received,
+        record: repository.InstanceRecord,
+        relative: str,
+        flushed: Future[None],
+    ) -> int:
+        sop_uid = record.sop_instance_uid
+        # A row whose file vanished (removed by hand) is repaired by this copy, whatever the
+        # policy, so that a re-send always leaves the instance stored.
+        replace_row = self.replace_duplicates
+        try:
+            if not self.replace_duplicates:
+                known = self._known_path(sop_uid)
+                if known is not None and self.store.absolute(known).exists():
+                    return self._drop_duplicate(received, flushed, sop_uid)
+                replace_row = known is not None
+            flushed.result()
+            size = os.path.getsize(received.path)
+            try:
+                final = self.store.commit(received.path, relative, synced=True,
+                                          replace=self.replace_duplicates)
+            except FileExistsError:
+                # Keep-first and a file already there: a concurrent receiver stored the same
+                # instance (its row follows), or a crash left it unindexed.
+                if self._known_path(sop_uid) is not None:
+                    return self._drop_duplicate(received, flushed, sop_uid)
+                final = self.store.commit(received.path, relative, synced=True, replace=True)
+        except OSError as exc:
+            LOGGER.error("cannot store %s: %s", sop_uid, exc)
+            received.path.unlink(missing_ok=True)
+            return OUT_OF_RESOURCES
+        except Exception:
+            LOGGER.exception("index unavailable while storing %s", sop_uid)
+            received.path.unlink(missing_ok=True)
+            return OUT_OF_RESOURCES
+        try:
+            with self.db.write_session() as session:
+                result = repository.index_instance(
+                    session,
+                    record,
+                    path=relative,
+                    size_bytes=size,
+                    calling_ae_title=received.calling_ae_title,
+                    now=datetime.now(UTC),
+                    replace=replace_row,
+                )
+        except Exception:
+            # The file is durable but unindexed: ask the next start to reconcile. The sender
+            # sees a retryable failure and re-sends, which the duplicate policy absorbs.
+            LOGGER.exception("cannot index %s (file kept at %s)", sop_uid, final)
+            request_reconcile(self.store)
+            return OUT_OF_RESOURCES
+        if result.obsolete_path:
+            self.store.remove(result.obsolete_path)
+        LOGGER.debug("stored %s (%s) from %s", sop_uid, result.outcome.value,
+                     received.calling_ae_title)
+        return SUCCESS
+
+    def _known_path(self, sop_instance_uid: str) -> str | None:
+        with self.db.sessions() as session:
+            return repository.find_instance_path(session, sop_instance_uid)
+
+    def _drop_duplicate(self, received: Received, flushed: Future[None], sop_uid: str) -> int:
+        _settle(flushed)
+        received.path.unlink(missing_ok=True)
+        LOGGER.info("duplicate %s from %s: kept the first copy", sop_uid,
+                    received.calling_ae_title)
+        return SUCCESS
+
+    def _quarantine(self, received: Received, status: int, reason: str) -> None:
+        LOGGER.warning("refused %s from %s with 0x%04X: %s", received.sop_instance_uid,
+                       received.calling_ae_title, status, reason)
+        details = {
+            "status": f"0x{status:04X}",
+            "calling_ae_title": received.calling_ae_title,
+            "affected_sop_class_uid": received.sop_class_uid,
+            "affected_sop_instance_uid": received.sop_instance_uid,
+        }
+        try:
+            target = self.store.quarantine(received.path, reason, details)
+            with self.db.write_session() as session:
+                repository.add_quarantine(
+                    session,
+                    path=str(target.relative_to(self.store.root)),
+                    reason=reason,
+                    status=status,
+                    calling_ae_title=received.calling_ae_title,
+                    sop_instance_uid=received.sop_instance_uid,
+                    now=datetime.now(UTC),
+                )
+        except Exception:  # the sidecar file is written first, so the reason survives
+            LOGGER.exception("cannot record quarantine of %s", received.sop_instance_uid)

@@ -1,0 +1,1 @@
+"""DICOM networking: the only package that imports pynetdicom."""

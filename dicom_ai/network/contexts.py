@@ -1,0 +1,56 @@
+"""Presentation contexts the receiver accepts and the sender proposes.
+
+As an acceptor pynetdicom picks, per proposed context, the first transfer syntax of its own list
+that the requestor offered: the order below is our preference. Uncompressed syntaxes come first;
+every compressed syntax is also accepted and stored exactly as sent (never transcoded).
+"""
+
+from __future__ import annotations
+
+from pydicom.uid import (
+    AllTransferSyntaxes,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+from pynetdicom import AllStoragePresentationContexts, build_context
+from pynetdicom.presentation import PresentationContext
+
+VERIFICATION = "1.2.840.10008.1.1"
+"""Verification SOP Class (PS3.4 annex A)."""
+MODALITY_PERFORMED_PROCEDURE_STEP = "1.2.840.10008.3.1.2.3.3"
+"""Modality Performed Procedure Step SOP Class (PS3.4 annex F.7)."""
+
+_UNCOMPRESSED: list[str] = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+]
+
+ACCEPTED_TRANSFER_SYNTAXES: list[str] = _UNCOMPRESSED + [
+    str(ts) for ts in AllTransferSyntaxes if ts not in _UNCOMPRESSED
+]
+"""Every transfer syntax pydicom knows, uncompressed first."""
+
+STORAGE_SOP_CLASSES: list[str] = [
+    str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
+]
+"""Every storage SOP class pynetdicom knows (PS3.4 annex B.5)."""
+
+
+def scp_contexts() -> list[PresentationContext]:
+    """The contexts the receiver supports: Verification, MPPS, and every storage SOP class.
+
+    Returns
+    -------
+    list of PresentationContext
+        Each storage class with :data:`ACCEPTED_TRANSFER_SYNTAXES`.
+    """
+    contexts = [build_context(VERIFICATION)]
+    contexts.append(build_context(MODALITY_PERFORMED_PROCEDURE_STEP))
+    contexts.extend(
+        build_context(uid, ACCEPTED_TRANSFER_SYNTAXES) for uid in STORAGE_SOP_CLASSES
+    )
+    return contexts

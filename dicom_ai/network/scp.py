@@ -1,0 +1,166 @@
+"""The receiver: a pynetdicom application entity answering C-ECHO, C-STORE and MPPS.
+
+One :class:`Receiver` is one listening socket in one process. Several receiver processes can
+share a port (``SO_REUSEPORT``: the kernel spreads new associations over them), which is how
+the service scales ingest past one Python process's GIL.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from typing import Any
+
+from pydicom import config as pydicom_config
+from pynetdicom import AE, _config
+from pynetdicom import events as evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_ai.config import DicomSettings
+from dicom_ai.ingest.completion import MppsService
+from dicom_ai.ingest.spool import Ingestor
+from dicom_ai.network import handlers
+from dicom_ai.network.contexts import scp_contexts
+
+LOGGER = logging.getLogger(__name__)
+
+
+class _ReusePortServer(ThreadedAssociationServer):
+    """A threaded association server whose port other receiver processes may share."""
+
+    def server_bind(self) -> None:
+        """Set ``SO_REUSEPORT`` before binding."""
+        assert self.socket is not None
+        if hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def server_ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
+    """The TLS context of the receiver (PS3.15 annex B.1), or None without TLS.
+
+    With ``tls_ca`` set, callers must present a certificate signed by that CA.
+    """
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=settings.tls_cert, keyfile=settings.tls_key)
+    if settings.tls_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=settings.tls_ca)
+    return context
+
+
+class Receiver:
+    """A Storage/Verification/MPPS SCP bound to ``[dicom] host:port``.
+
+    Parameters
+    ----------
+    settings : DicomSettings
+        AE title, address, allow-lists, TLS, limits.
+    ingestor : Ingestor
+        Accepts received files.
+    mpps : MppsService
+        Keeps MPPS state.
+    reuse_port : bool
+        Let other processes bind the same port (multi-process receiving).
+    """
+
+    def __init__(
+        self,
+        settings: DicomSettings,
+        ingestor: Ingestor,
+        mpps: MppsService,
+        *,
+        reuse_port: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.ingestor = ingestor
+        self.mpps = mpps
+        self.reuse_port = reuse_port
+        self._server: ThreadedAssociationServer | None = None
+        self._previous_tempdir: str | None = None
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.settings.ae_title)
+        ae.supported_contexts = scp_contexts()
+        ae.maximum_associations = self.settings.max_associations
+        ae.maximum_pdu_size = self.settings.maximum_pdu_size
+        ae.network_timeout = self.settings.network_timeout
+        ae.dimse_timeout = self.settings.dimse_timeout
+        ae.acse_timeout = self.settings.network_timeout
+        if self.settings.allowed_calling_aets:
+            ae.require_calling_aet = list(self.settings.allowed_calling_aets)
+        return ae
+
+    def _handlers(self) -> list[Any]:
+        return [
+            (evt.EVT_C_ECHO, handlers.handle_echo),
+            (evt.EVT_C_STORE, handlers.handle_store, [self.ingestor]),
+            (evt.EVT_N_CREATE, handlers.handle_n_create, [self.mpps]),
+            (evt.EVT_N_SET, handlers.handle_n_set, [self.mpps]),
+            (evt.EVT_REQUESTED, handlers.handle_requested, [list(self.settings.allowed_hosts)]),
+            (evt.EVT_ACCEPTED, handlers.handle_accepted),
+            (evt.EVT_REJECTED, handlers.handle_rejected),
+            (evt.EVT_RELEASED, handlers.handle_released),
+            (evt.EVT_ABORTED, handlers.handle_aborted),
+        ]
+
+    def start(self) -> tuple[str, int]:
+        """Start listening in background threads.
+
+        Returns
+        -------
+        tuple of (str, int)
+            The bound address and port (useful when the configured port is 0).
+        """
+        # Stream each dataset to a file in the store's incoming/ folder, so accepting it is a
+        # rename on the same filesystem (see DICOM-NOTES: pynetdicom deletes what we leave).
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        # We validate what we use ourselves; pydicom's per-value regex checks on read only
+        # cost time on the ingest path (and log vendor quirks we tolerate anyway).
+        pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+        self._previous_tempdir = tempfile.tempdir
+        tempfile.tempdir = str(self.ingestor.store.incoming)
+        ae = self._make_ae()
+        server_class = _ReusePortServer if self.reuse_port else ThreadedAssociationServer
+        server = ae.make_server(
+            (self.settings.host, self.settings.port),
+            ae_title=self.settings.ae_title,
+            ssl_context=server_ssl_context(self.settings),
+            evt_handlers=self._handlers(),
+            server_class=server_class,
+        )
+        thread = threading.Thread(target=server.serve_forever, name="dicom-acceptor",
+                                  daemon=True)
+        thread.start()
+        ae._servers.append(server)  # as AE.start_server does, so server.shutdown() works
+        self._server = server
+        host, port = server.server_address[:2]
+        LOGGER.info("receiver %s listening on %s:%s%s", self.settings.ae_title, host, port,
+                    " (TLS)" if self.settings.tls_cert else "")
+        return str(host), int(port)
+
+    def stop(self, grace_seconds: float = 30.0) -> None:
+        """Stop accepting, give running associations `grace_seconds` to end, abort the rest.
+
+        A C-STORE in progress when the grace period ends is aborted before its answer, so the
+        sender knows to re-send it; nothing acknowledged depends on this.
+        """
+        if self._server is not None:
+            ae = self._server.ae
+            self._server.shutdown()
+            deadline = time.monotonic() + grace_seconds
+            for assoc in list(ae.active_associations):
+                assoc.join(timeout=max(0.0, deadline - time.monotonic()))
+            for assoc in list(ae.active_associations):
+                LOGGER.warning("aborting association from %s at shutdown",
+                               assoc.requestor.ae_title)
+                assoc.abort()
+            self._server = None
+            tempfile.tempdir = self._previous_tempdir

@@ -1,0 +1,240 @@
+"""Sending: C-ECHO and C-STORE as a requestor (``dicom-ai send``, later the result outbox).
+
+Each file is sent as it is stored, in its own transfer syntax, straight from disk (pynetdicom
+streams a file path without decoding it). The contexts proposed are the (SOP class, transfer
+syntax) pairs of the files; more than 128 pairs are spread over several associations.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import ssl
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, _config, build_context
+from pynetdicom.association import Association
+
+from dicom_ai.config import DicomSettings, Settings, validate_ae_title
+from dicom_ai.exceptions import ConfigError, NetworkError
+from dicom_ai.network.contexts import VERIFICATION
+
+LOGGER = logging.getLogger(__name__)
+MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
+
+_TARGET = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>\[[0-9a-fA-F:]+\]|[^:]+):(?P<port>\d+)$")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A remote application entity."""
+
+    ae_title: str
+    host: str
+    port: int
+    tls: bool = False
+
+
+def resolve_peer(target: str, settings: Settings) -> Peer:
+    """Turn ``NAME`` (a configured destination or source) or ``AET@HOST:PORT`` into a peer.
+
+    Raises
+    ------
+    ConfigError
+        If the name is unknown and the text is not ``AET@HOST:PORT``.
+    """
+    for dest in settings.destinations:
+        if dest.name == target:
+            return Peer(dest.ae_title, dest.host, dest.port, dest.tls)
+    for source in settings.sources:
+        if source.name == target:
+            return Peer(source.ae_title, source.host, source.port)
+    match = _TARGET.match(target)
+    if match is None:
+        known = sorted({d.name for d in settings.destinations} | {s.name for s in settings.sources})
+        raise ConfigError(
+            f"unknown target {target!r}: give AET@HOST:PORT or one of {known or 'no names'}"
+        )
+    try:
+        aet = validate_ae_title(match["aet"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return Peer(aet, match["host"].strip("[]"), int(match["port"]))
+
+
+def client_ssl_context(settings: DicomSettings) -> ssl.SSLContext:
+    """The TLS context for sending: verify the peer with ``tls_ca``; present our certificate."""
+    context = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(settings.tls_ca) if settings.tls_ca else None
+    )
+    context.check_hostname = False  # DICOM peers are addressed by IP; the CA check remains
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
+
+
+def _associate(ae: AE, peer: Peer, settings: DicomSettings) -> Association:
+    tls_args = (client_ssl_context(settings), "") if peer.tls else None
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    if not assoc.is_established:
+        state = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+        raise NetworkError(f"association with {peer.ae_title}@{peer.host}:{peer.port} {state}")
+    return assoc
+
+
+def echo(peer: Peer, settings: DicomSettings) -> int:
+    """Send a C-ECHO and return its status.
+
+    Raises
+    ------
+    NetworkError
+        If no association could be established or no response came.
+    """
+    ae = AE(ae_title=settings.ae_title)
+    ae.add_requested_context(VERIFICATION)
+    assoc = _associate(ae, peer, settings)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if "Status" not in status:
+        raise NetworkError(f"no C-ECHO response from {peer.ae_title}")
+    return int(status.Status)
+
+
+@dataclass(frozen=True)
+class FileToSend:
+    """A DICOM file and the context it needs."""
+
+    path: Path
+    sop_class_uid: str
+    transfer_syntax_uid: str
+
+
+@dataclass
+class SendReport:
+    """Outcome of a send: counts by category and the files that did not succeed."""
+
+    sent: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True if every file was stored (success or warning)."""
+        return not self.failures
+
+
+def iter_files(paths: Iterable[Path]) -> Iterator[Path]:
+    """Every file under `paths` (folders recursively, sorted)."""
+    for path in paths:
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs.sort()
+                for name in sorted(files):
+                    yield Path(root) / name
+        else:
+            yield path
+
+
+def inspect(path: Path) -> FileToSend | None:
+    """Read a file's meta header; None if it is not a DICOM Part 10 file."""
+    try:
+        meta = read_file_meta_info(path)
+        sop_class = str(meta.MediaStorageSOPClassUID)
+        transfer_syntax = str(meta.TransferSyntaxUID)
+    except (InvalidDicomError, AttributeError, OSError, ValueError):
+        return None
+    return FileToSend(path, sop_class, transfer_syntax)
+
+
+def status_category(status: int) -> str:
+    """PS3.7 annex C categories of a DIMSE status."""
+    if status == 0x0000:
+        return "success"
+    if status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF:
+        return "warning"
+    return "failure"
+
+
+def send_files(
+    files: list[FileToSend],
+    peer: Peer,
+    settings: DicomSettings,
+    progress: Callable[[FileToSend, str], None] | None = None,
+) -> SendReport:
+    """C-STORE `files` to `peer`, each in its own transfer syntax.
+
+    Parameters
+    ----------
+    files : list of FileToSend
+        What to send (see :func:`inspect`).
+    peer : Peer
+        The receiver.
+    settings : DicomSettings
+        Our AE title and TLS material.
+    progress : callable, optional
+        Called after each file with the file and its status text (e.g. ``"0x0000"``).
+
+    Returns
+    -------
+    SendReport
+        Counts by status; the report lists every file that failed and why.
+    """
+    # Stream each file's dataset bytes as stored (no decode and re-encode, little memory).
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    report = SendReport()
+    pairs = sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in files})
+    for start in range(0, len(pairs), MAX_CONTEXTS):
+        batch = set(pairs[start : start + MAX_CONTEXTS])
+        ae = AE(ae_title=settings.ae_title)
+        ae.maximum_pdu_size = 0
+        ae.requested_contexts = [build_context(c, [t]) for c, t in sorted(batch)]
+        chunk = [f for f in files if (f.sop_class_uid, f.transfer_syntax_uid) in batch]
+        try:
+            assoc = _associate(ae, peer, settings)
+        except NetworkError as exc:
+            for item in chunk:
+                _record(report, item, "failure", str(exc), progress)
+            continue
+        try:
+            for item in chunk:
+                if not assoc.is_established:
+                    _record(report, item, "failure", "association lost", progress)
+                    continue
+                try:
+                    rsp = assoc.send_c_store(item.path)
+                except (ValueError, AttributeError) as exc:  # no accepted context for it
+                    _record(report, item, "failure", str(exc), progress)
+                    continue
+                if "Status" not in rsp:
+                    _record(report, item, "failure", "no response (timeout or abort)",
+                            progress)
+                    continue
+                code = int(rsp.Status)
+                _record(report, item, status_category(code), f"0x{code:04X}", progress)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    return report
+
+
+def _record(
+    report: SendReport,
+    item: FileToSend,
+    category: str,
+    detail: str,
+    progress: Callable[[FileToSend, str], None] | None,
+) -> None:
+    report.sent += 1
+    report.statuses[category] += 1
+    if category == "failure":
+        report.failures.append((str(item.path), detail))
+    if progress is not None:
+        progress(item, detail)

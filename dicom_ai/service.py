@@ -1,0 +1,168 @@
+"""The ``serve`` process: recovery, receivers, completion monitor, clean shutdown.
+
+With ``[dicom] receivers = 1`` the receiver runs in this process. With more, each receiver is a
+separate process bound to the same port (``SO_REUSEPORT``), supervised here and restarted if it
+dies; this process then only runs the completion monitor. TensorFlow is never imported here.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import multiprocessing.synchronize
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dicom_ai.config import Settings
+from dicom_ai.exceptions import ConfigError
+from dicom_ai.ingest.completion import CompletionEvent, CompletionMonitor, MppsService
+from dicom_ai.ingest.recovery import RecoveryReport, mark_clean_shutdown, recover
+from dicom_ai.ingest.spool import Ingestor, request_reconcile
+from dicom_ai.logs import setup_logging
+from dicom_ai.network.scp import Receiver
+from storage.db import Database
+from storage.filestore import FileStore
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    """What one process needs to receive: store, index sessions, ingestor, MPPS state."""
+
+    store: FileStore
+    db: Database
+    ingestor: Ingestor
+    mpps: MppsService
+
+
+def build_components(settings: Settings) -> Components:
+    """Open the store and the index of `settings` (no migration, no recovery)."""
+    store = FileStore(settings.storage.root)
+    db = Database(settings.storage.url)
+    return Components(
+        store=store,
+        db=db,
+        ingestor=Ingestor(store, db, settings.storage),
+        mpps=MppsService(db),
+    )
+
+
+def _receiver_process(settings_data: dict[str, Any], ready: mp.synchronize.Event) -> None:
+    """Entry point of one receiver child process (spawned, so it imports afresh)."""
+    settings = Settings.model_validate(settings_data)
+    setup_logging(settings.logging)
+    parts = build_components(settings)
+    receiver = Receiver(settings.dicom, parts.ingestor, parts.mpps, reuse_port=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    receiver.start()
+    ready.set()
+    stop.wait()
+    receiver.stop()
+
+
+class Service:
+    """Everything ``dicom-ai serve`` runs.
+
+    Parameters
+    ----------
+    settings : Settings
+        The validated settings.
+    on_event : callable, optional
+        Called with each completion event (later stages subscribe here).
+    """
+
+    def __init__(
+        self, settings: Settings, on_event: Callable[[CompletionEvent], None] | None = None
+    ) -> None:
+        if settings.dicom.receivers > 1 and settings.dicom.port == 0:
+            raise ConfigError("dicom.port: a fixed port is needed when dicom.receivers > 1")
+        self.settings = settings
+        self.on_event = on_event
+        self.recovery: RecoveryReport | None = None
+        self.address: tuple[str, int] | None = None
+        self._parts: Components | None = None
+        self._receiver: Receiver | None = None
+        self._children: list[tuple[mp.process.BaseProcess, mp.synchronize.Event]] = []
+        self._monitor: CompletionMonitor | None = None
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Migrate, recover, start the receiver(s) and the completion monitor."""
+        parts = build_components(self.settings)
+        self._parts = parts
+        parts.db.upgrade()
+        self.recovery = recover(parts.store, parts.db)
+        if self.settings.dicom.receivers == 1:
+            self._receiver = Receiver(self.settings.dicom, parts.ingestor, parts.mpps)
+            self.address = self._receiver.start()
+        else:
+            for _ in range(self.settings.dicom.receivers):
+                self._children.append(self._spawn())
+            for _, ready in self._children:
+                ready.wait(timeout=60)
+            self.address = (self.settings.dicom.host, self.settings.dicom.port)
+            self._supervisor = threading.Thread(target=self._supervise, name="supervisor",
+                                                daemon=True)
+            self._supervisor.start()
+            LOGGER.info("%d receiver processes listening on %s:%s",
+                        self.settings.dicom.receivers, *self.address)
+        self._monitor = CompletionMonitor(parts.db, self.settings.completion,
+                                          self.on_event)
+        self._monitor.start()
+
+    def _spawn(self) -> tuple[mp.process.BaseProcess, mp.synchronize.Event]:
+        ctx = mp.get_context("spawn")
+        ready = ctx.Event()
+        process = ctx.Process(
+            target=_receiver_process,
+            args=(self.settings.model_dump(mode="json"), ready),
+            name="dicom-ai-receiver",
+            daemon=True,
+        )
+        process.start()
+        return process, ready
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(1.0):
+            for i, (process, _) in enumerate(self._children):
+                if not process.is_alive() and not self._stopping.is_set():
+                    LOGGER.error("receiver process %s exited with %s; restarting",
+                                 process.pid, process.exitcode)
+                    if self._parts is not None:  # it may have stored a file it never indexed
+                        request_reconcile(self._parts.store)
+                    self._children[i] = self._spawn()
+
+    def stop(self) -> None:
+        """Stop receiving, stop the monitor, and leave the clean-shutdown marker."""
+        self._stopping.set()
+        if self._receiver is not None:
+            self._receiver.stop()
+        for process, _ in self._children:
+            process.terminate()
+        for process, _ in self._children:
+            process.join(timeout=30)
+        if self._monitor is not None:
+            self._monitor.stop()
+        if self._parts is not None:
+            self._parts.db.dispose()
+            mark_clean_shutdown(self._parts.store)
+        LOGGER.info("stopped")
+
+    def run_forever(self) -> None:
+        """Start, then block until SIGTERM or SIGINT, then stop cleanly."""
+        done = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: done.set())
+        signal.signal(signal.SIGINT, lambda *_: done.set())
+        started = time.monotonic()
+        self.start()
+        LOGGER.info("ready in %.2f s", time.monotonic() - started)
+        done.wait()
+        self.stop()

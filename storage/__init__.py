@@ -1,0 +1,1 @@
+"""Persistence: the index database (the only package that imports SQLAlchemy) and the file store."""

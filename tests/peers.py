@@ -1,0 +1,302 @@
+"""Real DICOM peers for tests and benchmarks: dcmtk, Orthanc and dicom-ai itself as processes.
+
+Every peer listens on a free loopback port and keeps its files under a folder the caller owns.
+dcmtk and Orthanc need ``TCP_NODELAY=1`` on loopback or Nagle's algorithm costs 20-40x
+(DICOM-NOTES), so every process started here gets it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 30.0, process: subprocess.Popen[Any] | None = None
+                  ) -> None:
+    """Block until something accepts connections on 127.0.0.1:`port`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def binary(name: str) -> str | None:
+    """Path of an executable (dcmtk, Orthanc, dciodvfy), or None.
+
+    The system folders come first: pynetdicom installs look-alike ``storescu``/``echoscu``
+    scripts into the virtual environment, and the tests mean dcmtk's.
+    """
+    for folder in ("/usr/bin", "/usr/sbin", "/usr/local/bin"):
+        if Path(folder, name).is_file():
+            return str(Path(folder, name))
+    return shutil.which(name)
+
+
+def stop(process: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+    """Stop a process, escalating to SIGKILL."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def testdata(name: str) -> str:
+    """The path of one of pydicom's (or pydicom-data's) test files."""
+    path = get_testdata_file(name)
+    assert isinstance(path, str), f"test file {name} not found"
+    return path
+
+
+# -- data --------------------------------------------------------------------------------------
+def make_ct_series(out: Path, count: int, *, size: int = 512, seed: int = 0,
+                   study_uid: str | None = None) -> list[Path]:
+    """Write `count` CT slices of `size` x `size` (one new study and series) into `out`.
+
+    The header is pydicom's CT_small test file; UIDs, geometry and pixels are new.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    template = dcmread(testdata("CT_small.dcm"))
+    rng = np.random.default_rng(seed)
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    paths = []
+    for i in range(count):
+        ds = template.copy()
+        ds.file_meta = FileMetaDataset(template.file_meta)
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [0.0, 0.0, float(i)]
+        ds.SliceLocation = float(i)
+        ds.Rows = ds.Columns = size
+        ds.PixelData = rng.integers(0, 2000, (size, size), dtype=np.int16).tobytes()
+        path = out / f"ct{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def retag(paths: Sequence[Path], out: Path) -> list[Path]:
+    """Copies of `paths` with fresh Study/Series/SOP Instance UIDs (pixel data untouched)."""
+    out.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    copies = []
+    for i, path in enumerate(paths):
+        ds = dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        target = out / f"{i:04d}.dcm"
+        ds.save_as(target)
+        copies.append(target)
+    return copies
+
+
+def mpps_dataset(study_uid: str, status: str, referenced: Sequence[Dataset] = ()) -> Dataset:
+    """An MPPS attribute list (PS3.3 C.4.13-C.4.15) for N-CREATE/N-SET tests."""
+    ds = Dataset()
+    ds.PerformedProcedureStepStatus = status
+    step = Dataset()
+    step.StudyInstanceUID = study_uid
+    step.AccessionNumber = ""
+    ds.ScheduledStepAttributesSequence = [step]
+    ds.PerformedStationAETitle = "MODALITY"
+    now = datetime.now()
+    ds.PerformedProcedureStepStartDate = now.strftime("%Y%m%d")
+    ds.PerformedProcedureStepStartTime = now.strftime("%H%M%S")
+    ds.Modality = "CT"
+    if referenced:
+        series = Dataset()
+        series.SeriesInstanceUID = referenced[0].SeriesInstanceUID
+        series.ReferencedImageSequence = []
+        for inst in referenced:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = inst.SOPClassUID
+            ref.ReferencedSOPInstanceUID = inst.SOPInstanceUID
+            series.ReferencedImageSequence.append(ref)
+        ds.PerformedSeriesSequence = [series]
+    return ds
+
+
+# -- peers ------------------------------------------------------------------------------------
+class StoreSCP:
+    """dcmtk ``storescp`` writing received files to a folder."""
+
+    def __init__(self, folder: Path, *, fork: bool = False) -> None:
+        self.folder = folder
+        self.fork = fork
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> StoreSCP:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        args = [binary("storescp") or "storescp", "-aet", "STORESCP", "-od", str(self.folder),
+                "-uf", "--max-pdu", "131072"]
+        if self.fork:
+            args.append("--fork")
+        self.process = subprocess.Popen([*args, str(self.port)], env=ENV,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port, process=self.process)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            stop(self.process)
+
+
+class Orthanc:
+    """A real Orthanc PACS on loopback with its own storage folder and config."""
+
+    def __init__(self, folder: Path, *, aet: str = "ORTHANC",
+                 modalities: dict[str, tuple[str, str, int]] | None = None) -> None:
+        self.folder = folder
+        self.aet = aet
+        self.port = free_port()
+        self.http_port = free_port()
+        self.modalities = modalities or {}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Orthanc:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "dicom-ai-test",
+            "StorageDirectory": str(self.folder / "storage"),
+            "IndexDirectory": str(self.folder / "index"),
+            "DicomAet": self.aet,
+            "DicomPort": self.port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
+            "Plugins": [],
+            "StableAge": 1,
+        }
+        conf = self.folder / "orthanc.json"
+        conf.write_text(json.dumps(config))
+        self.log = (self.folder / "orthanc.log").open("wb")
+        self.process = subprocess.Popen([binary("Orthanc") or "Orthanc", str(conf)], env=ENV,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, process=self.process)
+        wait_for_port(self.http_port, process=self.process)
+        return self
+
+    def rest(self, path: str) -> Any:
+        """GET a REST resource as JSON."""
+        url = f"http://127.0.0.1:{self.http_port}{path}"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return json.loads(response.read())
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            stop(self.process)
+        self.log.close()
+
+
+class DicomAIServe:
+    """``dicom-ai serve`` as a separate process (so it can be killed with SIGKILL)."""
+
+    def __init__(self, config: Path, port: int) -> None:
+        self.config = config
+        self.port = port
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = config.with_suffix(".log")
+
+    def start(self, timeout: float = 60.0) -> float:
+        """Start and wait until C-ECHO is answered; returns seconds to the first answer."""
+        started = time.monotonic()
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dicom_ai.cli", "serve", "--config", str(self.config)],
+            env=ENV, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+        )
+        log.close()
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.process.returncode}: "
+                                   f"{self.log_path.read_text()[-3000:]}")
+            if echo_ok(self.port):
+                return time.monotonic() - started
+            time.sleep(0.02)
+        raise TimeoutError(f"serve did not answer C-ECHO within {timeout} s")
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        """SIGTERM: clean shutdown."""
+        if self.process is not None:
+            stop(self.process)
+
+    def __enter__(self) -> DicomAIServe:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def echo_ok(port: int, aet: str = "DICOM_AI") -> bool:
+    """True if a C-ECHO to 127.0.0.1:`port` succeeds (dcmtk ``echoscu``)."""
+    result = subprocess.run(
+        [binary("echoscu") or "echoscu", "-to", "2", "-aec", aet, "127.0.0.1", str(port)],
+        env=ENV, capture_output=True, check=False,
+    )
+    return result.returncode == 0
+
+
+def storescu(
+    port: int, files: Sequence[Path], *, aet: str = "DICOM_AI",
+    calling: str = "STORESCU", extra: Sequence[str] = (),
+) -> subprocess.CompletedProcess[str]:
+    """Push `files` with dcmtk ``storescu`` over one association."""
+    return subprocess.run(
+        [binary("storescu") or "storescu", "-aet", calling, "-aec", aet, *extra, "127.0.0.1",
+         str(port), *map(str, files)],
+        env=ENV, capture_output=True, text=True, check=False,
+    )
