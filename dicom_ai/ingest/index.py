@@ -68,7 +68,7 @@ def read_dataset(path: Path) -> FileDataset:
         raise IngestError(CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}") from None
     # pydicom reads a value shorter than its declared length without complaint: an element
     # that runs past the end of the data means the dataset is truncated or corrupt.
-    for tag in ds.keys():
+    for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset converts each element
         raw = ds.get_item(tag)
         if isinstance(raw, RawDataElement) and raw.length != _UNDEFINED_LENGTH:
             got = len(raw.value or b"")

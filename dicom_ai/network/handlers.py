@@ -92,9 +92,13 @@ def handle_requested(event: evt.Event, allowed: list[str]) -> None:
         ip = None
     if ip is not None and any(ip in ipaddress.ip_network(n, strict=False) for n in allowed):
         return
-    LOGGER.warning("rejected association from %s (%s): host not allowed", address,
-                   _calling_ae(event))
+    primitive = event.assoc.requestor.primitive
+    calling = str(primitive.calling_ae_title).strip() if primitive is not None else ""
+    LOGGER.warning("rejected association from %s (%s): host not allowed", address, calling)
     event.assoc.acse.send_reject(_REJECT_PERMANENT, _SERVICE_USER, _CALLING_AE_NOT_RECOGNISED)
+    # As pynetdicom's own rejections do: stop the association thread so the A-ASSOCIATE-RJ is
+    # written before the connection closes (otherwise the caller mostly sees an abort).
+    event.assoc.kill()
 
 
 def handle_accepted(event: evt.Event) -> None:

@@ -29,15 +29,52 @@ from dicom_ai.network.contexts import scp_contexts
 LOGGER = logging.getLogger(__name__)
 
 
-class _ReusePortServer(ThreadedAssociationServer):
-    """A threaded association server whose port other receiver processes may share."""
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server with two changes.
+
+    * ``SO_REUSEPORT`` (when ``reuse_port`` is set) so several receiver processes share a port;
+    * the TLS handshake runs in the connection's own thread with a timeout, not in the accept
+      loop, so one silent TCP connection (a port scanner) cannot stall every new association.
+    """
+
+    reuse_port = False
 
     def server_bind(self) -> None:
-        """Set ``SO_REUSEPORT`` before binding."""
+        """Set ``SO_REUSEPORT`` before binding when asked to."""
         assert self.socket is not None
-        if hasattr(socket, "SO_REUSEPORT"):
+        if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept a connection; wrap it for TLS without handshaking yet."""
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
+
+    def process_request_thread(
+        self, request: Any, client_address: Any
+    ) -> None:
+        """Complete the TLS handshake (bounded by the network timeout), then serve."""
+        if isinstance(request, ssl.SSLSocket):
+            previous = request.gettimeout()
+            try:
+                request.settimeout(self.ae.network_timeout or 30.0)
+                request.do_handshake()
+                request.settimeout(previous)
+            except (OSError, ValueError) as exc:
+                LOGGER.warning("TLS handshake with %s failed: %s", client_address, exc)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
+class _ReusePortServer(_Server):
+    reuse_port = True
 
 
 def server_ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
@@ -128,7 +165,7 @@ class Receiver:
         self._previous_tempdir = tempfile.tempdir
         tempfile.tempdir = str(self.ingestor.store.incoming)
         ae = self._make_ae()
-        server_class = _ReusePortServer if self.reuse_port else ThreadedAssociationServer
+        server_class = _ReusePortServer if self.reuse_port else _Server
         server = ae.make_server(
             (self.settings.host, self.settings.port),
             ae_title=self.settings.ae_title,

@@ -80,7 +80,7 @@ def client_ssl_context(settings: DicomSettings) -> ssl.SSLContext:
 
 
 def _associate(ae: AE, peer: Peer, settings: DicomSettings) -> Association:
-    tls_args = (client_ssl_context(settings), "") if peer.tls else None
+    tls_args = (client_ssl_context(settings), peer.host) if peer.tls else None
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         state = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import FileDataset
-from pydicom.uid import generate_uid
+from pydicom.uid import UID, generate_uid
 from pynetdicom import AE, _config, build_context
 
 from dicom_ai.config import Settings
@@ -57,8 +57,8 @@ def dataset_bytes(path: Path) -> bytes:
 
 def stored_path(settings: Settings, ds: pydicom.Dataset) -> Path:
     """Where the store keeps an instance."""
-    return (settings.storage.root / "instances" / ds.StudyInstanceUID / ds.SeriesInstanceUID
-            / f"{ds.SOPInstanceUID}.dcm")
+    folder = settings.storage.root / "instances" / str(ds.StudyInstanceUID)
+    return folder / str(ds.SeriesInstanceUID) / f"{ds.SOPInstanceUID}.dcm"
 
 
 def index_count(settings: Settings, table: str = "instances") -> int:
@@ -208,7 +208,7 @@ def _meta_instance(ds: FileDataset) -> None:
 
 
 def _meta_class(ds: FileDataset) -> None:
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR, dataset says CT
+    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.4")  # MR; dataset: CT
 
 
 BAD_INPUTS: list[tuple[str, Callable[[FileDataset], None], int]] = [

@@ -108,13 +108,6 @@ def test_host_outside_allow_list_gets_no_service(make_settings: MakeSettings,
     assert _echoscu(port, "ECHOSCU").returncode != 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: dicom_ai/network/handlers.py handle_requested() calls "
-    "acse.send_reject() but not assoc.kill(), so pynetdicom closes the socket "
-    "(association.py run_reactor -> server.shutdown_request) before the DUL thread "
-    "writes the A-ASSOCIATE-RJ PDU; the caller almost always sees an abort instead",
-)
 def test_host_outside_allow_list_is_rejected(make_settings: MakeSettings,
                                              start_service: StartService) -> None:
     """The refusal of a host outside ``allowed_hosts`` is a proper A-ASSOCIATE-RJ, every time
@@ -332,13 +325,6 @@ def test_tls_store_reaches_the_store(
     assert dcmread(stored).SOPInstanceUID == dcmread(source).SOPInstanceUID
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: dicom_ai/network/scu.py _associate() passes tls_args=(context, '') "
-    "and Python's ssl refuses an empty server_hostname (ValueError in the DUL thread), "
-    "so every TLS echo/send as a requestor ends 'aborted'",
-)
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_tls_requestor_echo_and_send(
     pki: Pki, make_settings: MakeSettings, start_service: StartService
 ) -> None:
@@ -360,13 +346,6 @@ def test_tls_requestor_echo_and_send(
     assert _stored_path(settings, item.path).is_file()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: dicom_ai/network/scp.py Receiver.start() serves TLS with pynetdicom's "
-    "ThreadedAssociationServer, whose get_request() does the blocking TLS handshake in the "
-    "single acceptor thread with no timeout; one idle TCP connection stops all new "
-    "associations until it closes",
-)
 def test_tls_idle_connection_does_not_block_others(
     pki: Pki, make_settings: MakeSettings, start_service: StartService
 ) -> None:
