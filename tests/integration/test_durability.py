@@ -1,0 +1,162 @@
+"""Durability with a real `dicom-ai serve` process: kill -9 mid-push, restarts, receiver pool."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE, _config, build_context
+from sqlalchemy import text
+
+from storage.db import Database
+from tests.conftest import need_binary
+from tests.peers import DicomAIServe, free_port, make_ct_series, storescu
+
+SUCCESS = 0x0000
+
+
+def write_config(tmp_path: Path, db_url: str, port: int, receivers: int = 1) -> Path:
+    """A config file for a serve process on loopback."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[dicom]\nhost = "127.0.0.1"\nport = {port}\nreceivers = {receivers}\n'
+        f'[storage]\nroot = "{tmp_path / "store"}"\ndatabase_url = "{db_url}"\n'
+        "min_free_bytes = 0\n"
+        "[completion]\nseries_quiet_seconds = 600\nstudy_quiet_seconds = 600\n"
+        '[logging]\nlevel = "INFO"\n'
+    )
+    return config
+
+
+def indexed(db_url: str) -> dict[str, str]:
+    """SOP Instance UID -> stored path, from the index."""
+    db = Database(db_url)
+    try:
+        with db.engine.connect() as conn:
+            rows = conn.execute(text("SELECT sop_instance_uid, path FROM instances")).all()
+        return {uid: path for uid, path in rows}
+    finally:
+        db.dispose()
+
+
+class Pusher(threading.Thread):
+    """Sends files over one association and records which ones were acknowledged."""
+
+    def __init__(self, port: int, paths: list[Path]) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.paths = paths
+        self.acked: list[Path] = []
+        self.error: str | None = None
+
+    def run(self) -> None:
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        ae = AE(ae_title="PUSHER")
+        ae.requested_contexts = [build_context(pydicom.dcmread(self.paths[0]).SOPClassUID)]
+        assoc = ae.associate("127.0.0.1", self.port, ae_title="DICOM_AI")
+        if not assoc.is_established:
+            self.error = "no association"
+            return
+        for path in self.paths:
+            try:
+                rsp = assoc.send_c_store(path)
+            except Exception as exc:  # the peer vanished mid-message
+                self.error = repr(exc)
+                break
+            if "Status" not in rsp:
+                break
+            if int(rsp.Status) == SUCCESS:
+                self.acked.append(path)
+        if assoc.is_established:
+            assoc.release()
+
+
+@pytest.mark.parametrize("kill_after", [1, 23, 71])
+def test_kill_9_loses_nothing_acknowledged(
+    kill_after: int, tmp_path: Path, db_url: str
+) -> None:
+    """SIGKILL during a push: every acknowledged instance survives, a re-send adds no row."""
+    port = free_port()
+    server = DicomAIServe(write_config(tmp_path, db_url, port), port)
+    files = make_ct_series(tmp_path / "ct", 120, size=96, seed=kill_after)
+    server.start()
+    pusher = Pusher(port, files)
+    try:
+        pusher.start()
+        deadline = time.monotonic() + 60
+        while len(pusher.acked) < kill_after and pusher.is_alive():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        server.kill()
+        pusher.join(30)
+        acked = list(pusher.acked)
+        assert len(acked) >= kill_after
+        assert len(acked) < len(files), "the push finished before the kill"
+
+        server.start()  # recovery runs before the first C-ECHO is answered
+        store = tmp_path / "store"
+        rows = indexed(db_url)
+        for path in acked:
+            original = pydicom.dcmread(path)
+            assert original.SOPInstanceUID in rows
+            stored = pydicom.dcmread(store / rows[original.SOPInstanceUID])
+            assert stored.PixelData == original.PixelData
+        assert list((store / "incoming").iterdir()) == []
+        on_disk = list((store / "instances").rglob("*"))
+        assert all(p.is_dir() or p.suffix == ".dcm" for p in on_disk)
+        assert len([p for p in on_disk if p.is_file()]) == len(rows)
+
+        again = Pusher(port, files)
+        again.run()
+        assert len(again.acked) == len(files)
+        rows = indexed(db_url)
+        assert len(rows) == len(files)
+        assert len(list((store / "instances").rglob("*.dcm"))) == len(files)
+    finally:
+        server.stop()
+
+
+def test_receiver_pool_shares_the_port_and_survives_a_dead_receiver(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Two receiver processes on one port take 4 parallel senders; a killed one is replaced."""
+    need_binary("storescu")
+    port = free_port()
+    server = DicomAIServe(write_config(tmp_path, db_url, port, receivers=2), port)
+    batches = [make_ct_series(tmp_path / f"ct{i}", 15, size=64, seed=i) for i in range(4)]
+    server.start()
+    try:
+        assert server.process is not None
+        results: list[int] = []
+        threads = [
+            threading.Thread(target=lambda b=b: results.append(storescu(port, b).returncode))
+            for b in batches
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert results == [0, 0, 0, 0]
+        assert len(indexed(db_url)) == 60
+
+        children = subprocess.run(["pgrep", "-P", str(server.process.pid)],
+                                  capture_output=True, text=True, check=False).stdout.split()
+        # Receivers are spawned interpreters; multiprocessing's resource tracker is not one.
+        receivers = [int(pid) for pid in children
+                     if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(receivers) >= 2
+        os.kill(receivers[0], signal.SIGKILL)
+        time.sleep(2.5)  # the supervisor notices within a second and spawns a replacement
+        assert (tmp_path / "store" / "RECONCILE_NEEDED").exists()
+        more = make_ct_series(tmp_path / "more", 10, size=64, seed=9)
+        for _ in range(4):  # several associations, so both receivers are exercised
+            assert storescu(port, more).returncode == 0
+        assert len(indexed(db_url)) == 70
+    finally:
+        server.stop()
