@@ -1,8 +1,9 @@
 """The ``serve`` process: recovery, receivers, completion monitor, clean shutdown.
 
-With ``[dicom] receivers = 1`` the receiver runs in this process. With more, each receiver is a
-separate process bound to the same port (``SO_REUSEPORT``), supervised here and restarted if it
-dies; this process then only runs the completion monitor. TensorFlow is never imported here.
+With ``[dicom] receivers = 1`` the receiver runs in this process. With more, this process
+listens and hands each new connection to the least-busy of N receiver processes
+(:mod:`dicom_ai.network.balancer`), which it supervises and restarts if one dies; it also runs
+the completion monitor. TensorFlow is never imported here.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 from dicom_ai.config import Settings
-from dicom_ai.exceptions import ConfigError
+from dicom_ai.exceptions import DicomAIError
 from dicom_ai.ingest.completion import CompletionEvent, CompletionMonitor, MppsService
 from dicom_ai.ingest.recovery import RecoveryReport, mark_clean_shutdown, recover
 from dicom_ai.ingest.spool import Ingestor, request_reconcile
 from dicom_ai.logs import setup_logging
+from dicom_ai.network.balancer import ConnectionBalancer
 from dicom_ai.network.scp import Receiver
 from storage.db import Database
 from storage.filestore import FileStore
@@ -52,13 +55,16 @@ def build_components(settings: Settings) -> Components:
     )
 
 
-def _receiver_process(settings_data: dict[str, Any], ready: mp.synchronize.Event) -> None:
+def _receiver_process(
+    settings_data: dict[str, Any], channel: Connection, ready: mp.synchronize.Event
+) -> None:
     """Entry point of one receiver child process (spawned, so it imports afresh)."""
     settings = Settings.model_validate(settings_data)
     setup_logging(settings.logging)
     parts = build_components(settings)
-    receiver = Receiver(settings.dicom, parts.ingestor, parts.mpps, reuse_port=True)
     stop = threading.Event()
+    receiver = Receiver(settings.dicom, parts.ingestor, parts.mpps, channel=channel,
+                        on_orphaned=stop.set)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     receiver.start()
@@ -81,8 +87,6 @@ class Service:
     def __init__(
         self, settings: Settings, on_event: Callable[[CompletionEvent], None] | None = None
     ) -> None:
-        if settings.dicom.receivers > 1 and settings.dicom.port == 0:
-            raise ConfigError("dicom.port: a fixed port is needed when dicom.receivers > 1")
         self.settings = settings
         self.on_event = on_event
         self.recovery: RecoveryReport | None = None
@@ -90,6 +94,7 @@ class Service:
         self._parts: Components | None = None
         self._receiver: Receiver | None = None
         self._children: list[tuple[mp.process.BaseProcess, mp.synchronize.Event]] = []
+        self._balancer: ConnectionBalancer | None = None
         self._monitor: CompletionMonitor | None = None
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
@@ -104,11 +109,15 @@ class Service:
             self._receiver = Receiver(self.settings.dicom, parts.ingestor, parts.mpps)
             self.address = self._receiver.start()
         else:
-            for _ in range(self.settings.dicom.receivers):
-                self._children.append(self._spawn())
-            for _, ready in self._children:
-                ready.wait(timeout=60)
-            self.address = (self.settings.dicom.host, self.settings.dicom.port)
+            self._balancer = ConnectionBalancer(self.settings.dicom.host,
+                                                self.settings.dicom.port)
+            for slot in range(self.settings.dicom.receivers):
+                self._children.append(self._spawn(slot))
+            # Accept as soon as one receiver is ready; the others join as they come up.
+            self._balancer.start()
+            if not self._balancer.wait_for_worker(timeout=120):
+                raise DicomAIError("no receiver process started within 120 s")
+            self.address = self._balancer.address
             self._supervisor = threading.Thread(target=self._supervise, name="supervisor",
                                                 daemon=True)
             self._supervisor.start()
@@ -118,16 +127,28 @@ class Service:
                                           self.on_event)
         self._monitor.start()
 
-    def _spawn(self) -> tuple[mp.process.BaseProcess, mp.synchronize.Event]:
+    def _spawn(self, slot: int) -> tuple[mp.process.BaseProcess, mp.synchronize.Event]:
+        assert self._balancer is not None
         ctx = mp.get_context("spawn")
         ready = ctx.Event()
+        ours, theirs = ctx.Pipe(duplex=True)
         process = ctx.Process(
             target=_receiver_process,
-            args=(self.settings.model_dump(mode="json"), ready),
-            name="dicom-ai-receiver",
+            args=(self.settings.model_dump(mode="json"), theirs, ready),
+            name=f"dicom-ai-receiver-{slot}",
             daemon=True,
         )
         process.start()
+        theirs.close()
+        pid = process.pid
+        assert pid is not None
+        balancer = self._balancer
+
+        def attach_when_ready() -> None:
+            if ready.wait(timeout=120):
+                balancer.attach(slot, ours, pid)
+
+        threading.Thread(target=attach_when_ready, name=f"attach-{slot}", daemon=True).start()
         return process, ready
 
     def _supervise(self) -> None:
@@ -138,13 +159,15 @@ class Service:
                                  process.pid, process.exitcode)
                     if self._parts is not None:  # it may have stored a file it never indexed
                         request_reconcile(self._parts.store)
-                    self._children[i] = self._spawn()
+                    self._children[i] = self._spawn(i)
 
     def stop(self) -> None:
         """Stop receiving, stop the monitor, and leave the clean-shutdown marker."""
         self._stopping.set()
         if self._receiver is not None:
             self._receiver.stop()
+        if self._balancer is not None:
+            self._balancer.stop()
         for process, _ in self._children:
             process.terminate()
         for process, _ in self._children:

@@ -75,10 +75,13 @@ def fsync_dir(path: Path) -> None:
 
 
 def fsync_file(path: Path) -> None:
-    """Flush a file's data to stable storage (Linux flushes the inode from any descriptor)."""
+    """Flush a file's data and size to stable storage (``fdatasync``).
+
+    Linux flushes the inode from any descriptor; timestamps are not worth a journal write.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        os.fdatasync(fd)
     finally:
         os.close(fd)
 

@@ -1,8 +1,8 @@
 """The receiver: a pynetdicom application entity answering C-ECHO, C-STORE and MPPS.
 
-One :class:`Receiver` is one listening socket in one process. Several receiver processes can
-share a port (``SO_REUSEPORT``: the kernel spreads new associations over them), which is how
-the service scales ingest past one Python process's GIL.
+One :class:`Receiver` serves associations in one process: either from its own listening
+socket, or, in a receiver pool, from connections the serve process hands over (see
+:mod:`dicom_ai.network.balancer`), which is how the service scales past one process's GIL.
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import ssl
 import tempfile
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any, cast
 
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config
@@ -24,41 +26,37 @@ from dicom_ai.config import DicomSettings
 from dicom_ai.ingest.completion import MppsService
 from dicom_ai.ingest.spool import Ingestor
 from dicom_ai.network import handlers
+from dicom_ai.network.balancer import CLOSED, receive_connections
 from dicom_ai.network.contexts import scp_contexts
 
 LOGGER = logging.getLogger(__name__)
 
 
 class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server with two changes.
+    """pynetdicom's threaded server, with the TLS handshake moved off the accept loop.
 
-    * ``SO_REUSEPORT`` (when ``reuse_port`` is set) so several receiver processes share a port;
-    * the TLS handshake runs in the connection's own thread with a timeout, not in the accept
-      loop, so one silent TCP connection (a port scanner) cannot stall every new association.
+    The handshake runs in the connection's own thread with a timeout, so one silent TCP
+    connection (a port scanner) cannot stall every new association.
     """
 
-    reuse_port = False
-
-    def server_bind(self) -> None:
-        """Set ``SO_REUSEPORT`` before binding when asked to."""
-        assert self.socket is not None
-        if self.reuse_port and hasattr(socket, "SO_REUSEPORT"):
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+    # Called when a connection ends without an association (a failed TLS handshake).
+    connection_dropped: Callable[[], None] | None = None
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection; wrap it for TLS without handshaking yet."""
         assert self.socket is not None
         client, address = self.socket.accept()
+        return self.wrap(client), address
+
+    def wrap(self, client: socket.socket) -> socket.socket:
+        """Wrap a connected socket for TLS (handshake deferred) when TLS is configured."""
         if self.ssl_context:
-            client = self.ssl_context.wrap_socket(
+            return self.ssl_context.wrap_socket(
                 client, server_side=True, do_handshake_on_connect=False
             )
-        return client, address
+        return client
 
-    def process_request_thread(
-        self, request: Any, client_address: Any
-    ) -> None:
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
         """Complete the TLS handshake (bounded by the network timeout), then serve."""
         if isinstance(request, ssl.SSLSocket):
             previous = request.gettimeout()
@@ -69,12 +67,10 @@ class _Server(ThreadedAssociationServer):
             except (OSError, ValueError) as exc:
                 LOGGER.warning("TLS handshake with %s failed: %s", client_address, exc)
                 self.shutdown_request(request)
+                if self.connection_dropped is not None:
+                    self.connection_dropped()
                 return
         super().process_request_thread(request, client_address)
-
-
-class _ReusePortServer(_Server):
-    reuse_port = True
 
 
 def server_ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
@@ -104,8 +100,11 @@ class Receiver:
         Accepts received files.
     mpps : MppsService
         Keeps MPPS state.
-    reuse_port : bool
-        Let other processes bind the same port (multi-process receiving).
+    channel : multiprocessing.connection.Connection, optional
+        In a receiver pool: the pipe the parent hands accepted connections over (see
+        :mod:`dicom_ai.network.balancer`); the receiver then does not listen itself.
+    on_orphaned : callable, optional
+        Called when the parent closes `channel` (it exited): the receiver should stop.
     """
 
     def __init__(
@@ -114,13 +113,16 @@ class Receiver:
         ingestor: Ingestor,
         mpps: MppsService,
         *,
-        reuse_port: bool = False,
+        channel: Connection | None = None,
+        on_orphaned: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.ingestor = ingestor
         self.mpps = mpps
-        self.reuse_port = reuse_port
-        self._server: ThreadedAssociationServer | None = None
+        self.channel = channel
+        self.on_orphaned = on_orphaned
+        self._notify_lock = threading.Lock()
+        self._server: _Server | None = None
         self._previous_tempdir: str | None = None
 
     def _make_ae(self) -> AE:
@@ -146,7 +148,34 @@ class Receiver:
             (evt.EVT_REJECTED, handlers.handle_rejected),
             (evt.EVT_RELEASED, handlers.handle_released),
             (evt.EVT_ABORTED, handlers.handle_aborted),
+            (evt.EVT_CONN_CLOSE, self._connection_closed),
         ]
+
+    def _connection_closed(self, event: evt.Event | None = None) -> None:
+        """Tell the parent a handed-over connection ended (notification; never raises)."""
+        if self.channel is None:
+            return
+        try:
+            with self._notify_lock:
+                self.channel.send_bytes(CLOSED)
+        except OSError:
+            pass  # the parent is gone; the hand-off thread notices and stops us
+
+    def _take_handoffs(self, server: _Server, channel: Connection) -> None:
+        while True:
+            client = receive_connections(channel)
+            if client is None:
+                LOGGER.warning("the serve process is gone: this receiver stops")
+                if self.on_orphaned is not None:
+                    self.on_orphaned()
+                return
+            try:
+                address = client.getpeername()
+            except OSError:  # the peer left before we got to it
+                client.close()
+                self._connection_closed()
+                continue
+            server.process_request(server.wrap(client), address)
 
     def start(self) -> tuple[str, int]:
         """Start listening in background threads.
@@ -165,19 +194,25 @@ class Receiver:
         self._previous_tempdir = tempfile.tempdir
         tempfile.tempdir = str(self.ingestor.store.incoming)
         ae = self._make_ae()
-        server_class = _ReusePortServer if self.reuse_port else _Server
-        server = ae.make_server(
-            (self.settings.host, self.settings.port),
+        # In a pool the parent listens; this server's own socket is an unused loopback one.
+        address = ("127.0.0.1", 0) if self.channel else (self.settings.host, self.settings.port)
+        server = cast(_Server, ae.make_server(
+            address,
             ae_title=self.settings.ae_title,
             ssl_context=server_ssl_context(self.settings),
             evt_handlers=self._handlers(),
-            server_class=server_class,
-        )
+            server_class=_Server,
+        ))
+        server.connection_dropped = self._connection_closed
         thread = threading.Thread(target=server.serve_forever, name="dicom-acceptor",
                                   daemon=True)
         thread.start()
         ae._servers.append(server)  # as AE.start_server does, so server.shutdown() works
         self._server = server
+        if self.channel is not None:
+            threading.Thread(target=self._take_handoffs, args=(server, self.channel),
+                             name="handoff", daemon=True).start()
+            return self.settings.host, self.settings.port
         host, port = server.server_address[:2]
         LOGGER.info("receiver %s listening on %s:%s%s", self.settings.ae_title, host, port,
                     " (TLS)" if self.settings.tls_cert else "")

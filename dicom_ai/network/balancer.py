@@ -1,0 +1,134 @@
+"""Spreading associations over receiver processes: least-busy hand-off of accepted sockets.
+
+One Python process cannot receive faster than its GIL allows (pynetdicom runs two polling
+threads per association), so ``dicom-ai serve`` with ``[dicom] receivers = N`` runs N receiver
+processes. The parent owns the listening socket; for each new connection it picks the receiver
+with the fewest open connections and passes the socket over a Unix pipe (``SCM_RIGHTS``).
+Kernel ``SO_REUSEPORT`` hashing was tried first: on loopback it put all four of four parallel
+senders on one process, run after run.
+
+The parent never speaks DICOM: TLS and the association happen in the receiver.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle, send_handle
+
+LOGGER = logging.getLogger(__name__)
+CLOSED = b"c"  # a receiver tells the parent that one of its connections ended
+
+
+@dataclass
+class _Worker:
+    channel: Connection
+    pid: int
+    active: int = 0
+    alive: bool = True
+
+
+class ConnectionBalancer:
+    """Accepts TCP connections and hands each to the least-busy receiver process.
+
+    Parameters
+    ----------
+    host, port : str, int
+        The address to listen on (port 0 picks a free one; see :attr:`address`).
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._listener = socket.create_server((host, port), family=family, backlog=256)
+        self._listener.settimeout(0.5)
+        self.address: tuple[str, int] = self._listener.getsockname()[:2]
+        self._workers: dict[int, _Worker] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._attached = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def wait_for_worker(self, timeout: float) -> bool:
+        """Wait until at least one receiver is attached; False on timeout."""
+        return self._attached.wait(timeout)
+
+    def attach(self, slot: int, channel: Connection, pid: int) -> None:
+        """Use receiver process `pid` (reached through `channel`) in `slot`, replacing any."""
+        worker = _Worker(channel, pid)
+        with self._lock:
+            old = self._workers.get(slot)
+            if old is not None:
+                old.alive = False
+            self._workers[slot] = worker
+        self._attached.set()
+        threading.Thread(target=self._watch, args=(worker,), name=f"balancer-{slot}",
+                         daemon=True).start()
+
+    def _watch(self, worker: _Worker) -> None:
+        """Count the receiver's finished connections; stop using it when its pipe closes."""
+        while True:
+            try:
+                worker.channel.recv_bytes()
+            except (EOFError, OSError):
+                worker.alive = False
+                return
+            with self._lock:
+                worker.active = max(0, worker.active - 1)
+
+    def _pick(self) -> _Worker | None:
+        with self._lock:
+            alive = [w for w in self._workers.values() if w.alive]
+            if not alive:
+                return None
+            worker = min(alive, key=lambda w: w.active)
+            worker.active += 1
+            return worker
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, address = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    return
+                LOGGER.exception("accept failed")
+                continue
+            with client:
+                while True:
+                    worker = self._pick()
+                    if worker is None:
+                        LOGGER.error("no receiver process alive: dropped connection from %s",
+                                     address[0])
+                        break
+                    try:
+                        send_handle(worker.channel, client.fileno(), worker.pid)
+                        break
+                    except OSError:  # the receiver died since it was picked: try another
+                        worker.alive = False
+
+    def start(self) -> None:
+        """Accept connections in a background thread."""
+        self._thread = threading.Thread(target=self._accept_loop, name="balancer",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop accepting and close the listening socket."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._listener.close()
+
+
+def receive_connections(channel: Connection) -> socket.socket | None:
+    """In a receiver: wait for the next socket the parent hands over (None when it is gone)."""
+    try:
+        fd = recv_handle(channel)
+    except (EOFError, OSError):
+        return None
+    return socket.socket(fileno=fd)
