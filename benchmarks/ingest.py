@@ -61,10 +61,12 @@ def dicom_ai(work: Path, receivers: int) -> Iterator[tuple[int, str]]:
     config.write_text(
         f'[dicom]\nhost = "127.0.0.1"\nport = {port}\nreceivers = {receivers}\n'
         f'[storage]\nroot = "{root / "store"}"\nmin_free_bytes = 0\n'
-        '[logging]\nlevel = "WARNING"\n'
+        '[logging]\nlevel = "INFO"\n'
     )
     server = DicomAIServe(config, port)
     server.start()
+    if receivers > 1:  # measure the whole pool, not its start-up
+        server.wait_for_log(f"all {receivers} receivers ready")
     try:
         yield port, "DICOM_AI"
     finally:
@@ -90,8 +92,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--receivers", type=int, default=2, help="dicom-ai receiver processes "
-                        "for the parallel-sender case")
+    parser.add_argument("--receivers", type=int, default=4, help="dicom-ai receivers in the "
+                        "pooled configuration")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -99,8 +101,8 @@ def main() -> None:
         work = Path(tmp)
         template = make_ct_series(work / "template", args.instances)
         receivers: dict[str, Callable[[], AbstractContextManager[tuple[int, str]]]] = {
-            "dicom-ai": lambda: dicom_ai(work, 1),
-            f"dicom-ai x{args.receivers}": lambda: dicom_ai(work, args.receivers),
+            "dicom-ai (1 process)": lambda: dicom_ai(work, 1),
+            f"dicom-ai ({args.receivers} receivers)": lambda: dicom_ai(work, args.receivers),
             "orthanc": lambda: orthanc(work),
             "storescp": lambda: storescp(work, fork=True),
         }
@@ -116,6 +118,9 @@ def main() -> None:
                     results[name][key] = max(results[name].get(key, 0.0), rate)
                     shutil.rmtree(files[0].parent)
 
+        startup = {f"receivers={n}": min(startup_seconds(work, n) for _ in range(3))
+                   for n in (1, args.receivers)}
+
     report: dict[str, Any] = {
         "benchmark": "ingest",
         "instances": args.instances,
@@ -123,6 +128,7 @@ def main() -> None:
         "image": "CT 512x512 16-bit, Explicit VR Little Endian",
         "machine": {"cpus": _cpus(), "python": platform.python_version()},
         "instances_per_second": results,
+        "serve_start_to_first_echo_seconds": startup,
         "ratios": {
             name: {
                 key: {
@@ -147,6 +153,24 @@ def main() -> None:
         print(f"| {name} | {rates['1_sender']:.0f} | {r['1_sender']['vs_orthanc']:.2f}x | "
               f"{r['1_sender']['vs_storescp']:.2f}x | {rates['4_senders']:.0f} | "
               f"{r['4_senders']['vs_orthanc']:.2f}x | {r['4_senders']['vs_storescp']:.2f}x |")
+    print()
+    for name, seconds in startup.items():
+        print(f"serve start to first C-ECHO ({name}): {seconds:.2f} s")
+
+
+def startup_seconds(work: Path, receivers: int) -> float:
+    """Seconds from launching `dicom-ai serve` to its first C-ECHO answer (fresh store)."""
+    port = free_port()
+    root = work / f"startup-{time.monotonic_ns()}"
+    root.mkdir()
+    config = root / "config.toml"
+    config.write_text(f'[dicom]\nhost = "127.0.0.1"\nport = {port}\nreceivers = {receivers}\n'
+                      f'[storage]\nroot = "{root / "store"}"\nmin_free_bytes = 0\n')
+    server = DicomAIServe(config, port)
+    try:
+        return server.start()
+    finally:
+        server.stop()
 
 
 def _cpus() -> int:

@@ -80,7 +80,7 @@ class DicomSettings(_Section):
     tls_key: Path | None = None
     tls_ca: Path | None = None
     max_associations: Annotated[int, Field(ge=1)] = 64
-    receivers: Annotated[int, Field(ge=1, le=64)] = 1
+    receivers: Annotated[int, Field(ge=1, le=64)] = 4
     maximum_pdu_size: Annotated[int, Field(ge=0)] = 0
     network_timeout: Annotated[float, Field(gt=0)] = 60.0
     dimse_timeout: Annotated[float, Field(gt=0)] = 60.0

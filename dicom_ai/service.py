@@ -20,12 +20,11 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from dicom_ai.config import Settings
-from dicom_ai.exceptions import DicomAIError
 from dicom_ai.ingest.completion import CompletionEvent, CompletionMonitor, MppsService
 from dicom_ai.ingest.recovery import RecoveryReport, mark_clean_shutdown, recover
 from dicom_ai.ingest.spool import Ingestor, request_reconcile
 from dicom_ai.logs import setup_logging
-from dicom_ai.network.balancer import ConnectionBalancer
+from dicom_ai.network.balancer import ConnectionBalancer, report_closed, serve_handoffs
 from dicom_ai.network.scp import Receiver
 from storage.db import Database
 from storage.filestore import FileStore
@@ -55,6 +54,10 @@ def build_components(settings: Settings) -> Components:
     )
 
 
+class _TerminatedError(Exception):
+    """SIGTERM reached a receiver process."""
+
+
 def _receiver_process(
     settings_data: dict[str, Any], channel: Connection, ready: mp.synchronize.Event
 ) -> None:
@@ -62,14 +65,21 @@ def _receiver_process(
     settings = Settings.model_validate(settings_data)
     setup_logging(settings.logging)
     parts = build_components(settings)
-    stop = threading.Event()
-    receiver = Receiver(settings.dicom, parts.ingestor, parts.mpps, channel=channel,
-                        on_orphaned=stop.set)
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    receiver = Receiver(settings.dicom, parts.ingestor, parts.mpps, handed=True,
+                        on_connection_closed=report_closed(channel, threading.Lock()))
+
+    def terminate(*_: object) -> None:
+        raise _TerminatedError  # interrupts the blocking wait for the next connection
+
+    signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     receiver.start()
     ready.set()
-    stop.wait()
+    try:
+        serve_handoffs(channel, receiver.handoff)
+        LOGGER.warning("the serve process is gone: this receiver stops")
+    except _TerminatedError:
+        pass
     receiver.stop()
 
 
@@ -109,15 +119,18 @@ class Service:
             self._receiver = Receiver(self.settings.dicom, parts.ingestor, parts.mpps)
             self.address = self._receiver.start()
         else:
-            self._balancer = ConnectionBalancer(self.settings.dicom.host,
-                                                self.settings.dicom.port)
-            for slot in range(self.settings.dicom.receivers):
+            # This process is receiver 0 and answers at once; receivers 1..N-1 are processes
+            # that join the balancer as each finishes starting.
+            balancer = ConnectionBalancer(self.settings.dicom.host, self.settings.dicom.port)
+            self._balancer = balancer
+            self._receiver = Receiver(self.settings.dicom, parts.ingestor, parts.mpps,
+                                      handed=True, on_connection_closed=lambda: balancer.release(0))
+            self._receiver.start()
+            balancer.attach_local(0, self._receiver.handoff)
+            for slot in range(1, self.settings.dicom.receivers):
                 self._children.append(self._spawn(slot))
-            # Accept as soon as one receiver is ready; the others join as they come up.
-            self._balancer.start()
-            if not self._balancer.wait_for_worker(timeout=120):
-                raise DicomAIError("no receiver process started within 120 s")
-            self.address = self._balancer.address
+            balancer.start()
+            self.address = balancer.address
             self._supervisor = threading.Thread(target=self._supervise, name="supervisor",
                                                 daemon=True)
             self._supervisor.start()
@@ -146,7 +159,9 @@ class Service:
 
         def attach_when_ready() -> None:
             if ready.wait(timeout=120):
-                balancer.attach(slot, ours, pid)
+                balancer.attach_process(slot, ours, pid)
+                if all(r.is_set() for _, r in self._children):
+                    LOGGER.info("all %d receivers ready", self.settings.dicom.receivers)
 
         threading.Thread(target=attach_when_ready, name=f"attach-{slot}", daemon=True).start()
         return process, ready
@@ -159,15 +174,15 @@ class Service:
                                  process.pid, process.exitcode)
                     if self._parts is not None:  # it may have stored a file it never indexed
                         request_reconcile(self._parts.store)
-                    self._children[i] = self._spawn(i)
+                    self._children[i] = self._spawn(i + 1)
 
     def stop(self) -> None:
         """Stop receiving, stop the monitor, and leave the clean-shutdown marker."""
         self._stopping.set()
-        if self._receiver is not None:
-            self._receiver.stop()
         if self._balancer is not None:
             self._balancer.stop()
+        if self._receiver is not None:
+            self._receiver.stop()
         for process, _ in self._children:
             process.terminate()
         for process, _ in self._children:

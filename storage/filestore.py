@@ -58,9 +58,9 @@ def validate_uid(uid: object, keyword: str = "UID") -> str:
         raise InvalidUIDError(f"{keyword} is missing")
     if len(uid) > 64:
         raise InvalidUIDError(f"{keyword} is longer than 64 characters ({len(uid)})")
-    if not _UID_CHARS.match(uid):
+    if not _UID_CHARS.fullmatch(uid):
         raise InvalidUIDError(f"{keyword} {uid[:64]!r} is not valid DICOM UID syntax")
-    if not _UID_STRICT.match(uid):
+    if not _UID_STRICT.fullmatch(uid):
         LOGGER.warning("%s %s has a component with a leading zero; accepted", keyword, uid)
     return uid
 

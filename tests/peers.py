@@ -76,7 +76,7 @@ def stop(process: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: flo
             process.wait()
 
 
-def testdata(name: str) -> str:
+def sample_file(name: str) -> str:
     """The path of one of pydicom's (or pydicom-data's) test files."""
     path = get_testdata_file(name)
     assert isinstance(path, str), f"test file {name} not found"
@@ -91,7 +91,7 @@ def make_ct_series(out: Path, count: int, *, size: int = 512, seed: int = 0,
     The header is pydicom's CT_small test file; UIDs, geometry and pixels are new.
     """
     out.mkdir(parents=True, exist_ok=True)
-    template = dcmread(testdata("CT_small.dcm"))
+    template = dcmread(sample_file("CT_small.dcm"))
     rng = np.random.default_rng(seed)
     study_uid = study_uid or generate_uid()
     series_uid = generate_uid()
@@ -261,6 +261,14 @@ class DicomAIServe:
                 return time.monotonic() - started
             time.sleep(0.02)
         raise TimeoutError(f"serve did not answer C-ECHO within {timeout} s")
+
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
+        """Block until the serve log contains `text` (e.g. "all 4 receivers ready")."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_path.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not logged within {timeout} s")
+            time.sleep(0.05)
 
     def kill(self) -> None:
         """SIGKILL: no clean shutdown."""

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from dicom_ai.exceptions import IngestError
 from dicom_ai.ingest.index import read_stored_record
-from dicom_ai.ingest.spool import RECONCILE_MARKER
+from dicom_ai.ingest.spool import RECONCILE_MARKER, quarantine_file
 from storage import repository
 from storage.db import Database
 from storage.filestore import FileStore, fsync_dir
@@ -89,21 +89,25 @@ def reconcile(store: FileStore, db: Database) -> tuple[int, int, int]:
             )
             if expected != relative:
                 raise IngestError(0xA900, f"file at {relative} holds {record.sop_instance_uid}")
+            with db.write_session() as session:
+                result = repository.index_instance(
+                    session,
+                    record,
+                    path=relative,
+                    size_bytes=os.path.getsize(path),
+                    calling_ae_title="",
+                    now=datetime.now(UTC),
+                    replace=False,
+                )
+            if result.outcome is repository.IndexOutcome.DUPLICATE_KEPT:
+                raise IngestError(0x0111, f"a second copy of {record.sop_instance_uid}, which "
+                                  "is indexed at another path")
         except IngestError as exc:
-            store.quarantine(path, f"found in store during recovery: {exc.reason}",
-                             {"status": f"0x{exc.status:04X}", "store_path": relative})
+            quarantine_file(store, db, path, status=exc.status,
+                            reason=f"found in store during recovery: {exc.reason}",
+                            details={"store_path": relative})
             quarantined += 1
             continue
-        with db.write_session() as session:
-            repository.index_instance(
-                session,
-                record,
-                path=relative,
-                size_bytes=os.path.getsize(path),
-                calling_ae_title="",
-                now=datetime.now(UTC),
-                replace=False,
-            )
         indexed += 1
     missing = known - on_disk
     # Re-check each file right before deleting its row: it may have been stored meanwhile.

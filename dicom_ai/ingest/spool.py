@@ -58,6 +58,40 @@ def request_reconcile(store: FileStore) -> None:
         LOGGER.exception("cannot write %s", RECONCILE_MARKER)
 
 
+def quarantine_file(
+    store: FileStore,
+    db: Database,
+    path: Path,
+    *,
+    status: int,
+    reason: str,
+    calling_ae_title: str = "",
+    sop_instance_uid: str = "",
+    details: dict[str, str] | None = None,
+) -> None:
+    """Move a refused file to the quarantine folder and record it in the index.
+
+    The JSON sidecar is written with the file, so the reason survives even when the index
+    cannot be written. Never raises: refusing must not fail.
+    """
+    record = {"status": f"0x{status:04X}", "calling_ae_title": calling_ae_title,
+              "affected_sop_instance_uid": sop_instance_uid, **(details or {})}
+    try:
+        target = store.quarantine(path, reason, record)
+        with db.write_session() as session:
+            repository.add_quarantine(
+                session,
+                path=str(target.relative_to(store.root)),
+                reason=reason,
+                status=status,
+                calling_ae_title=calling_ae_title,
+                sop_instance_uid=sop_instance_uid,
+                now=datetime.now(UTC),
+            )
+    except Exception:
+        LOGGER.exception("cannot record quarantine of %s", sop_instance_uid or path.name)
+
+
 class Ingestor:
     """Accepts received files into the store and the index.
 
@@ -199,23 +233,9 @@ class Ingestor:
     def _quarantine(self, received: Received, status: int, reason: str) -> None:
         LOGGER.warning("refused %s from %s with 0x%04X: %s", received.sop_instance_uid,
                        received.calling_ae_title, status, reason)
-        details = {
-            "status": f"0x{status:04X}",
-            "calling_ae_title": received.calling_ae_title,
-            "affected_sop_class_uid": received.sop_class_uid,
-            "affected_sop_instance_uid": received.sop_instance_uid,
-        }
-        try:
-            target = self.store.quarantine(received.path, reason, details)
-            with self.db.write_session() as session:
-                repository.add_quarantine(
-                    session,
-                    path=str(target.relative_to(self.store.root)),
-                    reason=reason,
-                    status=status,
-                    calling_ae_title=received.calling_ae_title,
-                    sop_instance_uid=received.sop_instance_uid,
-                    now=datetime.now(UTC),
-                )
-        except Exception:  # the sidecar file is written first, so the reason survives
-            LOGGER.exception("cannot record quarantine of %s", received.sop_instance_uid)
+        quarantine_file(
+            self.store, self.db, received.path, status=status, reason=reason,
+            calling_ae_title=received.calling_ae_title,
+            sop_instance_uid=received.sop_instance_uid,
+            details={"affected_sop_class_uid": received.sop_class_uid},
+        )

@@ -2,8 +2,9 @@
 
 One Python process cannot receive faster than its GIL allows (pynetdicom runs two polling
 threads per association), so ``dicom-ai serve`` with ``[dicom] receivers = N`` runs N receiver
-processes. The parent owns the listening socket; for each new connection it picks the receiver
-with the fewest open connections and passes the socket over a Unix pipe (``SCM_RIGHTS``).
+processes. The serve process owns the listening socket and is itself receiver 0 (so it answers
+at once while the others start); for each new connection it picks the receiver with the fewest
+open connections, and passes the socket to a receiver process over a Unix pipe (``SCM_RIGHTS``).
 Kernel ``SO_REUSEPORT`` hashing was tried first: on loopback it put all four of four parallel
 senders on one process, run after run.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
@@ -25,8 +27,7 @@ CLOSED = b"c"  # a receiver tells the parent that one of its connections ended
 
 @dataclass
 class _Worker:
-    channel: Connection
-    pid: int
+    deliver: Callable[[socket.socket], None]  # takes ownership of the socket, or raises OSError
     active: int = 0
     alive: bool = True
 
@@ -48,30 +49,43 @@ class ConnectionBalancer:
         self._workers: dict[int, _Worker] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._attached = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def wait_for_worker(self, timeout: float) -> bool:
-        """Wait until at least one receiver is attached; False on timeout."""
-        return self._attached.wait(timeout)
-
-    def attach(self, slot: int, channel: Connection, pid: int) -> None:
-        """Use receiver process `pid` (reached through `channel`) in `slot`, replacing any."""
-        worker = _Worker(channel, pid)
+    def _attach(self, slot: int, worker: _Worker) -> None:
         with self._lock:
             old = self._workers.get(slot)
             if old is not None:
                 old.alive = False
             self._workers[slot] = worker
-        self._attached.set()
-        threading.Thread(target=self._watch, args=(worker,), name=f"balancer-{slot}",
-                         daemon=True).start()
 
-    def _watch(self, worker: _Worker) -> None:
-        """Count the receiver's finished connections; stop using it when its pipe closes."""
+    def attach_local(self, slot: int, handoff: Callable[[socket.socket], None]) -> None:
+        """Use an in-process receiver in `slot`; call :meth:`release` as its connections end."""
+        self._attach(slot, _Worker(handoff))
+
+    def release(self, slot: int) -> None:
+        """One connection of the receiver in `slot` ended."""
+        with self._lock:
+            worker = self._workers.get(slot)
+            if worker is not None:
+                worker.active = max(0, worker.active - 1)
+
+    def attach_process(self, slot: int, channel: Connection, pid: int) -> None:
+        """Use receiver process `pid`, reached through `channel`, in `slot` (replacing any)."""
+
+        def deliver(client: socket.socket) -> None:
+            send_handle(channel, client.fileno(), pid)
+            client.close()  # the receiver holds its own descriptor now
+
+        worker = _Worker(deliver)
+        self._attach(slot, worker)
+        threading.Thread(target=self._watch, args=(slot, worker, channel),
+                         name=f"balancer-{slot}", daemon=True).start()
+
+    def _watch(self, slot: int, worker: _Worker, channel: Connection) -> None:
+        """Count the process's finished connections; stop using it when its pipe closes."""
         while True:
             try:
-                worker.channel.recv_bytes()
+                channel.recv_bytes()
             except (EOFError, OSError):
                 worker.alive = False
                 return
@@ -98,18 +112,17 @@ class ConnectionBalancer:
                     return
                 LOGGER.exception("accept failed")
                 continue
-            with client:
-                while True:
-                    worker = self._pick()
-                    if worker is None:
-                        LOGGER.error("no receiver process alive: dropped connection from %s",
-                                     address[0])
-                        break
-                    try:
-                        send_handle(worker.channel, client.fileno(), worker.pid)
-                        break
-                    except OSError:  # the receiver died since it was picked: try another
-                        worker.alive = False
+            while True:
+                worker = self._pick()
+                if worker is None:
+                    LOGGER.error("no receiver alive: closed the connection from %s", address[0])
+                    client.close()
+                    break
+                try:
+                    worker.deliver(client)
+                    break
+                except OSError:  # the receiver died since it was picked: try another
+                    worker.alive = False
 
     def start(self) -> None:
         """Accept connections in a background thread."""
@@ -125,10 +138,24 @@ class ConnectionBalancer:
         self._listener.close()
 
 
-def receive_connections(channel: Connection) -> socket.socket | None:
-    """In a receiver: wait for the next socket the parent hands over (None when it is gone)."""
-    try:
-        fd = recv_handle(channel)
-    except (EOFError, OSError):
-        return None
-    return socket.socket(fileno=fd)
+def serve_handoffs(channel: Connection, handoff: Callable[[socket.socket], None]) -> None:
+    """In a receiver process: serve each socket the parent sends, until the parent is gone."""
+    while True:
+        try:
+            fd = recv_handle(channel)
+        except (EOFError, OSError):
+            return
+        handoff(socket.socket(fileno=fd))
+
+
+def report_closed(channel: Connection, lock: threading.Lock) -> Callable[[], None]:
+    """A callback that tells the parent one of this process's connections ended."""
+
+    def closed() -> None:
+        try:
+            with lock:
+                channel.send_bytes(CLOSED)
+        except OSError:
+            pass  # the parent is gone; serve_handoffs returns and the process stops
+
+    return closed

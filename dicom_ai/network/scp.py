@@ -14,7 +14,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from typing import Any, cast
 
 from pydicom import config as pydicom_config
@@ -26,7 +25,6 @@ from dicom_ai.config import DicomSettings
 from dicom_ai.ingest.completion import MppsService
 from dicom_ai.ingest.spool import Ingestor
 from dicom_ai.network import handlers
-from dicom_ai.network.balancer import CLOSED, receive_connections
 from dicom_ai.network.contexts import scp_contexts
 
 LOGGER = logging.getLogger(__name__)
@@ -100,11 +98,11 @@ class Receiver:
         Accepts received files.
     mpps : MppsService
         Keeps MPPS state.
-    channel : multiprocessing.connection.Connection, optional
-        In a receiver pool: the pipe the parent hands accepted connections over (see
-        :mod:`dicom_ai.network.balancer`); the receiver then does not listen itself.
-    on_orphaned : callable, optional
-        Called when the parent closes `channel` (it exited): the receiver should stop.
+    handed : bool
+        In a receiver pool: do not listen; serve the connections given to :meth:`handoff` (see
+        :mod:`dicom_ai.network.balancer`).
+    on_connection_closed : callable, optional
+        Called whenever a connection ends (the pool counts each receiver's open connections).
     """
 
     def __init__(
@@ -113,15 +111,14 @@ class Receiver:
         ingestor: Ingestor,
         mpps: MppsService,
         *,
-        channel: Connection | None = None,
-        on_orphaned: Callable[[], None] | None = None,
+        handed: bool = False,
+        on_connection_closed: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.ingestor = ingestor
         self.mpps = mpps
-        self.channel = channel
-        self.on_orphaned = on_orphaned
-        self._notify_lock = threading.Lock()
+        self.handed = handed
+        self.on_connection_closed = on_connection_closed
         self._server: _Server | None = None
         self._previous_tempdir: str | None = None
 
@@ -152,30 +149,23 @@ class Receiver:
         ]
 
     def _connection_closed(self, event: evt.Event | None = None) -> None:
-        """Tell the parent a handed-over connection ended (notification; never raises)."""
-        if self.channel is None:
-            return
-        try:
-            with self._notify_lock:
-                self.channel.send_bytes(CLOSED)
-        except OSError:
-            pass  # the parent is gone; the hand-off thread notices and stops us
-
-    def _take_handoffs(self, server: _Server, channel: Connection) -> None:
-        while True:
-            client = receive_connections(channel)
-            if client is None:
-                LOGGER.warning("the serve process is gone: this receiver stops")
-                if self.on_orphaned is not None:
-                    self.on_orphaned()
-                return
+        """Report a finished connection (a notification handler: never raises)."""
+        if self.on_connection_closed is not None:
             try:
-                address = client.getpeername()
-            except OSError:  # the peer left before we got to it
-                client.close()
-                self._connection_closed()
-                continue
-            server.process_request(server.wrap(client), address)
+                self.on_connection_closed()
+            except Exception:
+                LOGGER.exception("connection-closed callback failed")
+
+    def handoff(self, client: socket.socket) -> None:
+        """Serve a connection accepted elsewhere (the pool's balancer); takes ownership."""
+        assert self._server is not None, "start() first"
+        try:
+            address = client.getpeername()
+        except OSError:  # the peer left before we got to it
+            client.close()
+            self._connection_closed()
+            return
+        self._server.process_request(self._server.wrap(client), address)
 
     def start(self) -> tuple[str, int]:
         """Start listening in background threads.
@@ -194,8 +184,8 @@ class Receiver:
         self._previous_tempdir = tempfile.tempdir
         tempfile.tempdir = str(self.ingestor.store.incoming)
         ae = self._make_ae()
-        # In a pool the parent listens; this server's own socket is an unused loopback one.
-        address = ("127.0.0.1", 0) if self.channel else (self.settings.host, self.settings.port)
+        # In a pool the balancer listens; this server's own socket is an unused loopback one.
+        address = ("127.0.0.1", 0) if self.handed else (self.settings.host, self.settings.port)
         server = cast(_Server, ae.make_server(
             address,
             ae_title=self.settings.ae_title,
@@ -209,9 +199,7 @@ class Receiver:
         thread.start()
         ae._servers.append(server)  # as AE.start_server does, so server.shutdown() works
         self._server = server
-        if self.channel is not None:
-            threading.Thread(target=self._take_handoffs, args=(server, self.channel),
-                             name="handoff", daemon=True).start()
+        if self.handed:
             return self.settings.host, self.settings.port
         host, port = server.server_address[:2]
         LOGGER.info("receiver %s listening on %s:%s%s", self.settings.ae_title, host, port,

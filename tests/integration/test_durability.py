@@ -125,13 +125,14 @@ def test_kill_9_loses_nothing_acknowledged(
 def test_receiver_pool_shares_the_port_and_survives_a_dead_receiver(
     tmp_path: Path, db_url: str
 ) -> None:
-    """Two receiver processes on one port take 4 parallel senders; a killed one is replaced."""
+    """A pool of 3 receivers spreads 4 parallel senders over processes; a killed one is replaced."""
     need_binary("storescu")
     port = free_port()
-    server = DicomAIServe(write_config(tmp_path, db_url, port, receivers=2), port)
+    server = DicomAIServe(write_config(tmp_path, db_url, port, receivers=3), port)
     batches = [make_ct_series(tmp_path / f"ct{i}", 15, size=64, seed=i) for i in range(4)]
     server.start()
     try:
+        server.wait_for_log("all 3 receivers ready")
         assert server.process is not None
         results: list[int] = []
         threads = [
@@ -144,13 +145,17 @@ def test_receiver_pool_shares_the_port_and_survives_a_dead_receiver(
             thread.join(120)
         assert results == [0, 0, 0, 0]
         assert len(indexed(db_url)) == 60
+        log = server.log_path.read_text()
+        serving = {line.split("[")[1].split("]")[0] for line in log.splitlines()
+                   if "association from STORESCU" in line and "accepted" in line}
+        assert len(serving) >= 2, "the 4 associations were not spread over processes"
 
         children = subprocess.run(["pgrep", "-P", str(server.process.pid)],
                                   capture_output=True, text=True, check=False).stdout.split()
         # Receivers are spawned interpreters; multiprocessing's resource tracker is not one.
         receivers = [int(pid) for pid in children
                      if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-        assert len(receivers) >= 2
+        assert len(receivers) == 2  # receiver 0 is the serve process itself
         os.kill(receivers[0], signal.SIGKILL)
         time.sleep(2.5)  # the supervisor notices within a second and spawns a replacement
         assert (tmp_path / "store" / "RECONCILE_NEEDED").exists()

@@ -21,7 +21,7 @@ from dicom_ai.network.contexts import VERIFICATION
 from dicom_ai.service import Service
 from storage.db import Database
 from tests.conftest import need_binary
-from tests.peers import ENV, REPO, Orthanc, make_ct_series, retag, storescu, testdata
+from tests.peers import ENV, REPO, Orthanc, make_ct_series, retag, storescu, sample_file
 
 SUCCESS = 0x0000
 COMPRESSED = [
@@ -110,7 +110,7 @@ def echo_status(port: int) -> int:
 def write_variant(tmp: Path, name: str, change: Callable[[FileDataset], None],
                   source: str = "CT_small.dcm") -> Path:
     """A copy of a test file with `change` applied, written without validation."""
-    ds = pydicom.dcmread(testdata(source))
+    ds = pydicom.dcmread(sample_file(source))
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -154,7 +154,7 @@ def test_compressed_transfer_syntaxes_stored_exactly_as_sent(
     service: Service, tmp_path: Path
 ) -> None:
     """Real compressed files (JPEG, JPEG-LS, J2K, RLE, deflate, big endian) are byte-identical."""
-    paths = [Path(testdata(name)) for name in COMPRESSED]
+    paths = [Path(sample_file(name)) for name in COMPRESSED]
     uids = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths]
     seen: set[str] = set()
     unique = []
@@ -177,7 +177,7 @@ def test_compressed_transfer_syntaxes_stored_exactly_as_sent(
              "MR_small_jpeg_ls_lossless.dcm": "-xt", "JPGLosslessP14SV1_1s_1f_8b.dcm": "-xs"}
     retagged = []
     for i, (name, flag) in enumerate(dcmtk.items()):
-        copy_path = retag([Path(testdata(name))], tmp_path / f"dcmtk-{i}")[0]
+        copy_path = retag([Path(sample_file(name))], tmp_path / f"dcmtk-{i}")[0]
         result = storescu(port_of(service), [copy_path], extra=["-R", flag])
         assert result.returncode == 0, result.stderr
         retagged.append(copy_path)
@@ -233,7 +233,7 @@ def test_bad_input_refused_quarantined_and_service_stays_up(
     for name, change, status in BAD_INPUTS:
         paths.append(write_variant(tmp_path, f"{name}.dcm", change))
         expected.append(status)
-    paths.append(Path(testdata("MR_truncated.dcm")))  # pixel data shorter than declared
+    paths.append(Path(sample_file("MR_truncated.dcm")))  # pixel data shorter than declared
     expected.append(0xC000)
     garbage = write_variant(tmp_path, "garbage.dcm", lambda ds: None)
     data = bytearray(garbage.read_bytes())
@@ -336,7 +336,7 @@ def test_send_and_studies_commands(service: Service, tmp_path: Path) -> None:
     folder = tmp_path / "upload"
     make_ct_series(folder / "ct", 5, size=64)
     (folder / "notes.txt").write_text("not DICOM")
-    jpeg = retag([Path(testdata("SC_rgb_jpeg_dcmtk.dcm"))], folder / "sc")[0]
+    jpeg = retag([Path(sample_file("SC_rgb_jpeg_dcmtk.dcm"))], folder / "sc")[0]
     config = _config_file(service.settings, tmp_path / "config.toml")
     sent = _cli("send", "--config", str(config), "--to",
                 f"DICOM_AI@127.0.0.1:{port_of(service)}", str(folder))
@@ -361,7 +361,7 @@ def test_send_command_to_orthanc(tmp_path: Path, make_settings: Callable[..., Se
     need_binary("Orthanc")
     folder = tmp_path / "upload"
     make_ct_series(folder / "ct", 3, size=64)
-    retag([Path(testdata("JPEG2000.dcm"))], folder / "j2k")
+    retag([Path(sample_file("JPEG2000.dcm"))], folder / "j2k")
     settings = make_settings()
     with Orthanc(tmp_path / "orthanc") as pacs:
         config = _config_file(settings, tmp_path / "config.toml")
