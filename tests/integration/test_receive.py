@@ -21,7 +21,7 @@ from dicom_ai.network.contexts import VERIFICATION
 from dicom_ai.service import Service
 from storage.db import Database
 from tests.conftest import need_binary
-from tests.peers import ENV, REPO, Orthanc, make_ct_series, retag, storescu, sample_file
+from tests.peers import ENV, REPO, Orthanc, make_ct_series, retag, sample_file, storescu
 
 SUCCESS = 0x0000
 COMPRESSED = [
