@@ -185,13 +185,20 @@ class Service:
             self._receiver.stop()
         for process, _ in self._children:
             process.terminate()
+        clean = True
         for process, _ in self._children:
-            process.join(timeout=30)
+            process.join(timeout=40)
+            if process.is_alive():  # stuck: it may hold a stored but unindexed file
+                LOGGER.error("receiver process %s did not stop; killing it", process.pid)
+                process.kill()
+                process.join()
+                clean = False
         if self._monitor is not None:
             self._monitor.stop()
         if self._parts is not None:
             self._parts.db.dispose()
-            mark_clean_shutdown(self._parts.store)
+            if clean:
+                mark_clean_shutdown(self._parts.store)
         LOGGER.info("stopped")
 
     def run_forever(self) -> None:

@@ -71,10 +71,14 @@ class IndexOutcome(Enum):
 
 @dataclass(frozen=True)
 class IndexResult:
-    """The outcome of indexing one instance, and a file that became garbage, if any."""
+    """The outcome of indexing one instance, and a file that became garbage, if any.
+
+    For a kept duplicate, `kept_path` is where the indexed first copy is.
+    """
 
     outcome: IndexOutcome
     obsolete_path: str | None = None
+    kept_path: str | None = None
 
 
 # The ingest path runs these for every instance, so they are plain SQL compiled once (the ORM's
@@ -169,7 +173,8 @@ def index_instance(
     """
     existing = session.execute(_FIND_INSTANCE, {"uid": record.sop_instance_uid}).first()
     if existing is not None and not replace:
-        return IndexResult(IndexOutcome.DUPLICATE_KEPT, path if existing.path != path else None)
+        return IndexResult(IndexOutcome.DUPLICATE_KEPT, path if existing.path != path else None,
+                           kept_path=existing.path)
 
     values = {f.name: getattr(record, f.name) for f in fields(record)}
     values.update(
@@ -188,7 +193,8 @@ def index_instance(
     if session.execute(_INSERT_INSTANCE, values).first() is None:
         # A concurrent receiver indexed it between our check and our insert.
         winner = find_instance_path(session, record.sop_instance_uid)
-        return IndexResult(IndexOutcome.DUPLICATE_KEPT, path if winner != path else None)
+        return IndexResult(IndexOutcome.DUPLICATE_KEPT, path if winner != path else None,
+                           kept_path=winner)
     return IndexResult(IndexOutcome.INSERTED)
 
 

@@ -168,23 +168,15 @@ class Ingestor:
         flushed: Future[None],
     ) -> int:
         sop_uid = record.sop_instance_uid
-        # A row whose file vanished (removed by hand) is repaired by this copy, whatever the
-        # policy, so that a re-send always leaves the instance stored.
-        replace_row = self.replace_duplicates
         try:
-            if not self.replace_duplicates:
-                known = self._known_path(sop_uid)
-                if known is not None and self.store.absolute(known).exists():
-                    return self._drop_duplicate(received, flushed, sop_uid)
-                replace_row = known is not None
             flushed.result()
             size = os.path.getsize(received.path)
             try:
                 final = self.store.commit(received.path, relative, synced=True,
                                           replace=self.replace_duplicates)
             except FileExistsError:
-                # Keep-first and a file already there: a concurrent receiver stored the same
-                # instance (its row follows), or a crash left it unindexed.
+                # Keep-first and a file already at this path: the indexed first copy, a
+                # concurrent receiver's copy (its row follows), or a crash left it unindexed.
                 if self._known_path(sop_uid) is not None:
                     return self._drop_duplicate(received, flushed, sop_uid)
                 final = self.store.commit(received.path, relative, synced=True, replace=True)
@@ -197,16 +189,13 @@ class Ingestor:
             received.path.unlink(missing_ok=True)
             return OUT_OF_RESOURCES
         try:
-            with self.db.write_session() as session:
-                result = repository.index_instance(
-                    session,
-                    record,
-                    path=relative,
-                    size_bytes=size,
-                    calling_ae_title=received.calling_ae_title,
-                    now=datetime.now(UTC),
-                    replace=replace_row,
-                )
+            result = self._index(received, record, relative, size, self.replace_duplicates)
+            if (result.outcome is repository.IndexOutcome.DUPLICATE_KEPT
+                    and result.kept_path is not None
+                    and not self.store.absolute(result.kept_path).exists()):
+                # The first copy's file vanished (removed by hand): this copy takes its place,
+                # so a re-send always leaves the instance stored.
+                result = self._index(received, record, relative, size, True)
         except Exception:
             # The file is durable but unindexed: ask the next start to reconcile. The sender
             # sees a retryable failure and re-sends, which the duplicate policy absorbs.
@@ -215,9 +204,32 @@ class Ingestor:
             return OUT_OF_RESOURCES
         if result.obsolete_path:
             self.store.remove(result.obsolete_path)
-        LOGGER.debug("stored %s (%s) from %s", sop_uid, result.outcome.value,
-                     received.calling_ae_title)
+        if result.outcome is repository.IndexOutcome.DUPLICATE_KEPT:
+            LOGGER.info("duplicate %s from %s: kept the first copy", sop_uid,
+                        received.calling_ae_title)
+        else:
+            LOGGER.debug("stored %s (%s) from %s", sop_uid, result.outcome.value,
+                         received.calling_ae_title)
         return SUCCESS
+
+    def _index(
+        self,
+        received: Received,
+        record: repository.InstanceRecord,
+        relative: str,
+        size: int,
+        replace: bool,
+    ) -> repository.IndexResult:
+        with self.db.write_session() as session:
+            return repository.index_instance(
+                session,
+                record,
+                path=relative,
+                size_bytes=size,
+                calling_ae_title=received.calling_ae_title,
+                now=datetime.now(UTC),
+                replace=replace,
+            )
 
     def _known_path(self, sop_instance_uid: str) -> str | None:
         with self.db.sessions() as session:

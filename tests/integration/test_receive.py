@@ -413,3 +413,19 @@ def test_environment_has_no_tensorflow_in_receiver() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, check=True, env={**os.environ})
     assert out.stdout.strip() == "False"
+
+
+def test_resend_restores_a_file_removed_from_the_store(service: Service, tmp_path: Path) -> None:
+    """Keep-first: if the first copy's file is gone, a re-send stores the instance again."""
+    first = write_variant(tmp_path, "first.dcm", lambda ds: None)
+    port = port_of(service)
+    assert send_paths(port, [first]) == [SUCCESS]
+    stored = stored_path(service.settings, pydicom.dcmread(first))
+    stored.unlink()
+    ds = pydicom.dcmread(first)
+    ds.SeriesInstanceUID = generate_uid()  # re-sent under a corrected series, even
+    moved = tmp_path / "moved.dcm"
+    ds.save_as(moved)
+    assert send_paths(port, [moved]) == [SUCCESS]
+    assert stored_path(service.settings, ds).is_file()
+    assert index_count(service.settings) == 1
