@@ -138,7 +138,13 @@ class FileStore:
         fsync_dir(folder.parent)
 
     def commit(
-        self, source: Path, relative: str, *, synced: bool = False, replace: bool = True
+        self,
+        source: Path,
+        relative: str,
+        *,
+        synced: bool = False,
+        replace: bool = True,
+        sync_dir: bool = True,
     ) -> Path:
         """Durably move a received file to its final place.
 
@@ -156,6 +162,10 @@ class FileStore:
         replace : bool
             Replace an existing file atomically; if False, an existing file is kept and
             :class:`FileExistsError` raised (a no-clobber move: hard link, then unlink).
+        sync_dir : bool
+            Fsync the directory entry before returning; False leaves that to the caller
+            (:func:`fsync_dir` on the returned path's parent), which must do it before relying
+            on the move surviving a power loss.
 
         Returns
         -------
@@ -171,7 +181,8 @@ class FileStore:
         else:
             os.link(source, final)  # atomic, and fails if the name exists
             os.unlink(source)
-        fsync_dir(final.parent)
+        if sync_dir:
+            fsync_dir(final.parent)
         return final
 
     def remove(self, relative: str) -> None:

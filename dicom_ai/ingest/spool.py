@@ -22,12 +22,11 @@ from dicom_ai.exceptions import IngestError, OutOfSpaceError
 from dicom_ai.ingest.index import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
-    instance_record,
-    read_dataset,
+    parse_received,
 )
 from storage import repository
 from storage.db import Database
-from storage.filestore import FileStore, fsync_file
+from storage.filestore import FileStore, fsync_dir, fsync_file
 
 LOGGER = logging.getLogger(__name__)
 SUCCESS = 0x0000
@@ -139,9 +138,8 @@ class Ingestor:
         # The file's fsync (I/O, GIL released) overlaps the header parse (CPU).
         flushed = self._io.submit(fsync_file, received.path)
         try:
-            ds = read_dataset(received.path)
-            record = instance_record(
-                ds,
+            record = parse_received(
+                received.path,
                 sop_class_uid=received.sop_class_uid,
                 sop_instance_uid=received.sop_instance_uid,
             )
@@ -157,7 +155,6 @@ class Ingestor:
             _settle(flushed)
             self._quarantine(received, CANNOT_UNDERSTAND, f"unexpected error: {exc!r}")
             return CANNOT_UNDERSTAND
-        del ds
         return self._store(received, record, relative, flushed)
 
     def _store(
@@ -173,13 +170,14 @@ class Ingestor:
             size = os.path.getsize(received.path)
             try:
                 final = self.store.commit(received.path, relative, synced=True,
-                                          replace=self.replace_duplicates)
+                                          replace=self.replace_duplicates, sync_dir=False)
             except FileExistsError:
                 # Keep-first and a file already at this path: the indexed first copy, a
                 # concurrent receiver's copy (its row follows), or a crash left it unindexed.
                 if self._known_path(sop_uid) is not None:
                     return self._drop_duplicate(received, flushed, sop_uid)
-                final = self.store.commit(received.path, relative, synced=True, replace=True)
+                final = self.store.commit(received.path, relative, synced=True, replace=True,
+                                          sync_dir=False)
         except OSError as exc:
             LOGGER.error("cannot store %s: %s", sop_uid, exc)
             received.path.unlink(missing_ok=True)
@@ -188,6 +186,9 @@ class Ingestor:
             LOGGER.exception("index unavailable while storing %s", sop_uid)
             received.path.unlink(missing_ok=True)
             return OUT_OF_RESOURCES
+        # The file is in place (and its data durable); its directory entry is flushed while the
+        # index row is written, and the answer waits for both.
+        dir_synced = self._io.submit(fsync_dir, final.parent)
         try:
             result = self._index(received, record, relative, size, self.replace_duplicates)
             if (result.outcome is repository.IndexOutcome.DUPLICATE_KEPT
@@ -200,6 +201,13 @@ class Ingestor:
             # The file is durable but unindexed: ask the next start to reconcile. The sender
             # sees a retryable failure and re-sends, which the duplicate policy absorbs.
             LOGGER.exception("cannot index %s (file kept at %s)", sop_uid, final)
+            _settle(dir_synced)
+            request_reconcile(self.store)
+            return OUT_OF_RESOURCES
+        try:
+            dir_synced.result()
+        except OSError as exc:
+            LOGGER.error("cannot flush the directory of %s: %s", sop_uid, exc)
             request_reconcile(self.store)
             return OUT_OF_RESOURCES
         if result.obsolete_path:
