@@ -28,6 +28,7 @@ CLOSED = b"c"  # a receiver tells the parent that one of its connections ended
 @dataclass
 class _Worker:
     deliver: Callable[[socket.socket], None]  # takes ownership of the socket, or raises OSError
+    local: bool = False  # the serve process itself, which also runs the monitor and this loop
     active: int = 0
     alive: bool = True
 
@@ -60,7 +61,7 @@ class ConnectionBalancer:
 
     def attach_local(self, slot: int, handoff: Callable[[socket.socket], None]) -> None:
         """Use an in-process receiver in `slot`; call :meth:`release` as its connections end."""
-        self._attach(slot, _Worker(handoff))
+        self._attach(slot, _Worker(handoff, local=True))
 
     def release(self, slot: int) -> None:
         """One connection of the receiver in `slot` ended."""
@@ -97,7 +98,8 @@ class ConnectionBalancer:
             alive = [w for w in self._workers.values() if w.alive]
             if not alive:
                 return None
-            worker = min(alive, key=lambda w: w.active)
+            # Fewest open connections; on a tie prefer a receiver process to the serve process.
+            worker = min(alive, key=lambda w: (w.active, w.local))
             worker.active += 1
             return worker
 
