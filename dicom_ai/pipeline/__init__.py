@@ -1,0 +1,1 @@
+"""From received DICOM to model input: loading (series -> frames/volume) and preprocessing."""
