@@ -1,0 +1,534 @@
+"""Loading: a completed series (stored instance files) -> model-ready frames or a volume.
+
+Two shapes come out of here:
+
+* :func:`load_frames` -- every frame of every file as a 2D (or colour) array, in InstanceNumber
+  then frame order; for classification of projection images (CR/DX/US/SC) and slice-wise models.
+* :func:`load_volume` -- one 3D array ``(slices, rows, cols)`` with its geometry, slices ordered by
+  position along the slice normal (PS3.3 C.7.6.2.1.1), never by InstanceNumber; from classic
+  single-frame slices (Image Plane module, PS3.3 C.7.6.2) or enhanced multi-frame objects
+  (Multi-frame Functional Groups module, PS3.3 C.7.6.16).
+
+Pixel data is decoded by pydicom's pixel backends; a transfer syntax that no installed plugin can
+decode raises :class:`DecodeError` naming the transfer syntax and the package that would decode it.
+Reading is tolerant; the geometry a volume needs is not optional (:class:`LoadError`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels.utils import pixel_array
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    JPEG2000MC,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEG2000MCLossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+from dicom_ai.exceptions import DicomAIError
+
+LOGGER = logging.getLogger(__name__)
+
+#: Largest difference between two direction cosines still taken as the same orientation.
+ORIENTATION_TOLERANCE = 1e-3
+#: Slices closer than this (mm) along the normal are duplicates.
+DUPLICATE_TOLERANCE_MM = 1e-3
+#: Spacing that differs from the median by more than this fraction is reported as uneven.
+UNEVEN_FRACTION = 0.10
+#: A gap larger than this multiple of the median spacing is reported as missing slices.
+MISSING_FACTOR = 1.5
+
+_GDCM = "python-gdcm"
+_OPENJPEG = "pylibjpeg-openjpeg"
+_LIBJPEG_GPL = "pylibjpeg-libjpeg (GPL, not installed by default)"
+
+# Which plugin decodes which transfer syntax (PS3.5 section 10 and annex A.4).
+_PLUGINS: dict[str, str] = {
+    JPEGBaseline8Bit: f"pillow or {_GDCM}",
+    JPEGExtended12Bit: f"pillow or {_GDCM}",  # 8-bit samples; 12-bit handled in plugin_for()
+    JPEGLossless: _GDCM,
+    JPEGLosslessSV1: _GDCM,
+    JPEGLSLossless: f"pyjpegls or {_GDCM}",
+    JPEGLSNearLossless: f"pyjpegls or {_GDCM}",
+    JPEG2000Lossless: _OPENJPEG,
+    JPEG2000: _OPENJPEG,
+    JPEG2000MCLossless: _OPENJPEG,
+    JPEG2000MC: _OPENJPEG,
+    HTJ2KLossless: _OPENJPEG,
+    HTJ2KLosslessRPCL: _OPENJPEG,
+    HTJ2K: _OPENJPEG,
+    RLELossless: "pylibjpeg-rle (pydicom also decodes RLE natively)",
+    ImplicitVRLittleEndian: "pydicom itself (uncompressed)",
+    ExplicitVRLittleEndian: "pydicom itself (uncompressed)",
+    ExplicitVRBigEndian: "pydicom itself (uncompressed)",
+    DeflatedExplicitVRLittleEndian: "pydicom itself (deflated, uncompressed pixels)",
+}
+
+# What pydicom and its plugins raise when pixel data cannot be decoded.
+_DECODE_ERRORS = (
+    AttributeError, KeyError, NotImplementedError, OSError, RuntimeError, TypeError, ValueError,
+)
+
+
+class DecodeError(DicomAIError):
+    """The pixel data of an instance cannot be decoded.
+
+    The message names the transfer syntax (UID and name, PS3.5 section 10) and the plugin
+    package that would decode it.
+
+    Parameters
+    ----------
+    message : str
+        What failed, with the transfer syntax and plugin.
+    transfer_syntax_uid : str
+        The instance's Transfer Syntax UID (0002,0010), empty if unknown.
+    """
+
+    def __init__(self, message: str, transfer_syntax_uid: str = "") -> None:
+        super().__init__(message)
+        self.transfer_syntax_uid = transfer_syntax_uid
+
+
+class LoadError(DicomAIError):
+    """A series cannot be loaded as asked: no files, an unreadable file, a mixed series,
+    duplicate slice positions, or missing geometry when a volume is requested."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame of one instance.
+
+    Attributes
+    ----------
+    array : NDArray
+        ``(rows, cols)`` or ``(rows, cols, samples)``; YBR colour is converted to RGB, no
+        modality or VOI LUT applied (that is preprocessing's job).
+    dataset : Dataset
+        The whole dataset of the instance (shared by every frame of a multi-frame file).
+    sop_instance_uid : str
+        SOP Instance UID (0008,0018) of the instance.
+    frame_index : int
+        0-based frame index within the instance (Referenced Frame Number is this + 1).
+    """
+
+    array: NDArray[Any]
+    dataset: Dataset
+    sop_instance_uid: str
+    frame_index: int
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D volume of slices ordered along the slice normal (PS3.3 C.7.6.2.1.1).
+
+    Attributes
+    ----------
+    array : NDArray
+        ``(slices, rows, cols)``.
+    spacing : tuple of float
+        ``(slice, row, col)`` in mm: median distance between slice positions, then Pixel
+        Spacing (0028,0030) -- row spacing (between rows) first, column spacing second.
+    origin : tuple of float
+        Image Position (Patient) (0020,0032) of the first slice, mm.
+    orientation : tuple of float
+        Image Orientation (Patient) (0020,0037): row then column direction cosines.
+    sop_instance_uids : list of str
+        SOP Instance UID of each slice, in slice order (repeats for a multi-frame object).
+    frame_indices : list of int
+        0-based frame index of each slice within its instance, in slice order.
+    warnings : list of str
+        Uneven spacing and missing slices; empty for a regular volume.
+    datasets : list of Dataset
+        Dataset of each slice, in slice order.
+    """
+
+    array: NDArray[Any]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    orientation: tuple[float, float, float, float, float, float]
+    sop_instance_uids: list[str]
+    frame_indices: list[int]
+    warnings: list[str] = field(default_factory=list)
+    datasets: list[Dataset] = field(default_factory=list)
+
+    @property
+    def normal(self) -> NDArray[np.float64]:
+        """The slice normal: row cosines x column cosines (PS3.3 C.7.6.2.1.1)."""
+        return _normal(self.orientation)
+
+
+# -- decoding ---------------------------------------------------------------------------------
+def plugin_for(ds: Dataset) -> str:
+    """The package that would decode the pixel data of `ds`.
+
+    Parameters
+    ----------
+    ds : Dataset
+        A dataset with its file meta (Transfer Syntax UID, PS3.10 section 7.1).
+
+    Returns
+    -------
+    str
+        A package name, e.g. ``"pylibjpeg-openjpeg"``.
+    """
+    uid = _transfer_syntax(ds)
+    if uid == JPEGExtended12Bit and int(ds.get("BitsStored", 8) or 8) > 8:
+        return _LIBJPEG_GPL
+    return _PLUGINS.get(str(uid), "no known plugin")
+
+
+def decode(ds: Dataset, index: int | None = None) -> NDArray[Any]:
+    """Decode the pixel data of `ds` (all frames, or the frame `index`).
+
+    Parameters
+    ----------
+    ds : Dataset
+        A dataset with Pixel Data (7FE0,0010) and its file meta.
+    index : int, optional
+        0-based frame of a multi-frame image; all frames if None.
+
+    Returns
+    -------
+    NDArray
+        As pydicom returns it: YBR converted to RGB, no LUTs applied.
+
+    Raises
+    ------
+    DecodeError
+        No installed plugin decodes the transfer syntax, or the data is corrupt.
+    """
+    try:
+        return pixel_array(ds, index=index)
+    except _DECODE_ERRORS as exc:
+        uid = _transfer_syntax(ds)
+        name = uid.name if uid else "unknown"
+        sop = ds.get("SOPInstanceUID", "?")
+        raise DecodeError(
+            f"cannot decode pixel data of {sop}: transfer syntax {uid or '?'} ({name}) "
+            f"needs {plugin_for(ds)}; pydicom said: {_first_line(exc)}",
+            str(uid),
+        ) from exc
+
+
+def _transfer_syntax(ds: Dataset) -> UID | None:
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    return UID(str(uid)) if uid else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split("\n")[:3]).strip()
+    return text or type(exc).__name__
+
+
+# -- frames -----------------------------------------------------------------------------------
+def load_frames(paths: Iterable[str | PathLike[str]]) -> list[Frame]:
+    """Every frame of every instance of one series, decoded.
+
+    Instances are ordered by Instance Number (0020,0013) -- those without one last, in the
+    order given -- and a multi-frame instance (PS3.3 C.7.6.6) yields its frames in order.
+
+    Parameters
+    ----------
+    paths : iterable of path
+        The stored files of one series.
+
+    Returns
+    -------
+    list of Frame
+
+    Raises
+    ------
+    LoadError
+        No files, an unreadable file, or files of more than one series.
+    DecodeError
+        Pixel data that cannot be decoded.
+    """
+    datasets = _read_series(paths)
+    datasets.sort(key=_instance_key)
+    frames: list[Frame] = []
+    for ds in datasets:
+        uid = str(ds.get("SOPInstanceUID", ""))
+        count = _frame_count(ds)
+        if count == 1 and "NumberOfFrames" not in ds:
+            frames.append(Frame(decode(ds), ds, uid, 0))
+            continue
+        for i in range(count):
+            frames.append(Frame(decode(ds, i), ds, uid, i))
+    return frames
+
+
+def _instance_key(ds: Dataset) -> tuple[int, int]:
+    number = ds.get("InstanceNumber")
+    try:
+        return (0, int(number)) if number not in (None, "") else (1, 0)
+    except (TypeError, ValueError):
+        return (1, 0)
+
+
+def _frame_count(ds: Dataset) -> int:
+    try:
+        return max(int(ds.get("NumberOfFrames", 1) or 1), 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+# -- volume -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Slice:
+    ds: Dataset
+    frame_index: int | None  # None: a single-frame instance
+    position: NDArray[np.float64]
+    orientation: NDArray[np.float64]
+    pixel_spacing: tuple[float, float]
+
+
+def load_volume(paths: Iterable[str | PathLike[str]]) -> Volume:
+    """One series as a 3D volume ordered along the slice normal.
+
+    Classic images give one slice per file with Image Position (Patient), Image Orientation
+    (Patient) and Pixel Spacing from the Image Plane module (PS3.3 C.7.6.2). Enhanced
+    multi-frame images (PS3.3 C.7.6.16) give one slice per frame: Plane Position Sequence from
+    the Per-frame Functional Groups, Plane Orientation and Pixel Measures Sequences from the
+    per-frame group or else the Shared Functional Groups.
+
+    Slices are sorted by ``dot(ImagePositionPatient, normal)`` with ``normal`` the cross
+    product of the row and column direction cosines (C.7.6.2.1.1), not by Instance Number.
+    The slice spacing is the median distance between neighbours; spacing that varies by more
+    than 10 % and gaps over 1.5x the median (missing slices) are reported in
+    :attr:`Volume.warnings`.
+
+    Parameters
+    ----------
+    paths : iterable of path
+        The stored files of one series.
+
+    Returns
+    -------
+    Volume
+
+    Raises
+    ------
+    LoadError
+        No files, an unreadable file, a mixed series (Series Instance UID, orientation, rows or
+        columns differ), missing geometry, or two slices at the same position.
+    DecodeError
+        Pixel data that cannot be decoded.
+    """
+    datasets = _read_series(paths)
+    slices = [s for ds in datasets for s in _slices_of(ds)]
+    first = slices[0]
+    rows, cols = int(first.ds.Rows), int(first.ds.Columns)
+    for s in slices[1:]:
+        if (int(s.ds.Rows), int(s.ds.Columns)) != (rows, cols):
+            raise LoadError(f"mixed series: {_where(s)} is {s.ds.Rows}x{s.ds.Columns}, "
+                            f"{_where(first)} is {rows}x{cols}")
+        if not np.allclose(s.orientation, first.orientation, atol=ORIENTATION_TOLERANCE):
+            raise LoadError(f"mixed series: orientation of {_where(s)} differs from "
+                            f"{_where(first)}")
+        if not np.allclose(s.pixel_spacing, first.pixel_spacing, rtol=1e-3, atol=1e-4):
+            raise LoadError(f"mixed series: pixel spacing of {_where(s)} differs from "
+                            f"{_where(first)}")
+
+    normal = _normal(first.orientation)
+    distances = np.array([float(np.dot(s.position, normal)) for s in slices])
+    order = np.argsort(distances, kind="stable")
+    slices = [slices[i] for i in order]
+    distances = distances[order]
+    gaps = np.diff(distances)
+    for k, gap in enumerate(gaps):
+        if gap < DUPLICATE_TOLERANCE_MM:
+            raise LoadError(f"duplicate slice position {distances[k]:.3f} mm along the normal: "
+                            f"{_where(slices[k])} and {_where(slices[k + 1])}")
+
+    warnings: list[str] = []
+    if len(slices) > 1:
+        slice_spacing = float(np.median(gaps))
+        warnings.extend(_spacing_warnings(gaps, slice_spacing))
+    else:
+        slice_spacing, warning = _single_slice_spacing(first.ds)
+        warnings.append(warning)
+
+    array = np.stack([_decode_slice(s) for s in slices])
+    if array.ndim != 3:
+        raise LoadError(f"a volume needs one sample per pixel; got frames of shape "
+                        f"{array.shape[1:]}")
+    series_uid = first.ds.get("SeriesInstanceUID", "?")
+    for warning in warnings:
+        LOGGER.warning("series %s: %s", series_uid, warning)
+    orientation = tuple(float(v) for v in first.orientation)
+    origin = tuple(float(v) for v in slices[0].position)
+    return Volume(
+        array=array,
+        spacing=(slice_spacing, first.pixel_spacing[0], first.pixel_spacing[1]),
+        origin=(origin[0], origin[1], origin[2]),
+        orientation=(orientation[0], orientation[1], orientation[2],
+                     orientation[3], orientation[4], orientation[5]),
+        sop_instance_uids=[str(s.ds.get("SOPInstanceUID", "")) for s in slices],
+        frame_indices=[s.frame_index or 0 for s in slices],
+        warnings=warnings,
+        datasets=[s.ds for s in slices],
+    )
+
+
+def _spacing_warnings(gaps: NDArray[np.float64], median: float) -> list[str]:
+    warnings: list[str] = []
+    missing = gaps > MISSING_FACTOR * median
+    if missing.any():
+        count = int(sum(max(round(float(g) / median) - 1, 1) for g in gaps[missing]))
+        where = ", ".join(f"after slice {int(k)}" for k in np.flatnonzero(missing))
+        warnings.append(f"missing slices: about {count} missing ({where}); gaps up to "
+                        f"{float(gaps.max()):.3f} mm against a median spacing of {median:.3f} mm")
+    uneven = ~missing & (np.abs(gaps - median) > UNEVEN_FRACTION * median)
+    if uneven.any():
+        present = gaps[~missing]
+        warnings.append(f"uneven slice spacing: {float(present.min()):.3f} to "
+                        f"{float(present.max()):.3f} mm against a median of {median:.3f} mm "
+                        f"(more than {UNEVEN_FRACTION:.0%} apart)")
+    return warnings
+
+
+def _single_slice_spacing(ds: Dataset) -> tuple[float, str]:
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        value = ds.get(keyword)
+        if value not in (None, "") and float(value) > 0:
+            return float(value), f"single slice: slice spacing taken from {keyword}"
+    return 1.0, "single slice: no SpacingBetweenSlices or SliceThickness, slice spacing set to 1"
+
+
+def _decode_slice(s: _Slice) -> NDArray[Any]:
+    return decode(s.ds) if s.frame_index is None else decode(s.ds, s.frame_index)
+
+
+def _slices_of(ds: Dataset) -> list[_Slice]:
+    """The slices of one instance with their geometry (PS3.3 C.7.6.2 / C.7.6.16)."""
+    if "PerFrameFunctionalGroupsSequence" in ds:
+        return _enhanced_slices(ds)
+    if _frame_count(ds) > 1:
+        raise LoadError(f"{_where_ds(ds)} is multi-frame without functional groups: "
+                        "no per-frame geometry for a volume")
+    return [_Slice(
+        ds, None,
+        _vector(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient", ds),
+        _vector(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient", ds),
+        _pixel_spacing(ds.get("PixelSpacing"), ds),
+    )]
+
+
+def _enhanced_slices(ds: Dataset) -> list[_Slice]:
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else Dataset()
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    count = _frame_count(ds)
+    if len(per_frame) != count:
+        raise LoadError(f"{_where_ds(ds)}: {len(per_frame)} per-frame functional groups for "
+                        f"{count} frames")
+    slices = []
+    for i, group in enumerate(per_frame):
+        position = _macro(group, shared, "PlanePositionSequence", "ImagePositionPatient")
+        orientation = _macro(group, shared, "PlaneOrientationSequence", "ImageOrientationPatient")
+        spacing = _macro(group, shared, "PixelMeasuresSequence", "PixelSpacing")
+        where = f"frame {i} of {_where_ds(ds)}"
+        slices.append(_Slice(
+            ds, i,
+            _vector(position, 3, "ImagePositionPatient", ds, where),
+            _vector(orientation, 6, "ImageOrientationPatient", ds, where),
+            _pixel_spacing(spacing, ds, where),
+        ))
+    return slices
+
+
+def _macro(group: Dataset, shared: Dataset, sequence: str, keyword: str) -> Any:
+    """`keyword` of the functional group macro `sequence`: per-frame first, then shared."""
+    for source in (group, shared):
+        items = source.get(sequence)
+        if items and keyword in items[0]:
+            return items[0].get(keyword)
+    return None
+
+
+def _vector(value: Any, size: int, keyword: str, ds: Dataset,
+            where: str | None = None) -> NDArray[np.float64]:
+    try:
+        vector = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        vector = np.array([], dtype=np.float64)
+    if vector.shape != (size,) or not np.isfinite(vector).all():
+        raise LoadError(f"missing geometry for a volume: {keyword} of {where or _where_ds(ds)} "
+                        f"is {value!r}")
+    if size == 6:
+        norms = np.linalg.norm(vector.reshape(2, 3), axis=1)
+        if (norms < 1e-6).any():
+            raise LoadError(f"{keyword} of {where or _where_ds(ds)} has a zero direction")
+        vector = (vector.reshape(2, 3) / norms[:, None]).reshape(6)
+    return vector
+
+
+def _pixel_spacing(value: Any, ds: Dataset, where: str | None = None) -> tuple[float, float]:
+    vector = _vector(value, 2, "PixelSpacing", ds, where)
+    if (vector <= 0).any():
+        raise LoadError(f"PixelSpacing of {where or _where_ds(ds)} is not positive: {value!r}")
+    return float(vector[0]), float(vector[1])
+
+
+def _normal(orientation: Sequence[float] | NDArray[np.float64]) -> NDArray[np.float64]:
+    cosines = np.asarray(orientation, dtype=np.float64)
+    normal = np.cross(cosines[:3], cosines[3:])
+    length = float(np.linalg.norm(normal))
+    if length < 1e-6:
+        raise LoadError(f"row and column directions are parallel: {list(cosines)}")
+    return np.asarray(normal / length, dtype=np.float64)
+
+
+def _where(s: _Slice) -> str:
+    if s.frame_index is None:
+        return _where_ds(s.ds)
+    return f"frame {s.frame_index} of {_where_ds(s.ds)}"
+
+
+def _where_ds(ds: Dataset) -> str:
+    return f"instance {ds.get('SOPInstanceUID', '?')}"
+
+
+# -- reading ----------------------------------------------------------------------------------
+def _read_series(paths: Iterable[str | PathLike[str]]) -> list[Dataset]:
+    """Read every file completely and check they belong to one series."""
+    datasets: list[Dataset] = []
+    for path in paths:
+        try:
+            datasets.append(pydicom.dcmread(Path(path)))
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            raise LoadError(f"cannot read {Path(path).name}: {_first_line(exc)}") from exc
+    if not datasets:
+        raise LoadError("no files to load")
+    series = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
+    if len(series) > 1:
+        raise LoadError(f"mixed series: {len(datasets)} files from {len(series)} series "
+                        f"({', '.join(sorted(series))})")
+    return datasets
