@@ -1,0 +1,620 @@
+"""From decoded DICOM pixels to a normalised model input: pure, typed ndarray functions.
+
+Every function takes an array (and, where the DICOM header matters, the dataset it came from)
+and returns a new array; none does I/O or changes its inputs. :func:`preprocess_frame` chains them
+in the order of the DICOM grayscale pipeline (PS3.4 N.2, PS3.3 C.11):
+
+1. refuse what a model cannot take (:class:`PreprocessingError` says why),
+2. :func:`mask_bits_stored` (PS3.3 C.7.6.3.1),
+3. :func:`apply_modality_lut` (PS3.3 C.11.1),
+4. :func:`apply_voi` for grey images (PS3.3 C.11.2), giving values in 0..1,
+5. MONOCHROME1 inversion (PS3.3 C.7.6.3.1.2) after the VOI, so the window applies to stored values,
+6. :func:`to_rgb` for colour images (PS3.3 C.7.6.3.1.2, C.7.6.3.1.5), scaled to 0..1,
+7. :func:`resize`, :func:`replicate_channels`, :func:`normalize`.
+
+The result is ``float32`` of shape ``(H, W, channels)``, bit-identical for the same input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, cast
+
+import numpy as np
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydicom.dataset import Dataset
+from pydicom.pixels.processing import apply_color_lut, convert_color_space
+from pydicom.pixels.processing import apply_modality_lut as _pydicom_modality_lut
+from pydicom.pixels.processing import apply_voi_lut as _pydicom_voi_lut
+from skimage import color as _sk_color
+from skimage import transform as _sk_transform
+
+from dicom_ai.exceptions import DicomAIError
+
+__all__ = [
+    "WINDOW_PRESETS",
+    "NormalizationMode",
+    "PreprocessingError",
+    "PreprocessingSpec",
+    "Window",
+    "apply_modality_lut",
+    "apply_voi",
+    "invert_monochrome1",
+    "mask_bits_stored",
+    "normalize",
+    "preprocess_frame",
+    "replicate_channels",
+    "resample_volume",
+    "resize",
+    "to_rgb",
+]
+
+FloatArray = NDArray[np.floating[Any]]
+NormalizationMode = Literal["minmax", "zscore", "imagenet"]
+WindowPreset = Literal["lung", "soft-tissue", "bone", "brain"]
+
+#: Named windows as (center, width) in Hounsfield units.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "soft-tissue": (40.0, 400.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+
+#: ImageNet per-channel statistics of 0..1 RGB images.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+GREY_INTERPRETATIONS = frozenset({"MONOCHROME1", "MONOCHROME2"})
+#: Colour interpretations whose decoded array is RGB already (pydicom converts YBR_FULL and
+#: YBR_FULL_422 by default; JPEG 2000 decoders undo the YBR_ICT/YBR_RCT component transform).
+COLOUR_INTERPRETATIONS = frozenset(
+    {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR"}
+)
+_PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+class PreprocessingError(DicomAIError):
+    """An image a model cannot take; the message says why (never holds patient data)."""
+
+
+# -- DICOM pixel transforms -----------------------------------------------------------------------
+def _photometric(ds: Dataset) -> str:
+    return str(ds.get("PhotometricInterpretation", "")).strip().upper()
+
+
+def mask_bits_stored(arr: NDArray[Any], ds: Dataset) -> NDArray[Any]:
+    """Keep only the *Bits Stored* bits of each value, sign-extending signed data.
+
+    Implements PS3.3 C.7.6.3.1 (*Bits Allocated*, *Bits Stored*, *High Bit*, *Pixel
+    Representation*): bits above *Bits Stored* are not part of the pixel value and may hold
+    anything (e.g. overlays). For *Pixel Representation* 1 the value is two's complement in
+    *Bits Stored* bits.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        Decoded integer pixel values.
+    ds : pydicom.dataset.Dataset
+        The dataset the array came from.
+
+    Returns
+    -------
+    numpy.ndarray
+        A new array of the same dtype; floating point arrays, or datasets without *Bits Stored*,
+        come back as an unchanged copy.
+    """
+    bits = ds.get("BitsStored")
+    if bits is None or not np.issubdtype(arr.dtype, np.integer):
+        return arr.copy()
+    bits = int(bits)
+    if bits >= arr.dtype.itemsize * 8:
+        return arr.copy()
+    values = arr.astype(np.int64) & ((1 << bits) - 1)
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        sign = 1 << (bits - 1)
+        values = np.where(values & sign, values - (1 << bits), values)
+    return values.astype(arr.dtype)
+
+
+def apply_modality_lut(arr: NDArray[Any], ds: Dataset) -> NDArray[np.float64]:
+    """Map stored values to modality values (e.g. Hounsfield units).
+
+    Implements PS3.3 C.11.1 (Modality LUT module): the *Modality LUT Sequence* if present, else
+    *Rescale Slope* and *Rescale Intercept*; delegates to :func:`pydicom.pixels.apply_modality_lut`.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        Stored pixel values.
+    ds : pydicom.dataset.Dataset
+        The dataset the array came from.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float64`` modality values (stored values unchanged when neither is present).
+    """
+    out = _pydicom_modality_lut(arr, ds)
+    return np.array(out, dtype=np.float64, copy=True)
+
+
+def _linear_window(arr: NDArray[Any], center: float, width: float) -> NDArray[np.float64]:
+    """The LINEAR VOI function of PS3.3 C.11.2.1.2.1 with output range 0..1."""
+    x = np.asarray(arr, dtype=np.float64)
+    lower = center - 0.5 - (width - 1.0) / 2.0
+    upper = center - 0.5 + (width - 1.0) / 2.0
+    denominator = max(width - 1.0, 1e-12)
+    inside = (x - (center - 0.5)) / denominator + 0.5
+    out = np.where(x <= lower, 0.0, np.where(x > upper, 1.0, inside))
+    return np.clip(out, 0.0, 1.0)
+
+
+def _dataset_voi_range(ds: Dataset) -> tuple[float, float]:
+    """The output range pydicom gives a dataset window (mirrors ``apply_windowing``)."""
+    if ds.get("ModalityLUTSequence"):
+        y_min, y_max = 0.0, float(2 ** int(ds.ModalityLUTSequence[0].LUTDescriptor[2]) - 1)
+    elif int(ds.get("PixelRepresentation", 0)) == 0:
+        y_min, y_max = 0.0, float(2 ** int(ds.BitsStored) - 1)
+    else:
+        half = 2 ** (int(ds.BitsStored) - 1)
+        y_min, y_max = float(-half), float(half - 1)
+    if ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        y_min, y_max = y_min * slope + intercept, y_max * slope + intercept
+    return y_min, y_max
+
+
+def apply_voi(
+    arr: NDArray[Any], ds: Dataset, *, window: tuple[float, float] | None = None
+) -> NDArray[np.float64]:
+    """Apply a VOI transform to modality values, giving values in 0..1.
+
+    Implements PS3.3 C.11.2 (VOI LUT module). With an explicit ``window`` (center, width) the
+    LINEAR function of PS3.3 C.11.2.1.2.1 is computed here. Otherwise the dataset's *VOI LUT
+    Sequence*, else its first *Window Center*/*Window Width* (with *VOI LUT Function*), is
+    applied by :func:`pydicom.pixels.apply_voi_lut` and rescaled from its output range to 0..1.
+    A dataset that defines neither is scaled by the array's own minimum and maximum.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        Modality values (the output of :func:`apply_modality_lut`).
+    ds : pydicom.dataset.Dataset
+        The dataset the array came from.
+    window : tuple of float, optional
+        ``(center, width)`` in modality units; overrides the dataset; width must be >= 1.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float64`` values in 0..1.
+
+    Raises
+    ------
+    PreprocessingError
+        If the explicit window width is below 1.
+    """
+    if window is not None:
+        center, width = float(window[0]), float(window[1])
+        if width < 1.0:
+            raise PreprocessingError(f"window width {width} is below 1 (PS3.3 C.11.2.1.2)")
+        return _linear_window(arr, center, width)
+    if ds.get("VOILUTSequence"):
+        values = np.asarray(arr)
+        if not np.issubdtype(values.dtype, np.integer):
+            values = np.rint(values).astype(np.int64)
+        out = np.asarray(_pydicom_voi_lut(values, ds), dtype=np.float64)
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        return np.clip(out / float(2**bits - 1), 0.0, 1.0)
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        out = np.asarray(
+            _pydicom_voi_lut(np.asarray(arr, dtype=np.float64), ds.copy(), prefer_lut=False),
+            dtype=np.float64,
+        )
+        y_min, y_max = _dataset_voi_range(ds)
+        if y_max == y_min:
+            return np.zeros_like(out)
+        return np.clip((out - y_min) / (y_max - y_min), 0.0, 1.0)
+    return normalize(np.asarray(arr, dtype=np.float64), "minmax").astype(np.float64)
+
+
+def invert_monochrome1(
+    arr: NDArray[Any], ds: Dataset, *, value_range: tuple[float, float] | None = None
+) -> NDArray[Any]:
+    """Turn MONOCHROME1 (minimum is white) into MONOCHROME2 (minimum is black).
+
+    Implements the MONOCHROME1 definition of PS3.3 C.7.6.3.1.2 by flipping values about the
+    range: ``lo + hi - x``. Arrays of any other *Photometric Interpretation* come back unchanged
+    (as a copy).
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        Grey values.
+    ds : pydicom.dataset.Dataset
+        The dataset the array came from.
+    value_range : tuple of float, optional
+        ``(lo, hi)`` to flip about, e.g. ``(0, 1)`` after :func:`apply_voi`; by default the
+        array's own minimum and maximum.
+
+    Returns
+    -------
+    numpy.ndarray
+        The flipped array (``float64`` when ``value_range`` is given, else the input dtype).
+    """
+    if _photometric(ds) != "MONOCHROME1":
+        return arr.copy()
+    if value_range is not None:
+        lo, hi = float(value_range[0]), float(value_range[1])
+        return (lo + hi) - np.asarray(arr, dtype=np.float64)
+    if arr.size == 0:
+        return arr.copy()
+    lo_v, hi_v = arr.min(), arr.max()
+    if np.issubdtype(arr.dtype, np.integer):
+        flipped = (int(lo_v) + int(hi_v)) - arr.astype(np.int64)
+        return flipped.astype(arr.dtype)
+    return np.asarray((lo_v + hi_v) - arr, dtype=arr.dtype)
+
+
+def to_rgb(arr: NDArray[Any], ds: Dataset, *, is_ybr: bool = False) -> NDArray[Any]:
+    """Give a colour image as RGB.
+
+    Implements PS3.3 C.7.6.3.1.2 (*Photometric Interpretation*) and C.7.6.3.1.5 (palette colour
+    lookup tables): PALETTE COLOR goes through :func:`pydicom.pixels.apply_color_lut`; YBR_FULL and
+    YBR_FULL_422 through :func:`pydicom.pixels.convert_color_space` when ``is_ybr`` says the array
+    is still YBR (``ds.pixel_array`` converts to RGB by default); RGB passes through.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        Decoded pixels: indices for PALETTE COLOR, else ``(H, W, 3)``.
+    ds : pydicom.dataset.Dataset
+        The dataset the array came from.
+    is_ybr : bool
+        The array was decoded without colour conversion (``as_rgb=False``).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W, 3)`` RGB in the integer dtype of the input or of the palette.
+
+    Raises
+    ------
+    PreprocessingError
+        If the photometric interpretation is not a colour one this function handles.
+    """
+    photometric = _photometric(ds)
+    if photometric == "PALETTE COLOR":
+        return np.asarray(apply_color_lut(arr, ds))
+    if photometric in {"YBR_FULL", "YBR_FULL_422"}:
+        if is_ybr:
+            return np.asarray(convert_color_space(arr, "YBR_FULL", "RGB"))
+        return arr.copy()
+    if photometric in {"RGB", "YBR_ICT", "YBR_RCT"}:
+        return arr.copy()
+    raise PreprocessingError(f"photometric interpretation {photometric!r} is not a colour one")
+
+
+def _colour_bits(rgb: NDArray[Any], ds: Dataset) -> int:
+    if _photometric(ds) == "PALETTE COLOR":
+        return 8 if rgb.dtype == np.uint8 else 16
+    return int(ds.get("BitsStored", rgb.dtype.itemsize * 8))
+
+
+# -- geometry -------------------------------------------------------------------------------------
+def _sk_resize(image: NDArray[np.float64], shape: tuple[int, ...]) -> NDArray[np.float64]:
+    """skimage's resize with the settings of this module (typed for mypy)."""
+    sk_resize = cast(Callable[..., Any], _sk_transform.resize)
+    out = sk_resize(image, shape, order=1, anti_aliasing=True, preserve_range=True)
+    return np.asarray(out, dtype=np.float64)
+
+
+def resize(
+    arr: NDArray[Any],
+    shape: tuple[int, int],
+    *,
+    keep_aspect: bool = False,
+    pad_value: float = 0.0,
+) -> NDArray[np.float64]:
+    """Resize the first two axes of an image with anti-aliased bilinear interpolation.
+
+    Uses :func:`skimage.transform.resize` (``order=1``, ``anti_aliasing=True``,
+    ``preserve_range=True``). With ``keep_aspect`` the image is scaled to fit inside ``shape``
+    and padded, centred, with ``pad_value`` (the extra row or column of an odd margin goes to the
+    bottom or right).
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        ``(H, W)`` or ``(H, W, C)``.
+    shape : tuple of int
+        The output ``(height, width)``.
+    keep_aspect : bool
+        Keep the aspect ratio, padding the rest.
+    pad_value : float
+        The value of the padding.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float64`` of shape ``shape + arr.shape[2:]``.
+    """
+    src = np.asarray(arr, dtype=np.float64)
+    height, width = int(shape[0]), int(shape[1])
+    if not keep_aspect:
+        return _sk_resize(src, (height, width, *src.shape[2:]))
+    scale = min(height / src.shape[0], width / src.shape[1])
+    new_h = min(height, max(1, round(src.shape[0] * scale)))
+    new_w = min(width, max(1, round(src.shape[1] * scale)))
+    scaled = _sk_resize(src, (new_h, new_w, *src.shape[2:]))
+    out = np.full((height, width, *src.shape[2:]), float(pad_value), dtype=np.float64)
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    out[top : top + new_h, left : left + new_w] = scaled
+    return out
+
+
+def resample_volume(
+    vol: NDArray[Any],
+    spacing: tuple[float, float, float],
+    target_spacing: tuple[float, float, float],
+) -> NDArray[np.float64]:
+    """Resample a volume to a new voxel spacing.
+
+    The new shape along each axis is ``round(n * spacing / target_spacing)`` (at least 1); values
+    come from :func:`skimage.transform.resize` (``order=1``, ``anti_aliasing=True``,
+    ``preserve_range=True``). Spacing is in the axis order of ``vol``, e.g. (slice spacing from
+    *Image Position (Patient)*, then *Pixel Spacing* row and column, PS3.3 C.7.6.2).
+
+    Parameters
+    ----------
+    vol : numpy.ndarray
+        A 3D array.
+    spacing : tuple of float
+        The current spacing per axis (mm).
+    target_spacing : tuple of float
+        The wanted spacing per axis (mm).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float64`` volume of the new shape.
+
+    Raises
+    ------
+    PreprocessingError
+        If the volume is not 3D or a spacing is not positive.
+    """
+    if vol.ndim != 3:
+        raise PreprocessingError(f"a volume must be 3D, not {vol.ndim}D")
+    if len(spacing) != 3 or len(target_spacing) != 3:
+        raise PreprocessingError("spacing and target spacing need 3 values each")
+    if any(s <= 0 for s in (*spacing, *target_spacing)):
+        raise PreprocessingError("spacings must be positive")
+    new_shape = tuple(
+        max(1, round(n * s / t)) for n, s, t in zip(vol.shape, spacing, target_spacing, strict=True)
+    )
+    return _sk_resize(np.asarray(vol, dtype=np.float64), new_shape)
+
+
+def replicate_channels(arr: NDArray[Any], channels: int = 3) -> NDArray[Any]:
+    """Give a grey image ``channels`` identical channels on a last axis.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        ``(H, W)``, ``(H, W, 1)`` or already ``(H, W, channels)``.
+    channels : int
+        How many channels the output has.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W, channels)``, same dtype.
+
+    Raises
+    ------
+    PreprocessingError
+        If the array has another number of channels.
+    """
+    if arr.ndim == 2:
+        arr = arr[..., np.newaxis]
+    if arr.ndim != 3:
+        raise PreprocessingError(f"an image must be 2D or 3D, not {arr.ndim}D")
+    if arr.shape[2] == channels:
+        return arr.copy()
+    if arr.shape[2] == 1:
+        return np.repeat(arr, channels, axis=2)
+    raise PreprocessingError(f"cannot make {channels} channels from {arr.shape[2]}")
+
+
+def normalize(arr: NDArray[Any], mode: NormalizationMode) -> NDArray[np.float64]:
+    """Normalise intensities for a model.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        The image.
+    mode : {'minmax', 'zscore', 'imagenet'}
+        ``minmax`` scales to 0..1 (a constant image gives zeros); ``zscore`` subtracts the mean and
+        divides by the standard deviation (a constant image gives zeros); ``imagenet`` expects a
+        0..1 RGB ``(..., 3)`` image and applies ImageNet's per-channel mean and std.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float64``.
+
+    Raises
+    ------
+    PreprocessingError
+        If ``imagenet`` is asked of an image without 3 channels, or the mode is unknown.
+    """
+    x = np.asarray(arr, dtype=np.float64)
+    if mode == "minmax":
+        if x.size == 0:
+            return x.copy()
+        lo, hi = float(x.min()), float(x.max())
+        if hi == lo:
+            return np.zeros_like(x)
+        return (x - lo) / (hi - lo)
+    if mode == "zscore":
+        if x.size == 0:
+            return x.copy()
+        mean, std = float(x.mean()), float(x.std())
+        if std == 0.0:
+            return np.zeros_like(x)
+        return (x - mean) / std
+    if mode == "imagenet":
+        if x.ndim < 1 or x.shape[-1] != 3:
+            raise PreprocessingError("imagenet normalisation needs an RGB image (..., 3)")
+        mean_rgb = np.asarray(IMAGENET_MEAN, dtype=np.float64)
+        std_rgb = np.asarray(IMAGENET_STD, dtype=np.float64)
+        out: NDArray[np.float64] = (x - mean_rgb) / std_rgb
+        return out
+    raise PreprocessingError(f"unknown normalisation mode {mode!r}")
+
+
+# -- the spec and the chain -----------------------------------------------------------------------
+class Window(BaseModel):
+    """An explicit VOI window in modality units (PS3.3 C.11.2.1.2)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    center: float
+    width: Annotated[float, Field(ge=1.0)]
+
+
+class PreprocessingSpec(BaseModel):
+    """What a model expects as input; validated on construction.
+
+    Attributes
+    ----------
+    input_shape : tuple of int
+        ``(height, width)``, each at least 8.
+    channels : {1, 3}
+        Channels of the model input.
+    window : Window or str, optional
+        An explicit ``{center, width}`` or a preset name (see :data:`WINDOW_PRESETS`); by default
+        the dataset's own VOI.
+    keep_aspect : bool
+        Keep the aspect ratio when resizing (pad the rest with 0).
+    normalization : {'minmax', 'zscore', 'imagenet'}
+        The final intensity normalisation (``imagenet`` needs 3 channels).
+    min_input_size : int
+        Images whose rows or columns are fewer are refused.
+    target_spacing : tuple of float, optional
+        Voxel spacing (mm) volumes are resampled to.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_shape: tuple[Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)]]
+    channels: Literal[1, 3] = 3
+    window: Window | WindowPreset | None = None
+    keep_aspect: bool = False
+    normalization: NormalizationMode = "minmax"
+    min_input_size: Annotated[int, Field(ge=1)] = 32
+    target_spacing: (
+        tuple[
+            Annotated[float, Field(gt=0)],
+            Annotated[float, Field(gt=0)],
+            Annotated[float, Field(gt=0)],
+        ]
+        | None
+    ) = None
+
+    @model_validator(mode="after")
+    def _imagenet_needs_rgb(self) -> PreprocessingSpec:
+        if self.normalization == "imagenet" and self.channels != 3:
+            raise ValueError("normalization 'imagenet' needs channels = 3")
+        return self
+
+    @property
+    def window_values(self) -> tuple[float, float] | None:
+        """The window as ``(center, width)``, resolving a preset; ``None`` for the dataset's."""
+        if self.window is None:
+            return None
+        if isinstance(self.window, Window):
+            return (self.window.center, self.window.width)
+        return WINDOW_PRESETS[self.window]
+
+
+def _check_input(arr: NDArray[Any], ds: Dataset, spec: PreprocessingSpec) -> str:
+    """Refuse what a model cannot take; return the photometric interpretation."""
+    if not any(keyword in ds for keyword in _PIXEL_DATA_KEYWORDS):
+        raise PreprocessingError("the dataset has no pixel data (7FE0,0010)")
+    photometric = _photometric(ds)
+    if photometric not in GREY_INTERPRETATIONS | COLOUR_INTERPRETATIONS:
+        raise PreprocessingError(
+            f"unsupported photometric interpretation {photometric or '(none)'!r}"
+        )
+    if photometric in GREY_INTERPRETATIONS or photometric == "PALETTE COLOR":
+        if arr.ndim != 2:
+            raise PreprocessingError(
+                f"a {photometric} frame must be 2D (rows, columns), not shape {arr.shape}"
+            )
+    elif arr.ndim != 3 or arr.shape[2] != 3:
+        raise PreprocessingError(
+            f"a {photometric} frame must be (rows, columns, 3), not shape {arr.shape}"
+        )
+    rows, columns = int(arr.shape[0]), int(arr.shape[1])
+    if min(rows, columns) < spec.min_input_size:
+        raise PreprocessingError(
+            f"image too small: {rows}x{columns} pixels, the model needs at least "
+            f"{spec.min_input_size} in each direction"
+        )
+    return photometric
+
+
+def preprocess_frame(
+    arr: NDArray[Any], ds: Dataset, spec: PreprocessingSpec, *, is_ybr: bool = False
+) -> NDArray[np.float32]:
+    """Turn one decoded frame into a model input.
+
+    Applies, in order: the input checks, :func:`mask_bits_stored` (PS3.3 C.7.6.3.1), for grey
+    images :func:`apply_modality_lut` (C.11.1), :func:`apply_voi` with the spec's window or the
+    dataset's VOI (C.11.2) and MONOCHROME1 inversion as ``1 - x`` (C.7.6.3.1.2); for colour images
+    :func:`to_rgb` (C.7.6.3.1.2, C.7.6.3.1.5) scaled to 0..1 by the bit depth; then
+    :func:`resize`, channel handling (grey replicated, colour to luminance for one channel) and
+    :func:`normalize`.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        One decoded frame, e.g. ``ds.pixel_array`` (or ``pixel_array(ds, index=i)``).
+    ds : pydicom.dataset.Dataset
+        The dataset the frame came from.
+    spec : PreprocessingSpec
+        What the model expects.
+    is_ybr : bool
+        A YBR_FULL/YBR_FULL_422 frame was decoded without conversion to RGB.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32`` of shape ``(*spec.input_shape, spec.channels)``.
+
+    Raises
+    ------
+    PreprocessingError
+        No pixel data, an unsupported photometric interpretation, a frame of the wrong shape or
+        smaller than ``spec.min_input_size``.
+    """
+    photometric = _check_input(arr, ds, spec)
+    masked = mask_bits_stored(arr, ds)
+    image: NDArray[np.float64]
+    if photometric in GREY_INTERPRETATIONS:
+        modality = apply_modality_lut(masked, ds)
+        unit = apply_voi(modality, ds, window=spec.window_values)
+        image = np.asarray(invert_monochrome1(unit, ds, value_range=(0.0, 1.0)), np.float64)
+    else:
+        rgb = to_rgb(masked, ds, is_ybr=is_ybr)
+        image = rgb.astype(np.float64) / float(2 ** _colour_bits(rgb, ds) - 1)
+    resized = resize(image, spec.input_shape, keep_aspect=spec.keep_aspect, pad_value=0.0)
+    if resized.ndim == 3 and spec.channels == 1:
+        rgb2gray = cast(Callable[..., Any], _sk_color.rgb2gray)
+        resized = np.asarray(rgb2gray(resized), dtype=np.float64)
+    shaped = replicate_channels(resized, spec.channels)
+    return normalize(shaped, spec.normalization).astype(np.float32)
