@@ -176,6 +176,27 @@ def send(
         raise typer.Exit(1)
 
 
+@app.command()
+def preview(
+    target: Annotated[Path, typer.Argument(help="A DICOM file or a series folder.",
+                                           exists=True)],
+    model: Annotated[str, typer.Option("--model", help="A preprocessing spec file (TOML or "
+                                       "JSON) until the model registry lands.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG to write.")],
+) -> None:
+    """Write the exact preprocessed input a model would get (a montage for volumes)."""
+    from dicom_ai.pipeline.preview import load_spec
+    from dicom_ai.pipeline.preview import preview as make_preview
+
+    try:
+        steps = make_preview(target, load_spec(Path(model)), out)
+    except DicomAIError as exc:
+        raise _fail(exc) from None
+    for step in steps:
+        typer.echo(step)
+    typer.echo(f"wrote {out}")
+
+
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOption = None) -> None:
     """Apply pending schema migrations."""

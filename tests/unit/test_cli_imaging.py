@@ -1,0 +1,47 @@
+"""The imaging commands as a user runs them: `dicom-ai preview`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from tests.peers import REPO, sample_file
+
+SPEC = """[preprocessing]
+input_shape = [96, 128]
+channels = 3
+window = "lung"
+normalization = "minmax"
+"""
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_ai.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, check=False, timeout=120)
+
+
+def test_preview_command_writes_the_model_input_and_lists_the_steps(tmp_path: Path) -> None:
+    """`preview FILE --model SPEC --out PNG` writes an image of the spec's size, lists steps."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SPEC)
+    out = tmp_path / "input.png"
+    result = _cli("preview", sample_file("CT_small.dcm"), "--model", str(spec), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "window: lung (C -600, W 1500)" in result.stdout
+    assert "modality LUT" in result.stdout
+    with Image.open(out) as image:
+        assert image.size == (128, 96)
+
+
+def test_preview_command_refuses_what_a_model_cannot_take(tmp_path: Path) -> None:
+    """A file without pixel data exits 1 with a reason, not a traceback."""
+    spec = tmp_path / "spec.toml"
+    spec.write_text(SPEC)
+    result = _cli("preview", sample_file("rtplan.dcm"), "--model", str(spec), "--out",
+                  str(tmp_path / "x.png"))
+    assert result.returncode == 1
+    assert "error:" in result.stderr
+    assert "Traceback" not in result.stderr
