@@ -1,0 +1,1 @@
+"""Training pipeline: datasets, models, training, evaluation and synthetic phantom studies."""
