@@ -45,3 +45,18 @@ def test_preview_command_refuses_what_a_model_cannot_take(tmp_path: Path) -> Non
     assert result.returncode == 1
     assert "error:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_synth_command_writes_studies_and_labels(tmp_path: Path) -> None:
+    """`synth --out DIR --studies N --seed S --modality CR` writes N studies and labels.csv."""
+    out = tmp_path / "synth"
+    result = _cli("synth", "--out", str(out), "--studies", "3", "--seed", "7", "--modality",
+                  "CR", "--positive-fraction", "0.34")
+    assert result.returncode == 0, result.stderr
+    lines = (out / "labels.csv").read_text().splitlines()
+    assert lines[0].startswith("StudyInstanceUID,SeriesInstanceUID,SOPInstanceUID,label")
+    assert len(lines) == 4
+    assert sum(1 for line in lines[1:] if line.split(",")[3] == "1") == 1
+    assert len(list(out.rglob("*.dcm"))) == 3
+    bad = _cli("synth", "--out", str(out), "--modality", "PET")
+    assert bad.returncode == 2
