@@ -223,6 +223,13 @@ def decode(ds: Dataset, index: int | None = None) -> NDArray[Any]:
     DecodeError
         No installed plugin decodes the transfer syntax, or the data is corrupt.
     """
+    if not any(keyword in ds for keyword in ("PixelData", "FloatPixelData",
+                                             "DoubleFloatPixelData")):
+        raise DecodeError(
+            f"{ds.get('SOPInstanceUID', '?')} has no pixel data (SOP class "
+            f"{UID(str(ds.get('SOPClassUID', ''))).name or '?'}): nothing to decode",
+            str(_transfer_syntax(ds) or ""),
+        )
     try:
         return pixel_array(ds, index=index)
     except _DECODE_ERRORS as exc:

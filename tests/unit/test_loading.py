@@ -16,6 +16,7 @@ from dicom_ai.exceptions import DicomAIError
 from dicom_ai.pipeline.loading import (
     DecodeError,
     LoadError,
+    decode,
     load_frames,
     load_volume,
     plugin_for,
@@ -316,3 +317,12 @@ def test_plugin_names() -> None:
     assert plugin("JPEG2000.dcm") == "pylibjpeg-openjpeg"
     assert plugin("MR_small_RLE.dcm").startswith("pylibjpeg-rle")
     assert plugin("JPEG-lossy.dcm").startswith("pylibjpeg-libjpeg (GPL")
+
+
+def test_a_dataset_without_pixel_data_says_so() -> None:
+    """An RT Plan has nothing to decode: the error says that, not that a plugin is missing."""
+    ds = pydicom.dcmread(sample_file("rtplan.dcm"))
+    with pytest.raises(DecodeError, match=r"has no pixel data .*RT Plan Storage"):
+        load_frames([sample_file("rtplan.dcm")])
+    with pytest.raises(DecodeError, match="nothing to decode"):
+        decode(ds)
