@@ -134,8 +134,8 @@ class Service:
             self._supervisor = threading.Thread(target=self._supervise, name="supervisor",
                                                 daemon=True)
             self._supervisor.start()
-            LOGGER.info("%d receiver processes listening on %s:%s",
-                        self.settings.dicom.receivers, *self.address)
+            LOGGER.info("listening on %s:%s; %d receivers, the processes join as they start",
+                        *self.address, self.settings.dicom.receivers)
         self._monitor = CompletionMonitor(parts.db, self.settings.completion,
                                           self.on_event)
         self._monitor.start()
@@ -160,7 +160,10 @@ class Service:
         def attach_when_ready() -> None:
             if ready.wait(timeout=120):
                 balancer.attach_process(slot, ours, pid)
-                if all(r.is_set() for _, r in self._children):
+                # Only once every slot is spawned (the list fills while children start).
+                children = self._children
+                if (len(children) == self.settings.dicom.receivers - 1
+                        and all(r.is_set() for _, r in children)):
                     LOGGER.info("all %d receivers ready", self.settings.dicom.receivers)
 
         threading.Thread(target=attach_when_ready, name=f"attach-{slot}", daemon=True).start()

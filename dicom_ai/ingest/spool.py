@@ -49,6 +49,11 @@ def _settle(flushed: Future[None]) -> None:
         flushed.result()
 
 
+def _log_duplicate(received: Received) -> None:
+    LOGGER.info("duplicate %s from %s: kept the first copy", received.sop_instance_uid,
+                received.calling_ae_title)
+
+
 def request_reconcile(store: FileStore) -> None:
     """Ask the next start to reconcile store and index (an unindexed file may exist)."""
     try:
@@ -175,7 +180,9 @@ class Ingestor:
                 # Keep-first and a file already at this path: the indexed first copy, a
                 # concurrent receiver's copy (its row follows), or a crash left it unindexed.
                 if self._known_path(sop_uid) is not None:
-                    return self._drop_duplicate(received, flushed, sop_uid)
+                    received.path.unlink(missing_ok=True)
+                    _log_duplicate(received)
+                    return SUCCESS
                 final = self.store.commit(received.path, relative, synced=True, replace=True,
                                           sync_dir=False)
         except OSError as exc:
@@ -213,8 +220,7 @@ class Ingestor:
         if result.obsolete_path:
             self.store.remove(result.obsolete_path)
         if result.outcome is repository.IndexOutcome.DUPLICATE_KEPT:
-            LOGGER.info("duplicate %s from %s: kept the first copy", sop_uid,
-                        received.calling_ae_title)
+            _log_duplicate(received)
         else:
             LOGGER.debug("stored %s (%s) from %s", sop_uid, result.outcome.value,
                          received.calling_ae_title)
@@ -242,13 +248,6 @@ class Ingestor:
     def _known_path(self, sop_instance_uid: str) -> str | None:
         with self.db.sessions() as session:
             return repository.find_instance_path(session, sop_instance_uid)
-
-    def _drop_duplicate(self, received: Received, flushed: Future[None], sop_uid: str) -> int:
-        _settle(flushed)
-        received.path.unlink(missing_ok=True)
-        LOGGER.info("duplicate %s from %s: kept the first copy", sop_uid,
-                    received.calling_ae_title)
-        return SUCCESS
 
     def _quarantine(self, received: Received, status: int, reason: str) -> None:
         LOGGER.warning("refused %s from %s with 0x%04X: %s", received.sop_instance_uid,
