@@ -130,7 +130,8 @@ class Frame:
         ``(rows, cols)`` or ``(rows, cols, samples)``; YBR colour is converted to RGB, no
         modality or VOI LUT applied (that is preprocessing's job).
     dataset : Dataset
-        The whole dataset of the instance (shared by every frame of a multi-frame file).
+        The dataset of the instance; for an enhanced multi-frame object, a shallow copy carrying
+        this frame's pixel value transformation and VOI at top level (:func:`frame_header`).
     sop_instance_uid : str
         SOP Instance UID (0008,0018) of the instance.
     frame_index : int
@@ -165,7 +166,7 @@ class Volume:
     warnings : list of str
         Uneven spacing and missing slices; empty for a regular volume.
     datasets : list of Dataset
-        Dataset of each slice, in slice order.
+        Dataset of each slice, in slice order (per frame, see :func:`frame_header`).
     """
 
     array: NDArray[Any]
@@ -287,7 +288,7 @@ def load_frames(paths: Iterable[str | PathLike[str]]) -> list[Frame]:
             frames.append(Frame(decode(ds), ds, uid, 0))
             continue
         for i in range(count):
-            frames.append(Frame(decode(ds, i), ds, uid, i))
+            frames.append(Frame(decode(ds, i), frame_header(ds, i), uid, i))
     return frames
 
 
@@ -400,7 +401,8 @@ def load_volume(paths: Iterable[str | PathLike[str]]) -> Volume:
         sop_instance_uids=[str(s.ds.get("SOPInstanceUID", "")) for s in slices],
         frame_indices=[s.frame_index or 0 for s in slices],
         warnings=warnings,
-        datasets=[s.ds for s in slices],
+        datasets=[s.ds if s.frame_index is None else frame_header(s.ds, s.frame_index)
+                  for s in slices],
     )
 
 
@@ -469,6 +471,64 @@ def _enhanced_slices(ds: Dataset) -> list[_Slice]:
             _pixel_spacing(spacing, ds, where),
         ))
     return slices
+
+
+#: Functional group macros that carry a frame's grey pipeline (PS3.3 C.7.6.16.2.9, .10) and the
+#: top-level attributes preprocessing reads from them.
+_FRAME_PIXEL_MACROS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("PixelValueTransformationSequence", ("RescaleSlope", "RescaleIntercept", "RescaleType")),
+    ("FrameVOILUTSequence", ("WindowCenter", "WindowWidth", "VOILUTFunction")),
+)
+
+
+def frame_header(ds: Dataset, index: int) -> Dataset:
+    """The header preprocessing should read for frame ``index`` of a multi-frame object.
+
+    Enhanced CT/MR/XA objects keep *Rescale Slope/Intercept* (Pixel Value Transformation macro,
+    PS3.3 C.7.6.16.2.9) and *Window Center/Width* (Frame VOI LUT macro, C.7.6.16.2.10) in the
+    per-frame or shared functional groups, not at top level, and may vary them per frame. This
+    returns a shallow copy of ``ds`` with frame ``index``'s values (per-frame group first, then
+    shared) set at top level, so the modality and VOI steps apply the right ones; a dataset
+    without these macros comes back as it is.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        A multi-frame dataset.
+    index : int
+        0-based frame index.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        ``ds`` itself, or a shallow copy with the frame's values.
+    """
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    if not per_frame and not shared_seq:
+        return ds
+    group = per_frame[index] if per_frame and index < len(per_frame) else Dataset()
+    shared = shared_seq[0] if shared_seq else Dataset()
+    values: dict[str, Any] = {}
+    for sequence, keywords in _FRAME_PIXEL_MACROS:
+        for keyword in keywords:
+            value = _macro(group, shared, sequence, keyword)
+            if value is not None:
+                values[keyword] = value
+    if not values:
+        return ds
+    # A new top-level element dict (Dataset.copy() would share it), the elements themselves
+    # shared; the frame's values get new elements, so ``ds`` never changes.
+    header = Dataset()
+    for tag in list(ds.keys()):
+        header[tag] = ds.get_item(tag)
+    if hasattr(ds, "file_meta"):
+        header.file_meta = ds.file_meta
+    for keyword, value in values.items():
+        if keyword in header:
+            del header[keyword]
+        setattr(header, keyword, value)
+    return header
 
 
 def _macro(group: Dataset, shared: Dataset, sequence: str, keyword: str) -> Any:

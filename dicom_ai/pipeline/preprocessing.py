@@ -17,18 +17,18 @@ The result is ``float32`` of shape ``(H, W, channels)``, bit-identical for the s
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Any, Literal, cast
+from functools import lru_cache
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_color_lut, convert_color_space
 from pydicom.pixels.processing import apply_modality_lut as _pydicom_modality_lut
 from pydicom.pixels.processing import apply_voi_lut as _pydicom_voi_lut
-from skimage import color as _sk_color
-from skimage import transform as _sk_transform
+from scipy import sparse
 
 from dicom_ai.exceptions import DicomAIError
 
@@ -40,7 +40,9 @@ __all__ = [
     "Window",
     "apply_modality_lut",
     "apply_voi",
+    "grey_to_unit",
     "invert_monochrome1",
+    "luminance",
     "mask_bits_stored",
     "normalize",
     "preprocess_frame",
@@ -102,20 +104,30 @@ def mask_bits_stored(arr: NDArray[Any], ds: Dataset) -> NDArray[Any]:
     Returns
     -------
     numpy.ndarray
-        A new array of the same dtype; floating point arrays, or datasets without *Bits Stored*,
-        come back as an unchanged copy.
+        A new array of the same dtype (the signed integer of the same width for signed data
+        decoded into an unsigned dtype); floating point arrays, or datasets without *Bits
+        Stored*, come back as an unchanged copy.
     """
     bits = ds.get("BitsStored")
     if bits is None or not np.issubdtype(arr.dtype, np.integer):
         return arr.copy()
     bits = int(bits)
-    if bits >= arr.dtype.itemsize * 8:
+    width = arr.dtype.itemsize * 8
+    if bits >= width:
         return arr.copy()
-    values = arr.astype(np.int64) & ((1 << bits) - 1)
+    if int(ds.get("PixelRepresentation", 0)) == 1 and np.issubdtype(arr.dtype, np.signedinteger):
+        # Shift the sign bit of Bits Stored to the top, then shift back arithmetically: this
+        # drops the high bits and sign-extends in the array's own dtype (no int64 copy).
+        shift = width - bits
+        shifted: NDArray[Any] = np.right_shift(np.left_shift(arr, shift), shift)
+        return shifted
+    values: NDArray[Any] = np.bitwise_and(arr, np.array((1 << bits) - 1, dtype=arr.dtype))
     if int(ds.get("PixelRepresentation", 0)) == 1:
-        sign = 1 << (bits - 1)
-        values = np.where(values & sign, values - (1 << bits), values)
-    return values.astype(arr.dtype)
+        # Signed data decoded into an unsigned dtype: two's complement in Bits Stored bits.
+        signed: NDArray[Any] = values.astype(np.int64)
+        signed[signed >= (1 << (bits - 1))] -= 1 << bits
+        return signed.astype(np.dtype(f"int{width}"))
+    return values
 
 
 def apply_modality_lut(arr: NDArray[Any], ds: Dataset) -> NDArray[np.float64]:
@@ -304,11 +316,68 @@ def _colour_bits(rgb: NDArray[Any], ds: Dataset) -> int:
 
 
 # -- geometry -------------------------------------------------------------------------------------
-def _sk_resize(image: NDArray[np.float64], shape: tuple[int, ...]) -> NDArray[np.float64]:
-    """skimage's resize with the settings of this module (typed for mypy)."""
-    sk_resize = cast(Callable[..., Any], _sk_transform.resize)
-    out = sk_resize(image, shape, order=1, anti_aliasing=True, preserve_range=True)
-    return np.asarray(out, dtype=np.float64)
+def _triangle(x: NDArray[Any]) -> NDArray[np.float64]:
+    return np.maximum(0.0, 1.0 - np.abs(np.asarray(x, dtype=np.float64)))
+
+
+@lru_cache(maxsize=64)
+def _axis_weights(n_in: int, n_out: int) -> sparse.csr_matrix:
+    """The ``(n_out, n_in)`` resampling matrix of one axis, rows summing to 1.
+
+    Pixel centres at ``i + 0.5``; a triangle (bilinear) kernel whose support grows with the
+    reduction factor, so a downscale averages every input pixel it covers (anti-aliasing);
+    taps outside the image are dropped and the rest renormalised. This is the convolution
+    Pillow's ``Image.resize(BILINEAR)`` computes (the tests pin it against Pillow).
+    """
+    scale = n_in / n_out
+    filter_scale = max(scale, 1.0)
+    support = filter_scale  # the triangle's support is 1 input pixel at scale 1
+    rows: list[NDArray[np.int64]] = []
+    cols: list[NDArray[np.int64]] = []
+    vals: list[NDArray[np.float64]] = []
+    for j in range(n_out):
+        center = (j + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), n_in)
+        taps = np.arange(lo, hi, dtype=np.int64)
+        weights = _triangle((taps - center + 0.5) / filter_scale)
+        total = weights.sum()
+        if total <= 0.0:  # cannot happen for n_out >= 1, kept as a guard against 0/0
+            taps, weights, total = np.array([min(int(center), n_in - 1)]), np.ones(1), 1.0
+        rows.append(np.full(taps.size, j, dtype=np.int64))
+        cols.append(taps)
+        vals.append(weights / total)
+    matrix = sparse.csr_matrix(
+        (np.concatenate(vals).astype(np.float32), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(n_out, n_in),
+    )
+    return matrix
+
+
+def _resample_axis(arr: NDArray[Any], axis: int, n_out: int) -> NDArray[Any]:
+    """Resample one axis of a float array to ``n_out`` samples (see :func:`_axis_weights`)."""
+    n_in = arr.shape[axis]
+    if n_in == n_out:
+        return arr
+    moved = np.moveaxis(arr, axis, 0)
+    flat = np.ascontiguousarray(moved).reshape(n_in, -1)
+    out = np.asarray(_axis_weights(n_in, n_out) @ flat, dtype=arr.dtype)
+    return np.moveaxis(out.reshape(n_out, *moved.shape[1:]), 0, axis)
+
+
+def _as_float(arr: NDArray[Any]) -> NDArray[np.floating[Any]]:
+    """``float32`` and ``float64`` arrays as they are, anything else as ``float64``."""
+    if arr.dtype in (np.float32, np.float64):
+        return arr
+    return np.asarray(arr, dtype=np.float64)
+
+
+def _resample(arr: NDArray[Any], shape: tuple[int, ...]) -> NDArray[np.floating[Any]]:
+    """Resample the leading ``len(shape)`` axes of ``arr``, one separable pass per axis."""
+    out = _as_float(arr)
+    for axis, n_out in enumerate(shape):
+        out = _resample_axis(out, axis, n_out)
+    return np.ascontiguousarray(out) if out is not arr else out.copy()
 
 
 def resize(
@@ -317,13 +386,16 @@ def resize(
     *,
     keep_aspect: bool = False,
     pad_value: float = 0.0,
-) -> NDArray[np.float64]:
+) -> NDArray[np.floating[Any]]:
     """Resize the first two axes of an image with anti-aliased bilinear interpolation.
 
-    Uses :func:`skimage.transform.resize` (``order=1``, ``anti_aliasing=True``,
-    ``preserve_range=True``). With ``keep_aspect`` the image is scaled to fit inside ``shape``
-    and padded, centred, with ``pad_value`` (the extra row or column of an odd margin goes to the
-    bottom or right).
+    Separable: each axis is convolved with a triangle kernel whose support widens by the
+    reduction factor when shrinking (every input pixel contributes, so there is no aliasing) and
+    is the plain bilinear kernel when enlarging; pixel centres are aligned, taps beyond the edge
+    are dropped and the weights renormalised. The same arithmetic as Pillow's
+    ``Image.resize(..., BILINEAR)``, done as sparse matrix products. With ``keep_aspect`` the
+    image is scaled to fit inside ``shape`` and padded, centred, with ``pad_value`` (the extra
+    row or column of an odd margin goes to the bottom or right).
 
     Parameters
     ----------
@@ -339,17 +411,17 @@ def resize(
     Returns
     -------
     numpy.ndarray
-        ``float64`` of shape ``shape + arr.shape[2:]``.
+        Shape ``shape + arr.shape[2:]``; ``float32`` for ``float32`` input, else ``float64``.
     """
-    src = np.asarray(arr, dtype=np.float64)
+    src = _as_float(arr)
     height, width = int(shape[0]), int(shape[1])
     if not keep_aspect:
-        return _sk_resize(src, (height, width, *src.shape[2:]))
+        return _resample(src, (height, width))
     scale = min(height / src.shape[0], width / src.shape[1])
     new_h = min(height, max(1, round(src.shape[0] * scale)))
     new_w = min(width, max(1, round(src.shape[1] * scale)))
-    scaled = _sk_resize(src, (new_h, new_w, *src.shape[2:]))
-    out = np.full((height, width, *src.shape[2:]), float(pad_value), dtype=np.float64)
+    scaled = _resample(src, (new_h, new_w))
+    out = np.full((height, width, *src.shape[2:]), pad_value, dtype=src.dtype)
     top, left = (height - new_h) // 2, (width - new_w) // 2
     out[top : top + new_h, left : left + new_w] = scaled
     return out
@@ -359,13 +431,13 @@ def resample_volume(
     vol: NDArray[Any],
     spacing: tuple[float, float, float],
     target_spacing: tuple[float, float, float],
-) -> NDArray[np.float64]:
+) -> NDArray[np.floating[Any]]:
     """Resample a volume to a new voxel spacing.
 
-    The new shape along each axis is ``round(n * spacing / target_spacing)`` (at least 1); values
-    come from :func:`skimage.transform.resize` (``order=1``, ``anti_aliasing=True``,
-    ``preserve_range=True``). Spacing is in the axis order of ``vol``, e.g. (slice spacing from
-    *Image Position (Patient)*, then *Pixel Spacing* row and column, PS3.3 C.7.6.2).
+    The new shape along each axis is ``round(n * spacing / target_spacing)`` (at least 1); each
+    axis is resampled with the anti-aliased triangle kernel of :func:`resize`. Spacing is in the
+    axis order of ``vol``, e.g. (slice spacing from *Image Position (Patient)*, then *Pixel
+    Spacing* row and column, PS3.3 C.7.6.2).
 
     Parameters
     ----------
@@ -379,7 +451,7 @@ def resample_volume(
     Returns
     -------
     numpy.ndarray
-        ``float64`` volume of the new shape.
+        The volume of the new shape; ``float32`` for ``float32`` input, else ``float64``.
 
     Raises
     ------
@@ -395,7 +467,7 @@ def resample_volume(
     new_shape = tuple(
         max(1, round(n * s / t)) for n, s, t in zip(vol.shape, spacing, target_spacing, strict=True)
     )
-    return _sk_resize(np.asarray(vol, dtype=np.float64), new_shape)
+    return _resample(vol, new_shape)
 
 
 def replicate_channels(arr: NDArray[Any], channels: int = 3) -> NDArray[Any]:
@@ -425,11 +497,11 @@ def replicate_channels(arr: NDArray[Any], channels: int = 3) -> NDArray[Any]:
     if arr.shape[2] == channels:
         return arr.copy()
     if arr.shape[2] == 1:
-        return np.repeat(arr, channels, axis=2)
+        return np.concatenate([arr] * channels, axis=2)
     raise PreprocessingError(f"cannot make {channels} channels from {arr.shape[2]}")
 
 
-def normalize(arr: NDArray[Any], mode: NormalizationMode) -> NDArray[np.float64]:
+def normalize(arr: NDArray[Any], mode: NormalizationMode) -> NDArray[np.floating[Any]]:
     """Normalise intensities for a model.
 
     Parameters
@@ -444,36 +516,67 @@ def normalize(arr: NDArray[Any], mode: NormalizationMode) -> NDArray[np.float64]
     Returns
     -------
     numpy.ndarray
-        ``float64``.
+        ``float32`` for ``float32`` input, else ``float64``.
 
     Raises
     ------
     PreprocessingError
         If ``imagenet`` is asked of an image without 3 channels, or the mode is unknown.
     """
-    x = np.asarray(arr, dtype=np.float64)
+    x = _as_float(arr)
     if mode == "minmax":
         if x.size == 0:
             return x.copy()
         lo, hi = float(x.min()), float(x.max())
         if hi == lo:
             return np.zeros_like(x)
-        return (x - lo) / (hi - lo)
+        scaled: NDArray[np.floating[Any]] = (x - x.dtype.type(lo)) * x.dtype.type(1.0 / (hi - lo))
+        return scaled
     if mode == "zscore":
         if x.size == 0:
             return x.copy()
-        mean, std = float(x.mean()), float(x.std())
+        mean, std = float(x.mean(dtype=np.float64)), float(x.std(dtype=np.float64))
         if std == 0.0:
             return np.zeros_like(x)
-        return (x - mean) / std
+        standard: NDArray[np.floating[Any]] = (x - x.dtype.type(mean)) * x.dtype.type(1.0 / std)
+        return standard
     if mode == "imagenet":
         if x.ndim < 1 or x.shape[-1] != 3:
             raise PreprocessingError("imagenet normalisation needs an RGB image (..., 3)")
-        mean_rgb = np.asarray(IMAGENET_MEAN, dtype=np.float64)
-        std_rgb = np.asarray(IMAGENET_STD, dtype=np.float64)
-        out: NDArray[np.float64] = (x - mean_rgb) / std_rgb
+        mean_rgb = np.asarray(IMAGENET_MEAN, dtype=x.dtype)
+        std_rgb = np.asarray(IMAGENET_STD, dtype=x.dtype)
+        out: NDArray[np.floating[Any]] = (x - mean_rgb) / std_rgb
         return out
     raise PreprocessingError(f"unknown normalisation mode {mode!r}")
+
+
+#: ITU-R BT.709 luma weights, as :func:`skimage.color.rgb2gray` uses.
+LUMA_WEIGHTS: tuple[float, float, float] = (0.2125, 0.7154, 0.0721)
+
+
+def luminance(rgb: NDArray[Any]) -> NDArray[np.floating[Any]]:
+    """Grey values of an RGB image (ITU-R BT.709 luma, the weights of skimage's ``rgb2gray``).
+
+    Parameters
+    ----------
+    rgb : numpy.ndarray
+        ``(..., 3)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(...)``; ``float32`` for ``float32`` input, else ``float64``.
+
+    Raises
+    ------
+    PreprocessingError
+        If the last axis does not have 3 channels.
+    """
+    x = _as_float(rgb)
+    if x.ndim < 1 or x.shape[-1] != 3:
+        raise PreprocessingError("luminance needs an RGB image (..., 3)")
+    out: NDArray[np.floating[Any]] = x @ np.asarray(LUMA_WEIGHTS, dtype=x.dtype)
+    return out
 
 
 # -- the spec and the chain -----------------------------------------------------------------------
@@ -568,6 +671,96 @@ def _check_input(arr: NDArray[Any], ds: Dataset, spec: PreprocessingSpec) -> str
     return photometric
 
 
+def _linear_window_of(
+    ds: Dataset, window: tuple[float, float] | None
+) -> tuple[float, float] | None:
+    """The (center, width) of a LINEAR VOI to apply, or ``None`` when the VOI is not linear."""
+    if window is not None:
+        return (float(window[0]), float(window[1]))
+    if ds.get("VOILUTSequence"):
+        return None
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if center is None or width is None or function != "LINEAR":
+        return None
+    # Several windows may be given (VM 1-n); like pydicom, the first one applies.
+    if isinstance(center, MultiValue | list | tuple):
+        center = center[0]
+    if isinstance(width, MultiValue | list | tuple):
+        width = width[0]
+    return (float(center), float(width))
+
+
+def _has_dataset_voi(ds: Dataset) -> bool:
+    return bool(ds.get("VOILUTSequence")) or (
+        ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
+    )
+
+
+def grey_to_unit(
+    arr: NDArray[Any], ds: Dataset, *, window: tuple[float, float] | None = None
+) -> NDArray[np.float32]:
+    """Stored grey values to display values in 0..1: modality LUT, VOI and MONOCHROME1.
+
+    The composition ``invert_monochrome1(apply_voi(apply_modality_lut(arr)), (0, 1))`` in
+    ``float32``. When both the modality transform (rescale slope/intercept) and the VOI (an
+    explicit window, a dataset LINEAR window, or none: min/max) are linear, they are folded
+    into one multiply-add and a clip, which is why preprocessing costs little next to decoding;
+    LUT sequences and non-linear VOI functions take the step-by-step path.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        Stored values with *Bits Stored* masked (:func:`mask_bits_stored`).
+    ds : pydicom.dataset.Dataset
+        The dataset the array came from.
+    window : tuple of float, optional
+        ``(center, width)`` in modality units overriding the dataset's VOI.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32`` in 0..1, 0 = black.
+
+    Raises
+    ------
+    PreprocessingError
+        If the explicit window width is below 1.
+    """
+    if window is not None and float(window[1]) < 1.0:
+        raise PreprocessingError(f"window width {window[1]} is below 1 (PS3.3 C.11.2.1.2)")
+    linear_modality = not ds.get("ModalityLUTSequence")
+    linear_voi = _linear_window_of(ds, window)
+    no_voi = window is None and not _has_dataset_voi(ds)
+    if not linear_modality or not ((linear_voi is not None and linear_voi[1] >= 2.0) or no_voi):
+        modality = apply_modality_lut(arr, ds)
+        unit = apply_voi(modality, ds, window=window)
+        flipped = invert_monochrome1(unit, ds, value_range=(0.0, 1.0))
+        return np.asarray(flipped, dtype=np.float32)
+    slope, intercept = 1.0, 0.0  # as pydicom: the rescale applies only when both are present
+    if ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+    if linear_voi is not None:
+        center, width = linear_voi
+        # PS3.3 C.11.2.1.2.1: ((x - (c - 0.5)) / (w - 1) + 0.5), clipped to 0..1.
+        gain = slope / (width - 1.0)
+        offset = (intercept - (center - 0.5)) / (width - 1.0) + 0.5
+    else:
+        if arr.size == 0:
+            return np.zeros(arr.shape, dtype=np.float32)
+        ends = sorted((float(arr.min()) * slope + intercept, float(arr.max()) * slope + intercept))
+        if ends[1] == ends[0]:
+            return np.zeros(arr.shape, dtype=np.float32)
+        gain = slope / (ends[1] - ends[0])
+        offset = (intercept - ends[0]) / (ends[1] - ends[0])
+    if _photometric(ds) == "MONOCHROME1":  # 1 - (g x + o), folded in
+        gain, offset = -gain, 1.0 - offset
+    out = arr.astype(np.float32)
+    out *= np.float32(gain)
+    out += np.float32(offset)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
 def preprocess_frame(
     arr: NDArray[Any], ds: Dataset, spec: PreprocessingSpec, *, is_ybr: bool = False
 ) -> NDArray[np.float32]:
@@ -603,18 +796,23 @@ def preprocess_frame(
         smaller than ``spec.min_input_size``.
     """
     photometric = _check_input(arr, ds, spec)
-    masked = mask_bits_stored(arr, ds)
-    image: NDArray[np.float64]
+    bits = int(ds.get("BitsStored", 0) or 0)
+    # Nothing to mask when Bits Stored fills the dtype; later steps never write to their input.
+    full_width = np.issubdtype(arr.dtype, np.integer) and bits >= arr.dtype.itemsize * 8
+    masked = arr if full_width else mask_bits_stored(arr, ds)
+    image: NDArray[np.floating[Any]]
     if photometric in GREY_INTERPRETATIONS:
-        modality = apply_modality_lut(masked, ds)
-        unit = apply_voi(modality, ds, window=spec.window_values)
-        image = np.asarray(invert_monochrome1(unit, ds, value_range=(0.0, 1.0)), np.float64)
+        image = grey_to_unit(masked, ds, window=spec.window_values)
     else:
         rgb = to_rgb(masked, ds, is_ybr=is_ybr)
-        image = rgb.astype(np.float64) / float(2 ** _colour_bits(rgb, ds) - 1)
+        image = rgb.astype(np.float32) * np.float32(1.0 / float(2 ** _colour_bits(rgb, ds) - 1))
     resized = resize(image, spec.input_shape, keep_aspect=spec.keep_aspect, pad_value=0.0)
     if resized.ndim == 3 and spec.channels == 1:
-        rgb2gray = cast(Callable[..., Any], _sk_color.rgb2gray)
-        resized = np.asarray(rgb2gray(resized), dtype=np.float64)
+        resized = luminance(resized)
+    if resized.ndim == 2 and spec.normalization != "imagenet":
+        # Identical channels have the same statistics: normalise one, then replicate.
+        return replicate_channels(normalize(resized, spec.normalization), spec.channels).astype(
+            np.float32, copy=False
+        )
     shaped = replicate_channels(resized, spec.channels)
-    return normalize(shaped, spec.normalization).astype(np.float32)
+    return normalize(shaped, spec.normalization).astype(np.float32, copy=False)

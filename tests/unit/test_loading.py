@@ -17,10 +17,12 @@ from dicom_ai.pipeline.loading import (
     DecodeError,
     LoadError,
     decode,
+    frame_header,
     load_frames,
     load_volume,
     plugin_for,
 )
+from dicom_ai.pipeline.preprocessing import PreprocessingSpec, grey_to_unit, preprocess_frame
 from tests.peers import make_ct_series, sample_file
 
 
@@ -268,6 +270,50 @@ def test_enhanced_mr_frames_and_volume(tmp_path: Path, name: str) -> None:
     for k, index in enumerate(volume.frame_indices):
         np.testing.assert_array_equal(volume.array[k], reference[index])
     assert volume.warnings == []
+
+
+def test_enhanced_per_frame_rescale_and_window_reach_preprocessing(tmp_path: Path) -> None:
+    # Frame i has Rescale Slope i + 1 (per-frame Pixel Value Transformation macro) and a window
+    # shared by all frames (Frame VOI LUT macro in the shared groups), PS3.3 C.7.6.16.2.9/.10.
+    path = _with_functional_groups(sample_file("emri_small.dcm"), tmp_path / "e.dcm",
+                                   list(range(10)))
+    ds = pydicom.dcmread(path)
+    for i, group in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        transform = Dataset()
+        transform.RescaleSlope = i + 1
+        transform.RescaleIntercept = -5
+        transform.RescaleType = "US"
+        group.PixelValueTransformationSequence = [transform]
+    voi = Dataset()
+    voi.WindowCenter = 300
+    voi.WindowWidth = 500
+    ds.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence = [voi]
+    for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.save_as(path)
+
+    frames = load_frames([path])
+    spec = PreprocessingSpec(input_shape=(64, 64), channels=1)
+    for frame in frames:
+        i = frame.frame_index
+        assert float(frame.dataset.RescaleSlope) == i + 1
+        assert float(frame.dataset.WindowCenter) == 300
+        values = frame.array.astype(np.float64) * (i + 1) - 5
+        expected = np.clip((values - 299.5) / 499 + 0.5, 0, 1)
+        unit = grey_to_unit(frame.array, frame.dataset)
+        np.testing.assert_allclose(unit, expected, atol=1e-6)
+        assert preprocess_frame(frame.array, frame.dataset, spec).shape == (64, 64, 1)
+    # The file's own dataset is untouched (each frame gets a shallow copy).
+    assert "RescaleSlope" not in frames[0].dataset.PerFrameFunctionalGroupsSequence[0]
+    assert "RescaleSlope" not in pydicom.dcmread(path, stop_before_pixels=True)
+    volume = load_volume([path])
+    assert [float(d.RescaleSlope) for d in volume.datasets] == [i + 1.0 for i in range(10)]
+
+
+def test_frame_header_without_macros_is_the_dataset() -> None:
+    ds = pydicom.dcmread(sample_file("emri_small.dcm"))
+    assert frame_header(ds, 0) is ds
 
 
 # -- decoding ---------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from numpy.typing import NDArray
+from PIL import Image
 from pydantic import ValidationError
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -16,6 +17,7 @@ from pydicom.pixels.processing import apply_color_lut
 from pydicom.pixels.processing import apply_modality_lut as pydicom_modality_lut
 from pydicom.pixels.processing import apply_voi_lut as pydicom_voi_lut
 from pydicom.pixels.utils import pixel_array
+from skimage import color as sk_color
 from skimage import transform as sk_transform
 
 from dicom_ai.exceptions import DicomAIError
@@ -27,7 +29,9 @@ from dicom_ai.pipeline.preprocessing import (
     Window,
     apply_modality_lut,
     apply_voi,
+    grey_to_unit,
     invert_monochrome1,
+    luminance,
     mask_bits_stored,
     normalize,
     preprocess_frame,
@@ -200,14 +204,42 @@ def test_mask_bits_stored_full_width_is_unchanged() -> None:
 
 
 # -- geometry -------------------------------------------------------------------------------------
-def test_resize_matches_skimage() -> None:
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [((512, 512), (224, 224)), ((50, 70), (32, 40)), ((30, 20), (64, 48)), ((97, 61), (40, 61))],
+)
+def test_resize_matches_pillow_bilinear(src: tuple[int, int], dst: tuple[int, int]) -> None:
+    # Pillow's C resampler (double precision) is the independent implementation of the same
+    # anti-aliased triangle filter, for shrinking and enlarging.
     rng = np.random.default_rng(1)
-    arr = rng.random((50, 70))
+    arr = (rng.random(src) * 1000.0).astype(np.float32)
+    image = Image.fromarray(arr, mode="F")
+    expected = np.asarray(image.resize((dst[1], dst[0]), Image.Resampling.BILINEAR))
+    out = resize(arr, dst)
+    assert out.shape == dst
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_resize_is_close_to_skimage_antialiased() -> None:
+    # A second, differently built anti-aliased resize (Gaussian prefilter + bilinear) agrees on
+    # a smooth image: no shift, no aliasing.
+    yy, xx = np.mgrid[0:300, 0:400]
+    arr = np.sin(xx / 37.0) + np.cos(yy / 23.0)
     sk_resize = cast(Callable[..., Any], sk_transform.resize)
-    expected = sk_resize(arr, (32, 40), order=1, anti_aliasing=True, preserve_range=True)
-    out = resize(arr, (32, 40))
-    assert out.shape == (32, 40)
-    np.testing.assert_array_equal(out, expected)
+    expected = sk_resize(arr, (120, 160), order=1, anti_aliasing=True, preserve_range=True)
+    out = resize(arr, (120, 160))
+    assert out.dtype == np.float64
+    np.testing.assert_allclose(out[4:-4, 4:-4], expected[4:-4, 4:-4], atol=0.02)
+
+
+def test_resize_averages_away_a_checkerboard() -> None:
+    # Nearest or plain bilinear sampling would keep the pattern (aliasing); anti-aliasing
+    # averages it to the mean.
+    board = (np.indices((64, 64)).sum(axis=0) % 2).astype(np.float64)
+    out = resize(board, (16, 16))
+    np.testing.assert_allclose(out[1:-1, 1:-1], 0.5, atol=1e-6)
+    np.testing.assert_allclose(out, 0.5, atol=0.01)  # corners: taps cut by the edge
 
 
 def test_resize_keeps_channels() -> None:
@@ -237,6 +269,18 @@ def test_resample_volume_shape_from_spacing() -> None:
     vol = np.zeros((10, 20, 30))
     assert resample_volume(vol, (2.5, 0.5, 0.5), (1.0, 1.0, 1.0)).shape == (25, 10, 15)
     assert resample_volume(vol, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0)).shape == (10, 20, 30)
+
+
+def test_resample_volume_is_resize_along_each_axis() -> None:
+    rng = np.random.default_rng(2)
+    vol = rng.random((12, 40, 30))
+    out = resample_volume(vol, (2.0, 0.5, 0.5), (1.0, 1.0, 1.0))
+    assert out.shape == (24, 20, 15)
+    in_plane = np.stack([resize(s, (20, 15)) for s in vol])
+    expected = np.stack(
+        [resize(np.ascontiguousarray(in_plane[:, r, :]), (24, 15)) for r in range(20)], axis=1
+    )
+    np.testing.assert_allclose(out, expected, atol=1e-12)
 
 
 def test_resample_volume_refuses_bad_input() -> None:
@@ -336,6 +380,67 @@ def test_spec_is_frozen() -> None:
     spec = PreprocessingSpec(input_shape=(64, 64))
     with pytest.raises(ValidationError):
         spec.channels = 1
+
+
+# -- grey_to_unit: the folded fast path against the step-by-step composition ----------------------
+def steps_to_unit(
+    arr: NDArray[Any], ds: Dataset, window: tuple[float, float] | None = None
+) -> NDArray[np.float64]:
+    unit = apply_voi(apply_modality_lut(arr, ds), ds, window=window)
+    return np.asarray(invert_monochrome1(unit, ds, value_range=(0.0, 1.0)), dtype=np.float64)
+
+
+def with_header(ds: Dataset, **fields: Any) -> Dataset:
+    out = ds.copy()
+    for keyword, value in fields.items():
+        setattr(out, keyword, value)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("photometric", "fields", "window"),
+    [
+        ("MONOCHROME2", {"RescaleSlope": 1, "RescaleIntercept": -1024}, (40.0, 400.0)),
+        ("MONOCHROME1", {"RescaleSlope": 1, "RescaleIntercept": -1024}, (-600.0, 1500.0)),
+        ("MONOCHROME2", {"RescaleSlope": 0.5, "RescaleIntercept": 10}, None),
+        ("MONOCHROME1", {}, None),
+        ("MONOCHROME2", {"WindowCenter": 1000, "WindowWidth": 600}, None),
+        ("MONOCHROME2", {"WindowCenter": [1000, 50], "WindowWidth": [600, 100]}, None),
+        ("MONOCHROME2", {"WindowCenter": 1000, "WindowWidth": 600, "VOILUTFunction": "SIGMOID"},
+         None),
+        ("MONOCHROME2", {"RescaleSlope": -2, "RescaleIntercept": 5000}, None),
+        ("MONOCHROME2", {}, (2000.0, 1.5)),
+    ],
+)
+def test_grey_to_unit_equals_the_steps(
+    photometric: str, fields: dict[str, Any], window: tuple[float, float] | None
+) -> None:
+    rng = np.random.default_rng(3)
+    arr = rng.integers(0, 4096, (40, 50)).astype(np.uint16)
+    ds = with_header(grey_dataset(photometric, bits=12), **fields)
+    out = grey_to_unit(arr, ds, window=window)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, steps_to_unit(arr, ds, window), atol=2e-6)
+
+
+def test_grey_to_unit_lut_sequences_take_the_step_path() -> None:
+    arr, ds = read("mlut_18.dcm")
+    np.testing.assert_allclose(grey_to_unit(arr, ds), steps_to_unit(arr, ds), atol=2e-6)
+    arr, ds = read("vlut_04.dcm")
+    np.testing.assert_allclose(grey_to_unit(arr, ds), steps_to_unit(arr, ds), atol=2e-6)
+
+
+def test_grey_to_unit_refuses_narrow_window() -> None:
+    with pytest.raises(PreprocessingError, match="below 1"):
+        grey_to_unit(np.zeros((4, 4), np.uint16), grey_dataset(), window=(0.0, 0.5))
+
+
+def test_luminance_matches_skimage() -> None:
+    rgb = np.random.default_rng(4).random((16, 16, 3))
+    rgb2gray = cast(Callable[..., Any], sk_color.rgb2gray)
+    np.testing.assert_allclose(luminance(rgb), rgb2gray(rgb), atol=1e-12)
+    with pytest.raises(PreprocessingError, match="RGB"):
+        luminance(np.zeros((4, 4)))
 
 
 # -- the chain ------------------------------------------------------------------------------------
