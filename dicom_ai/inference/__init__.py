@@ -1,0 +1,1 @@
+"""Models at serving time: spec, registry, backends (Keras, ONNX Runtime), explanations."""
