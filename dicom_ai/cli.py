@@ -21,6 +21,9 @@ app = typer.Typer(help="dicom-ai: a DICOM-native PACS integration service for im
                   no_args_is_help=True, pretty_exceptions_enable=False)
 db_app = typer.Typer(help="Index database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+models_app = typer.Typer(help="The model registry: list, add, activate, show.",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
 ConfigOption = Annotated[
@@ -181,16 +184,26 @@ def send(
 def preview(
     target: Annotated[Path, typer.Argument(help="A DICOM file or a series folder.",
                                            exists=True)],
-    model: Annotated[str, typer.Option("--model", help="A preprocessing spec file (TOML or "
-                                       "JSON) until the model registry lands.")],
+    model: Annotated[str, typer.Option("--model", help="A registered model name (NAME or "
+                                       "NAME@VERSION), a model folder, or a preprocessing spec "
+                                       "file (TOML or JSON).")],
     out: Annotated[Path, typer.Option("--out", help="PNG to write.")],
+    config: ConfigOption = None,
 ) -> None:
     """Write the exact preprocessed input a model would get (a montage for volumes)."""
+    from dicom_ai.inference.spec import read_spec
     from dicom_ai.pipeline.preview import load_spec
     from dicom_ai.pipeline.preview import preview as make_preview
 
     try:
-        steps = make_preview(target, load_spec(Path(model)), out)
+        candidate = Path(model)
+        if candidate.is_dir():
+            spec = read_spec(candidate).preprocessing
+        elif candidate.is_file():
+            spec = load_spec(candidate)
+        else:
+            spec = _model_folder(model, config)[1].preprocessing
+        steps = make_preview(target, spec, out)
     except DicomAIError as exc:
         raise _fail(exc) from None
     for step in steps:
@@ -261,6 +274,224 @@ def db_reconcile(config: ConfigOption = None) -> None:
     db.dispose()
     typer.echo(f"indexed {indexed} file(s), removed {removed} row(s), "
                f"quarantined {quarantined} file(s)")
+
+
+# -- models -------------------------------------------------------------------------------------
+def _registry(config: Path | None) -> Any:
+    from dicom_ai.inference.registry import Registry
+
+    return Registry(_settings(config).storage.root / "models")
+
+
+def _model_folder(model: str, config: Path | None) -> tuple[Path, Any]:
+    """A model folder and its spec from a folder path or a registered NAME[@VERSION]."""
+    from dicom_ai.inference.spec import read_spec
+
+    candidate = Path(model)
+    if candidate.is_dir():
+        return candidate, read_spec(candidate)
+    name, _, version = model.partition("@")
+    entry = _registry(config).get(name, version or None)
+    return entry.path, entry.spec
+
+
+@models_app.command("list")
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """List every model version (the bundled default first) and which one is active."""
+    try:
+        entries = _registry(config).entries()
+    except DicomAIError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps([e.summary() for e in entries], indent=2))
+        return
+    table = Table("name", "version", "task", "active", "backend", "applies to", "source")
+    for e in entries:
+        applies = "/".join(e.spec.modalities) or "any"
+        if e.spec.body_parts:
+            applies += " " + "/".join(e.spec.body_parts)
+        table.add_row(e.name, e.version, e.spec.task, "yes" if e.active else "", e.spec.backend,
+                      applies, "bundled" if e.bundled else "registry")
+    Console().print(table)
+
+
+@models_app.command("add")
+def models_add(
+    path: Annotated[Path, typer.Argument(help="A model folder (spec.json + network).",
+                                         exists=True, file_okay=False)],
+    activate: Annotated[bool | None, typer.Option(
+        "--activate/--no-activate", help="Make it active (default: only if none is).")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Copy a model folder into the registry as NAME/VERSION."""
+    try:
+        entry = _registry(config).add(path, activate=activate)
+    except DicomAIError as exc:
+        raise _fail(exc) from None
+    state = "active" if entry.active else "not active"
+    typer.echo(f"added {entry.name} {entry.version} ({state})")
+
+
+@models_app.command("activate")
+def models_activate(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[str, typer.Argument(help="Version to make active.")],
+    config: ConfigOption = None,
+) -> None:
+    """Make VERSION the active version of NAME (what routes to NAME run)."""
+    try:
+        entry = _registry(config).activate(name, version)
+    except DicomAIError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"{entry.name} {entry.version} is active")
+
+
+@models_app.command("show")
+def models_show(
+    name: Annotated[str, typer.Argument(help="Model name (NAME or NAME@VERSION).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Show a model's spec (the active version unless one is named) and its versions."""
+    from dicom_ai.inference.registry import network_sha256
+
+    base, _, version = name.partition("@")
+    try:
+        registry = _registry(config)
+        entry = registry.get(base, version or None)
+        versions = registry.versions(base)
+    except DicomAIError as exc:
+        raise _fail(exc) from None
+    shown = {
+        **entry.summary(),
+        "network_sha256": network_sha256(entry),
+        "versions": [{"version": v.version, "active": v.active, "bundled": v.bundled}
+                     for v in versions],
+        "spec": json.loads(entry.spec.model_dump_json()),
+    }
+    typer.echo(json.dumps(shown, indent=2) if as_json else _describe_model(shown))
+
+
+def _describe_model(shown: dict[str, Any]) -> str:
+    spec = shown["spec"]
+    prep = spec["preprocessing"]
+    lines = [
+        f"{shown['name']} {shown['version']} ({shown['task']}, {shown['backend']}"
+        f"{', bundled' if shown['bundled'] else ''}{', active' if shown['active'] else ''})",
+        f"  {spec['description']}" if spec["description"] else "",
+        f"  input: {prep['input_shape'][0]}x{prep['input_shape'][1]}x{prep['channels']}, "
+        f"window {prep['window'] or 'from the file'}, {prep['normalization']} normalisation",
+        f"  applies to: {'/'.join(spec['modalities']) or 'any modality'}, "
+        f"{'/'.join(spec['body_parts']) or 'any body part'}",
+    ]
+    for output in spec["outputs"]:
+        finding = output["finding"]
+        lines.append(f"  output {output['name']}: ({finding['value']}, {finding['scheme']}, "
+                     f"\"{finding['meaning']}\") threshold {output['threshold']:.3f} "
+                     f"({output['threshold_method']})")
+    provenance = spec["provenance"]
+    lines.append(f"  trained: {provenance['created']} by {provenance['code_version'] or '?'} on "
+                 f"{provenance['training_data'] or '?'}")
+    if provenance["metrics"]:
+        lines.append("  metrics: " + ", ".join(f"{k} {v:.3f}"
+                                               for k, v in provenance["metrics"].items()))
+    lines.append(f"  network sha256: {shown['network_sha256']}")
+    lines.append("  versions: " + ", ".join(
+        v["version"] + (" (active)" if v["active"] else "") for v in shown["versions"]))
+    return "\n".join(line for line in lines if line)
+
+
+# -- training and evaluation --------------------------------------------------------------------
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option("--data", help="Folder of DICOM files.", exists=True,
+                                       file_okay=False)],
+    labels: Annotated[Path, typer.Option("--labels", help="Labels CSV (SOPInstanceUID, label, "
+                                         "optional mask_path).", exists=True, dir_okay=False)],
+    arch: Annotated[str, typer.Option("--arch", help="seed-cnn, synth-backbone, mobilenetv2, "
+                                      "efficientnetb0, densenet121 or unet.")],
+    out: Annotated[Path, typer.Option("--out", help="Model folder to write.")],
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 10,
+    augment: Annotated[str, typer.Option(help="'default', 'none' or key=value,... (rotation, "
+                                         "width_shift, height_shift, shear, zoom, "
+                                         "horizontal_flip, fill_mode).")] = "default",
+    weights: Annotated[Path | None, typer.Option(
+        "--weights", help="Backbone weights file (e.g. ImageNet weights you have, or the "
+        "bundled synth-backbone weights).", exists=True, dir_okay=False)] = None,
+    seed: Annotated[int, typer.Option(help="Random seed (split, initialisation, "
+                                      "augmentation).")] = 0,
+    name: Annotated[str | None, typer.Option(help="Model name (default: the --out folder's "
+                                             "name).")] = None,
+    model_version: Annotated[str | None, typer.Option("--version", help="Model version "
+                                                      "(default: date-based).")] = None,
+    input_size: Annotated[int, typer.Option("--input-size", min=16, help="Square input "
+                                            "side.")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", min=0.0)] = 1e-3,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", min=0.05, max=0.5)] = 0.2,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints.")] = False,
+) -> None:
+    """Train a model on labelled DICOM and write a registered-ready model folder."""
+    from dicom_ai.training.augment import parse_augment
+    from dicom_ai.training.train import TrainOptions
+    from dicom_ai.training.train import train as run_training
+
+    try:
+        augmentation = parse_augment(augment)
+    except ValueError as exc:
+        raise _fail(exc) from None
+    options = TrainOptions(
+        data=data, labels=labels, arch=arch, out=out, name=name, version=model_version,
+        epochs=epochs, batch_size=batch_size, augment=augmentation, backbone_weights=weights,
+        seed=seed, val_fraction=val_fraction, input_size=input_size,
+        learning_rate=learning_rate, resume=resume)
+    try:
+        result = run_training(options, say=typer.echo)
+    except DicomAIError as exc:
+        raise _fail(exc) from None
+    typer.echo(f"done in {result.seconds:.0f} s; register it with: dicom-ai models add {out}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option("--model", help="A registered model (NAME or "
+                                       "NAME@VERSION) or a model folder.")],
+    data: Annotated[Path, typer.Option("--data", help="Folder of DICOM files.", exists=True,
+                                       file_okay=False)],
+    labels: Annotated[Path, typer.Option("--labels", help="Labels CSV.", exists=True,
+                                         dir_okay=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Report folder: plots, "
+                                             "metrics.json, model_card.md.")] = None,
+    target_sensitivity: Annotated[float, typer.Option(
+        "--target-sensitivity", min=0.0, max=1.0)] = 0.9,
+    bootstrap: Annotated[int, typer.Option(min=100, help="Bootstrap resamples for the "
+                                           "AUC CI.")] = 1000,
+    config: ConfigOption = None,
+) -> None:
+    """Evaluate a model on labelled DICOM through the serving path."""
+    from dicom_ai.training.evaluate import evaluate_model
+
+    try:
+        folder, _ = _model_folder(model, config)
+        result = evaluate_model(folder, data, labels, out=out,
+                                target_sensitivity=target_sensitivity, n_bootstrap=bootstrap,
+                                say=None if as_json else typer.echo)
+    except DicomAIError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        typer.echo(json.dumps(result, default=float))
+        return
+    for key, value in result.items():
+        if isinstance(value, float):
+            typer.echo(f"{key:34s} {value:.4f}")
+        else:
+            typer.echo(f"{key:34s} {value}")
+    if out is not None:
+        typer.echo(f"report: {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,187 @@
+"""Grad-CAM heat-maps: where in the image a classifier output looks (Selvaraju et al., 2017).
+
+For an output ``c`` and a convolutional layer with activations ``A`` (``h x w x k``), the map is
+``ReLU(sum_k alpha_k A_k)`` with ``alpha_k`` the spatial mean of ``d score_c / d A_k``, upsampled
+bilinearly to the input resolution and scaled to ``[0, 1]`` per image (an all-zero map stays
+zero). The score is the output's *logit* when the model ends in a sigmoid/softmax Dense layer
+(as :func:`~dicom_ai.training.architectures.build_classifier` models do): a saturated sigmoid
+has vanishing gradients, which would blank the map of exactly the confident findings.
+
+The service explains one finding at a time, so :class:`GradCam` builds the gradient model once
+per (model, layer) and runs it through a ``tf.function`` with a fixed input signature (no
+retracing per image, batch size or output index); :func:`gradcam` keeps one per model and layer.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import tensorflow as tf
+
+from dicom_ai.training.architectures import last_conv_layer_name
+
+__all__ = ["GradCam", "gradcam"]
+
+
+class GradCam:
+    """A compiled Grad-CAM for one model and one layer.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A functional image model with one input ``(N, H, W, C)`` and one output ``(N, K)``.
+    layer_name : str, optional
+        The layer to explain; default :func:`last_conv_layer_name`.
+    batch_size : int
+        Images per compiled call.
+
+    Raises
+    ------
+    ValueError
+        The layer does not exist or has no 4D output, or the model output is not ``(N, K)``.
+    """
+
+    def __init__(self, model: Any, layer_name: str | None = None, *, batch_size: int = 32) -> None:
+        self.layer_name = layer_name or last_conv_layer_name(model)
+        try:
+            layer = model.get_layer(self.layer_name)
+        except ValueError as exc:
+            raise ValueError(f"model {model.name!r} has no layer {self.layer_name!r}") from exc
+        if len(layer.output.shape) != 4:
+            raise ValueError(f"layer {self.layer_name!r} output is not (N, H, W, C)")
+        if len(model.outputs) != 1 or len(model.outputs[0].shape) != 2:
+            raise ValueError("Grad-CAM needs a model with one (N, K) output")
+        self.n_outputs = int(model.outputs[0].shape[-1])
+        self.batch_size = batch_size
+        self.input_shape = tuple(model.inputs[0].shape[1:])
+        # The model object itself is not kept: gradcam()'s cache is keyed weakly by it.
+        head = model.layers[-1]
+        logits_from_dense = (
+            isinstance(head, keras.layers.Dense)
+            and head.output is model.outputs[0]
+            and head.activation in (keras.activations.sigmoid, keras.activations.softmax)
+        )
+        target = head.input if logits_from_dense else model.outputs[0]
+        grad_model = keras.Model(model.inputs[0], [layer.output, target])
+
+        def score(features: Any) -> Any:
+            if not logits_from_dense:
+                return features
+            # Recompute the head's pre-activation from its input: the same kernel and bias.
+            logits = tf.matmul(features, head.kernel)
+            return logits + head.bias if head.use_bias else logits
+
+        def compute(images: Any, index: Any) -> Any:
+            with tf.GradientTape() as tape:
+                activations, features = grad_model(images, training=False)
+                scores = tf.gather(score(features), index, axis=1)
+            # Samples are independent in inference mode: the gradient of the summed scores is
+            # each sample's own gradient.
+            grads = tape.gradient(scores, activations)
+            weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+            cam = tf.nn.relu(tf.reduce_sum(weights * activations, axis=-1, keepdims=True))
+            cam = tf.image.resize(cam, tf.shape(images)[1:3], method="bilinear")[..., 0]
+            peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
+            return tf.math.divide_no_nan(cam, peak)
+
+        self._compute = tf.function(
+            compute,
+            input_signature=[
+                tf.TensorSpec((None, *self.input_shape), tf.float32),
+                tf.TensorSpec((), tf.int32),
+            ],
+        )
+
+    def __call__(self, images: NDArray[Any], *, output_index: int = 0) -> NDArray[np.float32]:
+        """Heat-maps of one output for a batch or a single image.
+
+        Parameters
+        ----------
+        images : ndarray
+            ``(N, H, W, C)`` or ``(H, W, C)``, preprocessed as the model expects.
+        output_index : int
+            Which output (finding) to explain.
+
+        Returns
+        -------
+        ndarray of float32
+            ``(N, H, W)`` or ``(H, W)`` in ``[0, 1]``.
+
+        Raises
+        ------
+        ValueError
+            Bad image shape or output index.
+        """
+        if not 0 <= output_index < self.n_outputs:
+            raise ValueError(f"output_index {output_index} not in [0, {self.n_outputs})")
+        batch = np.asarray(images, dtype=np.float32)
+        single = batch.ndim == 3
+        if single:
+            batch = batch[np.newaxis]
+        if batch.ndim != 4 or any(
+            want is not None and want != got
+            for want, got in zip(self.input_shape, batch.shape[1:], strict=True)
+        ):
+            raise ValueError(
+                f"images of shape {np.shape(images)} do not fit the model input {self.input_shape}"
+            )
+        index = tf.constant(output_index, dtype=tf.int32)
+        maps = [
+            self._compute(tf.constant(batch[start : start + self.batch_size]), index).numpy()
+            for start in range(0, len(batch), self.batch_size)
+        ]
+        result = (
+            np.concatenate(maps).astype(np.float32, copy=False)
+            if maps
+            else np.zeros(batch.shape[:3], np.float32)
+        )
+        return result[0] if single else result
+
+
+_CACHE: weakref.WeakKeyDictionary[Any, dict[str, GradCam]] = weakref.WeakKeyDictionary()
+
+
+def gradcam(
+    model: Any,
+    images: NDArray[Any],
+    *,
+    output_index: int = 0,
+    layer_name: str | None = None,
+) -> NDArray[np.float32]:
+    """Grad-CAM heat-maps, reusing a compiled :class:`GradCam` per model and layer.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A functional image classifier (one input, one ``(N, K)`` output).
+    images : ndarray
+        ``(N, H, W, C)`` or ``(H, W, C)`` float, preprocessed as the model expects.
+    output_index : int
+        Which output (finding) to explain.
+    layer_name : str, optional
+        The layer to explain; default :func:`~dicom_ai.training.architectures.last_conv_layer_name`.
+
+    Returns
+    -------
+    ndarray of float32
+        ``(N, H, W)`` or ``(H, W)`` heat-maps in ``[0, 1]`` at the model input resolution.
+
+    Raises
+    ------
+    ValueError
+        Bad layer, image shape or output index.
+    """
+    per_layer = _CACHE.setdefault(model, {})
+    name = layer_name or last_conv_layer_name(model)
+    explainer = per_layer.get(name)
+    if explainer is None:
+        explainer = per_layer[name] = GradCam(model, name)
+    return explainer(images, output_index=output_index)

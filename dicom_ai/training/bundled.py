@@ -1,0 +1,230 @@
+"""The reproducible recipe of the bundled models (CI does not retrain them; a test runs ``--tiny``).
+
+Run::
+
+    .venv/bin/python -m dicom_ai.training.bundled --work /tmp/bundled-work \\
+        --out dicom_ai/inference/bundled --weights-out dicom_ai/training/weights
+
+Steps, every one seeded:
+
+1. ``dicom-ai synth`` CR training studies (seed 1001) and held-out test studies (seed 2002, never
+   seen in training).
+2. The ``synth-backbone`` is pretrained on CT/MR slices (:mod:`~dicom_ai.training.pretrain`) and
+   its weights are written beside this package (shipped for users' own fine-tuning).
+3. ``chest-nodule`` (classifier): the pretrained backbone fine-tuned on the CR studies.
+4. ``chest-nodule-seg`` (segmentation): a small U-Net on the same studies' masks.
+5. Both are evaluated on the test studies through the serving path; the metrics, plots and model
+   cards go into each model folder's ``report/`` and a summary JSON.
+6. ``--learning-curve``: validation-free test AUC vs number of labelled training studies, from
+   scratch vs from the pretrained backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dicom_ai.inference.spec import ModelSpec, read_spec, write_spec
+from dicom_ai.training.augment import AugmentationSpec
+from dicom_ai.training.evaluate import SYNTHETIC_NOTE, evaluate_model
+from dicom_ai.training.pretrain import pretrain_backbone
+from dicom_ai.training.synth import synthesize
+from dicom_ai.training.train import TrainOptions, train
+
+__all__ = ["Recipe", "build_bundled", "main"]
+
+CLASSIFIER = "chest-nodule"
+SEGMENTER = "chest-nodule-seg"
+VERSION = "1.0.0"
+BACKBONE_WEIGHTS = "synth-backbone-128x128x1.weights.h5"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Sizes of one build (the defaults are the shipped models; :meth:`tiny` is for tests)."""
+
+    train_studies: int = 1000
+    test_studies: int = 300
+    pretrain_studies: int = 40
+    pretrain_epochs: int = 6
+    classifier_epochs: int = 20
+    segmenter_epochs: int = 10
+    input_size: int = 128
+    learning_curve: tuple[int, ...] = (12, 25, 50, 100)
+    learning_curve_epochs: int = 12
+
+    @classmethod
+    def tiny(cls) -> Recipe:
+        """A build small enough for a test: minutes of CPU, not hours."""
+        return cls(train_studies=24, test_studies=12, pretrain_studies=3, pretrain_epochs=1,
+                   classifier_epochs=1, segmenter_epochs=1, input_size=64,
+                   learning_curve=(12,), learning_curve_epochs=1)
+
+
+def _subset_labels(labels: Path, studies: int, out: Path, seed: int) -> Path:
+    """A labels CSV holding the first ``studies`` studies of ``labels`` (a stratified start)."""
+    import csv
+
+    with open(labels, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)
+    positives = [r for r in rows if r["label"] == "1"]
+    negatives = [r for r in rows if r["label"] == "0"]
+    half = studies // 2
+    chosen = positives[:half] + negatives[: studies - half]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(chosen)
+    # Masks are referenced relative to the labels file: point at the originals.
+    masks = out.parent / "masks"
+    if not masks.exists():
+        masks.symlink_to((labels.parent / "masks").resolve(), target_is_directory=True)
+    return out
+
+
+def _finish(folder: Path, target: Path, evaluation: dict[str, Any], test_data: str) -> ModelSpec:
+    """Copy a trained folder into the bundle (no caches or checkpoints), metrics into its spec."""
+    spec = read_spec(folder)
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(folder, target, ignore=shutil.ignore_patterns("checkpoints", "cache"))
+    keep = {k: float(v) for k, v in evaluation.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
+    spec = spec.model_copy(update={
+        "provenance": spec.provenance.model_copy(update={
+            "metrics": keep,
+            "notes": f"{SYNTHETIC_NOTE} Metrics on {test_data}.",
+        }),
+    })
+    write_spec(spec, target)
+    return spec
+
+
+def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
+                  *, learning_curve: bool = False) -> dict[str, Any]:
+    """Run the whole recipe (see the module docstring); returns the summary it also writes.
+
+    Parameters
+    ----------
+    work : Path
+        Scratch folder (synthetic data, training runs).
+    out : Path
+        Where ``chest-nodule/1.0.0`` and ``chest-nodule-seg/1.0.0`` are written.
+    weights_out : Path
+        Folder for the pretrained backbone weights.
+    recipe : Recipe
+        Sizes.
+    learning_curve : bool
+        Also measure scratch vs pretrained at each of ``recipe.learning_curve`` study counts.
+
+    Returns
+    -------
+    dict
+        Timings, backbone result, test metrics of both models, learning curve points.
+    """
+    from dicom_ai.training import report
+
+    started = time.perf_counter()
+    summary: dict[str, Any] = {"recipe": recipe.__dict__ | {"learning_curve":
+                                                            list(recipe.learning_curve)}}
+    train_dir, test_dir = work / "cr-train", work / "cr-test"
+    for folder, studies, seed in ((train_dir, recipe.train_studies, 1001),
+                                  (test_dir, recipe.test_studies, 2002)):
+        if not (folder / "labels.csv").is_file():
+            synthesize(folder, studies=studies, seed=seed, modality="CR")
+    test_data = f"{recipe.test_studies} held-out dicom-ai synth CR studies (seed 2002)"
+    weights = weights_out / BACKBONE_WEIGHTS
+    summary["backbone"] = pretrain_backbone(
+        weights, workdir=work / "pretrain", studies_per_modality=recipe.pretrain_studies,
+        epochs=recipe.pretrain_epochs, input_size=recipe.input_size, seed=3)
+
+    training_data = (f"{recipe.train_studies} dicom-ai synth CR studies (seed 1001), split by "
+                     "patient 80/20")
+    runs = work / "runs"
+    classifier = TrainOptions(
+        data=train_dir, labels=train_dir / "labels.csv", arch="synth-backbone",
+        out=runs / CLASSIFIER, name=CLASSIFIER, version=VERSION,
+        epochs=recipe.classifier_epochs, backbone_weights=weights, seed=7,
+        input_size=recipe.input_size, training_data=training_data,
+        augment=AugmentationSpec(),
+        description="Chest radiograph (CR/DX) nodule present/absent; synth-backbone "
+                    "pretrained on synthetic CT/MR, fine-tuned on synthetic chest phantoms")
+    segmenter = TrainOptions(
+        data=train_dir, labels=train_dir / "labels.csv", arch="unet", out=runs / SEGMENTER,
+        name=SEGMENTER, version=VERSION, epochs=recipe.segmenter_epochs, seed=11,
+        input_size=recipe.input_size, training_data=training_data,
+        augment=AugmentationSpec(),
+        description="Chest radiograph (CR/DX) nodule segmentation (small U-Net); detections "
+                    "are connected components")
+    summary["models"] = {}
+    for options in (classifier, segmenter):
+        if options.out.exists():
+            shutil.rmtree(options.out)
+        result = train(options)
+        evaluation = evaluate_model(options.out, test_dir, test_dir / "labels.csv",
+                                    out=options.out / "report" / "test")
+        spec = _finish(options.out, out / str(options.name) / VERSION, evaluation, test_data)
+        summary["models"][spec.name] = {"train_seconds": round(result.seconds, 1),
+                                        "test": evaluation}
+
+    if learning_curve:
+        points: list[tuple[int, float, float]] = []
+        for studies in recipe.learning_curve:
+            labels = _subset_labels(train_dir / "labels.csv", studies,
+                                    work / f"curve-{studies}" / "labels.csv", seed=studies)
+            aucs = []
+            for arch, backbone in (("synth-backbone", None), ("synth-backbone", weights)):
+                name = "pretrained" if backbone else "scratch"
+                run = work / f"curve-{studies}" / name
+                if run.exists():
+                    shutil.rmtree(run)
+                train(TrainOptions(
+                    data=train_dir, labels=labels, arch=arch, out=run, name=f"curve-{name}",
+                    version="0.0.1", epochs=recipe.learning_curve_epochs, backbone_weights=backbone,
+                    seed=5, input_size=recipe.input_size, val_fraction=0.25,
+                    frozen_epochs=0 if backbone is None else None), say=lambda _: None)
+                metrics = evaluate_model(run, test_dir, test_dir / "labels.csv", n_bootstrap=200)
+                aucs.append(float(metrics["roc_auc"] or 0.0))
+            points.append((studies, aucs[0], aucs[1]))
+            print(f"learning curve: {studies} studies: scratch AUC {aucs[0]:.3f}, "
+                  f"pretrained AUC {aucs[1]:.3f}")
+        summary["learning_curve"] = [
+            {"studies": n, "scratch_auc": s, "pretrained_auc": p} for n, s, p in points]
+        report.plot_learning_curve(points, out / CLASSIFIER / VERSION / "report" /
+                                   "learning_curve.png")
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    (work / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    return summary
+
+
+def main() -> None:
+    """Command-line entry: build the bundled models."""
+    parser = argparse.ArgumentParser(description="Train the bundled dicom-ai models.")
+    parser.add_argument("--work", type=Path, required=True, help="scratch folder")
+    parser.add_argument("--out", type=Path, required=True, help="bundled models folder")
+    parser.add_argument("--weights-out", type=Path, required=True, help="backbone weights folder")
+    parser.add_argument("--tiny", action="store_true", help="a minutes-long smoke build")
+    parser.add_argument("--learning-curve", action="store_true")
+    parser.add_argument("--summary", type=Path, help="also copy the summary JSON here")
+    args = parser.parse_args()
+    recipe = Recipe.tiny() if args.tiny else Recipe()
+    summary = build_bundled(args.work, args.out, args.weights_out, recipe,
+                            learning_curve=args.learning_curve)
+    if args.summary:
+        args.summary.write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    print(json.dumps({name: {k: v for k, v in model["test"].items()
+                             if k in {"roc_auc", "roc_auc_ci95", "dice_mean", "sensitivity",
+                                      "specificity", "fp_per_image"}}
+                      for name, model in summary["models"].items()}, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()
