@@ -36,3 +36,5 @@ test: $(STAMP)
 bench: $(STAMP)
 	mkdir -p benchmarks/results
 	$(BIN)/python -m benchmarks.ingest --out benchmarks/results/ingest.json
+	$(BIN)/python -m benchmarks.preprocess --rounds 5 --out benchmarks/results/preprocess.json
+	$(BIN)/python -m benchmarks.inference --out benchmarks/results/inference.json

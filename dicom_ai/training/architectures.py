@@ -71,6 +71,8 @@ HEAD_PREFIX = "head_"
 #: Batch-norm moving-average momentum of our own networks: 0.9 instead of Keras' 0.99, so the
 #: inference statistics settle within the few hundred steps a small data set trains for.
 BN_MOMENTUM = 0.9
+#: logit(0.01): the U-Net's initial per-pixel lesion probability.
+UNET_PRIOR_BIAS = -4.595
 
 _GLOBAL_POOLING = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
 _SPATIAL_POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
@@ -466,6 +468,9 @@ def build_unet(
         1,
         activation="sigmoid",
         kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+        # Start by predicting a 1% lesion prior, not 50%: lesions are a fraction of a percent
+        # of the pixels, and from 0.5 the first epochs only learn to say "background".
+        bias_initializer=keras.initializers.Constant(UNET_PRIOR_BIAS),
         name="unet_output",
     )(x)
     return keras.Model(inputs, outputs, name="unet")

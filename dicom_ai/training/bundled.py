@@ -1,22 +1,24 @@
 """The reproducible recipe of the bundled models (CI does not retrain them; a test runs ``--tiny``).
 
-Run::
+Run (steps may also run one at a time, ``--steps classifier``; ``work/summary.json`` accumulates)::
 
     .venv/bin/python -m dicom_ai.training.bundled --work /tmp/bundled-work \\
         --out dicom_ai/inference/bundled --weights-out dicom_ai/training/weights
 
 Steps, every one seeded:
 
-1. ``dicom-ai synth`` CR training studies (seed 1001) and held-out test studies (seed 2002, never
-   seen in training).
-2. The ``synth-backbone`` is pretrained on CT/MR slices (:mod:`~dicom_ai.training.pretrain`) and
-   its weights are written beside this package (shipped for users' own fine-tuning).
-3. ``chest-nodule`` (classifier): the pretrained backbone fine-tuned on the CR studies.
-4. ``chest-nodule-seg`` (segmentation): a small U-Net on the same studies' masks.
-5. Both are evaluated on the test studies through the serving path; the metrics, plots and model
-   cards go into each model folder's ``report/`` and a summary JSON.
-6. ``--learning-curve``: validation-free test AUC vs number of labelled training studies, from
-   scratch vs from the pretrained backbone.
+0. ``dicom-ai synth`` CR training studies (seed 1001) and held-out test studies (seed 2002, never
+   seen in training), made once per work folder.
+1. ``pretrain``: the ``synth-backbone`` learns a source task on synthetic CT/MR slices
+   (:mod:`~dicom_ai.training.pretrain`); its weights ship beside this package for users'
+   fine-tuning.
+2. ``classifier``: ``chest-nodule``, the ``synth-backbone`` CNN trained on the CR studies.
+3. ``segmenter``: ``chest-nodule-seg``, a small U-Net on the same studies' masks.
+4. ``curve``: test AUC vs number of labelled training studies, the same schedule from scratch
+   and from the pretrained backbone (full fine-tuning; only the initial weights differ).
+
+Both models are evaluated on the test studies through the serving path; metrics, plots and
+model cards go into each model folder's ``report/test`` and the summary.
 """
 
 from __future__ import annotations
@@ -36,12 +38,17 @@ from dicom_ai.training.pretrain import pretrain_backbone
 from dicom_ai.training.synth import synthesize
 from dicom_ai.training.train import TrainOptions, train
 
-__all__ = ["Recipe", "build_bundled", "main"]
+__all__ = ["STEPS", "Recipe", "backbone_weights_name", "build_bundled", "main"]
 
 CLASSIFIER = "chest-nodule"
 SEGMENTER = "chest-nodule-seg"
 VERSION = "1.0.0"
-BACKBONE_WEIGHTS = "synth-backbone-128x128x1.weights.h5"
+PROJECTION_MODALITIES = ["CR", "DX"]
+
+
+def backbone_weights_name(input_size: int) -> str:
+    """File name of the pretrained synth-backbone weights for square 1-channel inputs."""
+    return f"synth-backbone-{input_size}x{input_size}x1.weights.h5"
 
 
 @dataclass(frozen=True)
@@ -53,7 +60,7 @@ class Recipe:
     pretrain_studies: int = 40
     pretrain_epochs: int = 6
     classifier_epochs: int = 20
-    segmenter_epochs: int = 10
+    segmenter_epochs: int = 8
     input_size: int = 128
     learning_curve: tuple[int, ...] = (12, 25, 50, 100)
     learning_curve_epochs: int = 12
@@ -99,6 +106,8 @@ def _finish(folder: Path, target: Path, evaluation: dict[str, Any], test_data: s
     keep = {k: float(v) for k, v in evaluation.items()
             if isinstance(v, int | float) and not isinstance(v, bool)}
     spec = spec.model_copy(update={
+        # DX phantoms are the same images as CR ones (only the SOP class differs).
+        "modalities": PROJECTION_MODALITIES,
         "provenance": spec.provenance.model_copy(update={
             "metrics": keep,
             "notes": f"{SYNTHETIC_NOTE} Metrics on {test_data}.",
@@ -108,22 +117,29 @@ def _finish(folder: Path, target: Path, evaluation: dict[str, Any], test_data: s
     return spec
 
 
+STEPS = ("pretrain", "classifier", "segmenter", "curve")
+
+
 def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
-                  *, learning_curve: bool = False) -> dict[str, Any]:
-    """Run the whole recipe (see the module docstring); returns the summary it also writes.
+                  *, steps: tuple[str, ...] = STEPS) -> dict[str, Any]:
+    """Run the recipe's steps (see the module docstring); returns the summary it also writes.
+
+    Each step can run on its own (the summary in ``work/summary.json`` accumulates), so a long
+    build can be resumed step by step.
 
     Parameters
     ----------
     work : Path
-        Scratch folder (synthetic data, training runs).
+        Scratch folder (synthetic data, training runs, ``summary.json``).
     out : Path
         Where ``chest-nodule/1.0.0`` and ``chest-nodule-seg/1.0.0`` are written.
     weights_out : Path
         Folder for the pretrained backbone weights.
     recipe : Recipe
         Sizes.
-    learning_curve : bool
-        Also measure scratch vs pretrained at each of ``recipe.learning_curve`` study counts.
+    steps : tuple of str
+        Any of ``pretrain``, ``classifier``, ``segmenter``, ``curve`` (learning curve: test AUC
+        vs labelled training studies, from scratch vs from the pretrained backbone).
 
     Returns
     -------
@@ -132,76 +148,83 @@ def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
     """
     from dicom_ai.training import report
 
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        raise ValueError(f"unknown step(s) {sorted(unknown)}; steps are {', '.join(STEPS)}")
     started = time.perf_counter()
-    summary: dict[str, Any] = {"recipe": recipe.__dict__ | {"learning_curve":
-                                                            list(recipe.learning_curve)}}
+    summary_path = work / "summary.json"
+    summary: dict[str, Any] = (json.loads(summary_path.read_text())
+                               if summary_path.is_file() else {})
+    summary["recipe"] = recipe.__dict__ | {"learning_curve": list(recipe.learning_curve)}
     train_dir, test_dir = work / "cr-train", work / "cr-test"
     for folder, studies, seed in ((train_dir, recipe.train_studies, 1001),
                                   (test_dir, recipe.test_studies, 2002)):
         if not (folder / "labels.csv").is_file():
             synthesize(folder, studies=studies, seed=seed, modality="CR")
     test_data = f"{recipe.test_studies} held-out dicom-ai synth CR studies (seed 2002)"
-    weights = weights_out / BACKBONE_WEIGHTS
-    summary["backbone"] = pretrain_backbone(
-        weights, workdir=work / "pretrain", studies_per_modality=recipe.pretrain_studies,
-        epochs=recipe.pretrain_epochs, input_size=recipe.input_size, seed=3)
+    weights = weights_out / backbone_weights_name(recipe.input_size)
+    if "pretrain" in steps:
+        summary["backbone"] = pretrain_backbone(
+            weights, workdir=work / "pretrain", studies_per_modality=recipe.pretrain_studies,
+            epochs=recipe.pretrain_epochs, input_size=recipe.input_size, seed=3)
 
     training_data = (f"{recipe.train_studies} dicom-ai synth CR studies (seed 1001), split by "
                      "patient 80/20")
     runs = work / "runs"
-    classifier = TrainOptions(
-        data=train_dir, labels=train_dir / "labels.csv", arch="synth-backbone",
-        out=runs / CLASSIFIER, name=CLASSIFIER, version=VERSION,
-        epochs=recipe.classifier_epochs, backbone_weights=weights, seed=7,
-        input_size=recipe.input_size, training_data=training_data,
-        augment=AugmentationSpec(),
-        description="Chest radiograph (CR/DX) nodule present/absent; synth-backbone "
-                    "pretrained on synthetic CT/MR, fine-tuned on synthetic chest phantoms")
-    segmenter = TrainOptions(
-        data=train_dir, labels=train_dir / "labels.csv", arch="unet", out=runs / SEGMENTER,
-        name=SEGMENTER, version=VERSION, epochs=recipe.segmenter_epochs, seed=11,
-        input_size=recipe.input_size, training_data=training_data,
-        augment=AugmentationSpec(),
-        description="Chest radiograph (CR/DX) nodule segmentation (small U-Net); detections "
-                    "are connected components")
-    summary["models"] = {}
-    for options in (classifier, segmenter):
+    chosen: list[TrainOptions] = []
+    if "classifier" in steps:
+        chosen.append(TrainOptions(
+            data=train_dir, labels=train_dir / "labels.csv", arch="synth-backbone",
+            out=runs / CLASSIFIER, name=CLASSIFIER, version=VERSION,
+            epochs=recipe.classifier_epochs, seed=7, input_size=recipe.input_size,
+            training_data=training_data, augment=AugmentationSpec(),
+            description="Chest radiograph (CR/DX) nodule present/absent (synth-backbone CNN)"))
+    if "segmenter" in steps:
+        chosen.append(TrainOptions(
+            data=train_dir, labels=train_dir / "labels.csv", arch="unet", out=runs / SEGMENTER,
+            name=SEGMENTER, version=VERSION, epochs=recipe.segmenter_epochs, seed=11,
+            input_size=recipe.input_size, training_data=training_data,
+            augment=AugmentationSpec(),
+            description="Chest radiograph (CR/DX) nodule segmentation (small U-Net); detections "
+                        "are connected components"))
+    models = summary.setdefault("models", {})
+    for options in chosen:
         if options.out.exists():
             shutil.rmtree(options.out)
         result = train(options)
         evaluation = evaluate_model(options.out, test_dir, test_dir / "labels.csv",
                                     out=options.out / "report" / "test")
         spec = _finish(options.out, out / str(options.name) / VERSION, evaluation, test_data)
-        summary["models"][spec.name] = {"train_seconds": round(result.seconds, 1),
-                                        "test": evaluation}
+        models[spec.name] = {"train_seconds": round(result.seconds, 1), "test": evaluation}
 
-    if learning_curve:
+    if "curve" in steps:
         points: list[tuple[int, float, float]] = []
         for studies in recipe.learning_curve:
             labels = _subset_labels(train_dir / "labels.csv", studies,
                                     work / f"curve-{studies}" / "labels.csv", seed=studies)
             aucs = []
-            for arch, backbone in (("synth-backbone", None), ("synth-backbone", weights)):
+            for backbone in (None, weights):
                 name = "pretrained" if backbone else "scratch"
                 run = work / f"curve-{studies}" / name
                 if run.exists():
                     shutil.rmtree(run)
+                # Same schedule for both: only the initial weights differ (full fine-tuning).
                 train(TrainOptions(
-                    data=train_dir, labels=labels, arch=arch, out=run, name=f"curve-{name}",
-                    version="0.0.1", epochs=recipe.learning_curve_epochs, backbone_weights=backbone,
-                    seed=5, input_size=recipe.input_size, val_fraction=0.25,
-                    frozen_epochs=0 if backbone is None else None), say=lambda _: None)
+                    data=train_dir, labels=labels, arch="synth-backbone", out=run,
+                    name=f"curve-{name}", version="0.0.1", epochs=recipe.learning_curve_epochs,
+                    backbone_weights=backbone, frozen_epochs=0, seed=5,
+                    input_size=recipe.input_size, val_fraction=0.25), say=lambda _: None)
                 metrics = evaluate_model(run, test_dir, test_dir / "labels.csv", n_bootstrap=200)
                 aucs.append(float(metrics["roc_auc"] or 0.0))
             points.append((studies, aucs[0], aucs[1]))
             print(f"learning curve: {studies} studies: scratch AUC {aucs[0]:.3f}, "
                   f"pretrained AUC {aucs[1]:.3f}")
         summary["learning_curve"] = [
-            {"studies": n, "scratch_auc": s, "pretrained_auc": p} for n, s, p in points]
-        report.plot_learning_curve(points, out / CLASSIFIER / VERSION / "report" /
-                                   "learning_curve.png")
+            {"studies": n, "scratch_auc": a, "pretrained_auc": b} for n, a, b in points]
+        curve_png = out / CLASSIFIER / VERSION / "report" / "learning_curve.png"
+        report.plot_learning_curve(points, curve_png)
     summary["seconds"] = round(time.perf_counter() - started, 1)
-    (work / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    summary_path.write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
 
@@ -212,18 +235,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="bundled models folder")
     parser.add_argument("--weights-out", type=Path, required=True, help="backbone weights folder")
     parser.add_argument("--tiny", action="store_true", help="a minutes-long smoke build")
-    parser.add_argument("--learning-curve", action="store_true")
+    parser.add_argument("--steps", default=",".join(STEPS),
+                        help=f"comma-separated subset of {','.join(STEPS)}")
     parser.add_argument("--summary", type=Path, help="also copy the summary JSON here")
     args = parser.parse_args()
     recipe = Recipe.tiny() if args.tiny else Recipe()
     summary = build_bundled(args.work, args.out, args.weights_out, recipe,
-                            learning_curve=args.learning_curve)
+                            steps=tuple(step for step in args.steps.split(",") if step))
     if args.summary:
         args.summary.write_text(json.dumps(summary, indent=2, default=float) + "\n")
     print(json.dumps({name: {k: v for k, v in model["test"].items()
                              if k in {"roc_auc", "roc_auc_ci95", "dice_mean", "sensitivity",
                                       "specificity", "fp_per_image"}}
-                      for name, model in summary["models"].items()}, indent=2, default=float))
+                      for name, model in summary.get("models", {}).items()}, indent=2,
+                     default=float))
 
 
 if __name__ == "__main__":

@@ -114,8 +114,9 @@ def pretrain_backbone(
     for offset, modality in enumerate(source):
         target = workdir / modality
         if not (target / "labels.csv").is_file():
+            # Easy, frequent lesions: the source task must be learnable to teach anything.
             synthesize(target, studies=studies_per_modality, seed=seed * 10 + offset,
-                       modality=modality, positive_fraction=0.6)
+                       modality=modality, positive_fraction=0.8, difficulty=0.0)
     samples: list[Sample] = []
     target_rows = []
     for modality in ("CT", "MR"):

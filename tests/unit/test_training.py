@@ -148,3 +148,26 @@ def test_models_and_evaluate_cli(trained: Path, cr_set: Path, tmp_path: Path) ->
     result = json.loads(evaluated.stdout)
     assert result["model"] == "tiny-nodule"
     assert {"roc_auc", "precision", "recall", "specificity", "accuracy"} <= set(result)
+
+
+def test_transfer_learning_from_a_local_weights_file(cr_set: Path, tmp_path: Path) -> None:
+    """A keras.applications backbone: weights from a local file, frozen then fine-tuned."""
+    from dicom_ai.training.architectures import build_backbone
+
+    weights = tmp_path / "mobilenetv2-notop.weights.h5"
+    build_backbone("mobilenetv2", (32, 32, 3), seed=9).save_weights(weights)
+    lines: list[str] = []
+    result = train(TrainOptions(
+        data=cr_set, labels=cr_set / "labels.csv", arch="mobilenetv2", out=tmp_path / "mnv2",
+        epochs=2, input_size=32, backbone_weights=weights, seed=2, batch_size=8,
+        augment=AugmentationSpec(enabled=False)), say=lines.append)
+    stages = [line for line in lines if line.startswith("stage:")]
+    assert stages == ["stage: frozen backbone, epochs 1-1",
+                      "stage: fine-tuning the last 50% of the backbone, epochs 2-2"]
+    spec = result.spec
+    assert spec.preprocessing.channels == 3
+    assert spec.preprocessing.normalization == "imagenet"
+    assert spec.training["backbone_weights"] == weights.name
+    assert spec.training["frozen_epochs"] == 1
+    assert load_predictor(tmp_path / "mnv2").predict(
+        np.zeros((2, 32, 32, 3), np.float32)).shape == (2, 1)
