@@ -27,6 +27,7 @@ from pathlib import Path
 
 from dicom_ai.exceptions import ConfigError
 from dicom_ai.inference.spec import ModelSpec, ModelSpecError, read_spec
+from storage.filestore import fsync_dir, fsync_file
 
 __all__ = [
     "BUNDLED_ROOT",
@@ -269,7 +270,7 @@ class Registry:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _fsync_dir(name_dir)
+        fsync_dir(name_dir)
         if activate or (activate is None and current is None):
             self.activate(spec.name, spec.version)
         return self.get(spec.name, spec.version)
@@ -291,7 +292,7 @@ class Registry:
             handle.flush()
             os.fsync(handle.fileno())
         tmp.replace(name_dir / ACTIVE_FILE)
-        _fsync_dir(name_dir)
+        fsync_dir(name_dir)
         return self.get(name, version)
 
 
@@ -317,14 +318,5 @@ def network_sha256(entry: ModelEntry) -> str:
 def _fsync_tree(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_file(path)
+    fsync_dir(folder)

@@ -39,6 +39,7 @@ from dicom_ai import __version__
 from dicom_ai.exceptions import DicomAIError
 from dicom_ai.inference.spec import (
     FINDING_SITE_LUNG,
+    NAME_PATTERN,
     NODULE,
     CodedConcept,
     ModelSpec,
@@ -151,7 +152,7 @@ def default_preprocessing(arch: str, input_size: int, *, with_weights: bool) -> 
 
 def _default_name(out: Path) -> str:
     name = re.sub(r"[^a-z0-9._-]+", "-", out.name.lower()).strip("-._")
-    return name if re.match(r"^[a-z0-9][a-z0-9._-]{0,63}$", name or "") else "model"
+    return name if re.match(NAME_PATTERN, name) else "model"
 
 
 def _default_version() -> str:
