@@ -24,6 +24,9 @@ app.add_typer(db_app, name="db")
 models_app = typer.Typer(help="The model registry: list, add, activate, show.",
                          no_args_is_help=True)
 app.add_typer(models_app, name="models")
+routes_app = typer.Typer(help="Routing rules: see which routes a file matches and why.",
+                         no_args_is_help=True)
+app.add_typer(routes_app, name="routes")
 console = Console(stderr=True)
 
 ConfigOption = Annotated[
@@ -59,14 +62,21 @@ def serve(
     config: ConfigOption = None,
     receivers: Annotated[int | None, typer.Option(help="Receiver processes (overrides "
                                                   "dicom.receivers).")] = None,
+    no_workers: Annotated[bool, typer.Option("--no-workers", help="Run no local worker "
+                                             "processes (jobs wait for `dicom-ai worker`).")]
+    = False,
 ) -> None:
-    """Run the receiver (C-ECHO, C-STORE, MPPS) and the completion monitor until stopped."""
+    """Run the service: receiver, completion, routing, workers, result outbox, until stopped."""
     from dicom_ai.service import Service
 
     settings = _settings(config)
     if receivers is not None:
         settings = settings.model_copy(
             update={"dicom": settings.dicom.model_copy(update={"receivers": receivers})}
+        )
+    if no_workers:
+        settings = settings.model_copy(
+            update={"workers": settings.workers.model_copy(update={"processes": 0})}
         )
     try:
         Service(settings).run_forever()
@@ -496,3 +506,208 @@ def evaluate(
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+
+
+@app.command()
+def worker(
+    config: ConfigOption = None,
+    concurrency: Annotated[int | None, typer.Option(help="Worker processes (default "
+                                                    "workers.processes).")] = None,
+) -> None:
+    """Run jobs from the Celery broker (workers.broker_url), keeping models loaded.
+
+    On start, jobs left pending or whose worker's lease expired are dispatched again.
+    """
+    import os
+    import socket
+
+    from dicom_ai.dispatch.celery_backend import CeleryDispatcher
+    from dicom_ai.dispatch.scheduler import Scheduler
+    from storage.db import Database
+
+    settings = _settings(config)
+    db = Database(settings.storage.url)
+    db.upgrade()
+    dispatcher = CeleryDispatcher(settings)
+    scheduler = Scheduler(settings, db, dispatcher)
+    try:
+        scheduler.tick()  # what was pending or orphaned before this worker started
+    except Exception as exc:  # the broker may come up later: the loop keeps trying
+        console.print(f"[yellow]warning:[/yellow] first dispatch failed: {exc}")
+    scheduler.start()
+    processes = concurrency or max(1, settings.workers.processes)
+    dispatcher.app.worker_main([
+        "worker", f"--concurrency={processes}", "--pool=prefork",
+        f"--queues={settings.workers.queue}", f"--loglevel={settings.logging.level}",
+        f"--hostname=dicom-ai-{os.getpid()}@{socket.gethostname()}",
+        "--without-gossip", "--without-mingle",
+    ])
+    scheduler.stop()
+    db.dispose()
+
+
+@routes_app.command("test")
+def routes_test(
+    target: Annotated[Path, typer.Argument(help="A DICOM file or a folder.", exists=True)],
+    config: ConfigOption = None,
+    calling_aet: Annotated[str, typer.Option("--calling-aet", help="The sender's AE title to "
+                                             "match CallingAETitle against.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show which [[routes]] each series under TARGET matches, and why (key by key)."""
+    from pydicom.filereader import dcmread
+
+    from dicom_ai.network.scu import inspect, iter_files
+    from dicom_ai.routing import evaluate_file
+
+    settings = _settings(config)
+    routes = [(r.name, dict(r.match)) for r in settings.routes]
+    models = {r.name: r.model for r in settings.routes}
+    seen: set[str] = set()
+    report: list[dict[str, Any]] = []
+    for path in iter_files([target]):
+        if inspect(path) is None:  # not DICOM: skipped like `send` does
+            continue
+        series = str(dcmread(path, stop_before_pixels=True, specific_tags=[
+            "SeriesInstanceUID"]).get("SeriesInstanceUID", path))
+        if series in seen:
+            continue
+        seen.add(series)
+        try:
+            results = evaluate_file(routes, path, [calling_aet] if calling_aet else [])
+        except DicomAIError as exc:
+            raise _fail(exc) from None
+        report.append({"file": str(path), "series_instance_uid": series, "routes": [
+            {"route": r.route, "model": models[r.route], "matched": r.matched,
+             "reason": r.reason} for r in results]})
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    table = Table("series (first file)", "route", "model", "matches", "why")
+    for item in report:
+        if not item["routes"]:
+            table.add_row(item["file"], "-", "-", "no", "no routes configured")
+        for n, r in enumerate(item["routes"]):
+            table.add_row(item["file"] if n == 0 else "", r["route"], r["model"],
+                          "[green]yes[/green]" if r["matched"] else "no", r["reason"])
+        if item["routes"] and not any(r["matched"] for r in item["routes"]):
+            table.add_row("", "[yellow](none)[/yellow]", "", "", "unrouted: recorded, no job")
+    Console(width=200).print(table)
+
+
+@app.command()
+def jobs(
+    config: ConfigOption = None,
+    state: Annotated[str | None, typer.Option(help="Only jobs in this state (pending, "
+                                              "running, done, failed).")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """List jobs with their state, attempts and last error."""
+    from storage import jobs as job_rows
+    from storage.db import Database
+
+    settings = _settings(config)
+    db = Database(settings.storage.url)
+    db.upgrade()
+    with db.sessions() as session:
+        rows = job_rows.list_jobs(session, state=state, limit=limit)
+    db.dispose()
+    data = [{"id": j.id, "study_instance_uid": j.study_instance_uid, "route": j.route,
+             "model": j.model_name, "model_version": j.model_version, "state": j.state,
+             "attempts": j.attempts, "max_attempts": j.max_attempts, "error": j.error,
+             "created_at": _iso(j.created_at), "finished_at": _iso(j.finished_at),
+             "supersedes_job_id": j.supersedes_job_id, "timings": json.loads(j.timings)}
+            for j in rows]
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    table = Table("id", "study", "route", "model", "state", "attempts", "error")
+    for j in data:
+        table.add_row(str(j["id"]), j["study_instance_uid"], j["route"],
+                      f"{j['model']} {j['model_version'] or ''}", j["state"],
+                      f"{j['attempts']}/{j['max_attempts']}", (j["error"] or "")[:80])
+    Console(width=200).print(table)
+
+
+@app.command()
+def findings(
+    study: Annotated[str, typer.Argument(help="StudyInstanceUID.")],
+    config: ConfigOption = None,
+    all_versions: Annotated[bool, typer.Option("--all", help="Include superseded findings.")]
+    = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """The findings of a study (current ones unless --all) and how routing decided."""
+    from storage import jobs as job_rows
+    from storage.db import Database
+
+    settings = _settings(config)
+    db = Database(settings.storage.url)
+    db.upgrade()
+    with db.sessions() as session:
+        rows = job_rows.findings_of_study(session, study, current_only=not all_versions)
+        decisions = job_rows.decisions_of_study(session, study)
+    db.dispose()
+    data: list[dict[str, Any]] = [{"job_id": f.job_id, "sop_instance_uid": f.sop_instance_uid,
+             "model": f.model_name, "model_version": f.model_version, "label": f.label,
+             "finding": [f.code_value, f.code_scheme, f.code_meaning],
+             "probability": f.probability, "threshold": f.threshold, "present": f.present,
+             "location_kind": f.location_kind,
+             "location": json.loads(f.location) if f.location else None,
+             "heatmap_path": f.heatmap_path, "superseded_by_job_id": f.superseded_by_job_id}
+            for f in rows]
+    if as_json:
+        typer.echo(json.dumps({"findings": data, "routing": [
+            {"series_instance_uid": d.series_instance_uid, "route": d.route,
+             "job_id": d.job_id, "reason": d.reason} for d in decisions]}, indent=2))
+        return
+    table = Table("job", "image", "model", "finding", "probability", "decision", "location")
+    for f in data:
+        table.add_row(str(f["job_id"]), f["sop_instance_uid"],
+                      f"{f['model']} {f['model_version']}", f["finding"][2],
+                      f"{f['probability']:.3f}", "present" if f["present"] else "absent",
+                      json.dumps(f["location"]) if f["location"] else "")
+    Console(width=220).print(table)
+    for d in decisions:
+        console.print(f"series {d.series_instance_uid}: "
+                      f"{'route ' + d.route if d.route else 'unrouted'} - {d.reason}")
+
+
+@app.command()
+def demo(
+    studies: Annotated[int, typer.Option(min=1, max=50, help="Synthetic CR studies to push.")]
+    = 4,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic studies.")] = 7,
+    work: Annotated[Path | None, typer.Option(help="Keep everything in this folder (default: "
+                                              "a new folder under /tmp).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the results.")] = 300.0,
+) -> None:
+    """Push synthetic studies through the whole loop and show the results a PACS received."""
+    import tempfile
+
+    from dicom_ai.config import LoggingSettings
+    from dicom_ai.demo import run_demo
+    from dicom_ai.logs import setup_logging as _setup
+
+    _setup(LoggingSettings(level="WARNING"))
+    folder = work or Path(tempfile.mkdtemp(prefix="dicom-ai-demo-"))
+    console.print(f"demo: {studies} synthetic chest radiographs, stand-in PACS and service on "
+                  f"loopback, work folder {folder}")
+    result = run_demo(folder, studies=studies, seed=seed, timeout=timeout)
+    table = Table("study", "truth", "probability", "decision", "agrees", "SR received",
+                  "heat-map SC")
+    for s in result.studies:
+        table.add_row(
+            "..." + s.study_instance_uid[-12:], "nodule" if s.truth else "none",
+            "" if s.probability is None else f"{s.probability:.3f}",
+            "" if s.present is None else ("present" if s.present else "absent"),
+            "" if s.agrees is None else ("yes" if s.agrees else "[red]no[/red]"),
+            str(s.sr_path) if s.sr_path else "[red]missing[/red]",
+            "\n".join(str(p) for p in s.heatmap_paths))
+    Console(width=250).print(table)
+    console.print(f"{sum(1 for s in result.studies if s.sr_path)} of {len(result.studies)} SRs "
+                  f"received by the stand-in PACS in {result.seconds:.1f} s "
+                  f"(results in {result.pacs_folder})")
+    if not result.complete:
+        raise typer.Exit(1)

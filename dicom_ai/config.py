@@ -33,6 +33,8 @@ from pydantic_settings import (
 from dicom_ai.exceptions import ConfigError
 
 Port = Annotated[int, Field(ge=0, le=65535)]
+#: The SR SOP class a destination receives: Comprehensive SR or Comprehensive 3D SR.
+SRKind = Literal["comprehensive", "comprehensive3d"]
 
 
 def validate_ae_title(value: str) -> str:
@@ -147,6 +149,8 @@ class Destination(_Section):
     host: str
     port: Port
     tls: bool = False
+    # Comprehensive SR is accepted most widely; Comprehensive 3D SR is IHE AIR's object.
+    sr_kind: SRKind = "comprehensive"
 
 
 class Source(_Section):
@@ -160,12 +164,53 @@ class Source(_Section):
 
 
 class Route(_Section):
-    """``[[routes]]``: a rule sending matching studies to a model and destinations."""
+    """``[[routes]]``: a rule sending matching series to a model and its results to destinations.
+
+    ``match`` maps DICOM keywords (and ``CallingAETitle``) to a value, a list of values (any
+    matches), a wildcard pattern (``*``, ``?``) or a regular expression written ``/.../``.
+    """
 
     name: str
     match: dict[str, str | list[str]] = Field(default_factory=dict)
     model: str
     destinations: list[str] = Field(default_factory=list)
+    # The SR is always sent; a SEG (segmentation models) and a heat-map Secondary Capture
+    # (classifiers, Grad-CAM) on request.
+    send_seg: bool = False
+    send_heatmap: bool = False
+
+    @field_validator("match")
+    @classmethod
+    def _patterns(cls, value: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        from dicom_ai.routing import check_match  # the matcher owns its syntax
+
+        check_match(value)
+        return value
+
+
+class WorkerSettings(_Section):
+    """``[workers]``: where jobs run and how failures are retried."""
+
+    # "local": a supervised pool of worker processes inside `serve`; "celery": `dicom-ai
+    # worker` processes fed through a broker (serve only routes and publishes job ids).
+    backend: Literal["local", "celery"] = "local"
+    processes: Annotated[int, Field(ge=0, le=64)] = 1
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    queue: str = "dicom-ai"
+    lease_seconds: Annotated[float, Field(gt=0)] = 300.0
+    max_attempts: Annotated[int, Field(ge=1)] = 3
+    retry_backoff_seconds: Annotated[float, Field(ge=0)] = 10.0
+    # A pending job not picked up within this time is handed out again (a lost message).
+    redispatch_seconds: Annotated[float, Field(gt=0)] = 60.0
+    poll_seconds: Annotated[float, Field(gt=0)] = 1.0
+
+
+class DeliverySettings(_Section):
+    """``[delivery]``: sending results to destinations (durable outbox, retried forever)."""
+
+    retry_initial_seconds: Annotated[float, Field(gt=0)] = 5.0
+    retry_max_seconds: Annotated[float, Field(gt=0)] = 60.0
+    poll_seconds: Annotated[float, Field(gt=0)] = 1.0
 
 
 class Settings(BaseSettings):
@@ -183,6 +228,8 @@ class Settings(BaseSettings):
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     destinations: list[Destination] = Field(default_factory=list)
     sources: list[Source] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)

@@ -8,7 +8,8 @@
     │   ├── InvalidUIDError    a UID that is not DICOM UID syntax (never becomes a path)
     │   └── OutOfSpaceError    free space below ``storage.min_free_bytes``
     ├── IngestError            a received instance is refused; carries its DIMSE status
-    └── NetworkError           association refused, aborted or timed out as a requestor
+    ├── NetworkError           association refused, aborted or timed out as a requestor
+    └── JobError               a job cannot run; says whether a retry could help
 
 Code that refuses a received instance raises :class:`IngestError` with the DIMSE status
 to answer; the C-STORE handler maps everything else to "cannot understand".
@@ -56,3 +57,19 @@ class IngestError(DicomAIError):
 
 class NetworkError(DicomAIError):
     """An association could not be established or was aborted."""
+
+
+class JobError(DicomAIError):
+    """A job cannot complete; ``retryable`` is False when trying again cannot help.
+
+    Parameters
+    ----------
+    message : str
+        Why, for the job row and the operator.
+    retryable : bool
+        True for passing trouble (a busy resource), False for the input or the configuration.
+    """
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable

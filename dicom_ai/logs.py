@@ -42,3 +42,5 @@ def setup_logging(settings: LoggingSettings) -> None:
     root.setLevel(settings.level)
     # pynetdicom logs every PDU at DEBUG and each association at INFO: keep it quieter.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    # highdicom logs each module it copies at INFO; Celery's own INFO lines stay.
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, root.level))

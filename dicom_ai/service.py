@@ -1,9 +1,11 @@
-"""The ``serve`` process: recovery, receivers, completion monitor, clean shutdown.
+"""The ``serve`` process: recovery, receivers, completion, routing, workers, outbox, shutdown.
 
 With ``[dicom] receivers = 1`` the receiver runs in this process. With more, this process
 listens and hands each new connection to the least-busy of N receiver processes
 (:mod:`dicom_ai.network.balancer`), which it supervises and restarts if one dies; it also runs
-the completion monitor. TensorFlow is never imported here.
+the completion monitor. Completed studies are routed into jobs (:mod:`dicom_ai.dispatch.scheduler`)
+that run in a local pool of worker processes or on Celery workers, and results leave through
+the outbox (:mod:`dicom_ai.dispatch.delivery`). TensorFlow is never imported here.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import multiprocessing.synchronize
+import re
 import signal
 import threading
 import time
@@ -20,6 +23,9 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from dicom_ai.config import Settings
+from dicom_ai.dispatch.delivery import OutboxSender
+from dicom_ai.dispatch.local import LocalPool
+from dicom_ai.dispatch.scheduler import Dispatcher, Scheduler
 from dicom_ai.ingest.completion import CompletionEvent, CompletionMonitor, MppsService
 from dicom_ai.ingest.recovery import RecoveryReport, mark_clean_shutdown, recover
 from dicom_ai.ingest.spool import Ingestor, request_reconcile
@@ -52,6 +58,11 @@ def build_components(settings: Settings) -> Components:
         ingestor=Ingestor(store, db, settings.storage),
         mpps=MppsService(db),
     )
+
+
+def _redact(url: str) -> str:
+    """A broker URL without its password, for logs."""
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)
 
 
 class _TerminatedError(Exception):
@@ -108,6 +119,10 @@ class Service:
         self._monitor: CompletionMonitor | None = None
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._scheduler: Scheduler | None = None
+        self._sender: OutboxSender | None = None
+        self._celery: Any = None
+        self.pool: LocalPool | None = None
 
     def start(self) -> None:
         """Migrate, recover, start the receiver(s) and the completion monitor."""
@@ -136,9 +151,41 @@ class Service:
             self._supervisor.start()
             LOGGER.info("listening on %s:%s; %d receivers, the processes join as they start",
                         *self.address, self.settings.dicom.receivers)
+        self._start_loop(parts)
         self._monitor = CompletionMonitor(parts.db, self.settings.completion,
-                                          self.on_event)
+                                          self._announce)
         self._monitor.start()
+
+    def _start_loop(self, parts: Components) -> None:
+        """Scheduler (routing, dispatch), the worker pool or Celery publisher, the outbox."""
+        workers = self.settings.workers
+        sender = OutboxSender(self.settings, parts.db)
+        dispatcher: Dispatcher | None = None
+        if workers.backend == "celery":
+            from dicom_ai.dispatch.celery_backend import CeleryDispatcher
+
+            self._celery = CeleryDispatcher(self.settings)
+            dispatcher = self._celery
+        elif workers.processes > 0:
+            self.pool = LocalPool(self.settings, parts.db, on_done=lambda *_: sender.wake())
+            self.pool.start()
+            dispatcher = self.pool
+        self._scheduler = Scheduler(self.settings, parts.db, dispatcher)
+        self._scheduler.start()
+        self._sender = sender
+        sender.start()
+        self._scheduler.wake()  # re-dispatch what was pending before a restart, now
+        LOGGER.info("workers: %s; %d route(s), %d destination(s)",
+                    "celery via " + _redact(workers.broker_url) if workers.backend == "celery"
+                    else f"{workers.processes} local process(es)" if workers.processes
+                    else "none in this process",
+                    len(self.settings.routes), len(self.settings.destinations))
+
+    def _announce(self, event: CompletionEvent) -> None:
+        if self._scheduler is not None:
+            self._scheduler.wake()
+        if self.on_event is not None:
+            self.on_event(event)
 
     def _spawn(self, slot: int) -> tuple[mp.process.BaseProcess, mp.synchronize.Event]:
         assert self._balancer is not None
@@ -198,6 +245,14 @@ class Service:
                 clean = False
         if self._monitor is not None:
             self._monitor.stop()
+        if self._scheduler is not None:
+            self._scheduler.stop()
+        if self.pool is not None:
+            self.pool.stop()
+        if self._sender is not None:
+            self._sender.stop()
+        if self._celery is not None:
+            self._celery.close()
         if self._parts is not None:
             self._parts.db.dispose()
             if clean:

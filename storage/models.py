@@ -12,8 +12,10 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -180,3 +182,148 @@ class QuarantineRecord(Base):
     calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
     sop_instance_uid: Mapped[str] = mapped_column(String(128), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+# -- closing the loop: routing, jobs, findings, result objects, outbox -------------------------
+# Job states. A failed attempt that may be retried goes back to PENDING with a later
+# ``not_before``; FAILED is terminal (attempts exhausted or an error no retry can fix).
+PENDING = "pending"
+RUNNING = "running"
+DONE = "done"
+FAILED = "failed"
+# Outbox states: PENDING until the destination answered success (or a warning); never dropped.
+SENT = "sent"
+
+
+class RoutingDecision(Base):
+    """What routing decided for one series of a completed study (matched or not, and why)."""
+
+    __tablename__ = "routing_decisions"
+    __table_args__ = (Index("ix_routing_study", "study_instance_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event_id: Mapped[int | None] = mapped_column(Integer)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    # The matching route, or None: the series matched no route (recorded, never dropped).
+    route: Mapped[str | None] = mapped_column(String(64))
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Job(Base):
+    """One model run over the matching series of one study, for one route.
+
+    The database row is the durable truth; dispatchers carry only its id. A worker claims it by
+    a conditional update that sets ``lease_owner``/``lease_expires_at``; a job whose lease expired
+    (a killed worker) is claimable again. Completion is conditional on still holding the lease,
+    so a job runs at most once to completion.
+    """
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_state_due", "state", "not_before"),
+        Index("ix_jobs_study_route", "study_instance_uid", "route"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    # JSON list of the series the route matched.
+    series_instance_uids: Mapped[str] = mapped_column(Text, default="[]")
+    route: Mapped[str] = mapped_column(String(64))
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    not_before: Mapped[datetime] = mapped_column(UTCDateTime())
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    error: Mapped[str | None] = mapped_column(Text)
+    # The earlier job of the same study and route whose results this one replaces.
+    supersedes_job_id: Mapped[int | None] = mapped_column(Integer)
+    event_id: Mapped[int | None] = mapped_column(Integer)
+    # Seconds per stage of the last successful run (JSON), for the e2e benchmark and operators.
+    timings: Mapped[str] = mapped_column(Text, default="{}")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class FindingRecord(Base):
+    """One model output on one image, decided at the model's threshold."""
+
+    __tablename__ = "findings"
+    __table_args__ = (
+        UniqueConstraint("job_id", "ordinal"),
+        Index("ix_findings_study", "study_instance_uid"),
+        Index("ix_findings_model", "model_name", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    ordinal: Mapped[int] = mapped_column(Integer)
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    frame_number: Mapped[int | None] = mapped_column(Integer)
+    model_name: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str] = mapped_column(String(32))
+    code_value: Mapped[str] = mapped_column(String(64))
+    code_scheme: Mapped[str] = mapped_column(String(16))
+    code_meaning: Mapped[str] = mapped_column(String(64))
+    probability: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    present: Mapped[bool] = mapped_column(Boolean)
+    # "point" | "bbox" | "segment" | None, with its geometry as JSON (image pixels, row/col).
+    location_kind: Mapped[str | None] = mapped_column(String(16))
+    location: Mapped[str | None] = mapped_column(Text)
+    segment_number: Mapped[int | None] = mapped_column(Integer)
+    # The heat-map Secondary Capture of the finding's image, when one was made.
+    heatmap_path: Mapped[str | None] = mapped_column(String(260))
+    tracking_uid: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    superseded_by_job_id: Mapped[int | None] = mapped_column(Integer)
+
+
+class ResultObject(Base):
+    """A DICOM object a job produced (SR, SEG, heat-map SC), stored under ``results/``."""
+
+    __tablename__ = "result_objects"
+    __table_args__ = (Index("ix_results_job", "job_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    kind: Mapped[str] = mapped_column(String(16))  # sr | seg | heatmap
+    sr_kind: Mapped[str | None] = mapped_column(String(16))  # comprehensive | comprehensive3d
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(260))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class OutboxItem(Base):
+    """One result object to deliver to one destination, retried with backoff until it is."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        UniqueConstraint("result_id", "destination"),
+        Index("ix_outbox_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("result_objects.id"))
+    job_id: Mapped[int] = mapped_column(Integer)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -1,0 +1,1 @@
+"""Jobs to workers and results to destinations: scheduler, local pool, Celery, outbox."""

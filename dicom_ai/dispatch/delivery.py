@@ -1,0 +1,152 @@
+"""Sending results back: the outbox, drained by C-STORE with durable retries and backoff.
+
+Every result object has one outbox row per destination, written in the same transaction that
+completed its job. :class:`OutboxSender` claims due rows (a short lease, so several serve
+processes never send the same row at once), sends each destination's files on one
+association, and marks each row sent or schedules the next attempt
+(``retry_initial_seconds`` doubling up to ``retry_max_seconds``). A row is never given up: a
+destination down for hours receives everything once it is back, and a restart in between loses
+nothing because the rows, not memory, hold the work.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from datetime import UTC, datetime
+
+from dicom_ai.config import Settings
+from dicom_ai.network.scu import FileToSend, Peer, send_files
+from storage import jobs
+from storage.db import Database
+from storage.filestore import FileStore
+
+LOGGER = logging.getLogger(__name__)
+
+__all__ = ["OutboxSender", "retry_delay"]
+
+# How long a sender may hold claimed rows before another sender may take them.
+CLAIM_SECONDS = 120.0
+
+
+def retry_delay(attempts: int, initial: float, maximum: float) -> float:
+    """Seconds before the next attempt after `attempts` failed ones (exponential, capped)."""
+    return float(min(maximum, initial * 2 ** max(0, attempts - 1)))
+
+
+class OutboxSender:
+    """Drains the outbox on a polling thread.
+
+    Parameters
+    ----------
+    settings : Settings
+        Destinations, our AE title/TLS material, delivery policy.
+    db : Database
+        The shared database.
+    """
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = FileStore(settings.storage.root)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def wake(self, *_: object) -> None:
+        """Send now rather than at the next poll."""
+        self._wake.set()
+
+    def send_due(self, now: datetime | None = None) -> int:
+        """Send every due row once; returns how many were delivered."""
+        now = now or datetime.now(UTC)
+        with self.db.write_session() as session:
+            claimed = jobs.claim_outbox(session, now=now, lease_seconds=CLAIM_SECONDS)
+        if not claimed:
+            return 0
+        by_destination: dict[str, list[jobs.Delivery]] = defaultdict(list)
+        for item in claimed:
+            by_destination[item.destination].append(item)
+        delivered = 0
+        peers = {d.name: Peer(d.ae_title, d.host, d.port, d.tls)
+                 for d in self.settings.destinations}
+        policy = self.settings.delivery
+        for name, items in by_destination.items():
+            outcome: dict[int, tuple[bool, str]] = {}
+            peer = peers.get(name)
+            if peer is None:
+                outcome = {i.outbox_id: (False, f"destination {name!r} is not configured")
+                           for i in items}
+            else:
+                outcome = self._send(peer, items)
+            with self.db.write_session() as session:
+                for item in items:
+                    ok, detail = outcome[item.outbox_id]
+                    if ok:
+                        jobs.mark_sent(session, item.outbox_id, now=datetime.now(UTC),
+                                       detail=detail)
+                        delivered += 1
+                    else:
+                        delay = retry_delay(item.attempts, policy.retry_initial_seconds,
+                                            policy.retry_max_seconds)
+                        jobs.mark_retry(session, item.outbox_id, now=datetime.now(UTC),
+                                        error=detail, delay_seconds=delay)
+            failed = sum(1 for ok, _ in outcome.values() if not ok)
+            if failed:
+                first = next(d for ok, d in outcome.values() if not ok)
+                LOGGER.warning("%d of %d result(s) not delivered to %s; retrying: %s", failed,
+                               len(items), name, first)
+            else:
+                LOGGER.info("delivered %d result(s) to %s", len(items), name)
+        return delivered
+
+    def _send(self, peer: Peer, items: list[jobs.Delivery]) -> dict[int, tuple[bool, str]]:
+        files: list[FileToSend] = []
+        outcome: dict[int, tuple[bool, str]] = {}
+        by_path: dict[str, int] = {}
+        for item in items:
+            path = self.store.absolute(item.path)
+            if not path.is_file():  # deleted by hand: nothing to retry
+                outcome[item.outbox_id] = (False, f"result file {item.path} is missing")
+                continue
+            files.append(FileToSend(path, item.sop_class_uid, _transfer_syntax(path)))
+            by_path[str(path)] = item.outbox_id
+        if files:
+            report = send_files(files, peer, self.settings.dicom)
+            failures = dict(report.failures)
+            for path_text, outbox_id in by_path.items():
+                if path_text in failures:
+                    outcome[outbox_id] = (False, failures[path_text])
+                else:
+                    outcome[outbox_id] = (True, "")
+        return outcome
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.delivery.poll_seconds)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self.send_due()
+            except Exception:  # the database may be briefly unavailable: next poll retries
+                LOGGER.exception("outbox run failed; retrying")
+
+    def start(self) -> None:
+        """Poll every ``delivery.poll_seconds`` in a daemon thread."""
+        self._thread = threading.Thread(target=self._loop, name="outbox", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop polling (a send in progress finishes first)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+
+def _transfer_syntax(path: object) -> str:
+    from pydicom.filereader import read_file_meta_info
+
+    return str(read_file_meta_info(str(path)).TransferSyntaxUID)

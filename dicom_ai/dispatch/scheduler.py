@@ -1,0 +1,173 @@
+"""From completed studies to dispatched jobs: routing events, re-dispatching what is due.
+
+:class:`Scheduler` runs in every ``serve`` process (and in ``dicom-ai worker``). Each tick it
+
+1. takes pending ``study.complete`` events (each is taken by one process only), matches every
+   series of the study against ``[[routes]]``, records each decision (a series that matches no
+   route is recorded as unrouted: visible, never silently dropped) and creates one job per
+   matching route covering the matching series;
+2. hands due jobs to the dispatcher: new ones, retries whose delay has passed, pending ones not
+   picked up in time, and running ones whose worker's lease expired.
+
+The dispatcher only carries job ids; the job rows are the truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Protocol
+
+from dicom_ai.config import Settings
+from dicom_ai.exceptions import ConfigError
+from dicom_ai.routing import evaluate_file
+from storage import jobs
+from storage.db import Database
+from storage.filestore import FileStore
+from storage.repository import STUDY_COMPLETE, pending_events
+
+LOGGER = logging.getLogger(__name__)
+
+__all__ = ["Dispatcher", "Scheduler"]
+
+
+class Dispatcher(Protocol):
+    """Carries job ids to workers (the local pool or a Celery broker)."""
+
+    def submit(self, job_ids: list[int]) -> None:
+        """Hand jobs to workers; the same id twice is harmless (one claim wins)."""
+
+
+class Scheduler:
+    """Routes completion events into jobs and dispatches due jobs, on a polling thread.
+
+    Parameters
+    ----------
+    settings : Settings
+        Routes, worker policy.
+    db : Database
+        The shared database.
+    dispatcher : Dispatcher, optional
+        Where due jobs go; None routes only (jobs then wait for a worker's own scheduler).
+    """
+
+    def __init__(self, settings: Settings, db: Database,
+                 dispatcher: Dispatcher | None) -> None:
+        self.settings = settings
+        self.db = db
+        self.store = FileStore(settings.storage.root)
+        self.dispatcher = dispatcher
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.on_routed: Callable[[int], None] | None = None
+
+    def wake(self, *_: object) -> None:
+        """Run a tick now (e.g. right after a completion event), not at the next poll."""
+        self._wake.set()
+
+    def tick(self, now: datetime | None = None) -> list[int]:
+        """Route pending events and dispatch due jobs once; returns the job ids dispatched."""
+        self.route_pending(now)
+        return self.dispatch_due(now)
+
+    def route_pending(self, now: datetime | None = None) -> list[int]:
+        """Turn pending ``study.complete`` events into jobs; returns the new job ids."""
+        created: list[int] = []
+        with self.db.sessions() as session:
+            events = pending_events(session, kinds=[STUDY_COMPLETE])
+            session.expunge_all()
+        for event in events:
+            now = now or datetime.now(UTC)
+            with self.db.write_session() as session:
+                if not jobs.take_event(session, event.id, now):
+                    continue  # another process routes it
+                created += self._route_study(session, event.id, event.study_instance_uid, now)
+        return created
+
+    def _route_study(self, session: jobs.Session, event_id: int, study_uid: str,
+                     now: datetime) -> list[int]:
+        routes = [(r.name, dict(r.match)) for r in self.settings.routes]
+        by_name = {r.name: r for r in self.settings.routes}
+        matched: dict[str, list[str]] = defaultdict(list)
+        reasons: dict[str, list[tuple[str, str | None, str]]] = defaultdict(list)
+        for series in jobs.series_of_study(session, study_uid):
+            try:
+                results = evaluate_file(routes, self.store.absolute(series.first_path),
+                                        series.calling_ae_titles)
+            except ConfigError as exc:
+                jobs.record_decision(session, event_id=event_id, study_instance_uid=study_uid,
+                                     series_instance_uid=series.series_instance_uid,
+                                     route=None, job_id=None, reason=str(exc), now=now)
+                continue
+            hits = [r for r in results if r.matched]
+            if not hits:
+                why = "; ".join(f"{r.route}: {r.reason}" for r in results) or "no routes"
+                jobs.record_decision(session, event_id=event_id, study_instance_uid=study_uid,
+                                     series_instance_uid=series.series_instance_uid,
+                                     route=None, job_id=None, reason=f"unrouted ({why})",
+                                     now=now)
+                LOGGER.info("study %s series %s matches no route", study_uid,
+                            series.series_instance_uid)
+                continue
+            for hit in hits:
+                matched[hit.route].append(series.series_instance_uid)
+                reasons[hit.route].append((series.series_instance_uid, hit.route, hit.reason))
+        created: list[int] = []
+        for route_name, series_uids in matched.items():
+            route = by_name[route_name]
+            job = jobs.create_job(
+                session, study_instance_uid=study_uid, series_instance_uids=series_uids,
+                route=route_name, model_name=route.model,
+                max_attempts=self.settings.workers.max_attempts, event_id=event_id, now=now)
+            for series_uid, name, reason in reasons[route_name]:
+                jobs.record_decision(session, event_id=event_id, study_instance_uid=study_uid,
+                                     series_instance_uid=series_uid, route=name, job_id=job.id,
+                                     reason=reason, now=now)
+            created.append(job.id)
+            LOGGER.info("study %s -> route %s: job %d (%d series, model %s)", study_uid,
+                        route_name, job.id, len(series_uids), route.model)
+        return created
+
+    def dispatch_due(self, now: datetime | None = None) -> list[int]:
+        """Hand every due job to the dispatcher (see :func:`storage.jobs.due_jobs`)."""
+        if self.dispatcher is None:
+            return []
+        with self.db.write_session() as session:
+            due = jobs.due_jobs(session, now=now or datetime.now(UTC),
+                                redispatch_after=self.settings.workers.redispatch_seconds)
+        if due:
+            try:
+                self.dispatcher.submit(due)
+            except Exception:  # the broker is down: the rows stay due and go out later
+                LOGGER.exception("dispatching jobs %s failed; will retry", due)
+                with self.db.write_session() as session:
+                    jobs.undispatch(session, due)
+                return []
+        return due
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.settings.workers.poll_seconds)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self.tick()
+            except Exception:  # the database may be briefly unavailable: next tick retries
+                LOGGER.exception("scheduler tick failed; retrying")
+
+    def start(self) -> None:
+        """Tick every ``workers.poll_seconds`` (and on :meth:`wake`) in a daemon thread."""
+        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread and wait for it."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

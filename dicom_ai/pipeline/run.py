@@ -1,0 +1,549 @@
+"""One job, start to end: the readable chain a worker runs.
+
+    claim (lease) -> load frames -> preprocess -> inference (+ Grad-CAM) -> findings
+      -> SR / SEG / heat-map SC files -> findings, results and outbox rows (one transaction)
+
+:class:`JobRunner` is what both dispatch backends call with a job id: the local pool's worker
+processes and Celery tasks. It keeps models loaded between jobs. Everything a job writes is
+keyed on the job: result UIDs derive from the job, files are overwritten by a retry, and
+:func:`storage.jobs.complete_job` commits only while the lease is still ours, so a job whose
+worker was presumed dead cannot complete twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from dicom_ai import __version__
+from dicom_ai.config import Route, Settings, SRKind
+from dicom_ai.exceptions import ConfigError, DicomAIError, JobError
+from dicom_ai.inference.postprocess import detections, point_to_image, to_image_space
+from dicom_ai.inference.registry import Registry
+from dicom_ai.inference.runtime import InferenceError, Predictor, load_predictor
+from dicom_ai.inference.spec import ModelSpec
+from dicom_ai.pipeline.findings import Finding, HeatMap, Location, ModelRun
+from dicom_ai.pipeline.loading import DecodeError, Frame, LoadError, load_frames
+from dicom_ai.pipeline.preprocessing import (
+    PreprocessingError,
+    grey_to_unit,
+    luminance,
+    mask_bits_stored,
+    preprocess_frame,
+)
+from storage import jobs
+from storage.db import Database
+from storage.filestore import FileStore, fsync_dir
+
+LOGGER = logging.getLogger(__name__)
+
+__all__ = ["Analysis", "JobRunner", "ModelCache", "analyse", "result_uid"]
+
+GREY = ("MONOCHROME1", "MONOCHROME2")
+
+
+# -- the analysis: frames in, a ModelRun out --------------------------------------------------
+@dataclass
+class Analysis:
+    """A :class:`ModelRun` plus the frames it came from and the time each stage took."""
+
+    run: ModelRun
+    datasets: list[Dataset]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _display(frame: Frame, predictor: Predictor) -> NDArray[np.float32]:
+    """The frame at full size as the model saw it (windowed grey 0..1): the overlay's background."""
+    ds = frame.dataset
+    arr = mask_bits_stored(frame.array, ds)
+    if str(ds.get("PhotometricInterpretation", "")) in GREY and arr.ndim == 2:
+        return grey_to_unit(arr, ds, window=predictor.spec.preprocessing.window_values)
+    bits = int(ds.get("BitsStored", 8) or 8)
+    return np.asarray(luminance(arr.astype(np.float32) / float(2**bits - 1)), dtype=np.float32)
+
+
+def _frame_number(frame: Frame) -> int | None:
+    return frame.frame_index + 1 if int(frame.dataset.get("NumberOfFrames", 1) or 1) > 1 else None
+
+
+def _tracking_uid(seed: str, *parts: object) -> str:
+    return str(generate_uid(entropy_srcs=["dicom-ai-tracking", seed, *map(str, parts)]))
+
+
+def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
+            explain: bool = True, explainer: Any = None) -> Analysis:
+    """Run one model over the files of a series (or several series) and decide its findings.
+
+    Parameters
+    ----------
+    paths : sequence of Path
+        The instances to analyse.
+    predictor : Predictor
+        The loaded model.
+    seed : str
+        Makes tracking UIDs deterministic per job (a retry reports the same UIDs).
+    explain : bool
+        Compute Grad-CAM heat-maps for classifiers (the heat-map SC and the point location of
+        present findings); needs `explainer`.
+    explainer : callable, optional
+        ``explainer(images, output_index=k) -> (N, H, W)`` maps, e.g. a
+        :class:`~dicom_ai.inference.explain.GradCam`.
+
+    Returns
+    -------
+    Analysis
+
+    Raises
+    ------
+    JobError
+        The images cannot be decoded or do not suit the model (not retryable), or the model
+        failed (retryable).
+    """
+    spec = predictor.spec
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        frames = load_frames(paths)
+    except (DecodeError, LoadError) as exc:
+        raise JobError(f"cannot load the images: {exc}", retryable=False) from exc
+    timings["load"] = time.perf_counter() - started
+    _check_applies(spec, frames)
+
+    started = time.perf_counter()
+    try:
+        inputs = np.stack([preprocess_frame(f.array, f.dataset, spec.preprocessing)
+                           for f in frames])
+    except PreprocessingError as exc:
+        raise JobError(f"{spec.name} {spec.version} cannot take these images: {exc}",
+                       retryable=False) from exc
+    timings["preprocess"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    try:
+        outputs = predictor.predict(inputs)
+    except InferenceError as exc:
+        raise JobError(str(exc), retryable=True) from exc
+    timings["inference"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    findings: list[Finding] = []
+    heatmaps: list[HeatMap] = []
+    if spec.task == "classification":
+        maps = _explain(explainer, inputs, outputs, spec) if explain else {}
+        timings["explain"] = time.perf_counter() - started
+        started = time.perf_counter()
+        for i, frame in enumerate(frames):
+            shape = (int(frame.dataset.Rows), int(frame.dataset.Columns))
+            for k, label in enumerate(spec.outputs):
+                probability = float(outputs[i, k])
+                present = probability >= label.threshold
+                location = None
+                heat = maps.get((i, k))
+                if heat is not None:
+                    image_heat = to_image_space(heat, spec.preprocessing, shape)
+                    if k == 0:
+                        heatmaps.append(HeatMap(frame.sop_instance_uid, image_heat,
+                                                _display(frame, predictor), _frame_number(frame)))
+                    if present:
+                        r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+                        point = point_to_image(r + 0.5, c + 0.5, spec.preprocessing, shape)
+                        location = Location("point", frame.sop_instance_uid,
+                                            _frame_number(frame), point=point)
+                findings.append(Finding(
+                    label=label.name, finding=label.finding, finding_site=label.finding_site,
+                    probability=probability, threshold=label.threshold, present=present,
+                    sop_instance_uids=(frame.sop_instance_uid,), location=location,
+                    tracking_uid=_tracking_uid(seed, frame.sop_instance_uid, frame.frame_index,
+                                               label.name),
+                ))
+    else:
+        segment = 0
+        for i, frame in enumerate(frames):
+            shape = (int(frame.dataset.Rows), int(frame.dataset.Columns))
+            for k, label in enumerate(spec.outputs):
+                prob_map = outputs[i, ..., k]
+                found = detections(prob_map, spec.preprocessing, shape,
+                                   threshold=label.threshold,
+                                   min_component_pixels=spec.min_component_pixels)
+                def finding(probability: float, present: bool, n: int,
+                            location: Location | None = None,
+                            label: Any = label, frame: Frame = frame) -> Finding:
+                    return Finding(
+                        label=label.name, finding=label.finding,
+                        finding_site=label.finding_site, threshold=label.threshold,
+                        sop_instance_uids=(frame.sop_instance_uid,),
+                        probability=probability, present=present, location=location,
+                        tracking_uid=_tracking_uid(seed, frame.sop_instance_uid,
+                                                   frame.frame_index, label.name, n),
+                    )
+
+                if not found:
+                    findings.append(finding(float(prob_map.max()), False, 0))
+                for n, det in enumerate(found):
+                    segment += 1
+                    findings.append(finding(det.max_probability, True, n, Location(
+                        "segment", frame.sop_instance_uid, _frame_number(frame),
+                        point=det.centroid, bbox=det.bbox, segment_number=segment,
+                        mask=det.mask, area_pixels=det.area_pixels)))
+    timings["findings"] = time.perf_counter() - started
+    first = frames[0].dataset
+    run = ModelRun(
+        model_name=spec.name, model_version=spec.version, task=spec.task,
+        study_instance_uid=str(first.StudyInstanceUID),
+        series_instance_uid=str(first.SeriesInstanceUID),
+        findings=findings, heatmaps=heatmaps,
+    )
+    unique: dict[str, Dataset] = {}
+    for frame in frames:
+        unique.setdefault(frame.sop_instance_uid, frame.dataset)
+    return Analysis(run, list(unique.values()), timings)
+
+
+def _check_applies(spec: ModelSpec, frames: Sequence[Frame]) -> None:
+    if not frames:
+        raise JobError("the series holds no frames", retryable=False)
+    if spec.preprocessing.target_spacing is not None:
+        raise JobError(f"{spec.name} {spec.version} is a volume model (target_spacing); "
+                       "serving runs 2D models frame by frame", retryable=False)
+    if spec.modalities:
+        modalities = {str(f.dataset.get("Modality", "")) for f in frames}
+        wrong = sorted(modalities - set(spec.modalities))
+        if wrong:
+            raise JobError(f"{spec.name} {spec.version} applies to "
+                           f"{', '.join(spec.modalities)}, not {', '.join(wrong)}",
+                           retryable=False)
+
+
+def _explain(explainer: Any, inputs: NDArray[np.float32], outputs: NDArray[np.float32],
+             spec: ModelSpec) -> dict[tuple[int, int], NDArray[np.float32]]:
+    """Grad-CAM maps keyed (frame, output): output 0 for every frame (the SC), others if present."""
+    if explainer is None:
+        return {}
+    maps: dict[tuple[int, int], NDArray[np.float32]] = {}
+    for k, label in enumerate(spec.outputs):
+        wanted = list(range(len(inputs))) if k == 0 else [
+            i for i in range(len(inputs)) if outputs[i, k] >= label.threshold]
+        if not wanted:
+            continue
+        computed = explainer(inputs[wanted], output_index=k)
+        for j, i in enumerate(wanted):
+            maps[(i, k)] = np.asarray(computed[j], dtype=np.float32)
+    return maps
+
+
+# -- models kept loaded ----------------------------------------------------------------------
+class ModelCache:
+    """Loaded predictors (and their Grad-CAM) by name and version, kept for the process' life.
+
+    Parameters
+    ----------
+    registry : Registry
+        Where models are found; the active version of a name is looked up per job, so
+        activating a new version takes effect at the next job without a restart.
+    """
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self._loaded: dict[tuple[str, str], tuple[Predictor, Any]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> tuple[Predictor, Any]:
+        """The active version of `name`, loaded (and its explainer, or None).
+
+        Raises
+        ------
+        JobError
+            Unknown model (not retryable) or a network that cannot load (retryable).
+        """
+        try:
+            entry = self.registry.get(name)
+        except ConfigError as exc:
+            raise JobError(str(exc), retryable=False) from exc
+        key = (entry.name, entry.version)
+        with self._lock:
+            if key not in self._loaded:
+                try:
+                    predictor = load_predictor(entry.path)
+                except InferenceError as exc:
+                    raise JobError(str(exc), retryable=True) from exc
+                except ConfigError as exc:
+                    raise JobError(str(exc), retryable=False) from exc
+                self._loaded[key] = (predictor, _explainer_for(predictor))
+                LOGGER.info("loaded %s in %.2f s", predictor.label, predictor.load_seconds)
+            return self._loaded[key]
+
+
+def _explainer_for(predictor: Predictor) -> Any:
+    """A compiled Grad-CAM for Keras classifiers; None where it does not apply."""
+    if predictor.spec.task != "classification" or predictor.backend != "keras":
+        return None
+    from dicom_ai.inference.explain import GradCam
+
+    try:
+        return GradCam(predictor.model)  # type: ignore[attr-defined]
+    except ValueError as exc:
+        LOGGER.warning("no Grad-CAM for %s: %s", predictor.label, exc)
+        return None
+
+
+# -- results -----------------------------------------------------------------------------------
+def result_uid(job_seed: str, *parts: object) -> str:
+    """A UID for a result object, the same for every attempt of one job."""
+    return str(generate_uid(entropy_srcs=["dicom-ai-result", job_seed, *map(str, parts)]))
+
+
+def _write_atomic(ds: Dataset, path: Path) -> None:
+    """Write a DICOM file whole or not at all (tmp, fsync, rename, fsync the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _headers(paths: Sequence[Path]) -> list[Dataset]:
+    return [dcmread(p, stop_before_pixels=True) for p in paths]
+
+
+# -- the job runner --------------------------------------------------------------------------
+class JobRunner:
+    """Claims and runs jobs by id; one per worker process.
+
+    Parameters
+    ----------
+    settings : Settings
+        The service settings (store, database, routes, destinations, worker policy).
+    owner : str, optional
+        The lease owner name; default ``host:pid:random``.
+    db : Database, optional
+        An open database to share (default: one of its own).
+    """
+
+    def __init__(self, settings: Settings, *, owner: str | None = None,
+                 db: Database | None = None) -> None:
+        self.settings = settings
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.db = db or Database(settings.storage.url)
+        self.store = FileStore(settings.storage.root)
+        self.models = ModelCache(Registry(settings.storage.root / "models"))
+
+    def preload(self, names: Sequence[str]) -> None:
+        """Load the models the routes use now, so the first job pays no load time."""
+        for name in names:
+            try:
+                self.models.get(name)
+            except JobError as exc:
+                LOGGER.error("cannot preload model %s: %s", name, exc)
+
+    def run(self, job_id: int) -> str:
+        """Claim job `job_id` and run it to done or a recorded failure.
+
+        Returns
+        -------
+        str
+            ``"done"``, ``"pending"`` (will be retried), ``"failed"``, or ``"skipped"`` when
+            the job was not claimable (done already, or another worker holds it).
+        """
+        now = datetime.now(UTC)
+        with self.db.write_session() as session:
+            job = jobs.claim_job(session, job_id, owner=self.owner,
+                                 lease_seconds=self.settings.workers.lease_seconds, now=now)
+            if job is None:
+                return "skipped"
+            session.expunge(job)
+        LOGGER.info("job %d (%s, model %s) attempt %d", job.id, job.route, job.model_name,
+                    job.attempts)
+        queued = (now - job.created_at).total_seconds()
+        try:
+            with self._heartbeat(job.id):
+                version, findings, results, timings = self._execute(job)
+        except Exception as exc:
+            retryable = exc.retryable if isinstance(exc, JobError) else True
+            if not isinstance(exc, DicomAIError):
+                LOGGER.exception("job %d crashed", job.id)
+            message = str(exc) if isinstance(exc, DicomAIError) else f"{type(exc).__name__}: {exc}"
+            with self.db.write_session() as session:
+                state = jobs.fail_job(
+                    session, job.id, owner=self.owner, error=message, retryable=retryable,
+                    backoff_seconds=self.settings.workers.retry_backoff_seconds,
+                    now=datetime.now(UTC))
+            LOGGER.warning("job %d attempt %d failed (%s): %s", job.id, job.attempts,
+                           state or "lease lost", message)
+            return state or "skipped"
+        timings = {"queue": queued, **timings}
+        started = time.perf_counter()
+        with self.db.write_session() as session:
+            ok = jobs.complete_job(session, job.id, owner=self.owner, model_version=version,
+                                   findings=findings, results=results, timings=timings,
+                                   now=datetime.now(UTC))
+            if not ok:
+                session.rollback()
+        if not ok:
+            LOGGER.warning("job %d: lease lost before completion; another worker has it", job.id)
+            return "skipped"
+        LOGGER.info("job %d done: %d findings, %d results (commit %.3f s)", job.id,
+                    len(findings), len(results), time.perf_counter() - started)
+        return "done"
+
+    @contextmanager
+    def _heartbeat(self, job_id: int) -> Iterator[None]:
+        """Extend the lease every third of its length while the job runs."""
+        stop = threading.Event()
+        lease = self.settings.workers.lease_seconds
+
+        def beat() -> None:
+            while not stop.wait(lease / 3):
+                try:
+                    with self.db.write_session() as session:
+                        until = datetime.now(UTC) + timedelta(seconds=lease)
+                        if not jobs.extend_lease(session, job_id, owner=self.owner, until=until):
+                            return
+                except Exception:  # the next beat retries; an expired lease is the fallback
+                    LOGGER.exception("lease extension of job %d failed", job_id)
+
+        thread = threading.Thread(target=beat, name=f"lease-{job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+
+    def _route(self, name: str) -> Route:
+        for route in self.settings.routes:
+            if route.name == name:
+                return route
+        raise JobError(f"route {name!r} is no longer configured", retryable=False)
+
+    def _execute(self, job: Any) -> tuple[str, list[dict[str, Any]],
+                                          list[jobs.ResultToStore], dict[str, float]]:
+        route = self._route(job.route)
+        predictor, explainer = self.models.get(job.model_name)
+        series_uids = json.loads(job.series_instance_uids)
+        with self.db.sessions() as session:
+            relative = jobs.instance_paths(session, series_uids)
+            previous = (jobs.results_of_job(session, job.supersedes_job_id)
+                        if job.supersedes_job_id is not None else [])
+        if not relative:
+            raise JobError("the series have no instances (deleted?)", retryable=False)
+        paths = [self.store.absolute(p) for p in relative]
+        seed = f"{job.study_instance_uid}/{job.id}/{job.created_at.isoformat()}"
+        explain = explainer is not None
+        analysis = analyse(paths, predictor, seed=seed, explain=explain, explainer=explainer)
+        started = time.perf_counter()
+        results, heatmap_paths = self._build_results(job, route, analysis, seed, previous)
+        analysis.timings["report"] = time.perf_counter() - started
+        findings = [_finding_row(f, analysis.run, heatmap_paths) for f in analysis.run.findings]
+        return predictor.spec.version, findings, results, analysis.timings
+
+    def _build_results(self, job: Any, route: Route, analysis: Analysis, seed: str,
+                       previous: Sequence[Any]) -> tuple[list[jobs.ResultToStore],
+                                                         dict[str, str]]:
+        from dicom_ai.reporting import (
+            PriorReport,
+            build_heatmap_capture,
+            build_seg,
+            build_sr,
+        )
+
+        run = analysis.run
+        sources = analysis.datasets
+        folder = self.store.root / "results" / run.study_instance_uid / str(job.id)
+        destinations = {d.name: d for d in self.settings.destinations}
+        wanted = [destinations[name] for name in route.destinations if name in destinations]
+        results: list[jobs.ResultToStore] = []
+
+        def keep(ds: Dataset, kind: str, sr_kind: str | None, to: list[str]) -> None:
+            path = folder / f"{ds.SOPInstanceUID}.dcm"
+            _write_atomic(ds, path)
+            results.append(jobs.ResultToStore(
+                kind=kind, sr_kind=sr_kind, study_instance_uid=str(ds.StudyInstanceUID),
+                series_instance_uid=str(ds.SeriesInstanceUID),
+                sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                path=str(path.relative_to(self.store.root)), destinations=to,
+            ))
+
+        version = __version__
+        seg: Dataset | None = None
+        if run.task == "segmentation" and any(
+                f.location is not None and f.location.kind == "segment" for f in run.findings):
+            seg = build_seg(run, sources,
+                            series_instance_uid=result_uid(seed, "seg-series"),
+                            sop_instance_uid=result_uid(seed, "seg"), software_version=version)
+            keep(seg, "seg", None, [d.name for d in wanted] if route.send_seg else [])
+        heatmap_paths: dict[str, str] = {}
+        if route.send_heatmap:
+            series_uid = result_uid(seed, "sc-series")
+            for n, heat in enumerate(run.heatmaps, start=1):
+                source = next(s for s in sources if s.SOPInstanceUID == heat.sop_instance_uid)
+                sc = build_heatmap_capture(heat, source, run, series_instance_uid=series_uid,
+                                           sop_instance_uid=result_uid(seed, "sc", n),
+                                           instance_number=n, software_version=version)
+                keep(sc, "heatmap", None, [d.name for d in wanted])
+                heatmap_paths[heat.sop_instance_uid] = results[-1].path
+        kinds: list[SRKind] = sorted({d.sr_kind for d in wanted}) or ["comprehensive"]
+        for kind in kinds:
+            prior = next((p for p in previous if p.kind == "sr" and p.sr_kind == kind), None)
+            predecessor = None if prior is None else PriorReport(
+                prior.study_instance_uid, prior.series_instance_uid, prior.sop_class_uid,
+                prior.sop_instance_uid)
+            sr = build_sr(run, sources, kind=kind,
+                          series_instance_uid=result_uid(seed, "sr-series", kind),
+                          sop_instance_uid=result_uid(seed, "sr", kind),
+                          predecessor=predecessor, segmentation=seg, software_version=version)
+            keep(sr, "sr", kind, [d.name for d in wanted if d.sr_kind == kind])
+        return results, heatmap_paths
+
+
+def _finding_row(finding: Finding, run: ModelRun,
+                 heatmap_paths: dict[str, str]) -> dict[str, Any]:
+    """A finding as the columns of :class:`storage.models.FindingRecord`."""
+    location = finding.location
+    geometry: dict[str, Any] = {}
+    if location is not None:
+        if location.point is not None:
+            geometry["point"] = [round(v, 2) for v in location.point]
+        if location.bbox is not None:
+            geometry["bbox"] = [round(v, 2) for v in location.bbox]
+        if location.area_pixels is not None:
+            geometry["area_pixels"] = location.area_pixels
+    sop_uid = finding.sop_instance_uids[0]
+    return {
+        "study_instance_uid": run.study_instance_uid,
+        "series_instance_uid": run.series_instance_uid,
+        "sop_instance_uid": sop_uid,
+        "frame_number": location.frame_number if location is not None else None,
+        "model_name": run.model_name,
+        "model_version": run.model_version,
+        "label": finding.label,
+        "code_value": finding.finding.value,
+        "code_scheme": finding.finding.scheme,
+        "code_meaning": finding.finding.meaning,
+        "probability": finding.probability,
+        "threshold": finding.threshold,
+        "present": finding.present,
+        "location_kind": location.kind if location is not None else None,
+        "location": json.dumps(geometry) if geometry else None,
+        "segment_number": location.segment_number if location is not None else None,
+        "heatmap_path": heatmap_paths.get(sop_uid),
+        "tracking_uid": finding.tracking_uid,
+    }

@@ -1,0 +1,172 @@
+"""Declarative routing: which model a completed series goes to, and why (``[[routes]]``).
+
+A route's ``match`` maps DICOM keywords to expected values. A series matches when every key
+matches its header (read from one of its files, without pixel data). A value is:
+
+* a string: equal after trimming spaces, or a wildcard pattern (``*`` any run, ``?`` one
+  character, as in C-FIND matching, PS3.4 C.2.2.2.4), case-sensitive like DICOM code strings;
+* ``/regex/``: a Python regular expression that must match the whole value;
+* a list of the above: any one matches.
+
+A multi-valued attribute (e.g. ImageType) matches when any of its values does, or its whole
+``\\``-joined text does. The pseudo-key ``CallingAETitle`` matches the AE title(s) that sent the
+series. An attribute the header lacks never matches (an empty value matches only ``""``).
+Every route that matches gets the series (one job per route); the order of ``[[routes]]`` is
+the order of the report.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from dicom_ai.exceptions import ConfigError
+
+__all__ = [
+    "CALLING_AE_TITLE",
+    "KeyResult",
+    "RouteMatch",
+    "check_match",
+    "evaluate",
+    "evaluate_file",
+    "header_values",
+]
+
+#: The pseudo-keyword that matches the sender's AE title.
+CALLING_AE_TITLE = "CallingAETitle"
+
+MatchSpec = Mapping[str, str | list[str]]
+
+
+def _as_patterns(expected: str | list[str]) -> list[str]:
+    return [expected] if isinstance(expected, str) else list(expected)
+
+
+def check_match(match: MatchSpec) -> None:
+    """Validate a route's ``match`` table: known keywords, compilable expressions.
+
+    Raises
+    ------
+    ValueError
+        Naming the bad key or pattern (pydantic reports it under ``routes.N.match``).
+    """
+    for key, expected in match.items():
+        if key != CALLING_AE_TITLE and tag_for_keyword(key) is None:
+            raise ValueError(f"{key!r} is not a DICOM keyword (nor {CALLING_AE_TITLE})")
+        patterns = _as_patterns(expected)
+        if not patterns:
+            raise ValueError(f"{key}: an empty list matches nothing")
+        for pattern in patterns:
+            if _is_regex(pattern):
+                try:
+                    re.compile(pattern[1:-1])
+                except re.error as exc:
+                    raise ValueError(f"{key}: bad regular expression {pattern!r}: {exc}") from None
+
+
+def _is_regex(pattern: str) -> bool:
+    return len(pattern) >= 2 and pattern.startswith("/") and pattern.endswith("/")
+
+
+def _value_matches(value: str, pattern: str) -> bool:
+    if _is_regex(pattern):
+        return re.fullmatch(pattern[1:-1], value) is not None
+    if any(c in pattern for c in "*?"):
+        # fnmatchcase treats [] specially; DICOM wildcards don't: escape brackets.
+        escaped = pattern.replace("[", "[[]")
+        return fnmatch.fnmatchcase(value, escaped)
+    return value == pattern.strip()
+
+
+@dataclass(frozen=True)
+class KeyResult:
+    """How one key of a route fared against a series."""
+
+    key: str
+    expected: str | list[str]
+    actual: list[str] | None
+    matched: bool
+
+    def describe(self) -> str:
+        """E.g. ``Modality 'CR' in ['CR', 'DX']: yes``."""
+        shown = "absent" if self.actual is None else (
+            repr(self.actual[0]) if len(self.actual) == 1 else repr(self.actual))
+        return f"{self.key} {shown} ~ {self.expected!r}: {'yes' if self.matched else 'no'}"
+
+
+@dataclass(frozen=True)
+class RouteMatch:
+    """One route against one series: matched or not, key by key."""
+
+    route: str
+    matched: bool
+    keys: tuple[KeyResult, ...]
+
+    @property
+    def reason(self) -> str:
+        """The keys, in words; for a miss, the failing keys first."""
+        ordered = sorted(self.keys, key=lambda k: k.matched)
+        return "; ".join(k.describe() for k in ordered) or "no conditions (matches everything)"
+
+
+def header_values(ds: Dataset, keywords: Iterable[str],
+                  calling_ae_titles: Sequence[str] = ()) -> dict[str, list[str] | None]:
+    """The values routing compares, as lists of strings (None when the header lacks one)."""
+    values: dict[str, list[str] | None] = {}
+    for key in keywords:
+        if key == CALLING_AE_TITLE:
+            values[key] = [a.strip() for a in calling_ae_titles] if calling_ae_titles else None
+            continue
+        if key not in ds:
+            values[key] = None
+            continue
+        raw = ds[key].value
+        if raw is None:
+            values[key] = [""]
+        elif isinstance(raw, MultiValue | list):
+            items = [str(v).strip() for v in raw]
+            values[key] = [*items, "\\".join(items)] if len(items) > 1 else items
+        else:
+            values[key] = [str(raw).strip()]
+    return values
+
+
+def evaluate(routes: Sequence[tuple[str, MatchSpec]],
+             values: Mapping[str, list[str] | None]) -> list[RouteMatch]:
+    """Match each ``(name, match)`` route against a series' values (:func:`header_values`)."""
+    results: list[RouteMatch] = []
+    for name, match in routes:
+        keys: list[KeyResult] = []
+        for key, expected in match.items():
+            actual = values.get(key)
+            ok = actual is not None and any(
+                _value_matches(v, p) for v in actual for p in _as_patterns(expected)
+            )
+            keys.append(KeyResult(key, expected, actual, ok))
+        results.append(RouteMatch(name, all(k.matched for k in keys), tuple(keys)))
+    return results
+
+
+def evaluate_file(routes: Sequence[tuple[str, MatchSpec]], path: Path,
+                  calling_ae_titles: Sequence[str] = ()) -> list[RouteMatch]:
+    """Read one file's header and match every route against it.
+
+    Raises
+    ------
+    ConfigError
+        The file is not readable DICOM.
+    """
+    try:
+        ds = dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises several types for non-DICOM input
+        raise ConfigError(f"{path}: not a readable DICOM file ({exc})") from None
+    keys = {k for _, match in routes for k in match}
+    return evaluate(routes, header_values(ds, keys, calling_ae_titles))

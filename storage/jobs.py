@@ -1,0 +1,406 @@
+"""Routing decisions, jobs, findings, result objects and the outbox: the durable side of the loop.
+
+Every state change is a conditional ``UPDATE`` whose row count says who won, so any number of
+receivers, dispatchers and workers may share one database:
+
+* an event is routed once (:func:`take_event`);
+* a job is claimed by one worker at a time (:func:`claim_job`, a lease that expires when its
+  worker dies) and completed at most once (:func:`complete_job` checks the lease is still ours
+  and writes findings, results and outbox rows in the same transaction, keyed on the job id);
+* an outbox row is sent by one sender at a time (:func:`claim_outbox`), and stays pending with a
+  growing delay until the destination accepts it: nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session as Session  # re-exported for callers' type hints
+
+from storage.models import (
+    DONE,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SENT,
+    Event,
+    FindingRecord,
+    Instance,
+    Job,
+    OutboxItem,
+    ResultObject,
+    RoutingDecision,
+    Series,
+    Study,
+)
+
+
+# -- routing ----------------------------------------------------------------------------------
+def take_event(session: Session, event_id: int, now: datetime) -> bool:
+    """Consume an event if nobody has; True if this caller did (and must route it)."""
+    result = session.execute(
+        update(Event).where(Event.id == event_id, Event.consumed_at.is_(None))
+        .values(consumed_at=now)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """What routing matches on: one series of a study, a representative file, its senders."""
+
+    series_instance_uid: str
+    modality: str
+    body_part_examined: str
+    instance_count: int
+    first_path: str
+    calling_ae_titles: tuple[str, ...]
+
+
+def series_of_study(session: Session, study_instance_uid: str) -> list[SeriesInfo]:
+    """Every series of a study with at least one instance, in series-number order."""
+    rows = session.execute(
+        select(Series.series_instance_uid, Series.modality, Series.body_part_examined,
+               func.count(Instance.id), func.min(Instance.path))
+        .join(Study, Series.study_pk == Study.id)
+        .join(Instance, Instance.series_pk == Series.id)
+        .where(Study.study_instance_uid == study_instance_uid)
+        .group_by(Series.id)
+        .order_by(Series.series_number, Series.id)
+    ).all()
+    found: list[SeriesInfo] = []
+    for uid, modality, body_part, count, first_path in rows:
+        aets = session.scalars(
+            select(Instance.calling_ae_title).distinct()
+            .join(Series, Instance.series_pk == Series.id)
+            .where(Series.series_instance_uid == uid)
+        ).all()
+        found.append(SeriesInfo(uid, modality, body_part, int(count), str(first_path),
+                                tuple(sorted(a for a in aets if a))))
+    return found
+
+
+def instance_paths(session: Session, series_instance_uids: Sequence[str]) -> list[str]:
+    """Store-relative paths of every instance of the given series, in instance-number order."""
+    return list(session.scalars(
+        select(Instance.path)
+        .join(Series, Instance.series_pk == Series.id)
+        .where(Series.series_instance_uid.in_(list(series_instance_uids)))
+        .order_by(Series.series_number, Instance.instance_number, Instance.id)
+    ).all())
+
+
+def record_decision(session: Session, *, event_id: int | None, study_instance_uid: str,
+                    series_instance_uid: str, route: str | None, job_id: int | None,
+                    reason: str, now: datetime) -> None:
+    """Record what routing decided for one series (a non-match too: nothing is silent)."""
+    session.add(RoutingDecision(
+        event_id=event_id, study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid, route=route, job_id=job_id, reason=reason,
+        created_at=now,
+    ))
+
+
+# -- jobs -------------------------------------------------------------------------------------
+def create_job(session: Session, *, study_instance_uid: str, series_instance_uids: Sequence[str],
+               route: str, model_name: str, max_attempts: int, event_id: int | None,
+               now: datetime) -> Job:
+    """Create a pending job; it supersedes the latest earlier job of the same study and route.
+
+    An earlier job that has not started yet is cancelled (this one covers everything it would
+    have); one that ran or runs keeps its results until this one completes and supersedes them.
+    """
+    previous = session.scalars(
+        select(Job).where(Job.study_instance_uid == study_instance_uid, Job.route == route)
+        .order_by(Job.id.desc()).limit(1)
+    ).first()
+    supersedes: int | None = None
+    if previous is not None:
+        cancelled = session.execute(
+            update(Job).where(Job.id == previous.id, Job.state == PENDING, Job.attempts == 0)
+            .values(state=FAILED, error="superseded before it ran (more images arrived)",
+                    finished_at=now)
+        ).rowcount  # type: ignore[attr-defined]
+        supersedes = previous.supersedes_job_id if cancelled else previous.id
+    job = Job(
+        study_instance_uid=study_instance_uid,
+        series_instance_uids=json.dumps(list(series_instance_uids)),
+        route=route, model_name=model_name, state=PENDING, attempts=0,
+        max_attempts=max_attempts, not_before=now, supersedes_job_id=supersedes,
+        event_id=event_id, created_at=now, timings="{}",
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def due_jobs(session: Session, *, now: datetime, redispatch_after: float,
+             limit: int = 500) -> list[int]:
+    """Jobs to hand to a dispatcher now, marked dispatched.
+
+    Pending jobs that are due and were not dispatched within ``redispatch_after`` seconds (a
+    lost broker message or a restarted service), and running jobs whose lease expired (a
+    killed worker). Handing a job out twice is harmless: only one claim wins.
+    """
+    stale = now - timedelta(seconds=redispatch_after)
+    ids = list(session.scalars(
+        select(Job.id).where(or_(
+            and_(Job.state == PENDING, Job.not_before <= now,
+                 or_(Job.dispatched_at.is_(None), Job.dispatched_at <= stale)),
+            # Once per expiry: a job handed out after its lease expired is not handed out again
+            # until a claim renews the lease (and it expires again).
+            and_(Job.state == RUNNING, Job.lease_expires_at < now,
+                 or_(Job.dispatched_at.is_(None), Job.dispatched_at < Job.lease_expires_at)),
+        )).order_by(Job.id).limit(limit)
+    ).all())
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(dispatched_at=now))
+    return ids
+
+
+def undispatch(session: Session, job_ids: Sequence[int]) -> None:
+    """Forget that jobs were dispatched (the broker refused them): they are due again."""
+    session.execute(update(Job).where(Job.id.in_(list(job_ids))).values(dispatched_at=None))
+
+
+def claim_job(session: Session, job_id: int, *, owner: str, lease_seconds: float,
+              now: datetime) -> Job | None:
+    """Take a job for `owner` if it is due and nobody holds a live lease on it.
+
+    A running job whose lease expired counts as a failed attempt of its dead worker: when
+    that used up its attempts, the job becomes failed instead of running again (a poison job
+    that kills workers stops).
+    """
+    lease = now + timedelta(seconds=lease_seconds)
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.state == RUNNING, Job.lease_expires_at < now,
+                          Job.attempts >= Job.max_attempts)
+        .values(state=FAILED, finished_at=now, lease_owner=None,
+                error=func.coalesce(Job.error, "") + "worker lost (lease expired) on the "
+                "last attempt")
+    )
+    claimed = session.execute(
+        update(Job).where(Job.id == job_id, or_(
+            and_(Job.state == PENDING, Job.not_before <= now),
+            and_(Job.state == RUNNING, Job.lease_expires_at < now),
+        )).values(state=RUNNING, lease_owner=owner, lease_expires_at=lease,
+                  attempts=Job.attempts + 1, started_at=now)
+    ).rowcount  # type: ignore[attr-defined]
+    if not claimed:
+        return None
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def expire_leases(session: Session, owner: str, *, now: datetime) -> int:
+    """End the leases of a worker known to be dead, so its jobs are handed out at once."""
+    return int(session.execute(
+        update(Job).where(Job.state == RUNNING, Job.lease_owner == owner)
+        .values(lease_expires_at=now - timedelta(seconds=1), dispatched_at=None)
+    ).rowcount)  # type: ignore[attr-defined]
+
+
+def extend_lease(session: Session, job_id: int, *, owner: str, until: datetime) -> bool:
+    """Push a running job's lease forward; False if the lease is no longer ours."""
+    return bool(session.execute(
+        update(Job).where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == owner)
+        .values(lease_expires_at=until)
+    ).rowcount)  # type: ignore[attr-defined]
+
+
+def fail_job(session: Session, job_id: int, *, owner: str, error: str, retryable: bool,
+             backoff_seconds: float, now: datetime) -> str | None:
+    """Record a failed attempt: back to pending after a delay, or failed for good.
+
+    Returns
+    -------
+    str or None
+        The new state, or None when the lease was no longer ours (nothing changed).
+    """
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None or job.state != RUNNING or job.lease_owner != owner:
+        return None
+    final = not retryable or job.attempts >= job.max_attempts
+    job.state = FAILED if final else PENDING
+    job.error = error[:4000]
+    job.lease_owner = None
+    job.lease_expires_at = None
+    job.dispatched_at = None
+    if final:
+        job.finished_at = now
+    else:  # exponential backoff per attempt
+        job.not_before = now + timedelta(seconds=backoff_seconds * 2 ** (job.attempts - 1))
+    return job.state
+
+
+@dataclass
+class ResultToStore:
+    """A result file written by a worker, and where it must be delivered."""
+
+    kind: str
+    sr_kind: str | None
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: str
+    destinations: list[str] = field(default_factory=list)
+
+
+def complete_job(session: Session, job_id: int, *, owner: str, model_version: str,
+                 findings: Sequence[dict[str, Any]], results: Sequence[ResultToStore],
+                 timings: dict[str, float], now: datetime) -> bool:
+    """Finish a job: findings, result objects and outbox rows, all or nothing.
+
+    Returns False (and writes nothing; the caller rolls back) when the lease is no longer
+    ours: another worker took the job over, and only one may complete it.
+    """
+    done = session.execute(
+        update(Job).where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == owner)
+        .values(state=DONE, finished_at=now, lease_owner=None, lease_expires_at=None,
+                error=None, model_version=model_version, timings=json.dumps(timings))
+    ).rowcount  # type: ignore[attr-defined]
+    if not done:
+        return False
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    for ordinal, values in enumerate(findings):
+        session.add(FindingRecord(job_id=job_id, ordinal=ordinal, created_at=now, **values))
+    for item in results:
+        row = ResultObject(
+            job_id=job_id, kind=item.kind, sr_kind=item.sr_kind,
+            study_instance_uid=item.study_instance_uid,
+            series_instance_uid=item.series_instance_uid,
+            sop_instance_uid=item.sop_instance_uid, sop_class_uid=item.sop_class_uid,
+            path=item.path, created_at=now,
+        )
+        session.add(row)
+        session.flush()
+        for destination in item.destinations:
+            session.add(OutboxItem(result_id=row.id, job_id=job_id, destination=destination,
+                                   state=PENDING, attempts=0, next_attempt_at=now,
+                                   created_at=now))
+    if job.supersedes_job_id is not None:
+        session.execute(
+            update(FindingRecord)
+            .where(FindingRecord.job_id == job.supersedes_job_id,
+                   FindingRecord.superseded_by_job_id.is_(None))
+            .values(superseded_by_job_id=job_id)
+        )
+    return True
+
+
+def results_of_job(session: Session, job_id: int) -> list[ResultObject]:
+    """The result objects a job produced."""
+    return list(session.scalars(
+        select(ResultObject).where(ResultObject.job_id == job_id).order_by(ResultObject.id)
+    ).all())
+
+
+def job(session: Session, job_id: int) -> Job | None:
+    """One job by id."""
+    return session.get(Job, job_id)
+
+
+def list_jobs(session: Session, *, state: str | None = None, limit: int = 100) -> list[Job]:
+    """The newest jobs first, optionally of one state."""
+    query = select(Job).order_by(Job.id.desc()).limit(limit)
+    if state is not None:
+        query = query.where(Job.state == state)
+    return list(session.scalars(query).all())
+
+
+def findings_of_study(session: Session, study_instance_uid: str, *,
+                      current_only: bool = True) -> list[FindingRecord]:
+    """Findings of a study in creation order; by default only those not superseded."""
+    query = select(FindingRecord).where(FindingRecord.study_instance_uid == study_instance_uid)
+    if current_only:
+        query = query.where(FindingRecord.superseded_by_job_id.is_(None))
+    return list(session.scalars(query.order_by(FindingRecord.id)).all())
+
+
+def decisions_of_study(session: Session, study_instance_uid: str) -> list[RoutingDecision]:
+    """Every routing decision recorded for a study, oldest first."""
+    return list(session.scalars(
+        select(RoutingDecision).where(RoutingDecision.study_instance_uid == study_instance_uid)
+        .order_by(RoutingDecision.id)
+    ).all())
+
+
+# -- outbox -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Delivery:
+    """One claimed outbox row with what the sender needs."""
+
+    outbox_id: int
+    destination: str
+    path: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    attempts: int
+
+
+def claim_outbox(session: Session, *, now: datetime, lease_seconds: float,
+                 limit: int = 200) -> list[Delivery]:
+    """Take due pending outbox rows for this sender (a lease, so senders never double-send)."""
+    candidates = session.execute(
+        select(OutboxItem.id).where(
+            OutboxItem.state == PENDING, OutboxItem.next_attempt_at <= now,
+            or_(OutboxItem.lease_expires_at.is_(None), OutboxItem.lease_expires_at < now),
+        ).order_by(OutboxItem.id).limit(limit)
+    ).scalars().all()
+    lease = now + timedelta(seconds=lease_seconds)
+    taken: list[Delivery] = []
+    for outbox_id in candidates:
+        won = session.execute(
+            update(OutboxItem).where(
+                OutboxItem.id == outbox_id, OutboxItem.state == PENDING,
+                or_(OutboxItem.lease_expires_at.is_(None), OutboxItem.lease_expires_at < now),
+            ).values(lease_expires_at=lease, attempts=OutboxItem.attempts + 1)
+        ).rowcount  # type: ignore[attr-defined]
+        if not won:
+            continue
+        item, result = session.execute(
+            select(OutboxItem, ResultObject).join(ResultObject,
+                                                  OutboxItem.result_id == ResultObject.id)
+            .where(OutboxItem.id == outbox_id)
+        ).one()
+        taken.append(Delivery(item.id, item.destination, result.path, result.sop_class_uid,
+                              result.sop_instance_uid, item.attempts))
+    return taken
+
+
+def mark_sent(session: Session, outbox_id: int, *, now: datetime, detail: str) -> None:
+    """The destination accepted the object (success or warning status)."""
+    session.execute(
+        update(OutboxItem).where(OutboxItem.id == outbox_id)
+        .values(state=SENT, sent_at=now, lease_expires_at=None, last_error=detail or None)
+    )
+
+
+def mark_retry(session: Session, outbox_id: int, *, now: datetime, error: str,
+               delay_seconds: float) -> None:
+    """Sending failed: stay pending and try again after `delay_seconds`."""
+    session.execute(
+        update(OutboxItem).where(OutboxItem.id == outbox_id)
+        .values(next_attempt_at=now + timedelta(seconds=delay_seconds), lease_expires_at=None,
+                last_error=error[:2000])
+    )
+
+
+def outbox_counts(session: Session) -> dict[str, int]:
+    """Outbox rows by state."""
+    rows = session.execute(
+        select(OutboxItem.state, func.count()).group_by(OutboxItem.state)
+    ).all()
+    return {str(state): int(count) for state, count in rows}
+
+
+def job_counts(session: Session) -> dict[str, int]:
+    """Jobs by state."""
+    rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+    return {str(state): int(count) for state, count in rows}
