@@ -504,9 +504,6 @@ def evaluate(
         typer.echo(f"report: {out}")
 
 
-if __name__ == "__main__":  # pragma: no cover
-    app()
-
 
 @app.command()
 def worker(
@@ -711,3 +708,7 @@ def demo(
                   f"(results in {result.pacs_folder})")
     if not result.complete:
         raise typer.Exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -227,7 +227,12 @@ class Service:
                     self._children[i] = self._spawn(i + 1)
 
     def stop(self) -> None:
-        """Stop receiving, stop the monitor, and leave the clean-shutdown marker."""
+        """Stop receiving, the monitor, workers and outbox; leave the clean-shutdown marker.
+
+        Calling it again does nothing.
+        """
+        if self._stopping.is_set():
+            return
         self._stopping.set()
         if self._balancer is not None:
             self._balancer.stop()

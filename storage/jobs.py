@@ -110,33 +110,40 @@ def record_decision(session: Session, *, event_id: int | None, study_instance_ui
 def create_job(session: Session, *, study_instance_uid: str, series_instance_uids: Sequence[str],
                route: str, model_name: str, max_attempts: int, event_id: int | None,
                now: datetime) -> Job:
-    """Create a pending job; it supersedes the latest earlier job of the same study and route.
+    """Create a pending job for a study and route.
 
-    An earlier job that has not started yet is cancelled (this one covers everything it would
-    have); one that ran or runs keeps its results until this one completes and supersedes them.
+    An earlier job of the same study and route that has not started yet is cancelled (this one
+    covers everything it would have covered). Earlier results are superseded when this job
+    completes (:func:`complete_job`), not before: until then they stay the current ones.
     """
-    previous = session.scalars(
-        select(Job).where(Job.study_instance_uid == study_instance_uid, Job.route == route)
-        .order_by(Job.id.desc()).limit(1)
-    ).first()
-    supersedes: int | None = None
-    if previous is not None:
-        cancelled = session.execute(
-            update(Job).where(Job.id == previous.id, Job.state == PENDING, Job.attempts == 0)
-            .values(state=FAILED, error="superseded before it ran (more images arrived)",
-                    finished_at=now)
-        ).rowcount  # type: ignore[attr-defined]
-        supersedes = previous.supersedes_job_id if cancelled else previous.id
+    session.execute(
+        update(Job).where(Job.study_instance_uid == study_instance_uid, Job.route == route,
+                          Job.state == PENDING, Job.attempts == 0)
+        .values(state=FAILED, error="superseded before it ran (more images arrived)",
+                finished_at=now)
+    )
     job = Job(
         study_instance_uid=study_instance_uid,
         series_instance_uids=json.dumps(list(series_instance_uids)),
         route=route, model_name=model_name, state=PENDING, attempts=0,
-        max_attempts=max_attempts, not_before=now, supersedes_job_id=supersedes,
-        event_id=event_id, created_at=now, timings="{}",
+        max_attempts=max_attempts, not_before=now, event_id=event_id, created_at=now,
+        timings="{}",
     )
     session.add(job)
     session.flush()
     return job
+
+
+def latest_done_job(session: Session, study_instance_uid: str, route: str, *,
+                    before: int | None = None, after: int | None = None) -> Job | None:
+    """The newest completed job of a study and route, optionally older/newer than a job id."""
+    query = select(Job).where(Job.study_instance_uid == study_instance_uid, Job.route == route,
+                              Job.state == DONE)
+    if before is not None:
+        query = query.where(Job.id < before)
+    if after is not None:
+        query = query.where(Job.id > after)
+    return session.scalars(query.order_by(Job.id.desc()).limit(1)).first()
 
 
 def due_jobs(session: Session, *, now: datetime, redispatch_after: float,
@@ -253,8 +260,14 @@ class ResultToStore:
 
 def complete_job(session: Session, job_id: int, *, owner: str, model_version: str,
                  findings: Sequence[dict[str, Any]], results: Sequence[ResultToStore],
-                 timings: dict[str, float], now: datetime) -> bool:
+                 timings: dict[str, float], now: datetime,
+                 supersedes_job_id: int | None = None) -> bool:
     """Finish a job: findings, result objects and outbox rows, all or nothing.
+
+    The job's findings become the current ones of its study and route: every earlier job's
+    findings are marked superseded by it. If a newer job of the same study and route
+    completed first (this one ran on fewer images), this job's findings are stored already
+    superseded and its results are kept but not sent, so a stale SR never follows a newer one.
 
     Returns False (and writes nothing; the caller rolls back) when the lease is no longer
     ours: another worker took the job over, and only one may complete it.
@@ -262,14 +275,18 @@ def complete_job(session: Session, job_id: int, *, owner: str, model_version: st
     done = session.execute(
         update(Job).where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == owner)
         .values(state=DONE, finished_at=now, lease_owner=None, lease_expires_at=None,
-                error=None, model_version=model_version, timings=json.dumps(timings))
+                error=None, model_version=model_version, timings=json.dumps(timings),
+                supersedes_job_id=supersedes_job_id)
     ).rowcount  # type: ignore[attr-defined]
     if not done:
         return False
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
+    newer = latest_done_job(session, job.study_instance_uid, job.route, after=job_id)
+    superseded_by = newer.id if newer is not None else None
     for ordinal, values in enumerate(findings):
-        session.add(FindingRecord(job_id=job_id, ordinal=ordinal, created_at=now, **values))
+        session.add(FindingRecord(job_id=job_id, ordinal=ordinal, created_at=now,
+                                  superseded_by_job_id=superseded_by, **values))
     for item in results:
         row = ResultObject(
             job_id=job_id, kind=item.kind, sr_kind=item.sr_kind,
@@ -280,14 +297,16 @@ def complete_job(session: Session, job_id: int, *, owner: str, model_version: st
         )
         session.add(row)
         session.flush()
-        for destination in item.destinations:
+        for destination in item.destinations if newer is None else []:
             session.add(OutboxItem(result_id=row.id, job_id=job_id, destination=destination,
                                    state=PENDING, attempts=0, next_attempt_at=now,
                                    created_at=now))
-    if job.supersedes_job_id is not None:
+    if newer is None:
+        earlier = select(Job.id).where(Job.study_instance_uid == job.study_instance_uid,
+                                       Job.route == job.route, Job.id < job_id)
         session.execute(
             update(FindingRecord)
-            .where(FindingRecord.job_id == job.supersedes_job_id,
+            .where(FindingRecord.job_id.in_(earlier),
                    FindingRecord.superseded_by_job_id.is_(None))
             .values(superseded_by_job_id=job_id)
         )
@@ -390,6 +409,15 @@ def mark_retry(session: Session, outbox_id: int, *, now: datetime, error: str,
         .values(next_attempt_at=now + timedelta(seconds=delay_seconds), lease_expires_at=None,
                 last_error=error[:2000])
     )
+
+
+def list_outbox(session: Session, *, state: str | None = None,
+                limit: int = 1000) -> list[OutboxItem]:
+    """Outbox rows, oldest first, optionally of one state."""
+    query = select(OutboxItem).order_by(OutboxItem.id).limit(limit)
+    if state is not None:
+        query = query.where(OutboxItem.state == state)
+    return list(session.scalars(query).all())
 
 
 def outbox_counts(session: Session) -> dict[str, int]:

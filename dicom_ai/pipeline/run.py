@@ -394,7 +394,8 @@ class JobRunner:
         with self.db.write_session() as session:
             ok = jobs.complete_job(session, job.id, owner=self.owner, model_version=version,
                                    findings=findings, results=results, timings=timings,
-                                   now=datetime.now(UTC))
+                                   now=datetime.now(UTC),
+                                   supersedes_job_id=job.supersedes_job_id)
             if not ok:
                 session.rollback()
         if not ok:
@@ -441,8 +442,10 @@ class JobRunner:
         series_uids = json.loads(job.series_instance_uids)
         with self.db.sessions() as session:
             relative = jobs.instance_paths(session, series_uids)
-            previous = (jobs.results_of_job(session, job.supersedes_job_id)
-                        if job.supersedes_job_id is not None else [])
+            prior_job = jobs.latest_done_job(session, job.study_instance_uid, job.route,
+                                             before=job.id)
+            previous = jobs.results_of_job(session, prior_job.id) if prior_job else []
+            job.supersedes_job_id = prior_job.id if prior_job else None
         if not relative:
             raise JobError("the series have no instances (deleted?)", retryable=False)
         paths = [self.store.absolute(p) for p in relative]

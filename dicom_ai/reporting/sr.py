@@ -1,0 +1,456 @@
+"""TID 1500 Measurement Report SR of one model run, and reading one back (PS3.16 TID 1500).
+
+One measurement group per :class:`~dicom_ai.pipeline.findings.Finding`, present or absent:
+
+* no location: TID 1501 (image-level classification) with Source Image For Measurement Group;
+* ``point`` / ``bbox``: TID 1410 planar ROI, an SCOORD POINT or closed POLYLINE on the image;
+* ``segment``: TID 1411 volumetric ROI referencing a segment of the run's SEG (built by
+  :func:`dicom_ai.reporting.seg.build_seg`).
+
+Each group carries a Tracking Identifier (text and UID), the finding type, the finding site, a
+qualitative evaluation named by the finding and valued Present/Absent, the probability
+(122157, DCM) in UCUM "1", and TID 4019 Algorithm Identification. The observer is the model as a
+device (TID 1004) with a Device Observer UID derived from the model name, so reports of one
+model share an observer across versions and retries. The recipe is DICOM-NOTES' validator-clean
+one: ``dsrdump -v +Pt`` and ``dciodvfy`` pass without warnings.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from dicom_ai.pipeline.findings import Finding, ModelRun
+from dicom_ai.reporting.codes import (
+    ABSENT,
+    NO_UNITS,
+    PRESENT,
+    PROBABILITY,
+    from_code,
+    procedure_reported,
+    to_code,
+)
+
+__all__ = [
+    "MANUFACTURER",
+    "PriorReport",
+    "ReportedFinding",
+    "SRKind",
+    "build_sr",
+    "device_observer_uid",
+    "summarize_sr",
+]
+
+SRKind = Literal["comprehensive", "comprehensive3d"]
+
+#: Manufacturer (0008,0070) of every object dicom-ai writes.
+MANUFACTURER = "dicom-ai"
+
+# Type 2 attributes (PS3.3 C.7.1.1 Patient, C.7.2.1 General Study) highdicom reads from the
+# first source by attribute access: an absent one raises AttributeError (DICOM-NOTES).
+_TYPE2_DEFAULTS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+    "StudyDate", "StudyTime", "ReferringPhysicianName",
+)
+_PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
+
+# SCT Present is ours; DCM (121053) "Present" is what other producers may write.
+_PRESENT_CODES = (PRESENT, hd.sr.CodedConcept("121053", "DCM", "Present"))
+_ALGORITHM_NAME = "111001"
+_ALGORITHM_VERSION = "111003"
+_REFERENCED_SEGMENT = "121191"
+
+
+@dataclass(frozen=True)
+class PriorReport:
+    """A previously sent SR that a new one replaces (Predecessor Documents, PS3.3 C.17.2).
+
+    Attributes
+    ----------
+    study_instance_uid, series_instance_uid, sop_class_uid, sop_instance_uid : str
+        The prior SR's identity.
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class ReportedFinding:
+    """One measurement group read back from a TID 1500 report.
+
+    Attributes
+    ----------
+    finding : tuple of str
+        ``(value, scheme, meaning)`` of the finding type.
+    present : bool
+        The qualitative evaluation named by the finding is Present.
+    probability : float
+        The (122157, DCM) "Probability" measurement.
+    tracking_uid : str
+        The group's Tracking Unique Identifier.
+    algorithm_name, algorithm_version : str
+        TID 4019 Algorithm Identification.
+    source_sop_instance_uids : tuple of str
+        Source images the group references (document order, no duplicates; not the SEG).
+    location_kind : {"point", "bbox", "segment"} or None
+        TID 1410 POINT / POLYLINE, TID 1411 segment, or None for TID 1501.
+    """
+
+    finding: tuple[str, str, str]
+    present: bool
+    probability: float
+    tracking_uid: str
+    algorithm_name: str
+    algorithm_version: str
+    source_sop_instance_uids: tuple[str, ...]
+    location_kind: str | None
+
+
+def source_header(ds: Dataset) -> Dataset:
+    """A copy of a source image's header, fit to be evidence for a derived object.
+
+    Pixel data is left out (highdicom needs only the header) and missing type 2 Patient and
+    General Study attributes (PS3.3 C.7.1.1, C.7.2.1) are added empty, so headers read with
+    ``stop_before_pixels=True`` or written by sloppy modalities work.
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        A source image, with or without pixel data.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        A new dataset; ``ds`` is not changed.
+    """
+    header = Dataset()
+    for elem in ds:
+        if elem.keyword not in _PIXEL_KEYWORDS:
+            header.add(copy.deepcopy(elem))
+    if hasattr(ds, "file_meta"):
+        header.file_meta = copy.deepcopy(ds.file_meta)
+    for keyword in _TYPE2_DEFAULTS:
+        if keyword not in header or header[keyword].value is None:
+            setattr(header, keyword, "")
+    return header
+
+
+def device_observer_uid(model_name: str) -> str:
+    """The Device Observer UID (TID 1004) of a model: stable across versions and runs.
+
+    Parameters
+    ----------
+    model_name : str
+        The registered model name.
+
+    Returns
+    -------
+    str
+    """
+    return str(generate_uid(entropy_srcs=["dicom-ai", "device-observer", model_name]))
+
+
+def _headers_by_uid(sources: Sequence[Dataset]) -> dict[str, Dataset]:
+    if not sources:
+        raise ValueError("at least one source image is needed")
+    headers: dict[str, Dataset] = {}
+    for ds in sources:
+        if str(ds.SOPInstanceUID) not in headers:
+            headers[str(ds.SOPInstanceUID)] = source_header(ds)
+    return headers
+
+
+def _lookup(headers: dict[str, Dataset], uid: str, what: str) -> Dataset:
+    try:
+        return headers[uid]
+    except KeyError:
+        raise ValueError(f"{what} {uid} is not one of the source images") from None
+
+
+def _frames(frame_number: int | None) -> list[int] | None:
+    return None if frame_number is None else [frame_number]
+
+
+def _algorithm(run: ModelRun, finding: Finding) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 with the run's parameters as ``key=value`` text, threshold always included."""
+    parameters = {str(key): value for key, value in run.parameters.items()}
+    # The finding's own operating threshold is the one its Present/Absent decision used.
+    parameters["threshold"] = finding.threshold
+    texts = [f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+             for key, value in sorted(parameters.items())]
+    return hd.sr.AlgorithmIdentification(
+        name=run.model_name, version=run.model_version, parameters=texts
+    )
+
+
+_Group = (
+    hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+)
+
+
+def _group(run: ModelRun, finding: Finding, number: int, headers: dict[str, Dataset],
+           segmentation: Dataset | None) -> _Group:
+    """One measurement group (TID 1501, 1410 or 1411) for one finding."""
+    if not finding.sop_instance_uids:
+        raise ValueError(f"finding {finding.tracking_uid} names no source image")
+    images = [_lookup(headers, uid, "finding image") for uid in finding.sop_instance_uids]
+    finding_code = to_code(finding.finding)
+    tracking = hd.sr.TrackingIdentifier(
+        uid=finding.tracking_uid, identifier=f"{finding.label} #{number}"
+    )
+    sites = [hd.sr.FindingSite(to_code(finding.finding_site))] if finding.finding_site else None
+    evaluation = hd.sr.QualitativeEvaluation(
+        name=finding_code, value=PRESENT if finding.present else ABSENT
+    )
+    location = finding.location
+    # A ROI group (TID 1410/1411) has no Source Image For Measurement Group: the probability
+    # measurement names its source images instead (TID 300 "Source of measurement").
+    measurement_images = None if location is None else [
+        hd.sr.SourceImageForMeasurement.from_source_image(image) for image in images
+    ]
+    probability = hd.sr.Measurement(
+        name=PROBABILITY, value=float(finding.probability), unit=NO_UNITS,
+        referenced_images=measurement_images,
+    )
+    algorithm = _algorithm(run, finding)
+    if location is None:
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking, finding_type=finding_code, algorithm_id=algorithm,
+            finding_sites=sites, measurements=[probability], qualitative_evaluations=[evaluation],
+            source_images=[
+                hd.sr.SourceImageForMeasurementGroup.from_source_image(image)
+                for image in images
+            ],
+        )
+    image = _lookup(headers, location.sop_instance_uid, "location image")
+    if location.kind == "segment":
+        if segmentation is None:
+            raise ValueError(f"finding {finding.tracking_uid} is a segment but no segmentation "
+                             "was given")
+        if location.segment_number is None:
+            raise ValueError(f"finding {finding.tracking_uid} has no segment number")
+        # Built by hand: ReferencedSegment.from_segmentation crashes on a one-frame SEG
+        # (DICOM-NOTES).
+        segment = hd.sr.ReferencedSegment(
+            sop_class_uid=str(segmentation.SOPClassUID),
+            sop_instance_uid=str(segmentation.SOPInstanceUID),
+            segment_number=location.segment_number,
+            # No frame numbers: with them dciodvfy rejects Referenced Segment Number.
+            source_images=[hd.sr.SourceImageForSegmentation.from_source_image(
+                image, referenced_frame_numbers=_frames(location.frame_number))],
+        )
+        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking, finding_type=finding_code, algorithm_id=algorithm,
+            finding_sites=sites, measurements=[probability], qualitative_evaluations=[evaluation],
+            referenced_segment=segment,
+        )
+    if location.kind == "point":
+        if location.point is None:
+            raise ValueError(f"finding {finding.tracking_uid}: a point location needs a point")
+        row, col = location.point
+        graphic_type = hd.sr.GraphicTypeValues.POINT
+        # SCOORD is (column, row); ours is (row, column) (PS3.3 C.18.6.1.1).
+        data = np.array([[col, row]], dtype=np.float64)
+    elif location.kind == "bbox":
+        if location.bbox is None:
+            raise ValueError(f"finding {finding.tracking_uid}: a bbox location needs a bbox")
+        r0, c0, r1, c1 = location.bbox
+        graphic_type = hd.sr.GraphicTypeValues.POLYLINE
+        # A closed polyline: the first point repeated last (PS3.3 C.18.6.1.2).
+        data = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=np.float64)
+    else:
+        raise ValueError(f"unknown location kind {location.kind!r}")
+    region = hd.sr.ImageRegion(
+        graphic_type=graphic_type, graphic_data=data,
+        source_image=hd.sr.SourceImageForRegion.from_source_image(
+            image, referenced_frame_numbers=_frames(location.frame_number)),
+    )
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking, finding_type=finding_code, algorithm_id=algorithm,
+        finding_sites=sites, measurements=[probability], qualitative_evaluations=[evaluation],
+        referenced_region=region,
+    )
+
+
+def _predecessor(prior: PriorReport) -> Dataset:
+    ds = Dataset()
+    ds.StudyInstanceUID = prior.study_instance_uid
+    ds.SeriesInstanceUID = prior.series_instance_uid
+    ds.SOPClassUID = prior.sop_class_uid
+    ds.SOPInstanceUID = prior.sop_instance_uid
+    return ds
+
+
+def build_sr(run: ModelRun, sources: Sequence[Dataset], *, kind: SRKind = "comprehensive",
+             series_instance_uid: str, sop_instance_uid: str, series_number: int = 9901,
+             instance_number: int = 1, predecessor: PriorReport | None = None,
+             segmentation: Dataset | None = None, software_version: str = "") -> Dataset:
+    """Build the TID 1500 Measurement Report of one model run (PS3.16 TID 1500, PS3.3 A.35.3).
+
+    The SR joins the source study in a new series: Comprehensive SR (A.35.3) or Comprehensive
+    3D SR (A.35.13), complete, unverified and preliminary (machine output nobody has signed).
+
+    Parameters
+    ----------
+    run : ModelRun
+        The findings, present and absent, one measurement group each.
+    sources : sequence of pydicom.dataset.Dataset
+        The source image headers (pixel data not needed); the first gives patient and study.
+    kind : {"comprehensive", "comprehensive3d"}
+        The SOP class, chosen per destination.
+    series_instance_uid, sop_instance_uid : str
+        The SR's UIDs (deterministic per job).
+    series_number, instance_number : int
+        General Series / SR Document General numbers.
+    predecessor : PriorReport, optional
+        A previously sent SR this one replaces (Predecessor Documents Sequence).
+    segmentation : pydicom.dataset.Dataset, optional
+        The run's SEG, required when a finding is located by a segment; recorded as evidence.
+    software_version : str
+        Software Versions (0018,1020) of dicom-ai.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        A highdicom SR instance; write it with ``save_as(path, enforce_file_format=True)``.
+
+    Raises
+    ------
+    ValueError
+        No sources, a finding that names an image not among them, or a segment finding without
+        ``segmentation``.
+    """
+    headers = _headers_by_uid(sources)
+    first = next(iter(headers.values()))
+    observer = hd.sr.ObserverContext(
+        observer_type=hd.sr.CodedConcept.from_code(codes.DCM.Device),
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_observer_uid(run.model_name),
+            name=run.model_name,
+            manufacturer_name=MANUFACTURER,
+            model_name=run.model_version,
+        ),
+    )
+    numbers: dict[str, int] = {}
+    groups: list[_Group] = []
+    for finding in run.findings:
+        numbers[finding.label] = numbers.get(finding.label, 0) + 1
+        groups.append(_group(run, finding, numbers[finding.label], headers, segmentation))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=procedure_reported(first),
+        imaging_measurements=groups,
+    )
+    evidence: list[Dataset] = list(headers.values())
+    if segmentation is not None:
+        evidence.append(segmentation)
+    sr_class = hd.sr.Comprehensive3DSR if kind == "comprehensive3d" else hd.sr.ComprehensiveSR
+    sr: Dataset = sr_class(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        previous_versions=[_predecessor(predecessor)] if predecessor else None,
+        series_description=f"AI results ({run.model_name} {run.model_version})"[:64],
+        software_versions=software_version or None,
+    )
+    return sr
+
+
+def _walk(items: Iterable[Dataset]) -> Iterable[Dataset]:
+    for item in items:
+        yield item
+        yield from _walk(item.get("ContentSequence", []))
+
+
+def _concept_value(item: Dataset) -> str:
+    names = item.get("ConceptNameCodeSequence")
+    return str(names[0].CodeValue) if names else ""
+
+
+def _read_group(item: Dataset) -> ReportedFinding:
+    template = str(item.ContentTemplateSequence[0].TemplateIdentifier)
+    group: _Group
+    location_kind: str | None = None
+    if template == "1410":
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations.from_sequence([item])
+        roi = group.roi
+        graphic = str(roi.GraphicType) if roi is not None else ""
+        location_kind = {"POINT": "point", "POLYLINE": "bbox"}.get(graphic, graphic.lower())
+    elif template == "1411":
+        group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations.from_sequence([item])
+        location_kind = "segment"
+    else:
+        group = hd.sr.MeasurementsAndQualitativeEvaluations.from_sequence([item])
+    finding_type = group.finding_type
+    if finding_type is None:
+        raise ValueError("a measurement group has no finding type")
+    evaluations = group.get_qualitative_evaluations(name=finding_type)
+    measurements = group.get_measurements(name=PROBABILITY)
+    if not evaluations or not measurements:
+        raise ValueError(f"group {group.tracking_uid} lacks its evaluation or probability")
+    texts = {_concept_value(child): str(child.TextValue)
+             for child in item.ContentSequence if child.ValueType == "TEXT"}
+    sources: dict[str, None] = {}
+    for child in _walk(item.ContentSequence):
+        if child.ValueType == "IMAGE" and _concept_value(child) != _REFERENCED_SEGMENT:
+            sources[str(child.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)] = None
+    return ReportedFinding(
+        finding=from_code(finding_type),
+        present=evaluations[0].value in _PRESENT_CODES,
+        probability=float(measurements[0].value),
+        tracking_uid=str(group.tracking_uid or ""),
+        algorithm_name=texts.get(_ALGORITHM_NAME, ""),
+        algorithm_version=texts.get(_ALGORITHM_VERSION, ""),
+        source_sop_instance_uids=tuple(sources),
+        location_kind=location_kind,
+    )
+
+
+def summarize_sr(ds: Dataset) -> list[ReportedFinding]:
+    """Read the measurement groups of a TID 1500 report back, in document order (PS3.16 TID 1500).
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        A Measurement Report SR (ours; any TID 1500 with probability measurements works).
+
+    Returns
+    -------
+    list of ReportedFinding
+
+    Raises
+    ------
+    ValueError
+        Not a TID 1500 report, or a group without finding type, evaluation or probability.
+    """
+    templates = ds.get("ContentTemplateSequence")
+    if not templates or str(templates[0].TemplateIdentifier) != "1500":
+        raise ValueError("not a TID 1500 Measurement Report")
+    found = []
+    for container in ds.ContentSequence:
+        if container.ValueType != "CONTAINER" or _concept_value(container) != "126010":
+            continue  # only "Imaging Measurements" holds measurement groups
+        for item in container.get("ContentSequence", []):
+            if item.ValueType == "CONTAINER" and "ContentTemplateSequence" in item:
+                found.append(_read_group(item))
+    return found
