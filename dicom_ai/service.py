@@ -166,7 +166,7 @@ class Service:
 
             self._celery = CeleryDispatcher(self.settings)
             dispatcher = self._celery
-        elif workers.processes > 0:
+        elif workers.processes > 0 and self.settings.routes:  # no routes: nothing to run
             self.pool = LocalPool(self.settings, parts.db, on_done=lambda *_: sender.wake())
             self.pool.start()
             dispatcher = self.pool
@@ -177,7 +177,7 @@ class Service:
         self._scheduler.wake()  # re-dispatch what was pending before a restart, now
         LOGGER.info("workers: %s; %d route(s), %d destination(s)",
                     "celery via " + _redact(workers.broker_url) if workers.backend == "celery"
-                    else f"{workers.processes} local process(es)" if workers.processes
+                    else f"{workers.processes} local process(es)" if self.pool is not None
                     else "none in this process",
                     len(self.settings.routes), len(self.settings.destinations))
 

@@ -470,3 +470,32 @@ def test_celery_workers_on_redis_and_rabbitmq_with_postgresql(
         assert summarize_sr(ds)[0].present == truth[str(ds.StudyInstanceUID)]
     assert [j.state for j in db_jobs(db_url)] == ["done", "done"]
     assert "dicom_ai.run_job" in (tmp_path / "worker.log").read_text()
+
+
+@sqlite_only
+def test_segmentation_route_sends_seg_and_sr_referencing_its_segments(
+    tmp_path: Path, db_url: str, cr_studies: Path, running: Callable[[Settings], Service]
+) -> None:
+    need_binary("storescp")
+    truth = truth_of(cr_studies)
+    positive = [p for p in dicom_files(cr_studies)
+                if truth[str(dcmread(p, stop_before_pixels=True).StudyInstanceUID)]][:1]
+    with StoreSCP(tmp_path / "scp") as scp:
+        settings = loop_settings(tmp_path, db_url, [
+            {"name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": scp.port}],
+            routes=[{"name": "nodule-seg", "match": {"Modality": "CR"},
+                     "model": "chest-nodule-seg", "destinations": ["pacs"], "send_seg": True}])
+        service = running(settings)
+        push(service, positive)
+        got = wait_until(lambda: (r := received(scp.folder)) and len(r["sr"]) == 1
+                         and len(r["other"]) == 1 and r, 90, "the SR and the SEG")
+    seg_path, sr_path = got["other"][0], got["sr"][0]
+    seg = dcmread(seg_path)
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert seg.StudyInstanceUID == dcmread(positive[0], stop_before_pixels=True).StudyInstanceUID
+    assert_iod_valid(seg_path)
+    assert_valid_sr(sr_path)
+    findings = summarize_sr(dcmread(sr_path))
+    assert findings, "a segmentation of a nodule image reports at least one nodule"
+    assert all(f.present and f.location_kind == "segment" for f in findings)
+    assert len(seg.SegmentSequence) == len(findings)

@@ -346,6 +346,58 @@ def test_tls_requestor_echo_and_send(
     assert _stored_path(settings, item.path).is_file()
 
 
+def test_outbox_delivers_to_a_tls_destination(
+    pki: Pki, make_settings: MakeSettings, start_service: StartService, tmp_path: Path,
+    db_url: str
+) -> None:
+    """A result waiting in the outbox reaches a ``tls = true`` destination (here a TLS
+    receiver of our own that demands a client certificate from the test CA)."""
+    from datetime import UTC, datetime
+
+    from dicom_ai.config import load_settings
+    from dicom_ai.dispatch.delivery import OutboxSender
+    from storage import jobs
+    from storage.db import Database
+
+    receiver = make_settings(dicom={"tls_cert": pki.server_cert, "tls_key": pki.server_key,
+                                    "tls_ca": pki.ca})
+    port = _port(start_service(receiver))
+    sender = load_settings(
+        None,
+        dicom={"ae_title": "SENDER", "tls_cert": pki.client_cert, "tls_key": pki.client_key,
+               "tls_ca": pki.ca},
+        storage={"root": tmp_path / "sender", "database_url":
+                 f"sqlite:///{tmp_path / 'sender.sqlite3'}"},
+        destinations=[{"name": "secure", "ae_title": CALLED, "host": "127.0.0.1",
+                       "port": port, "tls": True}])
+    result = sender.storage.root / "results" / "ct.dcm"
+    result.parent.mkdir(parents=True)
+    shutil.copy(_ct_small(), result)
+    ds = dcmread(result, stop_before_pixels=True)
+    db = Database(sender.storage.url)
+    db.upgrade()
+    now = datetime.now(UTC)
+    with db.write_session() as session:
+        job = jobs.create_job(session, study_instance_uid=str(ds.StudyInstanceUID),
+                              series_instance_uids=[], route="r", model_name="m",
+                              max_attempts=1, event_id=None, now=now)
+        assert jobs.claim_job(session, job.id, owner="me", lease_seconds=60, now=now)
+        assert jobs.complete_job(session, job.id, owner="me", model_version="1", findings=[],
+                                 results=[jobs.ResultToStore(
+                                     kind="sr", sr_kind="comprehensive",
+                                     study_instance_uid=str(ds.StudyInstanceUID),
+                                     series_instance_uid=str(ds.SeriesInstanceUID),
+                                     sop_instance_uid=str(ds.SOPInstanceUID),
+                                     sop_class_uid=str(ds.SOPClassUID),
+                                     path="results/ct.dcm", destinations=["secure"])],
+                                 timings={}, now=now)
+    assert OutboxSender(sender, db).send_due() == 1
+    with db.sessions() as session:
+        assert jobs.outbox_counts(session) == {"sent": 1}
+    db.dispose()
+    assert _stored_path(receiver, result).is_file()
+
+
 def test_tls_idle_connection_does_not_block_others(
     pki: Pki, make_settings: MakeSettings, start_service: StartService
 ) -> None:
