@@ -455,7 +455,10 @@ class JobRunner:
         started = time.perf_counter()
         results, heatmap_paths = self._build_results(job, route, analysis, seed, previous)
         analysis.timings["report"] = time.perf_counter() - started
-        findings = [_finding_row(f, analysis.run, heatmap_paths) for f in analysis.run.findings]
+        series_of = {str(ds.SOPInstanceUID): str(ds.SeriesInstanceUID)
+                     for ds in analysis.datasets}
+        findings = [_finding_row(f, analysis.run, heatmap_paths, series_of)
+                    for f in analysis.run.findings]
         return predictor.spec.version, findings, results, analysis.timings
 
     def _build_results(self, job: Any, route: Route, analysis: Analysis, seed: str,
@@ -517,8 +520,8 @@ class JobRunner:
         return results, heatmap_paths
 
 
-def _finding_row(finding: Finding, run: ModelRun,
-                 heatmap_paths: dict[str, str]) -> dict[str, Any]:
+def _finding_row(finding: Finding, run: ModelRun, heatmap_paths: dict[str, str],
+                 series_of: dict[str, str]) -> dict[str, Any]:
     """A finding as the columns of :class:`storage.models.FindingRecord`."""
     location = finding.location
     geometry: dict[str, Any] = {}
@@ -532,7 +535,7 @@ def _finding_row(finding: Finding, run: ModelRun,
     sop_uid = finding.sop_instance_uids[0]
     return {
         "study_instance_uid": run.study_instance_uid,
-        "series_instance_uid": run.series_instance_uid,
+        "series_instance_uid": series_of.get(sop_uid, run.series_instance_uid),
         "sop_instance_uid": sop_uid,
         "frame_number": location.frame_number if location is not None else None,
         "model_name": run.model_name,

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from dicom_ai.config import Settings
 from dicom_ai.ingest.completion import CompletionEvent
 from dicom_ai.service import Service
-from storage import repository
+from storage import jobs, repository
 from storage.db import Database
 from storage.models import COMPLETE, RECEIVING, Event, Study
 from tests.integration.test_receive import port_of, send_paths
@@ -88,6 +88,14 @@ def events_of(db: Database, study_uid: str, kind: str) -> list[Event]:
     return [e for e in pending if e.study_instance_uid == study_uid]
 
 
+def all_events_of(db: Database, study_uid: str, kind: str) -> list[Event]:
+    """Every event (consumed or not) of one kind for one study, oldest first."""
+    with db.sessions() as session:
+        return list(session.scalars(
+            select(Event).where(Event.study_instance_uid == study_uid, Event.kind == kind)
+            .order_by(Event.id)).all())
+
+
 def uids(paths: list[Path]) -> tuple[str, str]:
     """The Study and Series Instance UIDs of a series written by make_ct_series."""
     ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
@@ -150,11 +158,19 @@ def test_quiet_period_completes_reopens_and_events_are_consumed(
         assert done.completed_at is not None
         assert completion_count(db, study_uid) == 1
         series_events = events_of(db, study_uid, repository.SERIES_COMPLETE)
-        study_events = events_of(db, study_uid, repository.STUDY_COMPLETE)
+        study_events = all_events_of(db, study_uid, repository.STUDY_COMPLETE)
         assert [e.series_instance_uid for e in series_events] == [series_uid]
         assert len(study_events) == 1
         assert study_events[0].series_instance_uid is None
         assert study_events[0].reason == "quiet"
+        # The scheduler takes each study.complete event once and records its routing: with no
+        # routes configured, the series is recorded as unrouted.
+        assert wait_for(lambda: not events_of(db, study_uid, repository.STUDY_COMPLETE), 5.0)
+        with db.sessions() as session:
+            decisions = jobs.decisions_of_study(session, study_uid)
+        assert [(d.series_instance_uid, d.route, d.job_id) for d in decisions] == [
+            (series_uid, None, None)]
+        assert decisions[0].reason.startswith("unrouted")
 
         # A late instance re-opens the study, which completes (and is announced) again.
         assert send_paths(port_of(service), paths[3:]) == [SUCCESS]
@@ -164,15 +180,15 @@ def test_quiet_period_completes_reopens_and_events_are_consumed(
         assert completion_count(db, study_uid) == 2
         assert again.instances == 4
         assert again.completion_reason == "quiet"
-        study_events = events_of(db, study_uid, repository.STUDY_COMPLETE)
-        assert len(study_events) == 2
-        assert len(events_of(db, study_uid, repository.SERIES_COMPLETE)) == 2
+        assert len(all_events_of(db, study_uid, repository.STUDY_COMPLETE)) == 2
+        series_events = events_of(db, study_uid, repository.SERIES_COMPLETE)
+        assert len(series_events) == 2
 
-        # Consumed events are no longer pending.
+        # Consumed events are no longer pending (series events are for consumers to come).
         with db.write_session() as session:
-            repository.mark_consumed(session, [study_events[0].id], datetime.now(UTC))
-        assert [e.id for e in events_of(db, study_uid, repository.STUDY_COMPLETE)] == [
-            study_events[1].id
+            repository.mark_consumed(session, [series_events[0].id], datetime.now(UTC))
+        assert [e.id for e in events_of(db, study_uid, repository.SERIES_COMPLETE)] == [
+            series_events[1].id
         ]
         with db.write_session() as session:
             every = repository.pending_events(session, limit=1000)
@@ -218,7 +234,7 @@ def test_on_event_callback_receives_series_and_study_events(
     assert study_event.reason == "quiet"
     assert study_event.created_at.tzinfo is not None
     with open_index(settings) as db:
-        ids = [e.id for e in events_of(db, study_uid, repository.STUDY_COMPLETE)]
+        ids = [e.id for e in all_events_of(db, study_uid, repository.STUDY_COMPLETE)]
     assert ids == [study_event.id]
 
 
@@ -253,7 +269,7 @@ def test_mpps_statuses_and_completion(
         assert n_set(assoc, completed, step_uid) == SUCCESS
         assert wait_for(state_is(db, study_uid, COMPLETE), 2.0)
         assert study(db, study_uid).completion_reason == "mpps"
-        study_events = events_of(db, study_uid, repository.STUDY_COMPLETE)
+        study_events = all_events_of(db, study_uid, repository.STUDY_COMPLETE)
         assert [e.reason for e in study_events] == ["mpps"]
         # A final step may not be modified.
         assert n_set(assoc, completed, step_uid) == PROCESSING_FAILURE
@@ -271,7 +287,7 @@ def test_mpps_statuses_and_completion(
         assert send_paths(port, more[3:]) == [SUCCESS]
         assert wait_for(state_is(db, other_uid, COMPLETE), 2.0)
         assert study(db, other_uid).completion_reason == "mpps"
-        assert len(events_of(db, other_uid, repository.STUDY_COMPLETE)) == 1
+        assert len(all_events_of(db, other_uid, repository.STUDY_COMPLETE)) == 1
 
 
 # -- restart ----------------------------------------------------------------------------------
@@ -302,6 +318,6 @@ def test_completion_state_survives_a_restart(
             # Faster than a series quiet period: the clock was not restarted by the restart.
             assert wait_for(state_is(db, study_uid, COMPLETE), 0.9)
             assert study(db, study_uid).completion_reason == "quiet"
-            assert len(events_of(db, study_uid, repository.STUDY_COMPLETE)) == 1
+            assert len(all_events_of(db, study_uid, repository.STUDY_COMPLETE)) == 1
     finally:
         second.stop()
