@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -154,13 +155,39 @@ class Destination(_Section):
 
 
 class Source(_Section):
-    """``[[sources]]``: an archive batch jobs query and retrieve from."""
+    """``[[sources]]``: an archive batch jobs query and retrieve from, politely."""
 
     name: str
     ae_title: AETitle
     host: str
     port: Port
     retrieve: Literal["move", "get"] = "move"
+    tls: bool = False
+    # Politeness: parallel retrievals, a rate limit, and the hours a batch may run.
+    max_associations: Annotated[int, Field(ge=1, le=32)] = 1
+    max_studies_per_minute: Annotated[float, Field(gt=0)] | None = None
+    run_window: str | None = None  # "19:00-07:00": local time, may span midnight
+    # The archive returns at most this many C-FIND matches (0 = no known limit); a result of
+    # this size is taken as truncated and the date range is split.
+    max_query_results: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("run_window")
+    @classmethod
+    def _window(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_window(value)
+        return value
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """``"HH:MM-HH:MM"`` as (start, end) minutes after midnight; raises ValueError."""
+    match = re.fullmatch(r"\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*", text)
+    if match is None:
+        raise ValueError(f"run window {text!r} is not HH:MM-HH:MM")
+    h1, m1, h2, m2 = (int(g) for g in match.groups())
+    if h1 > 23 or h2 > 23 or m1 > 59 or m2 > 59:
+        raise ValueError(f"run window {text!r} has an invalid time")
+    return h1 * 60 + m1, h2 * 60 + m2
 
 
 class Route(_Section):

@@ -327,3 +327,46 @@ class OutboxItem(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+# -- batch query/retrieve ---------------------------------------------------------------------
+class Batch(Base):
+    """A query/retrieve batch over an archive: what was asked, and where it stands."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), default="run")  # run | export
+    source: Mapped[str] = mapped_column(String(64))
+    route: Mapped[str | None] = mapped_column(String(64))
+    # JSON: accessions, study-date range, modality, extra keys; how studies were found.
+    query: Mapped[str] = mapped_column(Text, default="{}")
+    state: Mapped[str] = mapped_column(String(16), default="created")
+    found_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class BatchStudy(Base):
+    """One study a batch found, retrieved (or not) and processed (or not)."""
+
+    __tablename__ = "batch_studies"
+    __table_args__ = (
+        UniqueConstraint("batch_id", "study_instance_uid"),
+        Index("ix_batch_studies_uid", "study_instance_uid"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"))
+    study_instance_uid: Mapped[str] = mapped_column(String(64))
+    accession_number: Mapped[str] = mapped_column(String(16), default="")
+    study_date: Mapped[str] = mapped_column(String(8), default="")
+    # found -> retrieved (or failed); processing progress is read from jobs and the outbox.
+    state: Mapped[str] = mapped_column(String(16), default="found")
+    expected_instances: Mapped[int | None] = mapped_column(Integer)
+    retrieved_instances: Mapped[int] = mapped_column(Integer, default=0)
+    failed_suboperations: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    retrieved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    error: Mapped[str | None] = mapped_column(Text)

@@ -24,7 +24,7 @@ from typing import Protocol
 from dicom_ai.config import Settings
 from dicom_ai.exceptions import ConfigError
 from dicom_ai.routing import evaluate_file
-from storage import jobs
+from storage import batches, jobs
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.repository import STUDY_COMPLETE, pending_events
@@ -92,6 +92,17 @@ class Scheduler:
                      now: datetime) -> list[int]:
         routes = [(r.name, dict(r.match)) for r in self.settings.routes]
         by_name = {r.name: r for r in self.settings.routes}
+        only = batches.batch_route(session, study_uid)
+        if only is not None:  # a batch run with --route: that route alone applies
+            routes = [(name, match) for name, match in routes if name == only]
+        elif batches.export_only(session, study_uid):
+            for series in jobs.series_of_study(session, study_uid):
+                jobs.record_decision(session, event_id=event_id, study_instance_uid=study_uid,
+                                     series_instance_uid=series.series_instance_uid,
+                                     route=None, job_id=None,
+                                     reason="retrieved for a training-set export: not routed",
+                                     now=now)
+            return []
         matched: dict[str, list[str]] = defaultdict(list)
         reasons: dict[str, list[tuple[str, str | None, str]]] = defaultdict(list)
         for series in jobs.series_of_study(session, study_uid):

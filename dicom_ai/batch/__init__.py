@@ -1,0 +1,1 @@
+"""Query/retrieve batch jobs over archives and de-identified training-set export."""

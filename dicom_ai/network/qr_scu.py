@@ -1,0 +1,211 @@
+"""Query/retrieve as a requestor (PS3.4 annex C): C-FIND, C-MOVE and C-GET against an archive.
+
+Used by batch jobs (:mod:`dicom_ai.batch`). Everything here speaks Study Root (the model every
+archive supports). Pending responses are collected, warnings kept, failures raised with their
+status. C-GET receives the instances on the same association and hands each one to the
+:class:`~dicom_ai.ingest.spool.Ingestor`, exactly as the receiver does with C-STORE.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, build_role, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from dicom_ai.config import DicomSettings
+from dicom_ai.exceptions import NetworkError
+from dicom_ai.ingest.spool import Ingestor
+from dicom_ai.network.contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
+from dicom_ai.network.handlers import handle_store
+from dicom_ai.network.scu import Peer, _associate
+
+LOGGER = logging.getLogger(__name__)
+
+__all__ = ["RetrieveResult", "find", "get_study", "move_study"]
+
+PENDING = (0xFF00, 0xFF01)
+# A C-GET proposes one context per storage class it wants to receive, and a requestor may
+# propose at most 128: the classes an imaging archive sends for AI work come first.
+_GET_CLASSES_FIRST = (
+    "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.4",
+    "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.33",
+    "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.66.4",
+    "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.6.1",
+    "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.20",
+)
+
+
+def _status(rsp: Dataset | None) -> int | None:
+    return int(rsp.Status) if rsp is not None and "Status" in rsp else None
+
+
+def find(peer: Peer, settings: DicomSettings, identifier: Dataset) -> list[Dataset]:
+    """C-FIND (Study Root) and return every match.
+
+    Parameters
+    ----------
+    peer : Peer
+        The archive.
+    settings : DicomSettings
+        Our AE title and TLS material.
+    identifier : Dataset
+        The query: QueryRetrieveLevel, matching keys and the return keys (empty values).
+
+    Returns
+    -------
+    list of Dataset
+        The identifiers of the pending responses.
+
+    Raises
+    ------
+    NetworkError
+        No association, no response, or a failure status (named).
+    """
+    ae = AE(ae_title=settings.ae_title)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = _associate(ae, peer, settings)
+    matches: list[Dataset] = []
+    try:
+        for rsp, found in assoc.send_c_find(identifier,
+                                            StudyRootQueryRetrieveInformationModelFind):
+            status = _status(rsp)
+            if status is None:
+                raise NetworkError(f"C-FIND to {peer.ae_title}: no response (timeout or abort)")
+            if status in PENDING:
+                if found is not None:
+                    matches.append(found)
+            elif status != 0x0000:
+                raise NetworkError(f"C-FIND to {peer.ae_title} failed with status "
+                                   f"0x{status:04X}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return matches
+
+
+@dataclass(frozen=True)
+class RetrieveResult:
+    """The outcome of a C-MOVE or C-GET of one study.
+
+    ``status`` is the final DIMSE status: 0x0000 all sub-operations succeeded, 0xB000 some
+    failed (a partial result, counts say how many), anything else failed.
+    """
+
+    status: int
+    completed: int
+    failed: int
+    warning: int
+
+    @property
+    def ok(self) -> bool:
+        """Every sub-operation succeeded (or finished with a warning)."""
+        return self.status == 0x0000 and self.failed == 0
+
+
+def _final(peer: Peer, what: str, responses: Iterator[tuple[Dataset, Dataset | None]]
+           ) -> RetrieveResult:
+    last: Dataset | None = None
+    for rsp, _identifier in responses:
+        status = _status(rsp)
+        if status is None:
+            raise NetworkError(f"{what} from {peer.ae_title}: no response (timeout or abort)")
+        last = rsp
+    if last is None:
+        raise NetworkError(f"{what} from {peer.ae_title}: no final response")
+
+    def count(keyword: str) -> int:
+        return int(last.get(keyword, 0) or 0)
+
+    return RetrieveResult(int(last.Status), count("NumberOfCompletedSuboperations"),
+                          count("NumberOfFailedSuboperations"),
+                          count("NumberOfWarningSuboperations"))
+
+
+def _study_identifier(study_instance_uid: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = study_instance_uid
+    return ds
+
+
+def move_study(peer: Peer, settings: DicomSettings, study_instance_uid: str,
+               destination_ae_title: str) -> RetrieveResult:
+    """C-MOVE one study to `destination_ae_title` (normally our own receiver).
+
+    The archive must know that AE title (host and port); the instances arrive on separate
+    associations to that receiver.
+
+    Raises
+    ------
+    NetworkError
+        No association or no final response.
+    """
+    ae = AE(ae_title=settings.ae_title)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = _associate(ae, peer, settings)
+    try:
+        return _final(peer, "C-MOVE", assoc.send_c_move(
+            _study_identifier(study_instance_uid), destination_ae_title,
+            StudyRootQueryRetrieveInformationModelMove))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def get_study(peer: Peer, settings: DicomSettings, study_instance_uid: str,
+              ingestor: Ingestor) -> RetrieveResult:
+    """C-GET one study: the archive sends its instances back on this association.
+
+    Each instance is received straight to a file in the store's ``incoming/`` folder and
+    ingested like a C-STORE to the receiver (durable before success is answered).
+
+    Raises
+    ------
+    NetworkError
+        No association or no final response.
+    """
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = 0
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ordered = [*_GET_CLASSES_FIRST, *(c for c in STORAGE_SOP_CLASSES
+                                      if c not in _GET_CLASSES_FIRST)]
+    roles: list[Any] = []
+    for sop_class in ordered[:127]:  # 128 contexts at most, one is the GET model's
+        ae.add_requested_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
+        roles.append(build_role(sop_class, scp_role=True))
+    previous = (_config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir)
+    _config.STORE_RECV_CHUNKED_DATASET = True  # stream to incoming/, accepting is a rename
+    tempfile.tempdir = str(ingestor.store.incoming)
+    handlers: list[Any] = [(evt.EVT_C_STORE, handle_store, [ingestor])]
+    try:
+        tls_args = None
+        if peer.tls:
+            from dicom_ai.network.scu import client_ssl_context
+
+            tls_args = (client_ssl_context(settings), peer.host)
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
+                             ext_neg=roles, evt_handlers=handlers, tls_args=tls_args)
+        if not assoc.is_established:
+            raise NetworkError(f"association with {peer.ae_title}@{peer.host}:{peer.port} "
+                               "for C-GET failed")
+        try:
+            return _final(peer, "C-GET", assoc.send_c_get(
+                _study_identifier(study_instance_uid),
+                StudyRootQueryRetrieveInformationModelGet))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    finally:
+        _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = previous
+

@@ -1,0 +1,224 @@
+"""Batches: the studies a query/retrieve batch found, retrieved and processed.
+
+A batch is resumable because every step is a row: studies found (unique per batch), retrieved
+(state, counts) or failed (error, attempts). Processing is not duplicated here: it is read from
+the jobs, findings and outbox of the normal flow (:mod:`storage.jobs`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from storage.models import (
+    DONE,
+    FAILED,
+    SENT,
+    Batch,
+    BatchStudy,
+    FindingRecord,
+    Instance,
+    Job,
+    OutboxItem,
+    ResultObject,
+    RoutingDecision,
+    Series,
+    Study,
+)
+
+# Batch study states.
+FOUND = "found"
+RETRIEVED = "retrieved"
+RETRIEVE_FAILED = "failed"
+
+
+def create_batch(session: Session, *, kind: str, source: str, route: str | None,
+                 query: dict[str, Any], now: datetime) -> Batch:
+    """A new batch row (state ``created``)."""
+    batch = Batch(kind=kind, source=source, route=route, query=json.dumps(query),
+                  state="created", created_at=now, updated_at=now)
+    session.add(batch)
+    session.flush()
+    return batch
+
+
+def get_batch(session: Session, batch_id: int) -> Batch | None:
+    """One batch by id."""
+    return session.get(Batch, batch_id)
+
+
+def list_batches(session: Session, limit: int = 50) -> list[Batch]:
+    """The newest batches first."""
+    return list(session.scalars(select(Batch).order_by(Batch.id.desc()).limit(limit)).all())
+
+
+def set_state(session: Session, batch_id: int, state: str, now: datetime, *,
+              error: str | None = None, found: bool = False) -> None:
+    """Move a batch to `state` (and record that finding is done, or an error)."""
+    values: dict[str, Any] = {"state": state, "updated_at": now, "error": error}
+    if found:
+        values["found_at"] = now
+    session.execute(update(Batch).where(Batch.id == batch_id).values(**values))
+
+
+@dataclass(frozen=True)
+class FoundStudy:
+    """A C-FIND match at study level."""
+
+    study_instance_uid: str
+    accession_number: str = ""
+    study_date: str = ""
+    expected_instances: int | None = None
+
+
+def add_found(session: Session, batch_id: int, studies: Sequence[FoundStudy]) -> int:
+    """Record found studies; a study already in the batch is kept as it is. Returns new rows."""
+    if not studies:
+        return 0
+    rows = [{"batch_id": batch_id, "study_instance_uid": s.study_instance_uid,
+             "accession_number": s.accession_number[:16], "study_date": s.study_date[:8],
+             "state": FOUND, "expected_instances": s.expected_instances,
+             "retrieved_instances": 0, "failed_suboperations": 0, "attempts": 0}
+            for s in studies]
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    result = session.execute(
+        insert(BatchStudy).values(rows).on_conflict_do_nothing(
+            index_elements=["batch_id", "study_instance_uid"])
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def studies(session: Session, batch_id: int, *, state: str | None = None) -> list[BatchStudy]:
+    """A batch's studies in the order they were found."""
+    query = select(BatchStudy).where(BatchStudy.batch_id == batch_id).order_by(BatchStudy.id)
+    if state is not None:
+        query = query.where(BatchStudy.state == state)
+    return list(session.scalars(query).all())
+
+
+def local_instance_count(session: Session, study_instance_uid: str) -> int:
+    """How many instances of a study the store already holds."""
+    return int(session.scalar(
+        select(func.count(Instance.id)).join(Series, Instance.series_pk == Series.id)
+        .join(Study, Series.study_pk == Study.id)
+        .where(Study.study_instance_uid == study_instance_uid)
+    ) or 0)
+
+
+def mark_retrieved(session: Session, row_id: int, *, instances: int, failed: int,
+                   now: datetime) -> None:
+    """The study is in our store (``failed`` sub-operations, if any, are recorded)."""
+    session.execute(update(BatchStudy).where(BatchStudy.id == row_id).values(
+        state=RETRIEVED, retrieved_instances=instances, failed_suboperations=failed,
+        retrieved_at=now, error=None, attempts=BatchStudy.attempts + 1))
+
+
+def mark_failed(session: Session, row_id: int, *, error: str, failed: int = 0) -> None:
+    """Retrieval failed (this attempt); a resumed batch tries again."""
+    session.execute(update(BatchStudy).where(BatchStudy.id == row_id).values(
+        state=RETRIEVE_FAILED, error=error[:2000], failed_suboperations=failed,
+        attempts=BatchStudy.attempts + 1))
+
+
+def batch_route(session: Session, study_instance_uid: str) -> str | None:
+    """The route a batch restricts this study to (the newest batch with a route), if any."""
+    return session.scalars(
+        select(Batch.route).join(BatchStudy, BatchStudy.batch_id == Batch.id)
+        .where(BatchStudy.study_instance_uid == study_instance_uid, Batch.route.is_not(None),
+               Batch.kind == "run")
+        .order_by(Batch.id.desc()).limit(1)
+    ).first()
+
+
+def export_only(session: Session, study_instance_uid: str) -> bool:
+    """The study came only through export batches (so it must not be routed to models)."""
+    kinds = set(session.scalars(
+        select(Batch.kind).join(BatchStudy, BatchStudy.batch_id == Batch.id)
+        .where(BatchStudy.study_instance_uid == study_instance_uid)
+    ).all())
+    return kinds == {"export"}
+
+
+@dataclass
+class StudyProgress:
+    """Where one study of a batch stands, for the progress bar and the report."""
+
+    study_instance_uid: str
+    accession_number: str
+    study_date: str
+    retrieve_state: str
+    expected_instances: int | None
+    retrieved_instances: int
+    failed_suboperations: int
+    error: str | None
+    job_state: str | None = None
+    routed: bool | None = None
+    findings: int = 0
+    present: int = 0
+    sr_sent: int = 0
+    sr_pending: int = 0
+
+    @property
+    def processed(self) -> bool:
+        """Retrieved, and either unrouted or its job done with every SR delivered."""
+        if self.retrieve_state != RETRIEVED:
+            return False
+        if self.routed is False:
+            return True
+        return self.job_state == DONE and self.sr_pending == 0
+
+    @property
+    def failed(self) -> bool:
+        """Retrieval failed, or the study's job failed for good."""
+        return self.retrieve_state == RETRIEVE_FAILED or self.job_state == FAILED
+
+
+def progress(session: Session, batch_id: int, route: str | None = None) -> list[StudyProgress]:
+    """Every study of a batch with its retrieval, job, findings and SR delivery state."""
+    found: list[StudyProgress] = []
+    for row in studies(session, batch_id):
+        item = StudyProgress(row.study_instance_uid, row.accession_number, row.study_date,
+                             row.state, row.expected_instances, row.retrieved_instances,
+                             row.failed_suboperations, row.error)
+        found.append(item)
+        if row.state != RETRIEVED:
+            continue
+        decisions = session.scalars(
+            select(RoutingDecision).where(
+                RoutingDecision.study_instance_uid == row.study_instance_uid)
+            .order_by(RoutingDecision.id.desc())
+        ).all()
+        if decisions:
+            item.routed = any(d.route is not None for d in decisions)
+        job_query = select(Job).where(Job.study_instance_uid == row.study_instance_uid)
+        if route is not None:
+            job_query = job_query.where(Job.route == route)
+        job = session.scalars(job_query.order_by(Job.id.desc()).limit(1)).first()
+        if job is None:
+            continue
+        item.job_state = job.state
+        item.findings = int(session.scalar(
+            select(func.count(FindingRecord.id)).where(FindingRecord.job_id == job.id)) or 0)
+        item.present = int(session.scalar(
+            select(func.count(FindingRecord.id)).where(
+                FindingRecord.job_id == job.id, FindingRecord.present.is_(True))) or 0)
+        for state, count in session.execute(
+            select(OutboxItem.state, func.count(OutboxItem.id))
+            .join(ResultObject, OutboxItem.result_id == ResultObject.id)
+            .where(ResultObject.job_id == job.id, ResultObject.kind == "sr")
+            .group_by(OutboxItem.state)
+        ).all():
+            if state == SENT:
+                item.sr_sent += int(count)
+            else:
+                item.sr_pending += int(count)
+    return found

@@ -1,0 +1,181 @@
+"""Batch query/retrieve against a real Orthanc: C-FIND, C-MOVE into our receiver and C-GET,
+the model runs, and the SRs arrive back in Orthanc; an interrupted batch resumes without
+fetching again what it already has.
+"""
+
+from __future__ import annotations
+
+import csv
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+
+from dicom_ai.batch.run import BatchQuery, BatchRunner, Counts, report_rows, write_report
+from dicom_ai.config import Settings, load_settings
+from dicom_ai.service import Service
+from dicom_ai.training.synth import synthesize
+from storage import batches
+from storage.db import Database
+from tests.conftest import need_binary
+from tests.peers import Orthanc, storescu
+
+sqlite_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+@pytest.fixture(scope="module")
+def archive_studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four synthetic CR studies (uncompressed) with accession numbers and study dates."""
+    out = tmp_path_factory.mktemp("archive")
+    synthesize(out, studies=4, seed=7, modality="CR", positive_fraction=0.5, difficulty=0.3,
+               compress=False)
+    return out
+
+
+def study_headers(folder: Path) -> list[Any]:
+    """One header per study (synthetic CR: one image per study), in a fixed order."""
+    files = sorted(p for p in folder.rglob("*.dcm") if "masks" not in p.parts)
+    return sorted((dcmread(p, stop_before_pixels=True) for p in files),
+                  key=lambda ds: str(ds.AccessionNumber))
+
+
+@pytest.fixture
+def loop(tmp_path: Path, db_url: str, archive_studies: Path) -> Iterator[dict[str, Any]]:
+    """Our service (C-MOVE destination, model route sending SRs to Orthanc) and an Orthanc
+    archive that knows our AE and holds the four studies."""
+    need_binary("Orthanc")
+    need_binary("storescu")
+    base: dict[str, Any] = {
+        "dicom": {"host": "127.0.0.1", "port": 0, "receivers": 1},
+        "storage": {"root": tmp_path / "store", "database_url": db_url, "min_free_bytes": 0},
+        "completion": {"series_quiet_seconds": 0.5, "study_quiet_seconds": 0.5,
+                       "poll_seconds": 0.1},
+        "workers": {"processes": 1, "poll_seconds": 0.2},
+        "delivery": {"poll_seconds": 0.2, "retry_initial_seconds": 0.3},
+    }
+    # Our port must be known to Orthanc (C-MOVE destination): start the service first with
+    # no source, then restart it with the source and destination once Orthanc runs.
+    first = Service(load_settings(None, **base))
+    first.start()
+    assert first.address is not None
+    port = first.address[1]
+    first.stop()
+    with Orthanc(tmp_path / "orthanc",
+                 modalities={"dicomai": ("DICOM_AI", "127.0.0.1", port)}) as orthanc:
+        files = sorted(p for p in archive_studies.rglob("*.dcm") if "masks" not in p.parts)
+        sent = storescu(orthanc.port, files, aet=orthanc.aet)
+        assert sent.returncode == 0, sent.stderr
+
+        def settings(retrieve: str) -> Settings:
+            return load_settings(None, **{
+                **base, "dicom": {**base["dicom"], "port": port},
+                "sources": [{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                             "port": orthanc.port, "retrieve": retrieve,
+                             "max_associations": 2}],
+                "destinations": [{"name": "orthanc", "ae_title": orthanc.aet,
+                                  "host": "127.0.0.1", "port": orthanc.port}],
+                "routes": [{"name": "chest", "match": {"Modality": "CR"},
+                            "model": "chest-nodule", "destinations": ["orthanc"]}],
+            })
+
+        service = Service(settings("move"))
+        service.start()
+        try:
+            yield {"orthanc": orthanc, "settings": settings, "db_url": db_url,
+                   "headers": study_headers(archive_studies)}
+        finally:
+            service.stop()
+
+
+def orthanc_srs(orthanc: Orthanc) -> set[str]:
+    """StudyInstanceUIDs of the SRs Orthanc holds."""
+    found = set()
+    for instance in orthanc.rest("/instances?expand"):
+        tags = orthanc.rest(f"/instances/{instance['ID']}/simplified-tags")
+        if tags.get("SOPClassUID") == SR_CLASS:
+            found.add(tags["StudyInstanceUID"])
+    return found
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll until truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@sqlite_only
+def test_batch_by_accessions_with_move_and_by_date_with_get_returns_srs_to_orthanc(
+    loop: dict[str, Any], tmp_path: Path
+) -> None:
+    orthanc, headers = loop["orthanc"], loop["headers"]
+    db = Database(loop["db_url"])
+    # By accession list, C-MOVE into the running service.
+    csv_path = tmp_path / "accessions.csv"
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["AccessionNumber"])
+        writer.writerows([[str(h.AccessionNumber)] for h in headers[:2]])
+    mover = BatchRunner(loop["settings"]("move"), db, "orthanc")
+    from dicom_ai.batch.run import read_accessions
+
+    moved = mover.create(BatchQuery(accessions=read_accessions(csv_path)))
+    counts = mover.run(moved, timeout=120)
+    assert (counts.found, counts.retrieved, counts.processed, counts.failed) == (2, 2, 2, 0)
+    # By study-date range, C-GET on the same association (received in this process).
+    dates = sorted(str(h.StudyDate) for h in headers[2:])
+    getter = BatchRunner(loop["settings"]("get"), db, "orthanc")
+    got = getter.create(BatchQuery(study_date=f"{dates[0]}-{dates[-1]}"))
+    counts = getter.run(got, timeout=120)
+    expected = {str(h.StudyInstanceUID) for h in headers
+                if dates[0] <= str(h.StudyDate) <= dates[-1]}
+    assert counts.found == len(expected)
+    assert counts.processed == counts.found
+    assert counts.failed == 0
+    wanted = {str(h.StudyInstanceUID) for h in headers[:2]} | expected
+    wait_until(lambda: orthanc_srs(orthanc) >= wanted, 60, "the SRs back in Orthanc")
+
+    rows = report_rows(db, moved)
+    assert [r["retrieve"] for r in rows] == ["retrieved", "retrieved"]
+    assert all(r["sr_delivered"] == 1 and r["processed"] == "yes" for r in rows)
+    assert all(r["retrieved_instances"] == 1 for r in rows)
+    html = write_report(rows, tmp_path / "report.html").read_text()
+    assert str(headers[0].StudyInstanceUID) in html
+    db.dispose()
+
+
+@sqlite_only
+def test_interrupted_batch_resumes_without_fetching_again(loop: dict[str, Any]) -> None:
+    db = Database(loop["db_url"])
+    runner = BatchRunner(loop["settings"]("move"), db, "orthanc")
+    batch_id = runner.create(BatchQuery(study_date="19000101-29991231"))
+    stop = threading.Event()
+
+    def interrupt(counts: Counts) -> None:
+        if counts.retrieved >= 1:
+            stop.set()  # Ctrl-C after the first study
+
+    first = runner.run(batch_id, progress=interrupt, stop=stop)
+    assert first.found == 4
+    assert 1 <= first.retrieved < 4
+    with db.sessions() as session:
+        assert batches.get_batch(session, batch_id).state == "interrupted"  # type: ignore[union-attr]
+        done_before = {r.study_instance_uid for r in batches.studies(session, batch_id)
+                       if r.state == batches.RETRIEVED}
+    resumed = BatchRunner(loop["settings"]("move"), db, "orthanc").run(batch_id, timeout=120)
+    assert (resumed.found, resumed.retrieved, resumed.failed) == (4, 4, 0)
+    assert resumed.processed == 4
+    with db.sessions() as session:
+        rows = batches.studies(session, batch_id)
+    assert all(r.attempts == 1 for r in rows), "no study was fetched twice"
+    assert {r.study_instance_uid for r in rows} >= done_before
+    db.dispose()
