@@ -9,6 +9,7 @@ status. C-GET receives the instances on the same association and hands each one 
 from __future__ import annotations
 
 import logging
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +45,14 @@ _GET_CLASSES_FIRST = (
     "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.6.1",
     "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.20",
 )
+
+
+def _no_delay(assoc: Any) -> None:
+    """Send each PDU at once: with Nagle's algorithm a C-STORE response to a C-GET
+    sub-operation can wait for the peer's delayed ACK (tens of ms per instance)."""
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _status(rsp: Dataset | None) -> int | None:
@@ -199,6 +208,7 @@ def get_study(peer: Peer, settings: DicomSettings, study_instance_uid: str,
         if not assoc.is_established:
             raise NetworkError(f"association with {peer.ae_title}@{peer.host}:{peer.port} "
                                "for C-GET failed")
+        _no_delay(assoc)
         try:
             return _final(peer, "C-GET", assoc.send_c_get(
                 _study_identifier(study_instance_uid),
