@@ -902,5 +902,54 @@ def batch_list(config: ConfigOption = None) -> None:
                             "created_at": _iso(b.created_at)} for b in rows], indent=2))
 
 
+@batch_app.command("export")
+def batch_export(
+    source: Annotated[str, typer.Option("--source", help="A [[sources]] name.")],
+    labels: Annotated[Path, typer.Option("--labels", exists=True, help="CSV: label (0/1) "
+                                         "and AccessionNumber or StudyInstanceUID.")],
+    out: Annotated[Path, typer.Option("--out", help="Export folder (new or empty).")],
+    config: ConfigOption = None,
+    accessions: Annotated[Path | None, typer.Option(
+        "--accessions", exists=True, help="CSV with an AccessionNumber column.")] = None,
+    study_date: Annotated[str | None, typer.Option(
+        "--study-date", help="YYYYMMDD-YYYYMMDD (or one day, or an open range).")] = None,
+    modality: Annotated[str | None, typer.Option(help="ModalitiesInStudy to match.")] = None,
+    query: Annotated[list[str] | None, typer.Option(
+        "--query", help="Extra C-FIND key, KEY=VALUE (repeatable).")] = None,
+    profile: Annotated[str, typer.Option(help="De-identification profile (basic: PS3.15 "
+                                         "Basic Application Level Confidentiality).")]
+    = "basic",
+    mapping: Annotated[Path | None, typer.Option(
+        "--mapping", help="Where the re-identification mapping goes (outside --out; default "
+        "OUT.reidentify.json beside it).")] = None,
+) -> None:
+    """Retrieve studies and write a de-identified training set that `dicom-ai train` reads."""
+    from dicom_ai.batch.export import export_training_set
+    from storage.filestore import FileStore
+
+    if profile != "basic":
+        raise _fail(ValueError(f"unknown profile {profile!r}: only 'basic' exists"))
+    runner, db, settings = _batch_runner(config, source)
+    batch_id = runner.create(_batch_query(accessions, study_date, modality, query),
+                             kind="export")
+    console.print(f"export batch {batch_id} on {source}")
+    counts = _follow(runner, batch_id, wait_processing=False, timeout=None)
+    if counts.retrieved == 0:
+        raise _fail(ValueError(f"nothing retrieved ({counts.found} found, "
+                               f"{counts.failed} failed)"))
+    target = mapping or out.resolve().parent / f"{out.resolve().name}.reidentify.json"
+    try:
+        report = export_training_set(db, FileStore(settings.storage.root), batch_id, labels,
+                                     out, target)
+    except DicomAIError as exc:
+        raise _fail(exc) from None
+    db.dispose()
+    typer.echo(json.dumps({"batch": batch_id, "out": str(report.out),
+                           "studies": report.studies, "instances": report.instances,
+                           "excluded": dict(report.excluded),
+                           "unlabelled_studies": report.unlabelled_studies,
+                           "mapping": str(report.mapping)}, indent=2))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

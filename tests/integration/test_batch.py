@@ -179,3 +179,83 @@ def test_interrupted_batch_resumes_without_fetching_again(loop: dict[str, Any]) 
     assert all(r.attempts == 1 for r in rows), "no study was fetched twice"
     assert {r.study_instance_uid for r in rows} >= done_before
     db.dispose()
+
+
+def _values(ds: Any) -> Iterator[str]:
+    """Every element value of a dataset as text, recursively (file meta included)."""
+    meta = getattr(ds, "file_meta", None)
+    for elem in [*(meta or []), *ds]:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                yield from _values(item)
+        elif elem.tag != 0x7FE00010:  # pixel data
+            yield str(elem.value)
+
+
+@sqlite_only
+def test_export_is_deidentified_keeps_no_identifier_and_trains(
+    loop: dict[str, Any], tmp_path: Path, archive_studies: Path
+) -> None:
+    from dicom_ai.batch.export import export_training_set
+    from dicom_ai.inference.runtime import load_predictor
+    from dicom_ai.training.train import TrainOptions, train
+    from storage import jobs
+    from storage.filestore import FileStore
+
+    db = Database(loop["db_url"])
+    settings = loop["settings"]("get")
+    runner = BatchRunner(settings, db, "orthanc")
+    batch_id = runner.create(BatchQuery(study_date="19000101-29991231"), kind="export")
+    counts = runner.run(batch_id, wait_processing=False)
+    assert (counts.found, counts.retrieved, counts.failed) == (4, 4, 0)
+    truth: dict[str, str] = {}
+    with (archive_studies / "labels.csv").open() as fh:
+        for row in csv.DictReader(fh):
+            truth[row["StudyInstanceUID"]] = row["label"]
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["AccessionNumber", "label"])
+        writer.writerows([[str(h.AccessionNumber), truth[str(h.StudyInstanceUID)]]
+                          for h in loop["headers"]])
+    out, mapping = tmp_path / "export", tmp_path / "export.reidentify.json"
+    report = export_training_set(db, FileStore(settings.storage.root), batch_id, labels, out,
+                                 mapping)
+    assert (report.studies, report.instances, report.unlabelled_studies) == (4, 4, 0)
+    assert mapping.is_file()
+    assert not any(p.name.endswith(".json") and "reidentify" in p.name for p in out.rglob("*"))
+
+    identifiers: set[str] = set()
+    for h in loop["headers"]:
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber",
+                        "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "StudyID",
+                        "StudyDate", "ReferringPhysicianName", "InstitutionName"):
+            value = str(h.get(keyword, "") or "")
+            if len(value) >= 4:
+                identifiers.add(value)
+    exported = sorted(out.rglob("*.dcm"))
+    assert len(exported) == 4
+    for path in exported:
+        ds = dcmread(path)
+        assert ds.PatientIdentityRemoved == "YES"
+        leaked = {v for text in _values(ds) for v in identifiers if v in text}
+        assert not leaked, f"{path.name} keeps original identifiers {leaked}"
+    # Studies retrieved for an export are never routed to a model.
+    def decided() -> list[Any]:
+        with db.sessions() as session:
+            found = [jobs.decisions_of_study(session, str(h.StudyInstanceUID))
+                     for h in loop["headers"]]
+        return found if all(found) else []
+
+    for decisions in wait_until(decided, 30, "the studies to complete and be recorded"):
+        assert all(d.route is None and "export" in d.reason for d in decisions)
+    with db.sessions() as session:
+        assert jobs.list_jobs(session) == []
+    # `dicom-ai train` reads the export directly.
+    result = train(TrainOptions(data=out, labels=out / "labels.csv", arch="seed-cnn",
+                                out=tmp_path / "model", epochs=1, input_size=64,
+                                val_fraction=0.25, seed=1))
+    predictor = load_predictor(tmp_path / "model")
+    assert result.spec.name
+    assert predictor.spec.input_shape[:2] == (64, 64)
+    db.dispose()
