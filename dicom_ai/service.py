@@ -77,6 +77,7 @@ def _receiver_process(
     setup_logging(settings.logging)
     parts = build_components(settings)
     receiver = Receiver(settings.dicom, parts.ingestor, parts.mpps, handed=True,
+                        destinations=settings.destinations,
                         on_connection_closed=report_closed(channel, threading.Lock()))
 
     def terminate(*_: object) -> None:
@@ -131,7 +132,8 @@ class Service:
         parts.db.upgrade()
         self.recovery = recover(parts.store, parts.db)
         if self.settings.dicom.receivers == 1:
-            self._receiver = Receiver(self.settings.dicom, parts.ingestor, parts.mpps)
+            self._receiver = Receiver(self.settings.dicom, parts.ingestor, parts.mpps,
+                                      destinations=self.settings.destinations)
             self.address = self._receiver.start()
         else:
             # This process is receiver 0 and answers at once; receivers 1..N-1 are processes
@@ -139,7 +141,8 @@ class Service:
             balancer = ConnectionBalancer(self.settings.dicom.host, self.settings.dicom.port)
             self._balancer = balancer
             self._receiver = Receiver(self.settings.dicom, parts.ingestor, parts.mpps,
-                                      handed=True, on_connection_closed=lambda: balancer.release(0))
+                                      handed=True, on_connection_closed=lambda: balancer.release(0),
+                                      destinations=self.settings.destinations)
             self._receiver.start()
             balancer.attach_local(0, self._receiver.handoff)
             for slot in range(1, self.settings.dicom.receivers):

@@ -21,6 +21,15 @@ VERIFICATION = "1.2.840.10008.1.1"
 """Verification SOP Class (PS3.4 annex A)."""
 MODALITY_PERFORMED_PROCEDURE_STEP = "1.2.840.10008.3.1.2.3.3"
 """Modality Performed Procedure Step SOP Class (PS3.4 annex F.7)."""
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
+PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+QUERY_RETRIEVE_SOP_CLASSES = [PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET,
+                              STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET]
+"""Patient Root and Study Root Query/Retrieve FIND/MOVE/GET (PS3.4 C.6.1, C.6.2)."""
 
 _UNCOMPRESSED: list[str] = [
     ExplicitVRLittleEndian,
@@ -41,7 +50,11 @@ STORAGE_SOP_CLASSES: list[str] = [
 
 
 def scp_contexts() -> list[PresentationContext]:
-    """The contexts the receiver supports: Verification, MPPS, and every storage SOP class.
+    """The contexts the receiver supports: Verification, MPPS, Q/R, every storage SOP class.
+
+    Storage contexts accept both roles: without role selection the caller stays the SCU (a
+    plain C-STORE); a C-GET caller proposes the SCP role for them (PS3.7 D.3.3.4) and receives
+    the retrieved instances on the same association (PS3.4 C.4.3).
 
     Returns
     -------
@@ -50,7 +63,9 @@ def scp_contexts() -> list[PresentationContext]:
     """
     contexts = [build_context(VERIFICATION)]
     contexts.append(build_context(MODALITY_PERFORMED_PROCEDURE_STEP))
-    contexts.extend(
-        build_context(uid, ACCEPTED_TRANSFER_SYNTAXES) for uid in STORAGE_SOP_CLASSES
-    )
+    contexts.extend(build_context(uid) for uid in QUERY_RETRIEVE_SOP_CLASSES)
+    for uid in STORAGE_SOP_CLASSES:
+        context = build_context(uid, ACCEPTED_TRANSFER_SYNTAXES)
+        context.scu_role, context.scp_role = True, True
+        contexts.append(context)
     return contexts

@@ -1,4 +1,4 @@
-"""The receiver: a pynetdicom application entity answering C-ECHO, C-STORE and MPPS.
+"""The receiver: a pynetdicom application entity answering C-ECHO, C-STORE, MPPS and Q/R.
 
 One :class:`Receiver` serves associations in one process: either from its own listening
 socket, or, in a receiver pool, from connections the serve process hands over (see
@@ -13,7 +13,7 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from pydicom import config as pydicom_config
@@ -21,11 +21,12 @@ from pynetdicom import AE, _config
 from pynetdicom import events as evt
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_ai.config import DicomSettings
+from dicom_ai.config import Destination, DicomSettings
 from dicom_ai.ingest.completion import MppsService
 from dicom_ai.ingest.spool import Ingestor
 from dicom_ai.network import handlers
 from dicom_ai.network.contexts import scp_contexts
+from dicom_ai.network.qr import QueryRetrieveSCP
 
 LOGGER = logging.getLogger(__name__)
 
@@ -103,6 +104,8 @@ class Receiver:
         :mod:`dicom_ai.network.balancer`).
     on_connection_closed : callable, optional
         Called whenever a connection ends (the pool counts each receiver's open connections).
+    destinations : sequence of Destination
+        The ``[[destinations]]`` C-MOVE may send to (:mod:`dicom_ai.network.qr`).
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class Receiver:
         *,
         handed: bool = False,
         on_connection_closed: Callable[[], None] | None = None,
+        destinations: Sequence[Destination] = (),
     ) -> None:
         self.settings = settings
         self.ingestor = ingestor
@@ -121,10 +125,13 @@ class Receiver:
         self.on_connection_closed = on_connection_closed
         self._server: _Server | None = None
         self._previous_tempdir: str | None = None
+        self.qr = QueryRetrieveSCP(ingestor.store, ingestor.db, settings, destinations)
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
-        ae.supported_contexts = scp_contexts()
+        for cx in scp_contexts():  # not `supported_contexts = ...`: that setter drops roles
+            ae.add_supported_context(str(cx.abstract_syntax), cx.transfer_syntax,
+                                     scu_role=cx.scu_role, scp_role=cx.scp_role)
         ae.maximum_associations = self.settings.max_associations
         ae.maximum_pdu_size = self.settings.maximum_pdu_size
         ae.network_timeout = self.settings.network_timeout
@@ -140,6 +147,9 @@ class Receiver:
             (evt.EVT_C_STORE, handlers.handle_store, [self.ingestor]),
             (evt.EVT_N_CREATE, handlers.handle_n_create, [self.mpps]),
             (evt.EVT_N_SET, handlers.handle_n_set, [self.mpps]),
+            (evt.EVT_C_FIND, self.qr.handle_find),
+            (evt.EVT_C_MOVE, self.qr.handle_move),
+            (evt.EVT_C_GET, self.qr.handle_get),
             (evt.EVT_REQUESTED, handlers.handle_requested, [list(self.settings.allowed_hosts)]),
             (evt.EVT_ACCEPTED, handlers.handle_accepted),
             (evt.EVT_REJECTED, handlers.handle_rejected),
@@ -178,6 +188,8 @@ class Receiver:
         # Stream each dataset to a file in the store's incoming/ folder, so accepting it is a
         # rename on the same filesystem (see DICOM-NOTES: pynetdicom deletes what we leave).
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # Q/R identifiers hold patient names and IDs: pynetdicom must not log them.
+        _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
         # We validate what we use ourselves; pydicom's per-value regex checks on read only
         # cost time on the ingest path (and log vendor quirks we tolerate anyway).
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
