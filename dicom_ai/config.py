@@ -237,7 +237,8 @@ class DeliverySettings(_Section):
 
     retry_initial_seconds: Annotated[float, Field(gt=0)] = 5.0
     retry_max_seconds: Annotated[float, Field(gt=0)] = 60.0
-    poll_seconds: Annotated[float, Field(gt=0)] = 1.0
+    # A cheap indexed query; with Celery workers nothing wakes the sender, so keep it short.
+    poll_seconds: Annotated[float, Field(gt=0)] = 0.25
 
 
 class Settings(BaseSettings):

@@ -187,9 +187,11 @@ class Orthanc:
     """A real Orthanc PACS on loopback with its own storage folder and config."""
 
     def __init__(self, folder: Path, *, aet: str = "ORTHANC",
-                 modalities: dict[str, tuple[str, str, int]] | None = None) -> None:
+                 modalities: dict[str, tuple[str, str, int]] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         self.folder = folder
         self.aet = aet
+        self.extra = extra or {}
         self.port = free_port()
         self.http_port = free_port()
         self.modalities = modalities or {}
@@ -212,6 +214,7 @@ class Orthanc:
             "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
             "Plugins": [],
             "StableAge": 1,
+            **self.extra,
         }
         conf = self.folder / "orthanc.json"
         conf.write_text(json.dumps(config))

@@ -196,8 +196,12 @@ class BatchRunner:
         found: dict[str, batches.FoundStudy] = {}
         if query.accessions:
             for accession in query.accessions:
-                for match in find(self.peer, self.settings.dicom,
-                                  _identifier(query, accession=accession)):
+                answer = find(self.peer, self.settings.dicom,
+                              _identifier(query, accession=accession))
+                if answer.truncated:
+                    LOGGER.warning("C-FIND for accession %s on %s was cut short by the "
+                                   "archive", accession, self.source.name)
+                for match in answer.matches:
                     study = _found(match)
                     if study is not None:
                         found.setdefault(study.study_instance_uid, study)
@@ -208,10 +212,11 @@ class BatchRunner:
 
     def _find_range(self, query: BatchQuery, study_date: str | None
                     ) -> list[batches.FoundStudy]:
-        matches = find(self.peer, self.settings.dicom, _identifier(query, study_date=study_date))
+        answer = find(self.peer, self.settings.dicom, _identifier(query, study_date=study_date))
+        matches = answer.matches
         studies = [s for s in (_found(m) for m in matches) if s is not None]
         limit = self.source.max_query_results
-        if not limit or len(matches) < limit:
+        if not answer.truncated and (not limit or len(matches) < limit):
             return studies
         bounds = _date_bounds(study_date) if study_date else None
         if bounds is None or bounds[0] >= bounds[1]:
@@ -221,8 +226,8 @@ class BatchRunner:
             return studies
         first, last = bounds
         middle = first + (last - first) // 2
-        LOGGER.info("C-FIND %s truncated at %d: splitting %s", self.source.name, limit,
-                    study_date)
+        LOGGER.info("C-FIND %s truncated at %d matches: splitting %s", self.source.name,
+                    len(matches), study_date)
         left = f"{first:%Y%m%d}-{middle:%Y%m%d}"
         right = f"{middle + timedelta(days=1):%Y%m%d}-{last:%Y%m%d}"
         return self._find_range(query, left) + self._find_range(query, right)

@@ -9,7 +9,6 @@ status. C-GET receives the instances on the same association and hands each one 
 from __future__ import annotations
 
 import logging
-import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,13 +27,14 @@ from dicom_ai.exceptions import NetworkError
 from dicom_ai.ingest.spool import Ingestor
 from dicom_ai.network.contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
 from dicom_ai.network.handlers import handle_store
-from dicom_ai.network.scu import Peer, _associate
+from dicom_ai.network.scu import Peer, _associate, no_delay
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["RetrieveResult", "find", "get_study", "move_study"]
+__all__ = ["FindResult", "RetrieveResult", "find", "get_study", "move_study"]
 
 PENDING = (0xFF00, 0xFF01)
+MATCHING_TERMINATED = 0xFE00  # PS3.4 C.4.1.1.4: matching terminated (cancel, or a limit)
 # A C-GET proposes one context per storage class it wants to receive, and a requestor may
 # propose at most 128: the classes an imaging archive sends for AI work come first.
 _GET_CLASSES_FIRST = (
@@ -47,20 +47,24 @@ _GET_CLASSES_FIRST = (
 )
 
 
-def _no_delay(assoc: Any) -> None:
-    """Send each PDU at once: with Nagle's algorithm a C-STORE response to a C-GET
-    sub-operation can wait for the peer's delayed ACK (tens of ms per instance)."""
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 def _status(rsp: Dataset | None) -> int | None:
     return int(rsp.Status) if rsp is not None and "Status" in rsp else None
 
 
-def find(peer: Peer, settings: DicomSettings, identifier: Dataset) -> list[Dataset]:
-    """C-FIND (Study Root) and return every match.
+@dataclass
+class FindResult:
+    """The matches of a C-FIND, and whether the archive stopped early.
+
+    ``truncated`` is True when the archive ended with 0xFE00 (matching terminated): archives
+    such as Orthanc (``LimitFindResults``) answer a query with too many matches that way.
+    """
+
+    matches: list[Dataset]
+    truncated: bool = False
+
+
+def find(peer: Peer, settings: DicomSettings, identifier: Dataset) -> FindResult:
+    """C-FIND (Study Root) and collect every match.
 
     Parameters
     ----------
@@ -73,8 +77,8 @@ def find(peer: Peer, settings: DicomSettings, identifier: Dataset) -> list[Datas
 
     Returns
     -------
-    list of Dataset
-        The identifiers of the pending responses.
+    FindResult
+        The identifiers of the pending responses; ``truncated`` if the archive cut them short.
 
     Raises
     ------
@@ -84,7 +88,7 @@ def find(peer: Peer, settings: DicomSettings, identifier: Dataset) -> list[Datas
     ae = AE(ae_title=settings.ae_title)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = _associate(ae, peer, settings)
-    matches: list[Dataset] = []
+    result = FindResult([])
     try:
         for rsp, found in assoc.send_c_find(identifier,
                                             StudyRootQueryRetrieveInformationModelFind):
@@ -93,14 +97,16 @@ def find(peer: Peer, settings: DicomSettings, identifier: Dataset) -> list[Datas
                 raise NetworkError(f"C-FIND to {peer.ae_title}: no response (timeout or abort)")
             if status in PENDING:
                 if found is not None:
-                    matches.append(found)
+                    result.matches.append(found)
+            elif status == MATCHING_TERMINATED:
+                result.truncated = True
             elif status != 0x0000:
                 raise NetworkError(f"C-FIND to {peer.ae_title} failed with status "
                                    f"0x{status:04X}")
     finally:
         if assoc.is_established:
             assoc.release()
-    return matches
+    return result
 
 
 @dataclass(frozen=True)
@@ -208,7 +214,7 @@ def get_study(peer: Peer, settings: DicomSettings, study_instance_uid: str,
         if not assoc.is_established:
             raise NetworkError(f"association with {peer.ae_title}@{peer.host}:{peer.port} "
                                "for C-GET failed")
-        _no_delay(assoc)
+        no_delay(assoc)
         try:
             return _final(peer, "C-GET", assoc.send_c_get(
                 _study_identifier(study_instance_uid),

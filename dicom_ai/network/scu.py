@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import ssl
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -79,12 +80,25 @@ def client_ssl_context(settings: DicomSettings) -> ssl.SSLContext:
     return context
 
 
+def no_delay(assoc: Association) -> None:
+    """Send each PDU at once (TCP_NODELAY).
+
+    pynetdicom leaves Nagle's algorithm on: a small PDU written right after a large one (an SR
+    after a heat-map image, a C-STORE response) then waits for the peer's delayed ACK, about
+    40-50 ms each time on Linux.
+    """
+    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _associate(ae: AE, peer: Peer, settings: DicomSettings) -> Association:
     tls_args = (client_ssl_context(settings), peer.host) if peer.tls else None
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     if not assoc.is_established:
         state = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         raise NetworkError(f"association with {peer.ae_title}@{peer.host}:{peer.port} {state}")
+    no_delay(assoc)
     return assoc
 
 

@@ -285,7 +285,10 @@ class ModelCache:
                     raise JobError(str(exc), retryable=True) from exc
                 except ConfigError as exc:
                     raise JobError(str(exc), retryable=False) from exc
-                self._loaded[key] = (predictor, _explainer_for(predictor))
+                explainer = _explainer_for(predictor)
+                if explainer is not None:  # trace the Grad-CAM function now, not in a job
+                    explainer(np.zeros((1, *predictor.spec.input_shape), np.float32))
+                self._loaded[key] = (predictor, explainer)
                 LOGGER.info("loaded %s in %.2f s", predictor.label, predictor.load_seconds)
             return self._loaded[key]
 
@@ -517,6 +520,8 @@ class JobRunner:
                           sop_instance_uid=result_uid(seed, "sr", kind),
                           predecessor=predecessor, segmentation=seg, software_version=version)
             keep(sr, "sr", kind, [d.name for d in wanted if d.sr_kind == kind])
+        # The SR first: the outbox sends in creation order, and the SR is what a PACS needs.
+        results.sort(key=lambda r: r.kind != "sr")
         return results, heatmap_paths
 
 

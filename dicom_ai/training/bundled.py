@@ -15,7 +15,11 @@ Steps, every one seeded:
 2. ``classifier``: ``chest-nodule``, the ``synth-backbone`` CNN trained on the CR studies.
 3. ``segmenter``: ``chest-nodule-seg``, a small U-Net on the same studies' masks.
 4. ``curve``: test AUC vs number of labelled training studies, the same schedule from scratch
-   and from the pretrained backbone (full fine-tuning; only the initial weights differ).
+   and from the pretrained backbone (full fine-tuning; only the initial weights differ). The
+   schedule is a fixed number of optimisation steps whatever the size (``learning_curve_epochs``
+   x ``learning_curve_steps_per_epoch`` batches of 32), and the last weights are kept: counting
+   in epochs gave 12 studies a dozen gradient steps, and a validation set of three images cannot
+   choose a "best" epoch.
 
 Both models are evaluated on the test studies through the serving path; metrics, plots and
 model cards go into each model folder's ``report/test`` and the summary.
@@ -44,6 +48,11 @@ CLASSIFIER = "chest-nodule"
 SEGMENTER = "chest-nodule-seg"
 VERSION = "1.0.0"
 PROJECTION_MODALITIES = ["CR", "DX"]
+#: Learning-curve sizes (labelled studies, half positive) and schedule: the same number of
+#: optimisation steps at every size (epochs x steps per epoch, batches of 32).
+LEARNING_CURVE_SIZES = (25, 50, 100, 200, 400)
+LEARNING_CURVE_EPOCHS = 6
+LEARNING_CURVE_STEPS_PER_EPOCH = 50
 
 
 def backbone_weights_name(input_size: int) -> str:
@@ -62,15 +71,17 @@ class Recipe:
     classifier_epochs: int = 20
     segmenter_epochs: int = 8
     input_size: int = 128
-    learning_curve: tuple[int, ...] = (12, 25, 50, 100)
-    learning_curve_epochs: int = 12
+    learning_curve: tuple[int, ...] = LEARNING_CURVE_SIZES
+    learning_curve_epochs: int = LEARNING_CURVE_EPOCHS
+    learning_curve_steps_per_epoch: int = LEARNING_CURVE_STEPS_PER_EPOCH
 
     @classmethod
     def tiny(cls) -> Recipe:
         """A build small enough for a test: minutes of CPU, not hours."""
         return cls(train_studies=24, test_studies=12, pretrain_studies=3, pretrain_epochs=1,
                    classifier_epochs=1, segmenter_epochs=1, input_size=64,
-                   learning_curve=(12,), learning_curve_epochs=1)
+                   learning_curve=(12,), learning_curve_epochs=1,
+                   learning_curve_steps_per_epoch=2)
 
 
 def _subset_labels(labels: Path, studies: int, out: Path, seed: int) -> Path:
@@ -198,31 +209,39 @@ def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
         models[spec.name] = {"train_seconds": round(result.seconds, 1), "test": evaluation}
 
     if "curve" in steps:
-        points: list[tuple[int, float, float]] = []
+        curve_started = time.perf_counter()
+        rows: list[dict[str, Any]] = []
         for studies in recipe.learning_curve:
             labels = _subset_labels(train_dir / "labels.csv", studies,
                                     work / f"curve-{studies}" / "labels.csv", seed=studies)
-            aucs = []
+            row: dict[str, Any] = {"studies": studies}
             for backbone in (None, weights):
                 name = "pretrained" if backbone else "scratch"
                 run = work / f"curve-{studies}" / name
                 if run.exists():
                     shutil.rmtree(run)
-                # Same schedule for both: only the initial weights differ (full fine-tuning).
+                # Same data, seed and schedule for both: only the initial weights differ (full
+                # fine-tuning). A fixed number of steps at every size, and the last weights.
                 train(TrainOptions(
                     data=train_dir, labels=labels, arch="synth-backbone", out=run,
                     name=f"curve-{name}", version="0.0.1", epochs=recipe.learning_curve_epochs,
+                    steps_per_epoch=recipe.learning_curve_steps_per_epoch, keep_best=False,
                     backbone_weights=backbone, frozen_epochs=0, seed=5,
                     input_size=recipe.input_size, val_fraction=0.25), say=lambda _: None)
-                metrics = evaluate_model(run, test_dir, test_dir / "labels.csv", n_bootstrap=200)
-                aucs.append(float(metrics["roc_auc"] or 0.0))
-            points.append((studies, aucs[0], aucs[1]))
-            print(f"learning curve: {studies} studies: scratch AUC {aucs[0]:.3f}, "
-                  f"pretrained AUC {aucs[1]:.3f}")
-        summary["learning_curve"] = [
-            {"studies": n, "scratch_auc": a, "pretrained_auc": b} for n, a, b in points]
+                metrics = evaluate_model(run, test_dir, test_dir / "labels.csv", n_bootstrap=1000)
+                row[f"{name}_auc"] = float(metrics["roc_auc"] or 0.0)
+                row[f"{name}_auc_ci95"] = metrics["roc_auc_ci95"]
+            rows.append(row)
+            print(f"learning curve: {studies} studies: scratch AUC {row['scratch_auc']:.3f}, "
+                  f"pretrained AUC {row['pretrained_auc']:.3f}")
+        summary["learning_curve"] = rows
+        summary["learning_curve_schedule"] = {
+            "steps": recipe.learning_curve_epochs * recipe.learning_curve_steps_per_epoch,
+            "batch_size": 32, "learning_rate": 1e-3, "kept": "last epoch",
+            "seconds": round(time.perf_counter() - curve_started, 1)}
         curve_png = out / CLASSIFIER / VERSION / "report" / "learning_curve.png"
-        report.plot_learning_curve(points, curve_png)
+        report.plot_learning_curve(
+            [(r["studies"], r["scratch_auc"], r["pretrained_auc"]) for r in rows], curve_png)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary_path.write_text(json.dumps(summary, indent=2, default=float))
     return summary

@@ -99,6 +99,16 @@ class TrainOptions:
     preprocessing: PreprocessingSpec | None = None
     description: str = ""
     training_data: str = ""
+    #: Optimisation steps per epoch; ``None`` is one pass over the training set. Set, every
+    #: epoch draws this many batches from an endless stream of shuffled passes, so a schedule
+    #: is a fixed number of gradient steps whatever the size of the training set.
+    steps_per_epoch: int | None = None
+    #: Keep the epoch with the best validation metric (True), or the last epoch's weights: a
+    #: validation set of a few images makes "best" a coin toss.
+    keep_best: bool = True
+    #: Learning rate of the fine-tuning stage after a frozen one; ``None`` is a tenth of
+    #: ``learning_rate``.
+    fine_tune_learning_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -161,11 +171,28 @@ def _default_version() -> str:
 
 
 # -- batches ----------------------------------------------------------------------------------
+def _stream_order(count: int, seed: int, start: int, length: int) -> NDArray[np.int64]:
+    """Rows ``start`` to ``start + length`` of an endless stream of shuffled passes.
+
+    Pass ``k`` over the ``count`` rows is ``default_rng(seed + k).permutation(count)``, the same
+    order an epoch ``k`` of one pass gets, so the stream is a function of its position only.
+    """
+    first, last = start // count, (start + length - 1) // count
+    passes = [np.random.default_rng(seed + k).permutation(count) for k in range(first, last + 1)]
+    offset = start - first * count
+    return np.concatenate(passes)[offset : offset + length]
+
+
 def _batches(
     inputs: NDArray[np.float32], targets: NDArray[np.float32], *, batch_size: int, seed: int,
-    augmenter: Any | None, masks: bool,
+    augmenter: Any | None, masks: bool, steps_per_epoch: int | None = None,
 ) -> Any:
-    """A ``keras.utils.PyDataset`` over (memory-mapped) arrays, shuffled per epoch."""
+    """A ``keras.utils.PyDataset`` over (memory-mapped) arrays, shuffled per epoch.
+
+    With ``steps_per_epoch`` an epoch is that many full batches cut from an endless stream of
+    shuffled passes (:func:`_stream_order`); a batch may then hold an image more than once when
+    the training set is smaller than a batch.
+    """
     import keras
     import tensorflow as tf
 
@@ -187,9 +214,14 @@ def _batches(
             self.order = self._order()
 
         def _order(self) -> NDArray[np.int64]:
+            if steps_per_epoch is not None:
+                length = steps_per_epoch * batch_size
+                return _stream_order(len(inputs), seed, self.epoch * length, length)
             return np.random.default_rng(seed + self.epoch).permutation(len(inputs))
 
         def __len__(self) -> int:
+            if steps_per_epoch is not None:
+                return steps_per_epoch
             return math.ceil(len(inputs) / batch_size)
 
         def __getitem__(self, index: int) -> tuple[Any, Any]:
@@ -296,6 +328,8 @@ def train(options: TrainOptions, *, say: Callable[[str], None] = print) -> Train
                          f"{', '.join((*architectures.ARCHITECTURES, 'unet'))}")
     if o.epochs < 1:
         raise TrainError("epochs must be at least 1")
+    if o.steps_per_epoch is not None and o.steps_per_epoch < 1:
+        raise TrainError("steps_per_epoch must be at least 1")
     checkpoints = o.out / "checkpoints"
     if o.resume and not (checkpoints / "state.json").is_file():
         raise TrainError(f"nothing to resume: {checkpoints / 'state.json'} does not exist")
@@ -366,7 +400,7 @@ def train(options: TrainOptions, *, say: Callable[[str], None] = print) -> Train
             say(f"horizontal flip switched off: laterality matters for {', '.join(parts)}")
     augmenter = build_augmenter(augmentation, seed=o.seed) if augmentation.enabled else None
     batches = _batches(x_train, y_train, batch_size=o.batch_size, seed=o.seed,
-                       augmenter=augmenter, masks=segmentation)
+                       augmenter=augmenter, masks=segmentation, steps_per_epoch=o.steps_per_epoch)
     progress = _Progress(checkpoints, history, monitor, best, say, o.epochs)
     # (title, first epoch, end epoch, backbone trainable or None for "not a transfer stage")
     stages: list[tuple[str, int, int, bool | None]] = []
@@ -384,14 +418,16 @@ def train(options: TrainOptions, *, say: Callable[[str], None] = print) -> Train
             architectures.set_backbone_trainable(
                 model, backbone_trainable, fine_tune_fraction=o.fine_tune_fraction,
                 train_batch_norm=o.arch not in KERAS_APPLICATIONS)
-            rate = o.learning_rate / 10 if backbone_trainable else o.learning_rate
+            fine_tune_rate = (o.fine_tune_learning_rate if o.fine_tune_learning_rate is not None
+                              else o.learning_rate / 10)
+            rate = fine_tune_rate if backbone_trainable else o.learning_rate
             model = _compile(model, rate, segmentation)
         say(f"stage: {title}, epochs {max(first, initial_epoch) + 1}-{last}")
         model.fit(batches, validation_data=(np.asarray(x_val), y_val), epochs=last,
                   initial_epoch=max(first, initial_epoch), verbose=0,
                   callbacks=[progress.callback()])
         initial_epoch = last
-    if (checkpoints / BEST_WEIGHTS).is_file():  # the best epoch, also across a resume
+    if o.keep_best and (checkpoints / BEST_WEIGHTS).is_file():  # also across a resume
         model.load_weights(checkpoints / BEST_WEIGHTS)
 
     # Save, then evaluate what serving will run: the saved file through the runtime.
@@ -443,7 +479,12 @@ def train(options: TrainOptions, *, say: Callable[[str], None] = print) -> Train
         "training": {
             "arch": o.arch, "epochs": o.epochs, "batch_size": o.batch_size, "seed": o.seed,
             "learning_rate": o.learning_rate, "frozen_epochs": frozen_epochs,
+            "steps_per_epoch": o.steps_per_epoch, "kept": "best" if o.keep_best else "last",
             "fine_tune_fraction": o.fine_tune_fraction if transfer else None,
+            "fine_tune_learning_rate": ((o.fine_tune_learning_rate
+                                         if o.fine_tune_learning_rate is not None
+                                         else o.learning_rate / 10)
+                                        if transfer and frozen_epochs > 0 else None),
             "augmentation": augmentation.model_dump(),
             "backbone_weights": o.backbone_weights.name if o.backbone_weights else None,
             "split": {"by": "patient", "validation_fraction": o.val_fraction,

@@ -259,3 +259,47 @@ def test_export_is_deidentified_keeps_no_identifier_and_trains(
     assert result.spec.name
     assert predictor.spec.input_shape[:2] == (64, 64)
     db.dispose()
+
+
+@sqlite_only
+def test_truncated_answers_are_split_by_date_and_present_studies_not_fetched(
+    tmp_path: Path, db_url: str, archive_studies: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An archive that answers at most 2 matches per C-FIND (Orthanc LimitFindResults, which
+    ends the answer with 0xFE00): the date range is halved until every study is found;
+    studies the store already holds are not fetched again."""
+    need_binary("Orthanc")
+    headers = study_headers(archive_studies)
+    files = sorted(p for p in archive_studies.rglob("*.dcm") if "masks" not in p.parts)
+    with Orthanc(tmp_path / "orthanc", modalities={"me": ("DICOM_AI", "127.0.0.1", 1)},
+                 extra={"LimitFindResults": 2}) as orthanc:
+        assert storescu(orthanc.port, files, aet=orthanc.aet).returncode == 0
+        settings = load_settings(
+            None, storage={"root": tmp_path / "store", "database_url": db_url,
+                           "min_free_bytes": 0},
+            sources=[{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                      "port": orthanc.port, "retrieve": "get", "max_query_results": 2}])
+        db = Database(db_url)
+        db.upgrade()
+        runner = BatchRunner(settings, db, "orthanc")
+        assert len(runner.find(BatchQuery(study_date="19000101-29991231"))) == 4
+        # Orthanc ends a query with more matches than its limit with 0xFE00 after 2 answers.
+        from dicom_ai.batch.run import _identifier
+        from dicom_ai.network.qr_scu import find
+
+        raw = find(runner.peer, settings.dicom,
+                   _identifier(BatchQuery(), study_date="19000101-29991231"))
+        assert raw.truncated
+        assert len(raw.matches) == 2
+
+        first = runner.create(BatchQuery(accessions=(str(headers[0].AccessionNumber),)),
+                              kind="export")
+        assert runner.run(first, wait_processing=False).retrieved == 1
+        caplog.set_level("INFO", logger="dicom_ai.batch.run")
+        again = runner.create(BatchQuery(study_date="19000101-29991231"), kind="export")
+        counts = runner.run(again, wait_processing=False)
+        assert (counts.found, counts.retrieved, counts.failed) == (4, 4, 0)
+        skipped = [r for r in caplog.records if "already in the store" in r.getMessage()]
+        assert len(skipped) == 1
+        assert str(headers[0].StudyInstanceUID) in skipped[0].getMessage()
+        db.dispose()
