@@ -604,6 +604,17 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"\nkey figure (total - {QUIET_SECONDS} s quiet - forward pass): median "
               f"{1000 * key['median']:.0f} ms, p90 {1000 * key['p90']:.0f} ms "
               f"(target < {1000 * TARGET_SECONDS:.0f} ms: {verdict})")
+        detail = latency["summary"]["transfer_detail"]
+        ref = latency["summary"]["reference_association_echo_release"]
+        to_sc = 1000 * detail["start_to_sc_stored"]["median"]
+        sc_to_sr = 1000 * detail["sc_stored_to_sr_stored"]["median"]
+        print(f"transfer: outbox start -> SC stored {to_sc:.0f} ms, SC stored -> SR stored "
+              f"{sc_to_sr:.0f} ms; reference associate + C-ECHO + release "
+              f"{1000 * ref['median']:.0f} ms")
+        first = latency["first_study_after_start"]
+        print(f"first study after the worker started: total {first['total']:.2f} s "
+              f"(explain {first['job_timings'].get('explain', 0.0):.2f} s, "
+              f"report {first['job_timings'].get('report', 0.0):.2f} s)")
     throughput = report.get("throughput", {})
     if throughput:
         print("\n| mode | workers | database | studies | seconds | studies/min | first SR s |")
@@ -641,7 +652,9 @@ def main() -> None:
                      "completion_poll_seconds": 0.05, "workers_poll_seconds": 0.1,
                      "delivery_poll_seconds": 0.1},
         "target_seconds": TARGET_SECONDS,
-        "machine": {"cpus": os.cpu_count() or 0, "python": platform.python_version()},
+        "machine": {"cpus": os.cpu_count() or 0, "python": platform.python_version(),
+                    # Other load on a shared machine skews everything: record it.
+                    "load_average_at_start": [round(v, 2) for v in os.getloadavg()]},
         "modes": modes,
     }
     with tempfile.TemporaryDirectory(prefix="dicom-ai-e2e-") as tmp:
@@ -659,6 +672,7 @@ def main() -> None:
                 elif mode == "celery-2":
                     throughput[mode] = run_celery(work / mode, 2, warm, studies)
             report["throughput"] = throughput
+    report["machine"]["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
     report["wall_seconds"] = round(time.monotonic() - started, 1)
     text = json.dumps(report, indent=2)
     args.out.parent.mkdir(parents=True, exist_ok=True)
