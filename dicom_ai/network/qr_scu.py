@@ -15,6 +15,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
@@ -25,7 +39,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from dicom_ai.config import DicomSettings
 from dicom_ai.exceptions import NetworkError
 from dicom_ai.ingest.spool import Ingestor
-from dicom_ai.network.contexts import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
+from dicom_ai.network.contexts import STORAGE_SOP_CLASSES
 from dicom_ai.network.handlers import handle_store
 from dicom_ai.network.scu import Peer, _associate, no_delay
 
@@ -45,6 +59,17 @@ _GET_CLASSES_FIRST = (
     "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.6.1",
     "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.20",
 )
+
+
+#: What a C-GET offers to receive: uncompressed, then the lossless and lossy syntaxes archives
+#: store most. Offering all ~35 syntaxes for 127 classes makes a ~150 kB association request
+#: that costs the archive and us a quarter of a second per study; an archive holding another
+#: syntax transcodes or reports a failed sub-operation.
+GET_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless,
+    RLELossless, JPEGLosslessSV1, JPEGLossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000,
+    JPEGLSNearLossless, DeflatedExplicitVRLittleEndian,
+]
 
 
 def _status(rsp: Dataset | None) -> int | None:
@@ -197,7 +222,7 @@ def get_study(peer: Peer, settings: DicomSettings, study_instance_uid: str,
                                       if c not in _GET_CLASSES_FIRST)]
     roles: list[Any] = []
     for sop_class in ordered[:127]:  # 128 contexts at most, one is the GET model's
-        ae.add_requested_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
+        ae.add_requested_context(sop_class, GET_TRANSFER_SYNTAXES)
         roles.append(build_role(sop_class, scp_role=True))
     previous = (_config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir)
     _config.STORE_RECV_CHUNKED_DATASET = True  # stream to incoming/, accepting is a rename
