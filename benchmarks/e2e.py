@@ -200,6 +200,7 @@ def settings_for(work: Path, pacs: TimedPacs, *, database_url: str | None = None
         workers={"poll_seconds": 0.1, "lease_seconds": 120, **workers},
         delivery={"poll_seconds": 0.1, "retry_initial_seconds": 0.5},
         logging={"level": "INFO"},  # worker processes log to the mode's log file
+        api={"enabled": False},
         destinations=[{"name": "pacs", "ae_title": pacs.ae_title, "host": pacs.address[0],
                        "port": pacs.address[1]}],
         routes=[{"name": "chest-xray", "match": {"Modality": ["CR", "DX"]},

@@ -58,6 +58,7 @@ def dicom_ai_retrieve(retrieve: str, orthanc: Orthanc, root: Path, port: int) ->
         dicom={"host": "127.0.0.1", "port": port, "receivers": 1},
         storage={"root": root, "min_free_bytes": 0},
         logging={"level": "WARNING"},
+        api={"enabled": False},
         sources=[{"name": "archive", "ae_title": orthanc.aet, "host": "127.0.0.1",
                   "port": orthanc.port, "retrieve": retrieve}],
     )

@@ -30,6 +30,9 @@ app.add_typer(batch_app, name="batch")
 routes_app = typer.Typer(help="Routing rules: see which routes a file matches and why.",
                          no_args_is_help=True)
 app.add_typer(routes_app, name="routes")
+apikeys_app = typer.Typer(help="API keys of the HTTP API: create, list, revoke.",
+                          no_args_is_help=True)
+app.add_typer(apikeys_app, name="apikeys")
 console = Console(stderr=True)
 
 ConfigOption = Annotated[
@@ -287,6 +290,47 @@ def db_reconcile(config: ConfigOption = None) -> None:
     db.dispose()
     typer.echo(f"indexed {indexed} file(s), removed {removed} row(s), "
                f"quarantined {quarantined} file(s)")
+
+
+@app.command()
+def purge(
+    config: ConfigOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what the [retention] "
+                                          "policy would remove.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object.")] = False,
+) -> None:
+    """Apply the [retention] policy now: delete delivered studies' instances and old results.
+
+    Nothing that is not yet processed and delivered is ever deleted.
+    """
+    from dicom_ai import retention
+    from storage.db import Database
+    from storage.filestore import FileStore
+
+    settings = _settings(config)
+    if not settings.retention.enabled:
+        console.print("no \\[retention] policy is set (instances_days, results_days, "
+                      "max_store_bytes): nothing to remove")
+    db = Database(settings.storage.url)
+    db.upgrade()
+    try:
+        outcome = retention.plan(db, settings.retention)
+        if not dry_run:
+            outcome = retention.apply(outcome, FileStore(settings.storage.root), db)
+    finally:
+        db.dispose()
+    if as_json:
+        typer.echo(json.dumps(outcome.to_dict(), indent=2))
+        return
+    if outcome.studies:
+        table = Table("StudyInstanceUID", "Delivered", "Instances", "Bytes", "Why")
+        for s in outcome.studies:
+            table.add_row(s.study_instance_uid, s.delivered_at.strftime("%Y-%m-%d %H:%M:%S"),
+                          str(s.instances), str(s.size_bytes),
+                          "age" if s.reason == "age" else "store cap")
+        Console(width=200).print(table)
+    for line in retention.describe(outcome):
+        typer.echo(line)
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -953,3 +997,79 @@ def batch_export(
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+
+
+# -- API keys -----------------------------------------------------------------------------------
+class KeyRole(StrEnum):
+    """The role of an API key."""
+
+    read = "read"
+    operator = "operator"
+
+
+@apikeys_app.command("create")
+def apikeys_create(
+    name: Annotated[str, typer.Argument(help="Who or what uses the key.")],
+    role: Annotated[KeyRole, typer.Option(help="read: data endpoints; operator: also re-run, "
+                                          "re-send, retry, cancel.")] = KeyRole.read,
+    config: ConfigOption = None,
+) -> None:
+    """Create an API key and print its token (shown this once; only its hash is stored)."""
+    from datetime import UTC, datetime
+
+    from storage import apikeys
+    from storage.db import Database
+
+    settings = _settings(config)
+    db = Database(settings.storage.url)
+    db.upgrade()
+    try:
+        with db.write_session() as session:
+            made = apikeys.create_key(session, name=name, role=role.value,
+                                      now=datetime.now(UTC))
+    except ValueError as exc:
+        raise _fail(exc) from None
+    finally:
+        db.dispose()
+    console.print(f"key {made.info.id} ({made.info.role}) created; the token below is shown "
+                  "only now: Authorization: Bearer <token>")
+    typer.echo(made.token)
+
+
+@apikeys_app.command("list")
+def apikeys_list(config: ConfigOption = None) -> None:
+    """API keys as JSON (id, name, role, prefix, created/revoked/last used; never a hash)."""
+    from storage import apikeys
+    from storage.db import Database
+
+    settings = _settings(config)
+    db = Database(settings.storage.url)
+    db.upgrade()
+    with db.sessions() as session:
+        rows = apikeys.list_keys(session)
+    db.dispose()
+    typer.echo(json.dumps([{"id": k.id, "name": k.name, "role": k.role, "prefix": k.prefix,
+                            "created_at": _iso(k.created_at), "revoked_at": _iso(k.revoked_at),
+                            "last_used_at": _iso(k.last_used_at)} for k in rows], indent=2))
+
+
+@apikeys_app.command("revoke")
+def apikeys_revoke(
+    key_id: Annotated[int, typer.Argument(help="The key id (see `apikeys list`).")],
+    config: ConfigOption = None,
+) -> None:
+    """Revoke an API key: requests with it get 401 from now on."""
+    from datetime import UTC, datetime
+
+    from storage import apikeys
+    from storage.db import Database
+
+    settings = _settings(config)
+    db = Database(settings.storage.url)
+    db.upgrade()
+    with db.write_session() as session:
+        done = apikeys.revoke_key(session, key_id, now=datetime.now(UTC))
+    db.dispose()
+    if not done:
+        raise _fail(ValueError(f"no live API key {key_id}"))
+    typer.echo(f"revoked key {key_id}")

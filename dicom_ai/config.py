@@ -131,8 +131,11 @@ class CompletionSettings(_Section):
 class ApiSettings(_Section):
     """``[api]``: the HTTP API and dashboard."""
 
+    enabled: bool = True
     host: str = "127.0.0.1"
     port: Port = 8080
+    # Patient names, IDs and birth dates appear in API answers only when this is true.
+    show_patient_names: bool = False
 
 
 class LoggingSettings(_Section):
@@ -241,6 +244,30 @@ class DeliverySettings(_Section):
     poll_seconds: Annotated[float, Field(gt=0)] = 0.25
 
 
+class RetentionSettings(_Section):
+    """``[retention]``: what may be deleted, and when; nothing unprocessed or undelivered ever is.
+
+    Every policy is off by default (``None``); ``serve`` applies those set every
+    ``interval_seconds`` and ``dicom-ai purge`` on demand.
+    """
+
+    # Delete a study's received instances this many days after all its results were delivered.
+    instances_days: Annotated[float, Field(ge=0)] | None = None
+    # Delete a job's result files, findings, result and outbox rows this many days after it
+    # finished, once every outbox row of it is sent.
+    results_days: Annotated[float, Field(ge=0)] | None = None
+    # Keep the instance store under this many bytes: delete delivered studies' instances,
+    # oldest delivered first (undelivered ones never; a cap that cannot be met is logged).
+    max_store_bytes: Annotated[int, Field(ge=0)] | None = None
+    interval_seconds: Annotated[float, Field(gt=0)] = 3600.0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any policy is set."""
+        return (self.instances_days is not None or self.results_days is not None
+                or self.max_store_bytes is not None)
+
+
 class Settings(BaseSettings):
     """Every setting of the service, validated once at start."""
 
@@ -258,6 +285,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     destinations: list[Destination] = Field(default_factory=list)
     sources: list[Source] = Field(default_factory=list)
     routes: list[Route] = Field(default_factory=list)

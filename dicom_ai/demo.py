@@ -97,6 +97,7 @@ def run_demo(work: Path, *, studies: int = 4, seed: int = 7, timeout: float = 30
         workers={"backend": "local", "processes": 1, "poll_seconds": 0.5},
         delivery={"poll_seconds": 0.5, "retry_initial_seconds": 1.0},
         logging={"level": "WARNING"},
+        api={"host": "127.0.0.1", "port": 0},
         destinations=[{"name": "pacs", "ae_title": pacs.ae_title, "host": pacs_host,
                        "port": pacs_port}],
         routes=[{"name": "chest-xray", "match": {"Modality": ["CR", "DX"]},

@@ -32,6 +32,7 @@ from dicom_ai.ingest.spool import Ingestor, request_reconcile
 from dicom_ai.logs import setup_logging
 from dicom_ai.network.balancer import ConnectionBalancer, report_closed, serve_handoffs
 from dicom_ai.network.scp import Receiver
+from dicom_ai.retention import RetentionRunner
 from storage.db import Database
 from storage.filestore import FileStore
 
@@ -124,6 +125,9 @@ class Service:
         self._sender: OutboxSender | None = None
         self._celery: Any = None
         self.pool: LocalPool | None = None
+        self._api: Any = None  # dicom_ai.api.server.ApiServer, imported only when enabled
+        self.api_address: tuple[str, int] | None = None
+        self.retention: RetentionRunner | None = None
 
     def start(self) -> None:
         """Migrate, recover, start the receiver(s) and the completion monitor."""
@@ -158,6 +162,11 @@ class Service:
         self._monitor = CompletionMonitor(parts.db, self.settings.completion,
                                           self._announce)
         self._monitor.start()
+        if self.settings.api.enabled:
+            self._start_api(parts)
+        if self.settings.retention.enabled:  # at start, then every interval_seconds
+            self.retention = RetentionRunner(self.settings, parts.store, parts.db)
+            self.retention.start()
 
     def _start_loop(self, parts: Components) -> None:
         """Scheduler (routing, dispatch), the worker pool or Celery publisher, the outbox."""
@@ -183,6 +192,21 @@ class Service:
                     else f"{workers.processes} local process(es)" if self.pool is not None
                     else "none in this process",
                     len(self.settings.routes), len(self.settings.destinations))
+
+    def _start_api(self, parts: Components) -> None:
+        """The HTTP API (health, readiness, metrics, data, operator actions) in a thread."""
+        from dicom_ai.api.server import ApiServer, broker_check, pool_check
+
+        checks = {}
+        if self.pool is not None:
+            checks["workers"] = pool_check(self.pool, self.settings.workers.processes)
+        if self._celery is not None:
+            checks["broker"] = broker_check(self._celery.app)
+        scheduler, sender = self._scheduler, self._sender
+        self._api = ApiServer(self.settings, parts.db, checks=checks,
+                              on_jobs=scheduler.wake if scheduler is not None else None,
+                              on_outbox=sender.wake if sender is not None else None)
+        self.api_address = self._api.start()
 
     def _announce(self, event: CompletionEvent) -> None:
         if self._scheduler is not None:
@@ -237,6 +261,8 @@ class Service:
         if self._stopping.is_set():
             return
         self._stopping.set()
+        if self._api is not None:
+            self._api.stop()
         if self._balancer is not None:
             self._balancer.stop()
         if self._receiver is not None:
@@ -251,6 +277,8 @@ class Service:
                 process.kill()
                 process.join()
                 clean = False
+        if self.retention is not None:
+            self.retention.stop()
         if self._monitor is not None:
             self._monitor.stop()
         if self._scheduler is not None:

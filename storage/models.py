@@ -370,3 +370,40 @@ class BatchStudy(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     retrieved_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     error: Mapped[str | None] = mapped_column(Text)
+
+
+# -- HTTP API ---------------------------------------------------------------------------------
+# Roles of an API key: "read" sees data; "operator" may also re-run jobs, re-send results,
+# retry deliveries and cancel batches.
+ROLE_READ = "read"
+ROLE_OPERATOR = "operator"
+
+
+class ApiKey(Base):
+    """An API key: only the SHA-256 of its token is kept (the token is shown once)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    # The token's first characters, to find its row and to tell keys apart in listings.
+    prefix: Mapped[str] = mapped_column(String(16), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+# Indexes the API's filters use: each filter is an equality followed by the keyset column
+# (``WHERE f = ? AND id > ? ORDER BY id LIMIT n`` is one index range scan), or a range index.
+Index("ix_studies_study_date", Study.study_date)
+Index("ix_studies_accession", Study.accession_number)
+Index("ix_jobs_state_id", Job.state, Job.id)
+Index("ix_jobs_model_id", Job.model_name, Job.id)
+Index("ix_jobs_finished", Job.finished_at)
+Index("ix_findings_model_id", FindingRecord.model_name, FindingRecord.id)
+Index("ix_findings_present_id", FindingRecord.present, FindingRecord.id)
+Index("ix_findings_created", FindingRecord.created_at)
+Index("ix_outbox_state_destination", OutboxItem.state, OutboxItem.destination,
+      OutboxItem.created_at)

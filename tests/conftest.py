@@ -76,6 +76,7 @@ def make_settings(tmp_path: Path, db_url: str) -> Callable[..., Settings]:
     def build(**sections: dict[str, Any]) -> Settings:
         base: dict[str, dict[str, Any]] = {
             "dicom": {"host": "127.0.0.1", "port": 0, "receivers": 1},
+            "api": {"host": "127.0.0.1", "port": 0},
             "storage": {"root": tmp_path / "store", "database_url": db_url,
                         "min_free_bytes": 0},
             "completion": {"series_quiet_seconds": 30, "study_quiet_seconds": 30,

@@ -28,7 +28,8 @@ from pydicom.filereader import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "TCP_NODELAY": "1"}
+# `serve` subprocesses put their HTTP API on a free port (never a fixed one tests could share).
+ENV = {**os.environ, "TCP_NODELAY": "1", "DICOM_AI_API__PORT": "0"}
 
 
 def free_port() -> int:

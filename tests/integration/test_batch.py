@@ -57,6 +57,7 @@ def loop(tmp_path: Path, db_url: str, archive_studies: Path) -> Iterator[dict[st
                        "poll_seconds": 0.1},
         "workers": {"processes": 1, "poll_seconds": 0.2},
         "delivery": {"poll_seconds": 0.2, "retry_initial_seconds": 0.3},
+        "api": {"host": "127.0.0.1", "port": 0},
     }
     # Our port must be known to Orthanc (C-MOVE destination): start the service first with
     # no source, then restart it with the source and destination once Orthanc runs.

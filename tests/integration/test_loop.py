@@ -72,6 +72,7 @@ def loop_settings(tmp_path: Path, db_url: str, destinations: list[dict[str, Any]
         "delivery": {"poll_seconds": 0.2, "retry_initial_seconds": 0.3,
                      "retry_max_seconds": 1.0},
         "logging": {"level": "INFO"},
+        "api": {"host": "127.0.0.1", "port": 0},
         "destinations": destinations,
         "routes": routes if routes is not None else [
             {"name": "chest", "match": {"Modality": ["CR", "DX"]}, "model": "chest-nodule",

@@ -1,0 +1,464 @@
+"""The FastAPI application: health, readiness, metrics, data endpoints and operator actions.
+
+Unauthenticated: ``/health``, ``/ready``, ``/metrics``, ``/openapi.json``, ``/docs``. Everything
+under ``/api`` needs an API key (:mod:`dicom_ai.api.auth`); ``POST`` actions need an operator
+key. Lists are keyset-paginated: ``?limit=N`` (1-500, default 50) and ``?after=ID`` with the
+``next_after`` of the previous page; ``order=desc`` (default, newest first) or ``asc``.
+Patient names, IDs and birth dates are never returned unless ``api.show_patient_names``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from dicom_ai import __version__
+from dicom_ai.api.auth import Authenticator
+from dicom_ai.api.metrics import make_registry
+from dicom_ai.config import Settings
+from storage import api_queries, apikeys, batches
+from storage import jobs as job_rows
+from storage.db import Database
+from storage.models import FindingRecord, Job, OutboxItem, ResultObject
+
+LOGGER = logging.getLogger(__name__)
+
+#: A readiness check: returns a short description, raises with the reason when not ready.
+Check = Callable[[], str]
+
+Limit = Annotated[int, Query(ge=1, le=api_queries.MAX_LIMIT, description="Page size.")]
+After = Annotated[int | None, Query(ge=0, description="`next_after` of the previous page.")]
+OrderParam = Annotated[Literal["asc", "desc"], Query(description="By id; desc is newest "
+                                                     "first.")]
+_DA_RANGE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
+FINISHED_BATCH_STATES = ("done", "cancelled")
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _page(items: Sequence[dict[str, Any]], limit: int) -> dict[str, Any]:
+    return {"items": list(items),
+            "next_after": items[-1]["id"] if len(items) == limit and items else None}
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _job(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id, "study_instance_uid": job.study_instance_uid,
+        "series_instance_uids": json.loads(job.series_instance_uids or "[]"),
+        "route": job.route, "model": job.model_name, "model_version": job.model_version,
+        "state": job.state, "attempts": job.attempts, "max_attempts": job.max_attempts,
+        "error": job.error, "supersedes_job_id": job.supersedes_job_id,
+        "timings": json.loads(job.timings or "{}"), "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
+    }
+
+
+def _finding(f: FindingRecord) -> dict[str, Any]:
+    return {
+        "id": f.id, "job_id": f.job_id, "study_instance_uid": f.study_instance_uid,
+        "series_instance_uid": f.series_instance_uid, "sop_instance_uid": f.sop_instance_uid,
+        "frame_number": f.frame_number, "model": f.model_name, "model_version": f.model_version,
+        "label": f.label, "finding": {"code_value": f.code_value, "code_scheme": f.code_scheme,
+                                      "code_meaning": f.code_meaning},
+        "probability": f.probability, "threshold": f.threshold,
+        "decision": "present" if f.present else "absent",
+        "location_kind": f.location_kind,
+        "location": json.loads(f.location) if f.location else None,
+        "segment_number": f.segment_number, "heatmap_path": f.heatmap_path,
+        "created_at": _iso(f.created_at), "superseded_by_job_id": f.superseded_by_job_id,
+    }
+
+
+def _outbox(item: OutboxItem, result: ResultObject | None = None) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": item.id, "result_id": item.result_id, "job_id": item.job_id,
+        "destination": item.destination, "state": item.state, "attempts": item.attempts,
+        "next_attempt_at": _iso(item.next_attempt_at), "last_error": item.last_error,
+        "created_at": _iso(item.created_at), "sent_at": _iso(item.sent_at),
+    }
+    if result is not None:
+        data["kind"] = result.kind
+        data["sop_instance_uid"] = result.sop_instance_uid
+    return data
+
+
+def _result(result: ResultObject, outbox: Sequence[OutboxItem]) -> dict[str, Any]:
+    return {"id": result.id, "kind": result.kind, "sr_kind": result.sr_kind,
+            "series_instance_uid": result.series_instance_uid,
+            "sop_instance_uid": result.sop_instance_uid, "sop_class_uid": result.sop_class_uid,
+            "created_at": _iso(result.created_at),
+            "deliveries": [_outbox(item) for item in outbox]}
+
+
+def _study(row: api_queries.StudyRow) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": row.id, "study_instance_uid": row.study_instance_uid,
+        "accession_number": row.accession_number, "study_id": row.study_id,
+        "study_date": row.study_date, "study_time": row.study_time,
+        "study_description": row.study_description, "state": row.state,
+        "series": row.series, "instances": row.instances, "modalities": row.modalities,
+        "first_received_at": _iso(row.first_received_at),
+        "last_received_at": _iso(row.last_received_at),
+        "completed_at": _iso(row.completed_at), "completion_reason": row.completion_reason,
+        "completion_count": row.completion_count,
+    }
+    if row.patient is not None:  # only with api.show_patient_names
+        data["patient"] = row.patient
+    return data
+
+
+def _series(row: api_queries.SeriesRow) -> dict[str, Any]:
+    return {"id": row.id, "series_instance_uid": row.series_instance_uid,
+            "study_instance_uid": row.study_instance_uid, "modality": row.modality,
+            "body_part_examined": row.body_part_examined,
+            "series_description": row.series_description, "series_number": row.series_number,
+            "state": row.state, "instances": row.instances,
+            "last_received_at": _iso(row.last_received_at),
+            "completed_at": _iso(row.completed_at)}
+
+
+def _batch(batch: Any) -> dict[str, Any]:
+    return {"id": batch.id, "kind": batch.kind, "source": batch.source, "route": batch.route,
+            "query": json.loads(batch.query or "{}"), "state": batch.state,
+            "error": batch.error, "created_at": _iso(batch.created_at),
+            "updated_at": _iso(batch.updated_at), "found_at": _iso(batch.found_at)}
+
+
+def _study_dates(text: str | None) -> tuple[str | None, str | None]:
+    if not text:
+        return None, None
+    match = _DA_RANGE.match(text)
+    if match is None or text == "-":
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            detail="study_date is YYYYMMDD, YYYYMMDD-YYYYMMDD, -YYYYMMDD or "
+                            "YYYYMMDD-")
+    low, dash, high = match.group(1), match.group(2), match.group(3)
+    return (low, high) if dash else (low, low)
+
+
+def default_checks(settings: Settings, db: Database) -> dict[str, Check]:
+    """The database and store checks of ``/ready`` (workers and broker are added by serve)."""
+
+    def database() -> str:
+        with db.sessions() as session:
+            api_queries.ping(session)
+        return "ok"
+
+    def store() -> str:
+        root = settings.storage.root
+        if not root.is_dir() or not os.access(root, os.W_OK):
+            raise RuntimeError(f"{root} is not a writable folder")
+        free = shutil.disk_usage(root).free
+        if free < settings.storage.min_free_bytes:
+            raise RuntimeError(f"{free} bytes free, below storage.min_free_bytes")
+        return f"{free} bytes free"
+
+    return {"database": database, "store": store}
+
+
+def create_app(settings: Settings, db: Database, *,
+               checks: Mapping[str, Check] | None = None,
+               on_jobs: Callable[[], None] | None = None,
+               on_outbox: Callable[[], None] | None = None) -> FastAPI:
+    """Build the API application.
+
+    Parameters
+    ----------
+    settings : Settings
+        The service settings (routes, destinations, ``[api]``).
+    db : Database
+        The index.
+    checks : mapping of str to callable, optional
+        Readiness checks besides the database and the store (e.g. workers, broker).
+    on_jobs : callable, optional
+        Called after an operator action created a job (wakes the scheduler).
+    on_outbox : callable, optional
+        Called after an operator action made deliveries due (wakes the outbox sender).
+
+    Returns
+    -------
+    FastAPI
+        The application; run it with :class:`dicom_ai.api.server.ApiServer`.
+    """
+    app = FastAPI(title="dicom-ai", version=__version__,
+                  description="Studies, jobs, findings and results of a dicom-ai service. "
+                  "Data endpoints need an API key (`dicom-ai apikeys create`).")
+    all_checks = {**default_checks(settings, db), **(checks or {})}
+    registry = make_registry(db, settings.storage.root)
+    read = Depends(Authenticator(db))
+    operator = Depends(Authenticator(db, operator=True))
+    show_patient = settings.api.show_patient_names
+    routes = {r.name: r for r in settings.routes}
+    wake_jobs = on_jobs or (lambda: None)
+    wake_outbox = on_outbox or (lambda: None)
+
+    @app.exception_handler(api_queries.DatabaseError)
+    async def database_down(_request: Request, exc: Exception) -> JSONResponse:
+        LOGGER.warning("API: the database did not answer: %s", exc.__class__.__name__)
+        return JSONResponse({"detail": "the database is unavailable"},
+                            status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+
+    # -- unauthenticated ------------------------------------------------------------------------
+    @app.get("/health", tags=["health"])
+    def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["health"], responses={503: {"description": "Not ready"}})
+    def ready(response: Response) -> dict[str, Any]:
+        """Readiness: database, store, workers and broker (when configured) answer."""
+        results: dict[str, dict[str, Any]] = {}
+        for name, check in all_checks.items():
+            try:
+                results[name] = {"ok": True, "detail": check()}
+            except Exception as exc:  # any failure means not ready; the reason is shown
+                results[name] = {"ok": False, "detail": f"{exc.__class__.__name__}: {exc}"[:300]}
+        ok = all(r["ok"] for r in results.values())
+        if not ok:
+            response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        return {"ready": ok, "checks": results}
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    def metrics() -> Response:
+        """Prometheus metrics (text exposition format)."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- data (read key) ----------------------------------------------------------------------
+    @app.get("/api/studies", tags=["data"], dependencies=[read])
+    def studies(limit: Limit = 50, after: After = None, order: OrderParam = "desc",
+                state: Literal["receiving", "complete"] | None = None,
+                study_date: Annotated[str | None, Query(
+                    description="YYYYMMDD or a range YYYYMMDD-YYYYMMDD")] = None,
+                accession_number: str | None = None) -> dict[str, Any]:
+        """Received studies with series/instance counts and modalities."""
+        low, high = _study_dates(study_date)
+        with db.sessions() as session:
+            rows = api_queries.list_studies(
+                session, after=after, limit=limit, order=order, state=state,
+                study_date_from=low, study_date_to=high, accession_number=accession_number,
+                with_patient=show_patient)
+        return _page([_study(r) for r in rows], limit)
+
+    @app.get("/api/studies/{study_instance_uid}", tags=["data"], dependencies=[read])
+    def study(study_instance_uid: str) -> dict[str, Any]:
+        """One study: counts, series, jobs and routing decisions."""
+        with db.sessions() as session:
+            row = api_queries.get_study(session, study_instance_uid, with_patient=show_patient)
+            if row is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such study")
+            series = api_queries.list_series(session, study_instance_uid=study_instance_uid,
+                                             limit=api_queries.MAX_LIMIT, order="asc")
+            jobs = api_queries.list_jobs(session, study_instance_uid=study_instance_uid,
+                                         limit=api_queries.MAX_LIMIT)
+            decisions = api_queries.decisions_of_study(session, study_instance_uid)
+        return {**_study(row), "series_list": [_series(s) for s in series],
+                "jobs": [_job(j) for j in jobs],
+                "routing": [{"series_instance_uid": d.series_instance_uid, "route": d.route,
+                             "job_id": d.job_id, "reason": d.reason,
+                             "created_at": _iso(d.created_at)} for d in decisions]}
+
+    @app.get("/api/series", tags=["data"], dependencies=[read])
+    def series(limit: Limit = 50, after: After = None, order: OrderParam = "desc",
+               study_instance_uid: str | None = None,
+               modality: str | None = None) -> dict[str, Any]:
+        """Series with their instance counts."""
+        with db.sessions() as session:
+            rows = api_queries.list_series(session, after=after, limit=limit, order=order,
+                                           study_instance_uid=study_instance_uid,
+                                           modality=modality)
+        return _page([_series(r) for r in rows], limit)
+
+    @app.get("/api/jobs", tags=["data"], dependencies=[read])
+    def jobs(limit: Limit = 50, after: After = None, order: OrderParam = "desc",
+             state: Literal["pending", "running", "done", "failed"] | None = None,
+             model: str | None = None, route: str | None = None,
+             study_instance_uid: str | None = None) -> dict[str, Any]:
+        """Jobs: state, attempts, last error, stage timings."""
+        with db.sessions() as session:
+            rows = api_queries.list_jobs(session, after=after, limit=limit, order=order,
+                                         state=state, model_name=model, route=route,
+                                         study_instance_uid=study_instance_uid)
+        return _page([_job(j) for j in rows], limit)
+
+    @app.get("/api/jobs/{job_id}", tags=["data"], dependencies=[read])
+    def job(job_id: int) -> dict[str, Any]:
+        """One job with its result objects and their deliveries."""
+        with db.sessions() as session:
+            row = job_rows.job(session, job_id)
+            if row is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such job")
+            results = api_queries.results_of_job(session, job_id)
+        return {**_job(row), "results": [_result(r, items) for r, items in results]}
+
+    @app.get("/api/findings", tags=["data"], dependencies=[read])
+    def findings(limit: Limit = 50, after: After = None, order: OrderParam = "desc",
+                 model: str | None = None,
+                 decision: Literal["present", "absent"] | None = None,
+                 since: Annotated[datetime | None, Query(
+                     description="Created at or after (ISO date or date-time; UTC if no "
+                     "zone).")] = None,
+                 until: Annotated[datetime | None, Query(
+                     description="Created before (ISO date or date-time).")] = None,
+                 study_instance_uid: str | None = None, job_id: int | None = None,
+                 current: Annotated[bool, Query(
+                     description="Only findings not superseded by a later job.")] = False,
+                 ) -> dict[str, Any]:
+        """Findings, filtered by model, decision, creation date, study or job."""
+        with db.sessions() as session:
+            rows = api_queries.list_findings(
+                session, after=after, limit=limit, order=order, model_name=model,
+                present=None if decision is None else decision == "present",
+                since=_aware(since), until=_aware(until),
+                study_instance_uid=study_instance_uid, job_id=job_id, current_only=current)
+        return _page([_finding(f) for f in rows], limit)
+
+    @app.get("/api/outbox", tags=["data"], dependencies=[read])
+    def outbox(limit: Limit = 50, after: After = None, order: OrderParam = "desc",
+               state: Literal["pending", "sent"] | None = None,
+               destination: str | None = None, job_id: int | None = None,
+               failing: Annotated[bool, Query(
+                   description="Only pending deliveries whose last attempt failed.")] = False,
+               ) -> dict[str, Any]:
+        """Deliveries of result objects to destinations."""
+        with db.sessions() as session:
+            rows = api_queries.list_outbox(session, after=after, limit=limit, order=order,
+                                           state=state, destination=destination,
+                                           job_id=job_id, failing=failing)
+        return _page([_outbox(item, result) for item, result in rows], limit)
+
+    @app.get("/api/models", tags=["data"], dependencies=[read])
+    def models() -> dict[str, Any]:
+        """Every model version in the registry (bundled ones included)."""
+        from dicom_ai.inference.registry import Registry
+
+        entries = Registry(settings.storage.root / "models").entries()
+        return {"items": [e.summary() for e in entries]}
+
+    @app.get("/api/routes", tags=["data"], dependencies=[read])
+    def list_routes() -> dict[str, Any]:
+        """The configured ``[[routes]]``."""
+        return {"items": [r.model_dump(mode="json") for r in settings.routes]}
+
+    @app.get("/api/destinations", tags=["data"], dependencies=[read])
+    def destinations() -> dict[str, Any]:
+        """The configured ``[[destinations]]``."""
+        return {"items": [d.model_dump(mode="json") for d in settings.destinations]}
+
+    @app.get("/api/batches", tags=["data"], dependencies=[read])
+    def list_batches(limit: Limit = 50, after: After = None, order: OrderParam = "desc",
+                     state: str | None = None) -> dict[str, Any]:
+        """Query/retrieve batches."""
+        with db.sessions() as session:
+            rows = api_queries.list_batches(session, after=after, limit=limit, order=order,
+                                            state=state)
+        return _page([_batch(b) for b in rows], limit)
+
+    @app.get("/api/batches/{batch_id}", tags=["data"], dependencies=[read])
+    def batch(batch_id: int) -> dict[str, Any]:
+        """One batch with its studies counted by retrieve state."""
+        with db.sessions() as session:
+            row = batches.get_batch(session, batch_id)
+            if row is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such batch")
+            counts = api_queries.batch_study_counts(session, batch_id)
+        return {**_batch(row), "studies": counts}
+
+    # -- operator actions ---------------------------------------------------------------------
+    @app.post("/api/jobs/{job_id}/rerun", tags=["actions"], status_code=201)
+    def rerun(job_id: int,
+              key: apikeys.ApiKeyInfo = operator) -> dict[str, Any]:
+        """Run a job again: a new pending job for the same study, series and route."""
+        now = datetime.now(UTC)
+        with db.write_session() as session:
+            old = job_rows.job(session, job_id)
+            if old is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such job")
+            route = routes.get(old.route)
+            if route is None:
+                raise HTTPException(status.HTTP_409_CONFLICT,
+                                    detail=f"route {old.route!r} is no longer configured")
+            new = job_rows.create_job(
+                session, study_instance_uid=old.study_instance_uid,
+                series_instance_uids=json.loads(old.series_instance_uids or "[]"),
+                route=old.route, model_name=route.model,
+                max_attempts=settings.workers.max_attempts, event_id=None, now=now)
+            created = _job(new)
+        LOGGER.info("API key %d: job %d re-run as job %d", key.id, job_id, created["id"])
+        wake_jobs()
+        return {"job": created, "rerun_of": job_id}
+
+    @app.post("/api/results/{result_id}/resend", tags=["actions"])
+    def resend(result_id: int, key: apikeys.ApiKeyInfo = operator) -> dict[str, Any]:
+        """Send a result object again to its destinations (and its route's current ones)."""
+        now = datetime.now(UTC)
+        with db.write_session() as session:
+            result = api_queries.get_result(session, result_id)
+            if result is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such result")
+            owner = job_rows.job(session, result.job_id)
+            route = routes.get(owner.route) if owner is not None else None
+            wanted = list(route.destinations) if route is not None else []
+            if result.kind == "seg" and route is not None and not route.send_seg:
+                wanted = []
+            if result.kind == "heatmap" and route is not None and not route.send_heatmap:
+                wanted = []
+            count = api_queries.resend_result(session, result_id, wanted, now=now)
+        LOGGER.info("API key %d: result %d queued again to %d destination(s)", key.id,
+                    result_id, count)
+        wake_outbox()
+        return {"result_id": result_id, "deliveries_queued": count}
+
+    @app.post("/api/outbox/{outbox_id}/retry", tags=["actions"])
+    def retry(outbox_id: int, key: apikeys.ApiKeyInfo = operator) -> dict[str, Any]:
+        """Retry a pending (failing) delivery now instead of after its backoff."""
+        now = datetime.now(UTC)
+        with db.write_session() as session:
+            item = api_queries.retry_delivery(session, outbox_id, now=now)
+            if item is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such delivery")
+            if item.state != "pending":
+                raise HTTPException(status.HTTP_409_CONFLICT,
+                                    detail="already delivered; use POST "
+                                    f"/api/results/{item.result_id}/resend to send it again")
+            data = _outbox(item)
+        LOGGER.info("API key %d: delivery %d retried now", key.id, outbox_id)
+        wake_outbox()
+        return data
+
+    @app.post("/api/batches/{batch_id}/cancel", tags=["actions"])
+    def cancel(batch_id: int, key: apikeys.ApiKeyInfo = operator) -> dict[str, Any]:
+        """Cancel a batch (state ``cancelled``); studies already retrieved stay."""
+        now = datetime.now(UTC)
+        with db.write_session() as session:
+            row = batches.get_batch(session, batch_id)
+            if row is None:
+                raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such batch")
+            if row.state in FINISHED_BATCH_STATES:
+                raise HTTPException(status.HTTP_409_CONFLICT,
+                                    detail=f"batch {batch_id} is already {row.state}")
+            batches.set_state(session, batch_id, "cancelled", now)
+        LOGGER.info("API key %d: batch %d cancelled", key.id, batch_id)
+        with db.sessions() as session:
+            updated = batches.get_batch(session, batch_id)
+            assert updated is not None
+            return _batch(updated)
+
+    return app

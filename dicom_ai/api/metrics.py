@@ -1,0 +1,200 @@
+"""Prometheus metrics, read from the database at scrape time.
+
+The database already holds every fact the metrics report (instance rows, quarantine rows, jobs,
+outbox rows), written by every receiver and worker process on every host; reading it at scrape
+time gives one consistent answer for the whole installation with no counters to keep in step
+across processes. Consequences: "received" is the number of instances in the index (a
+duplicate kept as the first copy is not counted again), "rejected" is the quarantine by DIMSE
+status (refusals that leave no file, such as a refused association or a full disk, are not
+counted), and associations are not counted at all (that would need counters inside the
+receiver). The inference-latency histogram is built from the stage timings of jobs that finish
+while this process runs, so like any Prometheus counter it starts from zero at each start.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from storage import api_queries
+from storage.db import Database
+
+LOGGER = logging.getLogger(__name__)
+
+#: Upper bounds (seconds) of the inference-latency buckets.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Jobs are looked for again this far back, in case one committed late (its finished_at is set
+# before its transaction commits).
+_OVERLAP = timedelta(seconds=120)
+
+METRIC_NAMES = (
+    "dicom_ai_database_up",
+    "dicom_ai_instances",
+    "dicom_ai_instance_bytes",
+    "dicom_ai_studies",
+    "dicom_ai_instances_rejected",
+    "dicom_ai_jobs",
+    "dicom_ai_jobs_due",
+    "dicom_ai_batches",
+    "dicom_ai_results_sent_total",
+    "dicom_ai_results_pending",
+    "dicom_ai_results_failing",
+    "dicom_ai_outbox_oldest_pending_age_seconds",
+    "dicom_ai_store_free_bytes",
+    "dicom_ai_inference_seconds",
+)
+
+
+class _Latency:
+    """Cumulative inference-latency histograms per model, fed from finished jobs."""
+
+    def __init__(self, started: datetime) -> None:
+        self.watermark = started
+        self.started = started
+        self.seen: dict[int, datetime] = {}
+        self.counts: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+
+    def feed(self, db: Database) -> None:
+        since = max(self.started, self.watermark - _OVERLAP)
+        with db.sessions() as session:
+            finished = api_queries.finished_since(session, since)
+        for job in finished:
+            if job.id in self.seen:
+                continue
+            self.seen[job.id] = job.finished_at
+            self.watermark = max(self.watermark, job.finished_at)
+            seconds = job.timings.get("inference")
+            if seconds is None:
+                continue
+            counts = self.counts.setdefault(job.model_name, [0] * (len(BUCKETS) + 1))
+            for i, bound in enumerate(BUCKETS):
+                if seconds <= bound:
+                    counts[i] += 1
+            counts[-1] += 1  # +Inf
+            self.sums[job.model_name] = self.sums.get(job.model_name, 0.0) + seconds
+        horizon = self.watermark - _OVERLAP
+        self.seen = {k: v for k, v in self.seen.items() if v >= horizon}
+
+    def family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(
+            "dicom_ai_inference_seconds",
+            "Model inference time per job (the inference stage only), by model, for jobs "
+            "finished since this process started", labels=["model"])
+        for model, counts in sorted(self.counts.items()):
+            buckets = [(str(bound), float(n)) for bound, n in zip(BUCKETS, counts, strict=False)]
+            buckets.append(("+Inf", float(counts[-1])))
+            family.add_metric([model], buckets, self.sums[model])
+        return family
+
+
+class DatabaseCollector(Collector):
+    """Collects every dicom-ai metric from the index and the store at scrape time.
+
+    Parameters
+    ----------
+    db : Database
+        The index.
+    store_root : Path
+        The store, for its free space.
+    """
+
+    def __init__(self, db: Database, store_root: Path) -> None:
+        self.db = db
+        self.store_root = store_root
+        self._lock = threading.Lock()
+        self._latency = _Latency(datetime.now(UTC))
+
+    def collect(self) -> Iterable[Metric]:
+        """Yield the metric families (called by the registry on each scrape)."""
+        with self._lock:
+            yield from self._collect()
+
+    def _collect(self) -> Iterable[Metric]:
+        now = datetime.now(UTC)
+        up = GaugeMetricFamily("dicom_ai_database_up",
+                               "1 if the index database answered this scrape")
+        try:
+            with self.db.sessions() as session:
+                snap = api_queries.metrics_snapshot(session, now=now)
+            self._latency.feed(self.db)
+        except api_queries.DatabaseError as exc:
+            LOGGER.warning("metrics: the database did not answer: %s", exc.__class__.__name__)
+            up.add_metric([], 0)
+            yield up
+            yield from self._disk()
+            return
+        up.add_metric([], 1)
+        yield up
+        yield GaugeMetricFamily("dicom_ai_instances", "Instances in the index (received and "
+                                "kept)", value=snap.instances)
+        yield GaugeMetricFamily("dicom_ai_instance_bytes", "Bytes of the instances in the "
+                                "index", value=snap.instance_bytes)
+        yield _labelled(GaugeMetricFamily, "dicom_ai_studies", "Studies by state", "state",
+                        snap.studies_by_state)
+        yield _labelled(GaugeMetricFamily, "dicom_ai_instances_rejected",
+                        "Refused instances kept in quarantine, by DIMSE status", "status",
+                        {f"0x{status:04X}": n for status, n in snap.rejected_by_status.items()})
+        yield _labelled(GaugeMetricFamily, "dicom_ai_jobs", "Jobs by state", "state",
+                        snap.jobs_by_state)
+        yield GaugeMetricFamily("dicom_ai_jobs_due", "Queue depth: pending jobs that are due "
+                                "now", value=snap.jobs_due)
+        yield _labelled(GaugeMetricFamily, "dicom_ai_batches", "Query/retrieve batches by "
+                        "state", "state", snap.batches_by_state)
+        for cls, name, doc, values in (
+            (CounterMetricFamily, "dicom_ai_results_sent", "Result objects (SR, SEG, "
+             "heat-map SC) delivered, by destination and kind", snap.sent),
+            (GaugeMetricFamily, "dicom_ai_results_pending", "Result objects waiting for "
+             "delivery, by destination and kind", snap.pending),
+            (GaugeMetricFamily, "dicom_ai_results_failing", "Pending result objects whose "
+             "last delivery attempt failed, by destination and kind", snap.failing),
+        ):
+            family = cls(name, doc, labels=["destination", "kind"])
+            for (destination, kind), n in sorted(values.items()):
+                family.add_metric([destination, kind], n)
+            yield family
+        age = GaugeMetricFamily("dicom_ai_outbox_oldest_pending_age_seconds",
+                                "Age of the oldest undelivered result, by destination",
+                                labels=["destination"])
+        for destination, created in sorted(snap.oldest_pending.items()):
+            age.add_metric([destination], max(0.0, (now - created).total_seconds()))
+        yield age
+        yield from self._disk()
+        yield self._latency.family()
+
+    def _disk(self) -> Iterable[Metric]:
+        free = GaugeMetricFamily("dicom_ai_store_free_bytes",
+                                 "Free bytes on the store's filesystem")
+        try:
+            free.add_metric([], shutil.disk_usage(self.store_root).free)
+        except OSError:
+            return
+        yield free
+
+
+def _labelled(cls: type[GaugeMetricFamily], name: str, doc: str, label: str,
+              values: dict[str, int]) -> GaugeMetricFamily:
+    family = cls(name, doc, labels=[label])
+    for key, n in sorted(values.items()):
+        family.add_metric([key], n)
+    return family
+
+
+def make_registry(db: Database, store_root: Path) -> CollectorRegistry:
+    """A registry of its own (one per app, so tests can run several) with our collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DatabaseCollector(db, store_root))
+    return registry

@@ -1,0 +1,465 @@
+"""The HTTP API's reads and operator actions: keyset-paginated, filtered on indexed columns.
+
+Every list is ``WHERE <filters> AND id > :after ORDER BY id LIMIT :limit`` (or ``id <`` with
+``ORDER BY id DESC``, newest first). Equality filters have an index ending in ``id`` (see the
+indexes at the end of :mod:`storage.models`), so a page is one index range scan whatever the
+table size; aggregates (instance counts) are computed for the rows of the page only. Nothing
+here counts or sorts a whole table, except :func:`metrics_snapshot`, which runs once per
+Prometheus scrape.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, TypeVarTuple
+
+from sqlalchemy import Select, and_, func, select, text, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from storage.models import (
+    PENDING,
+    SENT,
+    Batch,
+    BatchStudy,
+    FindingRecord,
+    Instance,
+    Job,
+    OutboxItem,
+    Patient,
+    QuarantineRecord,
+    ResultObject,
+    RoutingDecision,
+    Series,
+    Study,
+)
+
+#: Raised when the database cannot be reached; the API answers 503 for it.
+DatabaseError = OperationalError
+Order = Literal["asc", "desc"]
+MAX_LIMIT = 500
+_Ts = TypeVarTuple("_Ts")
+
+
+def _keyset(query: Select[*_Ts], column: Any, after: int | None, limit: int,
+            order: Order) -> Select[*_Ts]:
+    """Apply the cursor, the order and the limit (clamped to 1..MAX_LIMIT)."""
+    if after is not None:
+        query = query.where(column > after if order == "asc" else column < after)
+    query = query.order_by(column.asc() if order == "asc" else column.desc())
+    return query.limit(max(1, min(limit, MAX_LIMIT)))
+
+
+def ping(session: Session) -> None:
+    """Run ``SELECT 1`` (raises :class:`DatabaseError` when the database is unreachable)."""
+    session.execute(text("SELECT 1"))
+
+
+# -- studies and series -----------------------------------------------------------------------
+@dataclass
+class StudyRow:
+    """A study with its counts; patient fields only when the caller asked for them."""
+
+    id: int
+    study_instance_uid: str
+    accession_number: str
+    study_id: str
+    study_date: str
+    study_time: str
+    study_description: str
+    state: str
+    first_received_at: datetime
+    last_received_at: datetime
+    completed_at: datetime | None
+    completion_reason: str | None
+    completion_count: int
+    series: int = 0
+    instances: int = 0
+    modalities: list[str] = field(default_factory=list)
+    patient: dict[str, str] | None = None
+
+
+@dataclass
+class SeriesRow:
+    """A series with its instance count."""
+
+    id: int
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    body_part_examined: str
+    series_description: str
+    series_number: int | None
+    state: str
+    last_received_at: datetime
+    completed_at: datetime | None
+    instances: int = 0
+
+
+def _study_row(study: Study, patient: Patient | None) -> StudyRow:
+    return StudyRow(
+        study.id, study.study_instance_uid, study.accession_number, study.study_id,
+        study.study_date, study.study_time, study.study_description, study.state,
+        study.first_received_at, study.last_received_at, study.completed_at,
+        study.completion_reason, study.completion_count,
+        patient=None if patient is None else {
+            "PatientName": patient.patient_name, "PatientID": patient.patient_id,
+            "IssuerOfPatientID": patient.issuer_of_patient_id,
+            "PatientBirthDate": patient.patient_birth_date, "PatientSex": patient.patient_sex,
+        },
+    )
+
+
+def _instance_counts(session: Session, series_ids: Sequence[int]) -> dict[int, int]:
+    """Instances per series, for the given series only (index on ``instances.series_pk``)."""
+    if not series_ids:
+        return {}
+    rows = session.execute(
+        select(Instance.series_pk, func.count(Instance.id))
+        .where(Instance.series_pk.in_(list(series_ids))).group_by(Instance.series_pk)
+    ).all()
+    return {int(pk): int(n) for pk, n in rows}
+
+
+def _fill_study_counts(session: Session, studies: Sequence[StudyRow]) -> None:
+    by_id = {s.id: s for s in studies}
+    if not by_id:
+        return
+    series = session.execute(
+        select(Series.id, Series.study_pk, Series.modality)
+        .where(Series.study_pk.in_(list(by_id)))
+    ).all()
+    counts = _instance_counts(session, [row.id for row in series])
+    for series_id, study_pk, modality in series:
+        study = by_id[study_pk]
+        study.series += 1
+        study.instances += counts.get(series_id, 0)
+        if modality and modality not in study.modalities:
+            study.modalities.append(modality)
+    for study in studies:
+        study.modalities.sort()
+
+
+def list_studies(session: Session, *, after: int | None = None, limit: int = 50,
+                 order: Order = "desc", state: str | None = None,
+                 study_date_from: str | None = None, study_date_to: str | None = None,
+                 accession_number: str | None = None,
+                 with_patient: bool = False) -> list[StudyRow]:
+    """Studies, one page, with series/instance counts and modalities of that page.
+
+    Parameters
+    ----------
+    session : Session
+        An open session.
+    after : int, optional
+        The last id of the previous page.
+    limit : int
+        Page size (1-500).
+    order : {"asc", "desc"}
+        By id; ``desc`` is newest first.
+    state : str, optional
+        ``receiving`` or ``complete``.
+    study_date_from, study_date_to : str, optional
+        Inclusive StudyDate bounds, ``YYYYMMDD``.
+    accession_number : str, optional
+        Exact AccessionNumber.
+    with_patient : bool
+        Include patient name, ID and birth date (only when the operator allowed it).
+
+    Returns
+    -------
+    list of StudyRow
+    """
+    query: Select[Any] = (select(Study, Patient) if with_patient  # type: ignore[assignment]
+                          else select(Study))
+    if with_patient:
+        query = query.join(Patient, Study.patient_pk == Patient.id)
+    if state is not None:
+        query = query.where(Study.state == state)
+    if study_date_from:
+        query = query.where(Study.study_date >= study_date_from)
+    if study_date_to:
+        query = query.where(Study.study_date <= study_date_to, Study.study_date != "")
+    if accession_number is not None:
+        query = query.where(Study.accession_number == accession_number)
+    rows = session.execute(_keyset(query, Study.id, after, limit, order)).all()
+    found = [_study_row(row[0], row[1] if with_patient else None) for row in rows]
+    _fill_study_counts(session, found)
+    return found
+
+
+def get_study(session: Session, study_instance_uid: str, *,
+              with_patient: bool = False) -> StudyRow | None:
+    """One study by UID, with its counts."""
+    row = session.execute(
+        select(Study, Patient).join(Patient, Study.patient_pk == Patient.id)
+        .where(Study.study_instance_uid == study_instance_uid)
+    ).first()
+    if row is None:
+        return None
+    study = _study_row(row[0], row[1] if with_patient else None)
+    _fill_study_counts(session, [study])
+    return study
+
+
+def list_series(session: Session, *, after: int | None = None, limit: int = 50,
+                order: Order = "desc", study_instance_uid: str | None = None,
+                modality: str | None = None) -> list[SeriesRow]:
+    """Series, one page, with the instance count of each."""
+    query = select(Series, Study.study_instance_uid).join(Study, Series.study_pk == Study.id)
+    if study_instance_uid is not None:
+        query = query.where(Study.study_instance_uid == study_instance_uid)
+    if modality is not None:
+        query = query.where(Series.modality == modality)
+    rows = session.execute(_keyset(query, Series.id, after, limit, order)).all()
+    counts = _instance_counts(session, [s.id for s, _ in rows])
+    return [SeriesRow(s.id, s.series_instance_uid, uid, s.modality, s.body_part_examined,
+                      s.series_description, s.series_number, s.state, s.last_received_at,
+                      s.completed_at, counts.get(s.id, 0)) for s, uid in rows]
+
+
+def decisions_of_study(session: Session, study_instance_uid: str) -> list[RoutingDecision]:
+    """Routing decisions of a study, oldest first (indexed by study UID)."""
+    return list(session.scalars(
+        select(RoutingDecision).where(RoutingDecision.study_instance_uid == study_instance_uid)
+        .order_by(RoutingDecision.id)
+    ).all())
+
+
+# -- jobs, findings, results, outbox ---------------------------------------------------------
+def list_jobs(session: Session, *, after: int | None = None, limit: int = 50,
+              order: Order = "desc", state: str | None = None, model_name: str | None = None,
+              route: str | None = None,
+              study_instance_uid: str | None = None) -> list[Job]:
+    """Jobs, one page, filtered by state, model, route or study."""
+    query = select(Job)
+    if state is not None:
+        query = query.where(Job.state == state)
+    if model_name is not None:
+        query = query.where(Job.model_name == model_name)
+    if route is not None:
+        query = query.where(Job.route == route)
+    if study_instance_uid is not None:
+        query = query.where(Job.study_instance_uid == study_instance_uid)
+    return list(session.scalars(_keyset(query, Job.id, after, limit, order)).all())
+
+
+def list_findings(session: Session, *, after: int | None = None, limit: int = 50,
+                  order: Order = "desc", model_name: str | None = None,
+                  present: bool | None = None, since: datetime | None = None,
+                  until: datetime | None = None, study_instance_uid: str | None = None,
+                  job_id: int | None = None, current_only: bool = False) -> list[FindingRecord]:
+    """Findings, one page, filtered by model, decision, creation time, study or job.
+
+    ``since`` is inclusive and ``until`` exclusive (both timezone-aware).
+    """
+    query = select(FindingRecord)
+    if model_name is not None:
+        query = query.where(FindingRecord.model_name == model_name)
+    if present is not None:
+        query = query.where(FindingRecord.present.is_(present))
+    if since is not None:
+        query = query.where(FindingRecord.created_at >= since)
+    if until is not None:
+        query = query.where(FindingRecord.created_at < until)
+    if study_instance_uid is not None:
+        query = query.where(FindingRecord.study_instance_uid == study_instance_uid)
+    if job_id is not None:
+        query = query.where(FindingRecord.job_id == job_id)
+    if current_only:
+        query = query.where(FindingRecord.superseded_by_job_id.is_(None))
+    return list(session.scalars(_keyset(query, FindingRecord.id, after, limit, order)).all())
+
+
+def results_of_job(session: Session, job_id: int) -> list[tuple[ResultObject, list[OutboxItem]]]:
+    """A job's result objects, each with its outbox rows."""
+    results = list(session.scalars(
+        select(ResultObject).where(ResultObject.job_id == job_id).order_by(ResultObject.id)
+    ).all())
+    rows = session.scalars(
+        select(OutboxItem).where(OutboxItem.result_id.in_([r.id for r in results]))
+        .order_by(OutboxItem.id)
+    ).all() if results else []
+    by_result: dict[int, list[OutboxItem]] = {r.id: [] for r in results}
+    for item in rows:
+        by_result[item.result_id].append(item)
+    return [(r, by_result[r.id]) for r in results]
+
+
+def list_outbox(session: Session, *, after: int | None = None, limit: int = 50,
+                order: Order = "desc", state: str | None = None,
+                destination: str | None = None, job_id: int | None = None,
+                failing: bool = False) -> list[tuple[OutboxItem, ResultObject]]:
+    """Outbox rows with their result object, one page.
+
+    ``failing`` keeps pending rows whose last attempt failed.
+    """
+    query = select(OutboxItem, ResultObject).join(
+        ResultObject, OutboxItem.result_id == ResultObject.id)
+    if state is not None:
+        query = query.where(OutboxItem.state == state)
+    if destination is not None:
+        query = query.where(OutboxItem.destination == destination)
+    if job_id is not None:
+        query = query.where(OutboxItem.job_id == job_id)
+    if failing:
+        query = query.where(OutboxItem.state == PENDING, OutboxItem.last_error.is_not(None))
+    rows = session.execute(_keyset(query, OutboxItem.id, after, limit, order)).all()
+    return [(item, result) for item, result in rows]
+
+
+def get_result(session: Session, result_id: int) -> ResultObject | None:
+    """One result object by id."""
+    return session.get(ResultObject, result_id)
+
+
+def resend_result(session: Session, result_id: int, destinations: Sequence[str], *,
+                  now: datetime) -> int:
+    """Send a result again: its outbox rows (and rows for `destinations` it lacks) go pending.
+
+    Returns
+    -------
+    int
+        Outbox rows now pending and due.
+    """
+    changed = int(session.execute(
+        update(OutboxItem).where(OutboxItem.result_id == result_id)
+        .values(state=PENDING, next_attempt_at=now, sent_at=None)
+    ).rowcount)  # type: ignore[attr-defined]
+    result = session.get(ResultObject, result_id)
+    if result is None:
+        return changed
+    have = set(session.scalars(
+        select(OutboxItem.destination).where(OutboxItem.result_id == result_id)).all())
+    for name in destinations:
+        if name not in have:
+            session.add(OutboxItem(result_id=result_id, job_id=result.job_id, destination=name,
+                                   state=PENDING, attempts=0, next_attempt_at=now,
+                                   created_at=now))
+            changed += 1
+    return changed
+
+
+def retry_delivery(session: Session, outbox_id: int, *, now: datetime) -> OutboxItem | None:
+    """Make a pending (failing) delivery due now; None if the row does not exist.
+
+    A sent row is returned unchanged (re-sending is :func:`resend_result`).
+    """
+    session.execute(
+        update(OutboxItem).where(OutboxItem.id == outbox_id, OutboxItem.state == PENDING)
+        .values(next_attempt_at=now)
+    )
+    return session.get(OutboxItem, outbox_id, populate_existing=True)
+
+
+# -- batches ----------------------------------------------------------------------------------
+def list_batches(session: Session, *, after: int | None = None, limit: int = 50,
+                 order: Order = "desc", state: str | None = None) -> list[Batch]:
+    """Batches, one page."""
+    query = select(Batch)
+    if state is not None:
+        query = query.where(Batch.state == state)
+    return list(session.scalars(_keyset(query, Batch.id, after, limit, order)).all())
+
+
+def batch_study_counts(session: Session, batch_id: int) -> dict[str, int]:
+    """A batch's studies by retrieve state (``found``, ``retrieved``, ``failed``)."""
+    rows = session.execute(
+        select(BatchStudy.state, func.count(BatchStudy.id))
+        .where(BatchStudy.batch_id == batch_id).group_by(BatchStudy.state)
+    ).all()
+    return {str(state): int(n) for state, n in rows}
+
+
+# -- metrics ----------------------------------------------------------------------------------
+@dataclass
+class MetricsSnapshot:
+    """What ``/metrics`` reports from the database (one read per scrape)."""
+
+    instances: int = 0
+    instance_bytes: int = 0
+    studies_by_state: dict[str, int] = field(default_factory=dict)
+    rejected_by_status: dict[int, int] = field(default_factory=dict)
+    jobs_by_state: dict[str, int] = field(default_factory=dict)
+    jobs_due: int = 0
+    batches_by_state: dict[str, int] = field(default_factory=dict)
+    # (destination, kind) -> rows
+    sent: dict[tuple[str, str], int] = field(default_factory=dict)
+    pending: dict[tuple[str, str], int] = field(default_factory=dict)
+    failing: dict[tuple[str, str], int] = field(default_factory=dict)
+    # destination -> creation time of its oldest pending row
+    oldest_pending: dict[str, datetime] = field(default_factory=dict)
+
+
+def metrics_snapshot(session: Session, *, now: datetime) -> MetricsSnapshot:
+    """Counts for the metrics endpoint.
+
+    The instance count and byte total read the whole ``instances`` table (an index-only or
+    sequential scan, about 0.1 s per million rows on PostgreSQL); everything else is grouped
+    over small tables or indexed states.
+    """
+    snap = MetricsSnapshot()
+    count, total = session.execute(
+        select(func.count(Instance.id), func.coalesce(func.sum(Instance.size_bytes), 0))
+    ).one()
+    snap.instances, snap.instance_bytes = int(count), int(total)
+    snap.studies_by_state = {str(s): int(n) for s, n in session.execute(
+        select(Study.state, func.count(Study.id)).group_by(Study.state)).all()}
+    snap.rejected_by_status = {int(s): int(n) for s, n in session.execute(
+        select(QuarantineRecord.status, func.count(QuarantineRecord.id))
+        .group_by(QuarantineRecord.status)).all()}
+    snap.jobs_by_state = {str(s): int(n) for s, n in session.execute(
+        select(Job.state, func.count(Job.id)).group_by(Job.state)).all()}
+    snap.jobs_due = int(session.scalar(
+        select(func.count(Job.id)).where(Job.state == PENDING, Job.not_before <= now)) or 0)
+    snap.batches_by_state = {str(s): int(n) for s, n in session.execute(
+        select(Batch.state, func.count(Batch.id)).group_by(Batch.state)).all()}
+    for destination, kind, state, failing, n in session.execute(
+        select(OutboxItem.destination, ResultObject.kind, OutboxItem.state,
+               OutboxItem.last_error.is_not(None), func.count(OutboxItem.id))
+        .join(ResultObject, OutboxItem.result_id == ResultObject.id)
+        .group_by(OutboxItem.destination, ResultObject.kind, OutboxItem.state,
+                  OutboxItem.last_error.is_not(None))
+    ).all():
+        key = (str(destination), str(kind))
+        if state == SENT:
+            snap.sent[key] = snap.sent.get(key, 0) + int(n)
+        else:
+            snap.pending[key] = snap.pending.get(key, 0) + int(n)
+            if failing:
+                snap.failing[key] = snap.failing.get(key, 0) + int(n)
+    snap.oldest_pending = {str(d): t for d, t in session.execute(
+        select(OutboxItem.destination, func.min(OutboxItem.created_at))
+        .where(OutboxItem.state == PENDING).group_by(OutboxItem.destination)).all()}
+    return snap
+
+
+@dataclass(frozen=True)
+class FinishedJob:
+    """A job that finished, with the model and its stage timings (seconds)."""
+
+    id: int
+    model_name: str
+    finished_at: datetime
+    timings: dict[str, float]
+
+
+def finished_since(session: Session, since: datetime, *, limit: int = 10_000) -> list[FinishedJob]:
+    """Jobs done at or after `since` (index on ``finished_at``), oldest first."""
+    rows = session.execute(
+        select(Job.id, Job.model_name, Job.finished_at, Job.timings)
+        .where(and_(Job.state == "done", Job.finished_at >= since))
+        .order_by(Job.finished_at, Job.id).limit(limit)
+    ).all()
+    found: list[FinishedJob] = []
+    for job_id, model, finished_at, timings in rows:
+        try:
+            parsed = {str(k): float(v) for k, v in json.loads(timings or "{}").items()}
+        except (ValueError, TypeError, AttributeError):
+            parsed = {}
+        if finished_at is not None:
+            found.append(FinishedJob(int(job_id), str(model), finished_at, parsed))
+    return found
