@@ -234,8 +234,9 @@ def plot_learning_curve(
     path: PathLike,
     *,
     labels: tuple[str, str] = ("from scratch", "pretrained backbone"),
+    metric: str = "test ROC AUC",
 ) -> Path:
-    """Plot validation ROC AUC against the number of labelled training studies for two models.
+    """Plot ROC AUC against the number of labelled training studies for two models.
 
     Parameters
     ----------
@@ -245,6 +246,8 @@ def plot_learning_curve(
         Where to write the PNG.
     labels : tuple of str, default ("from scratch", "pretrained backbone")
         Legend labels of the two models.
+    metric : str, default "test ROC AUC"
+        The y-axis label: which data the AUCs were measured on.
 
     Returns
     -------
@@ -264,7 +267,7 @@ def plot_learning_curve(
     for column, label in enumerate(labels, start=1):
         ax.plot(studies, [p[column] for p in ordered], marker="o", lw=2, label=label)
     ax.axhline(0.5, ls="--", color="grey", lw=1, label="chance")
-    ax.set(title="Learning curve", xlabel="labelled training studies", ylabel="validation ROC AUC")
+    ax.set(title="Learning curve", xlabel="labelled training studies", ylabel=metric)
     ax.set_ylim(min(0.45, *(min(p[1], p[2]) - 0.02 for p in ordered)), 1.0)
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
