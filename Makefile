@@ -38,3 +38,5 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.ingest --out benchmarks/results/ingest.json
 	$(BIN)/python -m benchmarks.preprocess --rounds 5 --out benchmarks/results/preprocess.json
 	$(BIN)/python -m benchmarks.inference --out benchmarks/results/inference.json
+	$(BIN)/python -m benchmarks.e2e --out benchmarks/results/e2e.json
+	$(BIN)/python -m benchmarks.qr --out benchmarks/results/qr.json
