@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from dicom_ai.audit import Auditor, entry
 from dicom_ai.config import RetentionSettings, Settings
 from storage import retention as rows
 from storage.db import Database
@@ -256,6 +257,7 @@ def apply(plan: RetentionPlan, store: FileStore, db: Database, *,
         done = _remove_study(item, store, db)
         if done is not None:
             removed_studies.append(done)
+            _audit(db, [done], [])
     removed_jobs: list[ResultsRemoval] = []
     for job in plan.jobs:
         if stop():
@@ -263,9 +265,27 @@ def apply(plan: RetentionPlan, store: FileStore, db: Database, *,
         gone = _remove_results(job, store, db)
         if gone is not None:
             removed_jobs.append(gone)
+            _audit(db, [], [gone])
     return RetentionPlan(now=plan.now, studies=tuple(removed_studies), jobs=tuple(removed_jobs),
                          store_bytes=plan.store_bytes, max_store_bytes=plan.max_store_bytes,
                          cap_met=plan.cap_met, dry_run=False)
+
+
+def _audit(db: Database, studies: Sequence[StudyRemoval], jobs: Sequence[ResultsRemoval]
+           ) -> None:
+    """One ``purge.applied`` row per study whose instances went and per job whose results
+    went (never raises)."""
+    Auditor(db).write(
+        [entry("system", "retention", "purge.applied", study_instance_uid=s.study_instance_uid,
+               uids=[s.study_instance_uid],
+               detail={"removed": "instances", "instances": s.instances, "bytes": s.size_bytes,
+                       "reason": s.reason, "delivered_at": s.delivered_at.isoformat()})
+         for s in studies]
+        + [entry("system", "retention", "purge.applied", study_instance_uid=j.study_instance_uid,
+                 uids=[j.study_instance_uid],
+                 detail={"removed": "results", "job_id": j.job_id, "results": j.results,
+                         "findings": j.findings, "outbox": j.outbox})
+           for j in jobs])
 
 
 def _remove_study(item: StudyRemoval, store: FileStore, db: Database) -> StudyRemoval | None:

@@ -361,6 +361,7 @@ class Delivery:
     sop_class_uid: str
     sop_instance_uid: str
     attempts: int
+    study_instance_uid: str = ""
 
 
 def claim_outbox(session: Session, *, now: datetime, lease_seconds: float,
@@ -389,7 +390,8 @@ def claim_outbox(session: Session, *, now: datetime, lease_seconds: float,
             .where(OutboxItem.id == outbox_id)
         ).one()
         taken.append(Delivery(item.id, item.destination, result.path, result.sop_class_uid,
-                              result.sop_instance_uid, item.attempts))
+                              result.sop_instance_uid, item.attempts,
+                              result.study_instance_uid))
     return taken
 
 

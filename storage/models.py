@@ -395,6 +395,40 @@ class ApiKey(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+# -- audit trail ------------------------------------------------------------------------------
+# Who acted: a DICOM peer (its calling AE title), an API key ("apikey:<id>"), or the service.
+ACTOR_DICOM = "dicom"
+ACTOR_API = "api"
+ACTOR_SYSTEM = "system"
+
+
+class AuditEvent(Base):
+    """One audited action: who (AE title or API key id) did what to which UIDs, and when.
+
+    Append-only (:mod:`storage.audit` has no update or delete). It names UIDs, AE titles, key
+    ids, hosts and counts, never patient names, IDs or birth dates.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (
+        Index("ix_audit_at", "at"),
+        Index("ix_audit_study_id", "study_instance_uid", "id"),
+        Index("ix_audit_action_id", "action", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    actor_kind: Mapped[str] = mapped_column(String(8))  # dicom | api | system
+    actor: Mapped[str] = mapped_column(String(64))  # AE title, "apikey:<id>" or a component
+    peer: Mapped[str | None] = mapped_column(String(64))  # the caller's or callee's host
+    action: Mapped[str] = mapped_column(String(32))  # e.g. instances.stored, query.find
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    # JSON list of the UIDs acted on (bounded; the detail says how many there were in all).
+    uids: Mapped[str] = mapped_column(Text, default="[]")
+    # JSON object: counts, levels, statuses, destinations; never patient data.
+    detail: Mapped[str] = mapped_column(Text, default="{}")
+
+
 # Indexes the API's filters use: each filter is an equality followed by the keyset column
 # (``WHERE f = ? AND id > ? ORDER BY id LIMIT n`` is one index range scan), or a range index.
 Index("ix_studies_study_date", Study.study_date)

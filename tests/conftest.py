@@ -2,10 +2,16 @@
 
 ``DICOM_AI_REQUIRE_PEERS=1`` (set by ``.ci/run``) turns every "peer missing" skip into a
 failure, so CI always exercises dcmtk, Orthanc, dicom3tools and PostgreSQL.
+
+Every log record of the session (all loggers, from DEBUG, with exception text) is also appended
+to ``<basetemp>/session-records.log``; ``tests/zz_privacy`` runs last and greps it, with every
+other ``*.log`` the tests' services wrote under the basetemp, for the test patients' names and
+IDs.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -14,9 +20,61 @@ from typing import Any
 
 import pytest
 
-from dicom_ai.config import Settings, load_settings
+from dicom_ai.config import LoggingSettings, Settings, load_settings
+from dicom_ai.logs import setup_logging
 from dicom_ai.service import Service
 from tests.peers import binary
+
+# Where every log record of the session goes (see pytest_configure), under the basetemp.
+SESSION_LOG = "session-records.log"
+PRIVACY_TESTS = "tests/zz_privacy/"
+
+
+class _SessionLog(logging.Handler):
+    """Appends each record, formatted with its exception text, to a file (fork-safe)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(logging.DEBUG)
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            os.write(self.fd, (self.format(record) + "\n").encode("utf-8", "replace"))
+        except Exception:
+            self.handleError(record)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Record every log record of the session, whatever handlers the code installs.
+
+    ``setup_logging`` (called by every CLI command) replaces the root handlers, so the file is
+    fed from ``Logger.callHandlers``, which every record that passes its logger's level and
+    filters goes through. The service's own policy applies, at its most verbose level (DEBUG).
+    """
+    basetemp = config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    handler = _SessionLog(Path(basetemp) / SESSION_LOG)
+    original = logging.Logger.callHandlers
+
+    def call_handlers(self: logging.Logger, record: logging.LogRecord) -> None:
+        handler.handle(record)
+        original(self, record)
+
+    logging.Logger.callHandlers = call_handlers  # type: ignore[method-assign]
+    setup_logging(LoggingSettings(level="DEBUG"))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Each test starts with the root logger at DEBUG (a CLI call may have set its level)."""
+    logging.getLogger().setLevel(logging.DEBUG)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The privacy check greps what every other test logged: it runs last."""
+    items.sort(key=lambda item: item.nodeid.startswith(PRIVACY_TESTS))
+
 
 PG_SERVER = os.environ.get("DICOM_AI_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 REQUIRE_PEERS = os.environ.get("DICOM_AI_REQUIRE_PEERS") == "1"

@@ -24,9 +24,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dicom_ai import __version__
 from dicom_ai.api.auth import Authenticator
+from dicom_ai.api.dashboard import dashboard_router
 from dicom_ai.api.metrics import make_registry
+from dicom_ai.audit import Auditor
 from dicom_ai.config import Settings
-from storage import api_queries, apikeys, batches
+from storage import api_queries, apikeys, audit, batches
 from storage import jobs as job_rows
 from storage.db import Database
 from storage.models import FindingRecord, Job, OutboxItem, ResultObject
@@ -40,6 +42,15 @@ Limit = Annotated[int, Query(ge=1, le=api_queries.MAX_LIMIT, description="Page s
 After = Annotated[int | None, Query(ge=0, description="`next_after` of the previous page.")]
 OrderParam = Annotated[Literal["asc", "desc"], Query(description="By id; desc is newest "
                                                      "first.")]
+
+
+def _client_host(request: Request) -> str | None:
+    """The caller's address (for the audit trail)."""
+    return request.client.host if request.client is not None else None
+
+
+#: The caller's host; None when an action is called directly (the dashboard's buttons).
+ClientHost = Annotated[str | None, Depends(_client_host)]
 _DA_RANGE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
 FINISHED_BATCH_STATES = ("done", "cancelled")
 
@@ -209,6 +220,14 @@ def create_app(settings: Settings, db: Database, *,
     routes = {r.name: r for r in settings.routes}
     wake_jobs = on_jobs or (lambda: None)
     wake_outbox = on_outbox or (lambda: None)
+    auditor = Auditor(db)
+
+    def audited(peer: str | None, key: apikeys.ApiKeyInfo, action: str, *,
+                study_instance_uid: str | None = None, **detail: Any) -> None:
+        """Record an operator action with its key (never raises)."""
+        auditor.record("api", f"apikey:{key.id}", action, peer=peer,
+                       study_instance_uid=study_instance_uid,
+                       uids=[study_instance_uid] if study_instance_uid else (), detail=detail)
 
     @app.exception_handler(api_queries.DatabaseError)
     async def database_down(_request: Request, exc: Exception) -> JSONResponse:
@@ -381,10 +400,26 @@ def create_app(settings: Settings, db: Database, *,
             counts = api_queries.batch_study_counts(session, batch_id)
         return {**_batch(row), "studies": counts}
 
+    @app.get("/api/audit", tags=["data"], dependencies=[read])
+    def audit_events(limit: Limit = 50, after: After = None, order: OrderParam = "desc",
+                     action: Annotated[str | None, Query(
+                         description="An action (`query.find`) or, ending in `.`, a prefix "
+                         "(`association.`).")] = None,
+                     study_instance_uid: str | None = None,
+                     since: Annotated[datetime | None, Query(
+                         description="Recorded at or after (ISO date or date-time; UTC if no "
+                         "zone).")] = None) -> dict[str, Any]:
+        """The audit trail: who (AE title, API key) did what to which UIDs, and when."""
+        with db.sessions() as session:
+            rows = audit.list_events(session, after=after, limit=limit, order=order,
+                                     action=action, study_instance_uid=study_instance_uid,
+                                     since=_aware(since))
+        return _page([r.to_dict() for r in rows], limit)
+
     # -- operator actions ---------------------------------------------------------------------
     @app.post("/api/jobs/{job_id}/rerun", tags=["actions"], status_code=201)
-    def rerun(job_id: int,
-              key: apikeys.ApiKeyInfo = operator) -> dict[str, Any]:
+    def rerun(job_id: int, key: apikeys.ApiKeyInfo = operator,
+              peer: ClientHost = None) -> dict[str, Any]:
         """Run a job again: a new pending job for the same study, series and route."""
         now = datetime.now(UTC)
         with db.write_session() as session:
@@ -402,11 +437,14 @@ def create_app(settings: Settings, db: Database, *,
                 max_attempts=settings.workers.max_attempts, event_id=None, now=now)
             created = _job(new)
         LOGGER.info("API key %d: job %d re-run as job %d", key.id, job_id, created["id"])
+        audited(peer, key, "job.rerun", study_instance_uid=created["study_instance_uid"],
+                job_id=job_id, new_job_id=created["id"], route=created["route"])
         wake_jobs()
         return {"job": created, "rerun_of": job_id}
 
     @app.post("/api/results/{result_id}/resend", tags=["actions"])
-    def resend(result_id: int, key: apikeys.ApiKeyInfo = operator) -> dict[str, Any]:
+    def resend(result_id: int, key: apikeys.ApiKeyInfo = operator,
+               peer: ClientHost = None) -> dict[str, Any]:
         """Send a result object again to its destinations (and its route's current ones)."""
         now = datetime.now(UTC)
         with db.write_session() as session:
@@ -421,13 +459,17 @@ def create_app(settings: Settings, db: Database, *,
             if result.kind == "heatmap" and route is not None and not route.send_heatmap:
                 wanted = []
             count = api_queries.resend_result(session, result_id, wanted, now=now)
+            study_uid, sop_uid = result.study_instance_uid, result.sop_instance_uid
         LOGGER.info("API key %d: result %d queued again to %d destination(s)", key.id,
                     result_id, count)
+        audited(peer, key, "result.resend", study_instance_uid=study_uid,
+                result_id=result_id, sop_instance_uid=sop_uid, deliveries_queued=count)
         wake_outbox()
         return {"result_id": result_id, "deliveries_queued": count}
 
     @app.post("/api/outbox/{outbox_id}/retry", tags=["actions"])
-    def retry(outbox_id: int, key: apikeys.ApiKeyInfo = operator) -> dict[str, Any]:
+    def retry(outbox_id: int, key: apikeys.ApiKeyInfo = operator,
+              peer: ClientHost = None) -> dict[str, Any]:
         """Retry a pending (failing) delivery now instead of after its backoff."""
         now = datetime.now(UTC)
         with db.write_session() as session:
@@ -440,11 +482,15 @@ def create_app(settings: Settings, db: Database, *,
                                     f"/api/results/{item.result_id}/resend to send it again")
             data = _outbox(item)
         LOGGER.info("API key %d: delivery %d retried now", key.id, outbox_id)
+        audited(peer, key, "delivery.retry", outbox_id=outbox_id,
+                result_id=data["result_id"], job_id=data["job_id"],
+                destination=data["destination"])
         wake_outbox()
         return data
 
     @app.post("/api/batches/{batch_id}/cancel", tags=["actions"])
-    def cancel(batch_id: int, key: apikeys.ApiKeyInfo = operator) -> dict[str, Any]:
+    def cancel(batch_id: int, key: apikeys.ApiKeyInfo = operator,
+               peer: ClientHost = None) -> dict[str, Any]:
         """Cancel a batch (state ``cancelled``); studies already retrieved stay."""
         now = datetime.now(UTC)
         with db.write_session() as session:
@@ -456,9 +502,12 @@ def create_app(settings: Settings, db: Database, *,
                                     detail=f"batch {batch_id} is already {row.state}")
             batches.set_state(session, batch_id, "cancelled", now)
         LOGGER.info("API key %d: batch %d cancelled", key.id, batch_id)
+        audited(peer, key, "batch.cancel", batch_id=batch_id)
         with db.sessions() as session:
             updated = batches.get_batch(session, batch_id)
             assert updated is not None
             return _batch(updated)
 
+    # -- the web dashboard (its buttons are the two actions above) ------------------------------
+    app.include_router(dashboard_router(settings, db, rerun=rerun, retry=retry))
     return app

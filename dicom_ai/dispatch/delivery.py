@@ -16,6 +16,7 @@ import threading
 from collections import defaultdict
 from datetime import UTC, datetime
 
+from dicom_ai.audit import Auditor, entry
 from dicom_ai.config import Settings
 from dicom_ai.network.scu import FileToSend, Peer, send_files
 from storage import jobs
@@ -50,6 +51,7 @@ class OutboxSender:
         self.settings = settings
         self.db = db
         self.store = FileStore(settings.storage.root)
+        self.auditor = Auditor(db)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -99,7 +101,25 @@ class OutboxSender:
                                len(items), name, first)
             else:
                 LOGGER.info("delivered %d result(s) to %s", len(items), name)
+            self._audit(name, peer, items, outcome)
         return delivered
+
+    def _audit(self, name: str, peer: Peer | None, items: list[jobs.Delivery],
+               outcome: dict[int, tuple[bool, str]]) -> None:
+        """One ``results.sent`` row per study whose results reached this destination."""
+        sent: dict[str, list[str]] = defaultdict(list)
+        failed: dict[str, int] = defaultdict(int)
+        for item in items:
+            if outcome[item.outbox_id][0]:
+                sent[item.study_instance_uid].append(item.sop_instance_uid)
+            else:
+                failed[item.study_instance_uid] += 1
+        self.auditor.write([
+            entry("system", "outbox", "results.sent", peer=peer.host if peer else None,
+                  study_instance_uid=study or None, uids=sop_uids,
+                  detail={"destination": name, "ae_title": peer.ae_title if peer else None,
+                          "sop_instances": len(sop_uids), "failed": failed[study]})
+            for study, sop_uids in sent.items()])
 
     def _send(self, peer: Peer, items: list[jobs.Delivery]) -> dict[int, tuple[bool, str]]:
         files: list[FileToSend] = []

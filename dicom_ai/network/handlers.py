@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import events as evt
 from pynetdicom.dimse_primitives import C_STORE, N_CREATE, N_SET
 
+from dicom_ai.audit import AuditEntry, Auditor, entry
 from dicom_ai.ingest.completion import MppsService
 from dicom_ai.ingest.index import CANNOT_UNDERSTAND
 from dicom_ai.ingest.spool import Ingestor, Received
 from dicom_ai.network.contexts import MODALITY_PERFORMED_PROCEDURE_STEP
+from storage import audit as audit_rows
+from storage.db import Database
 
 LOGGER = logging.getLogger(__name__)
 
@@ -42,7 +50,8 @@ def handle_echo(event: evt.Event) -> int:
     return SUCCESS
 
 
-def handle_store(event: evt.Event, ingestor: Ingestor) -> int:
+def handle_store(event: evt.Event, ingestor: Ingestor,
+                 audit: AssociationAudit | None = None) -> int:
     """C-STORE (PS3.4 B.2.2): durably accept the received file or refuse it.
 
     Parameters
@@ -51,6 +60,8 @@ def handle_store(event: evt.Event, ingestor: Ingestor) -> int:
         The EVT_C_STORE event (chunked receive: the dataset is already a file on disk).
     ingestor : Ingestor
         Moves the file into the store and indexes it.
+    audit : AssociationAudit, optional
+        Counts the store for the association's audit rows (in memory only).
 
     Returns
     -------
@@ -63,17 +74,22 @@ def handle_store(event: evt.Event, ingestor: Ingestor) -> int:
     except AttributeError:
         LOGGER.error("chunked receive is off: cannot store without a dataset file")
         return CANNOT_UNDERSTAND
-    return ingestor.ingest(
+    sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
+    status = ingestor.ingest(
         Received(
             path=path,
             sop_class_uid=str(request.AffectedSOPClassUID or ""),
-            sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+            sop_instance_uid=sop_instance_uid,
             calling_ae_title=_calling_ae(event),
         )
     )
+    if audit is not None:
+        audit.stored(event, sop_instance_uid, status)
+    return status
 
 
-def handle_requested(event: evt.Event, allowed: list[str]) -> None:
+def handle_requested(event: evt.Event, allowed: list[str],
+                     audit: AssociationAudit | None = None) -> None:
     """Reject associations from hosts outside the allow-list (checked before negotiation).
 
     Parameters
@@ -82,6 +98,8 @@ def handle_requested(event: evt.Event, allowed: list[str]) -> None:
         The EVT_REQUESTED notification.
     allowed : list of str
         IP addresses or networks (CIDR); empty allows every host.
+    audit : AssociationAudit, optional
+        Records the rejection.
     """
     if not allowed:
         return
@@ -95,32 +113,42 @@ def handle_requested(event: evt.Event, allowed: list[str]) -> None:
     primitive = event.assoc.requestor.primitive
     calling = str(primitive.calling_ae_title).strip() if primitive is not None else ""
     LOGGER.warning("rejected association from %s (%s): host not allowed", address, calling)
+    if audit is not None:
+        audit.rejected(event, "host not allowed", calling=calling)
     event.assoc.acse.send_reject(_REJECT_PERMANENT, _SERVICE_USER, _CALLING_AE_NOT_RECOGNISED)
     # As pynetdicom's own rejections do: stop the association thread so the A-ASSOCIATE-RJ is
     # written before the connection closes (otherwise the caller mostly sees an abort).
     event.assoc.kill()
 
 
-def handle_accepted(event: evt.Event) -> None:
-    """Log an accepted association (notification; must not raise)."""
+def handle_accepted(event: evt.Event, audit: AssociationAudit | None = None) -> None:
+    """Log (and audit) an accepted association (notification; must not raise)."""
     LOGGER.info("association from %s at %s:%s accepted", _calling_ae(event),
                 event.assoc.requestor.address, event.assoc.requestor.port)
+    if audit is not None:
+        audit.accepted(event)
 
 
-def handle_rejected(event: evt.Event) -> None:
-    """Log a rejected association (notification; must not raise)."""
+def handle_rejected(event: evt.Event, audit: AssociationAudit | None = None) -> None:
+    """Log (and audit) a rejected association (notification; must not raise)."""
     LOGGER.warning("association from %s at %s rejected", _calling_ae(event),
                    event.assoc.requestor.address)
+    if audit is not None:
+        audit.rejected(event, audit.reject_reason(event))
 
 
-def handle_released(event: evt.Event) -> None:
-    """Log a released association (notification; must not raise)."""
+def handle_released(event: evt.Event, audit: AssociationAudit | None = None) -> None:
+    """Log (and audit) a released association (notification; must not raise)."""
     LOGGER.info("association from %s released", _calling_ae(event))
+    if audit is not None:
+        audit.ended(event, "released")
 
 
-def handle_aborted(event: evt.Event) -> None:
-    """Log an aborted association (notification; must not raise)."""
+def handle_aborted(event: evt.Event, audit: AssociationAudit | None = None) -> None:
+    """Log (and audit) an aborted association (notification; must not raise)."""
     LOGGER.warning("association from %s aborted", _calling_ae(event))
+    if audit is not None:
+        audit.ended(event, "aborted")
 
 
 def handle_n_create(event: evt.Event, mpps: MppsService) -> tuple[int, Dataset | None]:
@@ -144,3 +172,162 @@ def handle_n_set(event: evt.Event, mpps: MppsService) -> tuple[int, Dataset | No
     ds = event.modification_list
     status = mpps.set(str(request.RequestedSOPInstanceUID), ds)
     return status, (ds if status == SUCCESS else None)
+
+
+# -- audit ------------------------------------------------------------------------------------
+# SOP Instance UIDs are resolved to studies in chunks of this many, on the audit writer thread.
+_RESOLVE_CHUNK = 1000
+
+
+@dataclass
+class _Tally:
+    """What one association did so far (touched only by its own thread, plus the writer)."""
+
+    calling: str
+    peer: str
+    started: float
+    assoc: Any  # the pynetdicom Association (a thread): a dead one's tally is stale
+    pending: list[str] = field(default_factory=list)  # stored, not yet resolved to studies
+    studies: dict[str, Counter[str]] = field(default_factory=dict)  # writer thread only
+    stored: int = 0
+    refused: int = 0
+    requests: Counter[str] = field(default_factory=Counter)
+
+
+class AssociationAudit:
+    """The receiver's audit rows, per association, kept off the C-STORE path.
+
+    A C-STORE only appends its SOP Instance UID to the association's in-memory tally. The UIDs
+    are resolved to studies and series on the audit writer thread (in chunks), and when the
+    association ends one ``association.released`` (or ``.aborted``) row and one
+    ``instances.stored`` row per study touched (instances and series counted) are written.
+
+    Parameters
+    ----------
+    auditor : Auditor
+        Writes the rows (its background thread).
+    db : Database
+        The index, to find the studies of stored instances.
+    allowed_calling_aets : list of str
+        To name the reason of a rejection.
+    """
+
+    def __init__(self, auditor: Auditor, db: Database, allowed_calling_aets: list[str]) -> None:
+        self.auditor = auditor
+        self.db = db
+        self.allowed_calling_aets = [a.strip() for a in allowed_calling_aets]
+        self._tallies: dict[int, _Tally] = {}
+        self._lock = threading.Lock()
+
+    def _tally(self, event: evt.Event) -> _Tally | None:
+        with self._lock:
+            return self._tallies.get(id(event.assoc))
+
+    def _peer(self, event: evt.Event) -> str:
+        return str(event.assoc.requestor.address)
+
+    def accepted(self, event: evt.Event) -> None:
+        """Start the association's tally and record ``association.accepted``."""
+        calling = _calling_ae(event)
+        tally = _Tally(calling, self._peer(event), time.monotonic(), event.assoc)
+        with self._lock:
+            # An association whose thread ended without a release or abort event ends here.
+            stale = [key for key, t in self._tallies.items() if not t.assoc.is_alive()]
+            ended = [self._tallies.pop(key) for key in stale]
+            self._tallies[id(event.assoc)] = tally
+        for old in ended:
+            self._finish(old, "closed")
+        self.auditor.submit([entry("dicom", calling, "association.accepted", peer=tally.peer,
+                                   detail={"called": str(event.assoc.acceptor.ae_title)
+                                           .strip()})])
+
+    def reject_reason(self, event: evt.Event) -> str:
+        """Why pynetdicom rejected an association (our allow-list or its limits)."""
+        if self.allowed_calling_aets and _calling_ae(event) not in self.allowed_calling_aets:
+            return "calling AE title not allowed"
+        return "rejected (association limit or called AE title)"
+
+    def rejected(self, event: evt.Event, reason: str, *, calling: str | None = None) -> None:
+        """Record ``association.rejected`` with its reason."""
+        self.auditor.submit([entry("dicom", calling if calling is not None
+                                   else _calling_ae(event), "association.rejected",
+                                   peer=self._peer(event), detail={"reason": reason})])
+
+    def stored(self, event: evt.Event, sop_instance_uid: str, status: int) -> None:
+        """Count one C-STORE (its UID is kept until resolved; nothing is written now)."""
+        tally = self._tally(event)
+        if tally is None:
+            return
+        if status != SUCCESS:
+            tally.refused += 1
+            return
+        tally.stored += 1
+        tally.pending.append(sop_instance_uid)
+        if len(tally.pending) >= _RESOLVE_CHUNK:
+            chunk, tally.pending = tally.pending, []
+            self.auditor.submit(lambda: self._resolve(tally, chunk))
+
+    def operation(self, event: evt.Event, action: str, *, study_uids: Iterable[str],
+                  detail: Mapping[str, Any]) -> None:
+        """Record a C-FIND/C-MOVE/C-GET (``query.find``, ``retrieve.move``, ``retrieve.get``).
+
+        The row names the studies answered or retrieved (the identifier itself is never
+        recorded: it holds patient names and IDs); the association's closing row counts it.
+        """
+        tally = self._tally(event)
+        if tally is not None:
+            tally.requests[action] += 1
+        uids = list(dict.fromkeys(u for u in study_uids if u))
+        self.auditor.submit([entry(
+            "dicom", _calling_ae(event), action, peer=self._peer(event),
+            study_instance_uid=uids[0] if len(uids) == 1 else None, uids=uids,
+            detail={**detail, "studies": len(uids)})])
+
+    def _resolve(self, tally: _Tally, chunk: list[str]) -> list[AuditEntry]:
+        """On the writer thread: add the studies/series of `chunk` to the tally."""
+        with self.db.sessions() as session:
+            found = audit_rows.studies_of_instances(session, chunk)
+        for study, series in found.items():
+            tally.studies.setdefault(study, Counter()).update(series)
+        return []
+
+    def ended(self, event: evt.Event, how: str) -> None:
+        """Record the association's end and what it stored (on the writer thread)."""
+        with self._lock:
+            tally = self._tallies.pop(id(event.assoc), None)
+        if tally is not None:
+            self._finish(tally, how)
+
+    def _finish(self, tally: _Tally, how: str) -> None:
+        chunk, tally.pending = tally.pending, []
+        seconds = round(time.monotonic() - tally.started, 3)
+
+        def rows() -> list[AuditEntry]:
+            try:
+                if chunk:
+                    self._resolve(tally, chunk)
+            except Exception as exc:  # the association's own row is written all the same
+                LOGGER.error("audit: cannot find the studies stored by %s: %s", tally.calling,
+                             type(exc).__name__)
+            resolved = sum(sum(c.values()) for c in tally.studies.values())
+            closing = entry("dicom", tally.calling, f"association.{how}", peer=tally.peer,
+                            uids=tally.studies, detail={
+                                "stored": tally.stored, "refused": tally.refused,
+                                "studies": len(tally.studies),
+                                "unresolved": tally.stored - resolved,
+                                "requests": dict(tally.requests), "seconds": seconds})
+            return [closing] + [
+                entry("dicom", tally.calling, "instances.stored", peer=tally.peer,
+                      study_instance_uid=study, uids=series,
+                      detail={"instances": sum(series.values()), "series": len(series)})
+                for study, series in tally.studies.items()]
+
+        self.auditor.submit(rows)
+
+    def close(self) -> None:
+        """The receiver stops: record the associations still open as ``closed``."""
+        with self._lock:
+            left = list(self._tallies.values())
+            self._tallies.clear()
+        for tally in left:
+            self._finish(tally, "closed")

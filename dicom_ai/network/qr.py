@@ -13,6 +13,7 @@ and AE titles, never the identifier (it holds patient names and IDs).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from dicom_ai.network.contexts import (
     PATIENT_ROOT_MOVE,
     VERIFICATION,
 )
+from dicom_ai.network.handlers import AssociationAudit
 from dicom_ai.network.scu import MAX_CONTEXTS, client_ssl_context
 from storage import query
 from storage.db import Database
@@ -144,7 +146,10 @@ def _parse(identifier: Dataset, sop_class: str) -> _Request:
         try:
             condition = query.parse_condition(vr, _text(elem.value))
         except query.QueryValueError as exc:
-            raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, f"{keyword}: {exc}") from None
+            # The reason is logged: a patient key's value (a birth date) must not be in it.
+            reason = (f"{keyword}: not a valid {vr.upper()} value" if key_level == "PATIENT"
+                      else f"{keyword}: {exc}")
+            raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, reason) from None
         if condition is not None:
             conditions[keyword] = condition
     return _Request(level, patient_root, conditions, unsupported)
@@ -203,14 +208,34 @@ class QueryRetrieveSCP:
         Our AE title and TLS material (for C-MOVE destinations with ``tls = true``).
     destinations : sequence of Destination
         The configured ``[[destinations]]``: the only nodes C-MOVE sends to, by AE title.
+    audit : AssociationAudit, optional
+        Records each request (``query.find``, ``retrieve.move``, ``retrieve.get``): who, the
+        level, how many matches or sub-operations, which studies; never the identifier.
     """
 
     def __init__(self, store: FileStore, db: Database, settings: DicomSettings,
-                 destinations: Sequence[Destination]) -> None:
+                 destinations: Sequence[Destination],
+                 audit: AssociationAudit | None = None) -> None:
         self.store = store
         self.db = db
         self.settings = settings
         self.destinations = {d.ae_title: d for d in destinations}
+        self.audit = audit
+
+    def _audit(self, event: evt.Event, action: str, study_uids: Sequence[str],
+               **detail: Any) -> None:
+        if self.audit is not None:
+            try:
+                model = ("patient" if str(event.request.AffectedSOPClassUID) in _PATIENT_ROOT
+                         else "study")
+                if "level" not in detail:
+                    with contextlib.suppress(Exception):  # an undecodable identifier: no level
+                        detail["level"] = str(event.identifier.get("QueryRetrieveLevel", "")
+                                              ).strip().upper()[:8]
+                self.audit.operation(event, action, study_uids=study_uids,
+                                     detail={"model": model, **detail})
+            except Exception:  # auditing never fails a request
+                LOGGER.exception("audit of %s failed", action)
 
     # -- C-FIND ------------------------------------------------------------------------------
     def handle_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
@@ -231,13 +256,17 @@ class QueryRetrieveSCP:
             answers = self._answers(request, identifier)
         except _RefusedError as exc:
             LOGGER.warning("C-FIND from %s refused (0x%04X): %s", calling, exc.status, exc)
+            self._audit(event, "query.find", [], status=f"0x{exc.status:04X}")
             yield exc.status, None
             return
         except Exception as exc:  # the index or a file failed: answer a status, never crash
             LOGGER.error("C-FIND from %s failed: %s", calling, type(exc).__name__)
+            self._audit(event, "query.find", [], status=f"0x{UNABLE_TO_PROCESS:04X}")
             yield UNABLE_TO_PROCESS, None
             return
         LOGGER.info("C-FIND %s from %s: %d match(es)", request.level, calling, len(answers))
+        self._audit(event, "query.find", [str(a.get("StudyInstanceUID", "")) for a in answers],
+                    level=request.level, matches=len(answers), status="0x0000")
         status = PENDING_OPTIONAL_KEYS_UNSUPPORTED if request.unsupported else PENDING
         for answer in answers:
             if event.is_cancelled:
@@ -404,6 +433,8 @@ class QueryRetrieveSCP:
         destination = self.destinations.get(target)
         if destination is None:
             LOGGER.warning("C-MOVE from %s to unknown destination %r", calling, target[:16])
+            self._audit(event, "retrieve.move", [], destination=target[:16],
+                        status=f"0x{MOVE_DESTINATION_UNKNOWN:04X}")
             yield None, None
             return
         failure: int | None = None
@@ -423,11 +454,16 @@ class QueryRetrieveSCP:
             options["tls_args"] = (client_ssl_context(self.settings), destination.host)
         yield destination.host, destination.port, options
         if failure is not None:
+            self._audit(event, "retrieve.move", [], destination=target,
+                        status=f"0x{failure:04X}")
             # pynetdicom answers a failure only once a sub-operation is announced.
             yield 1
             yield failure, None
             return
         LOGGER.info("C-MOVE from %s to %s: %d instance(s)", calling, target, len(matches))
+        self._audit(event, "retrieve.move", [m.study.study_instance_uid for m in matches],
+                    destination=target, destination_host=destination.host,
+                    suboperations=len(matches))
         yield len(matches)
         yield from self._datasets(event, matches, f"C-MOVE to {target}")
 
@@ -449,14 +485,18 @@ class QueryRetrieveSCP:
             matches = self._to_retrieve(event)
         except _RefusedError as exc:
             LOGGER.warning("C-GET from %s refused (0x%04X): %s", calling, exc.status, exc)
+            self._audit(event, "retrieve.get", [], status=f"0x{exc.status:04X}")
             yield 1
             yield exc.status, None
             return
         except Exception as exc:  # the index or a file failed: answer a status, never crash
             LOGGER.error("C-GET from %s failed: %s", calling, type(exc).__name__)
+            self._audit(event, "retrieve.get", [], status=f"0x{UNABLE_TO_PROCESS:04X}")
             yield 1
             yield UNABLE_TO_PROCESS, None
             return
         LOGGER.info("C-GET from %s: %d instance(s)", calling, len(matches))
+        self._audit(event, "retrieve.get", [m.study.study_instance_uid for m in matches],
+                    suboperations=len(matches))
         yield len(matches)
         yield from self._datasets(event, matches, f"C-GET from {calling}")

@@ -21,6 +21,7 @@ from pynetdicom import AE, _config
 from pynetdicom import events as evt
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_ai.audit import Auditor
 from dicom_ai.config import Destination, DicomSettings
 from dicom_ai.ingest.completion import MppsService
 from dicom_ai.ingest.spool import Ingestor
@@ -125,7 +126,12 @@ class Receiver:
         self.on_connection_closed = on_connection_closed
         self._server: _Server | None = None
         self._previous_tempdir: str | None = None
-        self.qr = QueryRetrieveSCP(ingestor.store, ingestor.db, settings, destinations)
+        # Audit rows are written by the auditor's own thread, never on an association's.
+        self.auditor = Auditor(ingestor.db)
+        self.audit = handlers.AssociationAudit(self.auditor, ingestor.db,
+                                               list(settings.allowed_calling_aets))
+        self.qr = QueryRetrieveSCP(ingestor.store, ingestor.db, settings, destinations,
+                                   audit=self.audit)
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
@@ -144,17 +150,18 @@ class Receiver:
     def _handlers(self) -> list[Any]:
         return [
             (evt.EVT_C_ECHO, handlers.handle_echo),
-            (evt.EVT_C_STORE, handlers.handle_store, [self.ingestor]),
+            (evt.EVT_C_STORE, handlers.handle_store, [self.ingestor, self.audit]),
             (evt.EVT_N_CREATE, handlers.handle_n_create, [self.mpps]),
             (evt.EVT_N_SET, handlers.handle_n_set, [self.mpps]),
             (evt.EVT_C_FIND, self.qr.handle_find),
             (evt.EVT_C_MOVE, self.qr.handle_move),
             (evt.EVT_C_GET, self.qr.handle_get),
-            (evt.EVT_REQUESTED, handlers.handle_requested, [list(self.settings.allowed_hosts)]),
-            (evt.EVT_ACCEPTED, handlers.handle_accepted),
-            (evt.EVT_REJECTED, handlers.handle_rejected),
-            (evt.EVT_RELEASED, handlers.handle_released),
-            (evt.EVT_ABORTED, handlers.handle_aborted),
+            (evt.EVT_REQUESTED, handlers.handle_requested,
+             [list(self.settings.allowed_hosts), self.audit]),
+            (evt.EVT_ACCEPTED, handlers.handle_accepted, [self.audit]),
+            (evt.EVT_REJECTED, handlers.handle_rejected, [self.audit]),
+            (evt.EVT_RELEASED, handlers.handle_released, [self.audit]),
+            (evt.EVT_ABORTED, handlers.handle_aborted, [self.audit]),
             (evt.EVT_CONN_CLOSE, self._connection_closed),
         ]
 
@@ -236,3 +243,5 @@ class Receiver:
                 assoc.abort()
             self._server = None
             tempfile.tempdir = self._previous_tempdir
+        self.audit.close()
+        self.auditor.close()

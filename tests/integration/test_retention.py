@@ -37,7 +37,7 @@ from dicom_ai.dispatch.scheduler import Scheduler
 from dicom_ai.ingest.recovery import reconcile
 from dicom_ai.ingest.spool import Ingestor, Received
 from dicom_ai.service import Service
-from storage import jobs, repository
+from storage import audit, jobs, repository
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.models import (
@@ -437,6 +437,10 @@ def test_purge_dry_run_json_prints_the_plan(world: World, tmp_path: Path) -> Non
     assert done["studies"] == shown["studies"]
     assert not any(world.exists(p) for n in "EGA" for p in world.files[n])
     assert all(world.exists(p) for n in "BCDF" for p in world.files[n])
+    with world.db.sessions() as session:  # the audit trail has one row per study and job
+        purged = audit.list_events(session, action="purge.applied", order="asc")
+    assert [(e.study_instance_uid, e.detail["removed"]) for e in purged] == [
+        *((world.uids[n], "instances") for n in "EGA"), (world.uids["A"], "results")]
 
     result = runner.invoke(app, ["purge", "--config", str(config)])
     assert result.exit_code == 0, result.output
