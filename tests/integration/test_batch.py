@@ -304,3 +304,59 @@ def test_truncated_answers_are_split_by_date_and_present_studies_not_fetched(
         assert len(skipped) == 1
         assert str(headers[0].StudyInstanceUID) in skipped[0].getMessage()
         db.dispose()
+
+
+@sqlite_only
+def test_retrieve_whose_sub_operations_fail_is_recorded_and_resumable(
+    tmp_path: Path, db_url: str, archive_studies: Path
+) -> None:
+    """Our receiver refuses every instance (no free space): Orthanc's C-MOVE fails, the study
+    is recorded as failed with the archive's status, and a later resume retrieves it once
+    space is back."""
+    need_binary("Orthanc")
+    files = sorted(p for p in archive_studies.rglob("*.dcm") if "masks" not in p.parts)[:1]
+    uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    base: dict[str, Any] = {
+        "dicom": {"host": "127.0.0.1", "port": 0, "receivers": 1},
+        "storage": {"root": tmp_path / "store", "database_url": db_url,
+                    "min_free_bytes": 1 << 62},  # more than any disk: every C-STORE refused
+        "api": {"enabled": False},
+    }
+    full = Service(load_settings(None, **base))
+    full.start()
+    assert full.address is not None
+    port = full.address[1]
+    try:
+        with Orthanc(tmp_path / "orthanc",
+                     modalities={"me": ("DICOM_AI", "127.0.0.1", port)}) as orthanc:
+            assert storescu(orthanc.port, files, aet=orthanc.aet).returncode == 0
+            source = [{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                       "port": orthanc.port}]
+            settings = load_settings(None, **{**base, "dicom": {**base["dicom"], "port": port},
+                                              "sources": source})
+            db = Database(db_url)
+            runner = BatchRunner(settings, db, "orthanc")
+            batch_id = runner.create(BatchQuery(study_date="19000101-29991231"), kind="export")
+            counts = runner.run(batch_id, wait_processing=False)
+            assert (counts.found, counts.retrieved, counts.failed) == (1, 0, 1)
+            with db.sessions() as session:
+                [row] = batches.studies(session, batch_id)
+            assert row.study_instance_uid == uid
+            assert row.state == batches.RETRIEVE_FAILED
+            assert row.error is not None
+            # Orthanc (1.10) ends such a C-MOVE with 0xC000 and no sub-operation counts.
+            assert row.error.startswith("retrieve status 0x")
+            full.stop()
+            ok = Service(load_settings(None, **{**base, "dicom": {**base["dicom"], "port": port},
+                                                "storage": {**base["storage"],
+                                                            "min_free_bytes": 0}}))
+            ok.start()
+            try:
+                resumed = BatchRunner(settings, db, "orthanc").run(batch_id,
+                                                                   wait_processing=False)
+            finally:
+                ok.stop()
+            assert (resumed.retrieved, resumed.failed) == (1, 0)
+            db.dispose()
+    finally:
+        full.stop()
