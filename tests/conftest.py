@@ -76,6 +76,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.nodeid.startswith(PRIVACY_TESTS))
 
 
+# A receiver thread may log after pytest closed the captured stream its handler writes to;
+# the record still reaches the session log below, only the stale stream is gone.
+logging.raiseExceptions = False
+
 PG_SERVER = os.environ.get("DICOM_AI_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 REQUIRE_PEERS = os.environ.get("DICOM_AI_REQUIRE_PEERS") == "1"
 
