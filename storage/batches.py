@@ -34,6 +34,9 @@ from storage.models import (
     Study,
 )
 
+#: A batch an operator cancelled (API or CLI): runners stop, resume refuses it.
+CANCELLED = "cancelled"
+
 # Batch study states.
 FOUND = "found"
 RETRIEVED = "retrieved"
@@ -62,11 +65,16 @@ def list_batches(session: Session, limit: int = 50) -> list[Batch]:
 
 def set_state(session: Session, batch_id: int, state: str, now: datetime, *,
               error: str | None = None, found: bool = False) -> None:
-    """Move a batch to `state` (and record that finding is done, or an error)."""
+    """Move a batch to `state` (and record that finding is done, or an error).
+
+    A cancelled batch is left as it is.
+    """
     values: dict[str, Any] = {"state": state, "updated_at": now, "error": error}
     if found:
         values["found_at"] = now
-    session.execute(update(Batch).where(Batch.id == batch_id).values(**values))
+    # A cancelled batch stays cancelled: a runner finishing late must not overwrite it.
+    session.execute(update(Batch).where(Batch.id == batch_id, Batch.state != CANCELLED)
+                    .values(**values))
 
 
 @dataclass(frozen=True)

@@ -278,7 +278,9 @@ class BatchRunner:
         progress : callable, optional
             Called with :class:`Counts` after each step and every second while waiting.
         stop : threading.Event, optional
-            Set to stop early (Ctrl-C): what was retrieved stays retrieved.
+            Set to stop early (Ctrl-C): what was retrieved stays retrieved. A batch an
+            operator cancels (``POST /api/batches/{id}/cancel``) stops the same way, before
+            its next retrieval, and stays cancelled.
         wait_processing : bool
             Wait for the service to process the studies (a ``run`` batch) or not (an export).
         timeout : float, optional
@@ -294,6 +296,8 @@ class BatchRunner:
             batch = batches.get_batch(session, batch_id)
             if batch is None:
                 raise ConfigError(f"no batch {batch_id}")
+            if batch.state == batches.CANCELLED:
+                raise ConfigError(f"batch {batch_id} was cancelled")
             query = BatchQuery.from_dict(json.loads(batch.query))
             needs_find = batch.found_at is None
         if needs_find:
@@ -313,7 +317,7 @@ class BatchRunner:
         lock = threading.Lock()
 
         def one(row: Any) -> None:
-            if stop.is_set():
+            if stop.is_set() or self._cancelled(batch_id, stop):
                 return
             self._wait_turn(stop, lambda status: report(self._status(batch_id, status)))
             if stop.is_set():
@@ -334,7 +338,8 @@ class BatchRunner:
             if deadline is not None and time.monotonic() > deadline:
                 break
             report(counts)
-            stop.wait(1.0)
+            if stop.wait(1.0) or self._cancelled(batch_id, stop):
+                break
             counts = self.counts(batch_id)
         report(counts)
         if counts.finished:
@@ -342,6 +347,15 @@ class BatchRunner:
         elif stop.is_set():
             self._set(batch_id, "interrupted")
         return counts
+
+    def _cancelled(self, batch_id: int, stop: threading.Event) -> bool:
+        """Whether an operator cancelled the batch (then `stop` is set for every thread)."""
+        with self.db.sessions() as session:
+            batch = batches.get_batch(session, batch_id)
+        if batch is not None and batch.state == batches.CANCELLED:
+            stop.set()
+            return True
+        return False
 
     def _status(self, batch_id: int, status: str) -> Counts:
         counts = self.counts(batch_id)

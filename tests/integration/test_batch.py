@@ -360,3 +360,29 @@ def test_retrieve_whose_sub_operations_fail_is_recorded_and_resumable(
             db.dispose()
     finally:
         full.stop()
+
+
+@sqlite_only
+def test_cancelled_batch_stops_stays_cancelled_and_cannot_resume(loop: dict[str, Any]) -> None:
+    from datetime import UTC, datetime
+
+    from dicom_ai.exceptions import ConfigError
+
+    db = Database(loop["db_url"])
+    settings = loop["settings"]("move")
+    runner = BatchRunner(settings, db, "orthanc")
+    batch_id = runner.create(BatchQuery(study_date="19000101-29991231"))
+
+    def cancel_after_first(counts: Counts) -> None:
+        if counts.retrieved >= 1:  # what POST /api/batches/{id}/cancel does
+            with db.write_session() as session:
+                batches.set_state(session, batch_id, batches.CANCELLED, datetime.now(UTC))
+
+    counts = runner.run(batch_id, progress=cancel_after_first)
+    assert counts.found == 4
+    assert 1 <= counts.retrieved < 4, "retrievals stopped after the cancel"
+    with db.sessions() as session:
+        assert batches.get_batch(session, batch_id).state == "cancelled"  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="cancelled"):
+        BatchRunner(settings, db, "orthanc").run(batch_id)
+    db.dispose()
