@@ -37,7 +37,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -66,6 +65,7 @@ from dicom_ai.training.synth import synthesize
 from storage.db import Database
 from storage.models import Event, Job, Study
 from storage.repository import STUDY_COMPLETE
+from tests.peers import port_open, settings_toml
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # inherited by the worker processes
 
@@ -479,31 +479,6 @@ def association_seconds(settings: Settings, pacs: TimedPacs, rounds: int = 5) ->
     return found
 
 
-def _reachable(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1.0)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _toml(settings: Settings) -> str:
-    """The settings as a TOML file for a ``dicom-ai worker`` process."""
-    data = settings.model_dump(mode="json", exclude_none=True)
-    lines: list[str] = []
-    for section in ("dicom", "storage", "completion", "workers", "delivery", "logging"):
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in data[section].items()]
-    for kind in ("destinations", "routes"):
-        for item in data[kind]:
-            lines.append(f"[[{kind}]]")
-            for key, value in item.items():
-                if isinstance(value, dict):
-                    inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
-                    lines.append(f"{key} = {{ {inner} }}")
-                else:
-                    lines.append(f"{key} = {json.dumps(value)}")
-    return "\n".join(lines) + "\n"
-
-
 @contextmanager
 def postgres_database() -> Iterator[str]:
     """A fresh PostgreSQL database (dropped afterwards); its SQLAlchemy URL."""
@@ -521,7 +496,7 @@ def postgres_database() -> Iterator[str]:
 
 def celery_unavailable() -> str | None:
     """Why the Celery mode cannot run here, or None."""
-    if not _reachable(6379):
+    if not port_open(6379):
         return f"Redis broker {REDIS_URL} not reachable"
     try:
         import psycopg
@@ -546,7 +521,7 @@ def run_celery(work: Path, workers: int, warm: list[StudyFiles],
             "backend": "celery", "broker_url": REDIS_URL,
             "queue": f"dicom-ai-e2e-{uuid.uuid4().hex[:8]}"})
         config = work / "worker.toml"
-        config.write_text(_toml(settings))
+        config.write_text(settings_toml(settings))
         service = Service(settings)
         procs: list[subprocess.Popen[bytes]] = []
         logs = [work / f"worker-{i}.log" for i in range(workers)]

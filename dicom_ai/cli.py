@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,6 +16,9 @@ from dicom_ai import __version__
 from dicom_ai.config import Settings, load_settings
 from dicom_ai.exceptions import DicomAIError
 from dicom_ai.logs import setup_logging
+
+if TYPE_CHECKING:  # the index is opened lazily: `version` and `--help` stay fast
+    from storage.db import Database
 
 app = typer.Typer(help="dicom-ai: a DICOM-native PACS integration service for imaging AI.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -50,6 +53,15 @@ def _settings(config: Path | None) -> Settings:
         raise typer.Exit(2) from None
     setup_logging(settings.logging)
     return settings
+
+
+def _database(settings: Settings) -> Database:
+    """The index database of `settings`, migrated to the current schema."""
+    from storage.db import Database
+
+    db = Database(settings.storage.url)
+    db.upgrade()
+    return db
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -101,11 +113,9 @@ def studies(
 ) -> None:
     """List received studies with their completion state."""
     from storage import repository
-    from storage.db import Database
 
     settings = _settings(config)
-    db = Database(settings.storage.url)
-    db.upgrade()
+    db = _database(settings)
     with db.sessions() as session:
         rows = repository.list_studies(session)
     db.dispose()
@@ -280,12 +290,10 @@ def db_reconcile(config: ConfigOption = None) -> None:
     Run it while the service is stopped or running; it is idempotent.
     """
     from dicom_ai.ingest.recovery import reconcile
-    from storage.db import Database
     from storage.filestore import FileStore
 
     settings = _settings(config)
-    db = Database(settings.storage.url)
-    db.upgrade()
+    db = _database(settings)
     indexed, removed, quarantined = reconcile(FileStore(settings.storage.root), db)
     db.dispose()
     typer.echo(f"indexed {indexed} file(s), removed {removed} row(s), "
@@ -304,15 +312,13 @@ def purge(
     Nothing that is not yet processed and delivered is ever deleted.
     """
     from dicom_ai import retention
-    from storage.db import Database
     from storage.filestore import FileStore
 
     settings = _settings(config)
     if not settings.retention.enabled:
         console.print("no \\[retention] policy is set (instances_days, results_days, "
                       "max_store_bytes): nothing to remove")
-    db = Database(settings.storage.url)
-    db.upgrade()
+    db = _database(settings)
     try:
         outcome = retention.plan(db, settings.retention)
         if not dry_run:
@@ -567,11 +573,9 @@ def worker(
 
     from dicom_ai.dispatch.celery_backend import CeleryDispatcher
     from dicom_ai.dispatch.scheduler import Scheduler
-    from storage.db import Database
 
     settings = _settings(config)
-    db = Database(settings.storage.url)
-    db.upgrade()
+    db = _database(settings)
     dispatcher = CeleryDispatcher(settings)
     scheduler = Scheduler(settings, db, dispatcher)
     try:
@@ -649,11 +653,9 @@ def jobs(
 ) -> None:
     """List jobs with their state, attempts and last error."""
     from storage import jobs as job_rows
-    from storage.db import Database
 
     settings = _settings(config)
-    db = Database(settings.storage.url)
-    db.upgrade()
+    db = _database(settings)
     with db.sessions() as session:
         rows = job_rows.list_jobs(session, state=state, limit=limit)
     db.dispose()
@@ -684,11 +686,9 @@ def findings(
 ) -> None:
     """The findings of a study (current ones unless --all) and how routing decided."""
     from storage import jobs as job_rows
-    from storage.db import Database
 
     settings = _settings(config)
-    db = Database(settings.storage.url)
-    db.upgrade()
+    db = _database(settings)
     with db.sessions() as session:
         rows = job_rows.findings_of_study(session, study, current_only=not all_versions)
         decisions = job_rows.decisions_of_study(session, study)
@@ -814,11 +814,9 @@ def _follow(runner: Any, batch_id: int, *, wait_processing: bool,
 
 def _batch_runner(config: Path | None, source: str) -> tuple[Any, Any, Settings]:
     from dicom_ai.batch.run import BatchRunner
-    from storage.db import Database
 
     settings = _settings(config)
-    db = Database(settings.storage.url)
-    db.upgrade()
+    db = _database(settings)
     try:
         return BatchRunner(settings, db, source), db, settings
     except DicomAIError as exc:
@@ -869,11 +867,9 @@ def batch_resume(
 ) -> None:
     """Continue an interrupted batch: what was retrieved is not fetched again."""
     from storage import batches
-    from storage.db import Database
 
     settings = _settings(config)
-    db = Database(settings.storage.url)
-    db.upgrade()
+    db = _database(settings)
     with db.sessions() as session:
         batch = batches.get_batch(session, batch_id)
     if batch is None:
@@ -895,11 +891,9 @@ def batch_status(
     """A batch's state and totals as JSON."""
     from dicom_ai.batch.run import report_rows, summarize
     from storage import batches
-    from storage.db import Database
 
     settings = _settings(config)
-    db = Database(settings.storage.url)
-    db.upgrade()
+    db = _database(settings)
     with db.sessions() as session:
         batch = batches.get_batch(session, batch_id)
     if batch is None:
@@ -918,11 +912,9 @@ def batch_report(
 ) -> None:
     """Write a per-study report: retrieved instances, findings, SR delivered, errors."""
     from dicom_ai.batch.run import report_rows, write_report
-    from storage.db import Database
 
     settings = _settings(config)
-    db = Database(settings.storage.url)
-    db.upgrade()
+    db = _database(settings)
     try:
         path = write_report(report_rows(db, batch_id), out)
     except DicomAIError as exc:
@@ -934,11 +926,9 @@ def batch_report(
 def batch_list(config: ConfigOption = None) -> None:
     """Batches, newest first, as JSON."""
     from storage import batches
-    from storage.db import Database
 
     settings = _settings(config)
-    db = Database(settings.storage.url)
-    db.upgrade()
+    db = _database(settings)
     with db.sessions() as session:
         rows = batches.list_batches(session)
     typer.echo(json.dumps([{"batch": b.id, "kind": b.kind, "source": b.source,
@@ -1033,12 +1023,10 @@ def audit(
     patient data.
     """
     from storage import audit as audit_rows
-    from storage.db import Database
 
     settings = _settings(config)
     start = _since(since) if since else None
-    db = Database(settings.storage.url)
-    db.upgrade()
+    db = _database(settings)
     events: list[Any] = []
     after = None
     try:
@@ -1085,11 +1073,9 @@ def apikeys_create(
     from datetime import UTC, datetime
 
     from storage import apikeys
-    from storage.db import Database
 
     settings = _settings(config)
-    db = Database(settings.storage.url)
-    db.upgrade()
+    db = _database(settings)
     try:
         with db.write_session() as session:
             made = apikeys.create_key(session, name=name, role=role.value,
@@ -1107,11 +1093,9 @@ def apikeys_create(
 def apikeys_list(config: ConfigOption = None) -> None:
     """API keys as JSON (id, name, role, prefix, created/revoked/last used; never a hash)."""
     from storage import apikeys
-    from storage.db import Database
 
     settings = _settings(config)
-    db = Database(settings.storage.url)
-    db.upgrade()
+    db = _database(settings)
     with db.sessions() as session:
         rows = apikeys.list_keys(session)
     db.dispose()
@@ -1129,11 +1113,9 @@ def apikeys_revoke(
     from datetime import UTC, datetime
 
     from storage import apikeys
-    from storage.db import Database
 
     settings = _settings(config)
-    db = Database(settings.storage.url)
-    db.upgrade()
+    db = _database(settings)
     with db.write_session() as session:
         done = apikeys.revoke_key(session, key_id, now=datetime.now(UTC))
     db.dispose()

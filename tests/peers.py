@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,49 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from dicom_ai.config import Settings
+
 REPO = Path(__file__).resolve().parent.parent
 # `serve` subprocesses put their HTTP API on a free port (never a fixed one tests could share).
 ENV = {**os.environ, "TCP_NODELAY": "1", "DICOM_AI_API__PORT": "0"}
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
+               interval: float = 0.1) -> Any:
+    """Poll `predicate` until it returns something truthy; that value (else AssertionError)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    """True if something accepts TCP connections on 127.0.0.1:`port` (a broker, say)."""
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def settings_toml(settings: Settings) -> str:
+    """The settings as a TOML file, for a ``dicom-ai worker`` or ``serve`` process."""
+    data = settings.model_dump(mode="json", exclude_none=True)
+    lines: list[str] = []
+    for section in ("dicom", "storage", "completion", "workers", "delivery", "logging"):
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in data[section].items()]
+    for kind in ("destinations", "routes"):
+        for item in data[kind]:
+            lines.append(f"[[{kind}]]")
+            for key, value in item.items():
+                if isinstance(value, dict):
+                    inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
+                    lines.append(f"{key} = {{ {inner} }}")
+                else:
+                    lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
 
 
 def free_port() -> int:

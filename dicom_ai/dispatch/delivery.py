@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 
 from dicom_ai.audit import Auditor, entry
 from dicom_ai.config import Settings
-from dicom_ai.network.scu import FileToSend, Peer, send_files
+from dicom_ai.network.scu import FileToSend, Peer, inspect, send_files
 from storage import jobs
 from storage.db import Database
 from storage.filestore import FileStore
@@ -130,7 +130,11 @@ class OutboxSender:
             if not path.is_file():  # deleted by hand: nothing to retry
                 outcome[item.outbox_id] = (False, f"result file {item.path} is missing")
                 continue
-            files.append(FileToSend(path, item.sop_class_uid, _transfer_syntax(path)))
+            found = inspect(path)
+            if found is None:
+                outcome[item.outbox_id] = (False, f"result file {item.path} is not DICOM")
+                continue
+            files.append(found)
             by_path[str(path)] = item.outbox_id
         if files:
             report = send_files(files, peer, self.settings.dicom)
@@ -165,8 +169,3 @@ class OutboxSender:
         if self._thread is not None:
             self._thread.join(timeout=60)
 
-
-def _transfer_syntax(path: object) -> str:
-    from pydicom.filereader import read_file_meta_info
-
-    return str(read_file_meta_info(str(path)).TransferSyntaxUID)

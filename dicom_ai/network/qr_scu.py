@@ -41,7 +41,7 @@ from dicom_ai.exceptions import NetworkError
 from dicom_ai.ingest.spool import Ingestor
 from dicom_ai.network.contexts import STORAGE_SOP_CLASSES
 from dicom_ai.network.handlers import handle_store
-from dicom_ai.network.scu import Peer, _associate, no_delay
+from dicom_ai.network.scu import Peer, _associate
 
 LOGGER = logging.getLogger(__name__)
 
@@ -229,17 +229,7 @@ def get_study(peer: Peer, settings: DicomSettings, study_instance_uid: str,
     tempfile.tempdir = str(ingestor.store.incoming)
     handlers: list[Any] = [(evt.EVT_C_STORE, handle_store, [ingestor])]
     try:
-        tls_args = None
-        if peer.tls:
-            from dicom_ai.network.scu import client_ssl_context
-
-            tls_args = (client_ssl_context(settings), peer.host)
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title,
-                             ext_neg=roles, evt_handlers=handlers, tls_args=tls_args)
-        if not assoc.is_established:
-            raise NetworkError(f"association with {peer.ae_title}@{peer.host}:{peer.port} "
-                               "for C-GET failed")
-        no_delay(assoc)
+        assoc = _associate(ae, peer, settings, ext_neg=roles, evt_handlers=handlers)
         try:
             return _final(peer, "C-GET", assoc.send_c_get(
                 _study_identifier(study_instance_uid),

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
@@ -92,9 +93,12 @@ def no_delay(assoc: Association) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _associate(ae: AE, peer: Peer, settings: DicomSettings) -> Association:
+def _associate(ae: AE, peer: Peer, settings: DicomSettings, **options: Any) -> Association:
+    """Associate with `peer` (TLS when it says so, TCP_NODELAY); `options` go to pynetdicom
+    (e.g. ``ext_neg`` role selection and ``evt_handlers`` for C-GET)."""
     tls_args = (client_ssl_context(settings), peer.host) if peer.tls else None
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args,
+                         **options)
     if not assoc.is_established:
         state = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         raise NetworkError(f"association with {peer.ae_title}@{peer.host}:{peer.port} {state}")

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -50,7 +49,7 @@ from dicom_ai.pipeline.preprocessing import (
 )
 from storage import jobs
 from storage.db import Database
-from storage.filestore import FileStore, fsync_dir
+from storage.filestore import FileStore, fsync_dir, fsync_file
 
 LOGGER = logging.getLogger(__name__)
 
@@ -317,14 +316,9 @@ def _write_atomic(ds: Dataset, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
     ds.save_as(tmp, enforce_file_format=True)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
+    fsync_file(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)
-
-
-def _headers(paths: Sequence[Path]) -> list[Dataset]:
-    return [dcmread(p, stop_before_pixels=True) for p in paths]
 
 
 # -- the job runner --------------------------------------------------------------------------

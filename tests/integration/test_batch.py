@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import csv
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from dicom_ai.training.synth import synthesize
 from storage import batches
 from storage.db import Database
 from tests.conftest import need_binary
-from tests.peers import Orthanc, storescu
+from tests.peers import Orthanc, storescu, wait_until
 
 sqlite_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -101,17 +100,6 @@ def orthanc_srs(orthanc: Orthanc) -> set[str]:
         if tags.get("SOPClassUID") == SR_CLASS:
             found.add(tags["StudyInstanceUID"])
     return found
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll until truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @sqlite_only

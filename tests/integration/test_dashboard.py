@@ -32,8 +32,8 @@ from storage import apikeys, jobs
 from storage.db import Database
 from storage.repository import InstanceRecord, index_instance
 from tests.conftest import missing, need_binary
-from tests.integration.test_loop import db_jobs, dicom_files, loop_settings, push, wait_until
-from tests.peers import StoreSCP, free_port
+from tests.integration.test_loop import db_jobs, dicom_files, loop_settings, push
+from tests.peers import StoreSCP, free_port, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

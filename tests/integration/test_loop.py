@@ -13,12 +13,11 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,19 @@ from storage import jobs
 from storage.db import Database
 from storage.models import Job
 from tests.conftest import missing, need_binary
-from tests.peers import ENV, REPO, Orthanc, StoreSCP, echo_ok, free_port, make_ct_series, storescu
+from tests.peers import (
+    ENV,
+    REPO,
+    Orthanc,
+    StoreSCP,
+    echo_ok,
+    free_port,
+    make_ct_series,
+    port_open,
+    settings_toml,
+    storescu,
+    wait_until,
+)
 
 SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.33": "comprehensive",
               "1.2.840.10008.5.1.4.1.1.88.34": "comprehensive3d"}
@@ -46,17 +57,6 @@ postgres_only = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll `predicate` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def loop_settings(tmp_path: Path, db_url: str, destinations: list[dict[str, Any]],
                   routes: list[dict[str, Any]] | None = None,
                   **sections: dict[str, Any]) -> Settings:
@@ -158,22 +158,6 @@ def cr_studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture
-def running() -> Iterator[Callable[[Settings], Service]]:
-    """Start services; stop them at teardown."""
-    started: list[Service] = []
-
-    def start(settings: Settings) -> Service:
-        service = Service(settings)
-        service.start()
-        started.append(service)
-        return service
-
-    yield start
-    for service in started:
-        service.stop()
-
-
 def push(service: Service, files: list[Path], calling: str = "MODALITY") -> None:
     """dcmtk storescu sends the files to the service."""
     assert service.address is not None
@@ -184,7 +168,7 @@ def push(service: Service, files: list[Path], calling: str = "MODALITY") -> None
 # -- the loop ---------------------------------------------------------------------------------
 @sqlite_only
 def test_results_reach_storescp_and_orthanc_and_match_the_truth(
-    tmp_path: Path, db_url: str, cr_studies: Path, running: Callable[[Settings], Service]
+    tmp_path: Path, db_url: str, cr_studies: Path, start_service: Callable[[Settings], Service]
 ) -> None:
     need_binary("storescu")
     need_binary("Orthanc")
@@ -194,7 +178,7 @@ def test_results_reach_storescp_and_orthanc_and_match_the_truth(
             {"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
              "port": orthanc.port, "sr_kind": "comprehensive3d"},
         ])
-        service = running(settings)
+        service = start_service(settings)
         ct = make_ct_series(tmp_path / "ct", 2, size=64)
         push(service, [*dicom_files(cr_studies), *ct])
         truth = truth_of(cr_studies)
@@ -244,13 +228,13 @@ def test_results_reach_storescp_and_orthanc_and_match_the_truth(
 
 @sqlite_only
 def test_destination_down_then_service_restart_then_up_loses_nothing(
-    tmp_path: Path, db_url: str, cr_studies: Path, running: Callable[[Settings], Service]
+    tmp_path: Path, db_url: str, cr_studies: Path, start_service: Callable[[Settings], Service]
 ) -> None:
     need_binary("storescp")
     port = free_port()  # nothing listens here yet: the destination is down
     settings = loop_settings(tmp_path, db_url, [
         {"name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": port}])
-    first = running(settings)
+    first = start_service(settings)
     push(first, dicom_files(cr_studies)[:2])
 
     def retried() -> bool:
@@ -263,7 +247,7 @@ def test_destination_down_then_service_restart_then_up_loses_nothing(
 
     wait_until(retried, 90, "4 outbox rows failing at least twice")
     first.stop()  # a restart while results wait: they are rows, not memory
-    second = running(settings)
+    second = start_service(settings)
     scp = StoreSCP(tmp_path / "scp")
     scp.port = port
     with scp:
@@ -296,13 +280,13 @@ def _big_series(cr_studies: Path, out: Path, count: int) -> list[Path]:
 
 @sqlite_only
 def test_worker_killed_mid_job_loses_nothing_and_receiver_survives(
-    tmp_path: Path, db_url: str, cr_studies: Path, running: Callable[[Settings], Service]
+    tmp_path: Path, db_url: str, cr_studies: Path, start_service: Callable[[Settings], Service]
 ) -> None:
     need_binary("storescp")
     with StoreSCP(tmp_path / "scp") as scp:
         settings = loop_settings(tmp_path, db_url, [
             {"name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": scp.port}])
-        service = running(settings)
+        service = start_service(settings)
         assert service.pool is not None
         files = _big_series(cr_studies, tmp_path / "big", 40)
         push(service, files)
@@ -330,14 +314,14 @@ def test_worker_killed_mid_job_loses_nothing_and_receiver_survives(
 
 @sqlite_only
 def test_late_image_reruns_the_job_and_the_new_sr_replaces_the_old(
-    tmp_path: Path, db_url: str, cr_studies: Path, running: Callable[[Settings], Service]
+    tmp_path: Path, db_url: str, cr_studies: Path, start_service: Callable[[Settings], Service]
 ) -> None:
     need_binary("storescp")
     files = _big_series(cr_studies, tmp_path / "study", 2)
     with StoreSCP(tmp_path / "scp") as scp:
         settings = loop_settings(tmp_path, db_url, [
             {"name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": scp.port}])
-        service = running(settings)
+        service = start_service(settings)
         push(service, files[:1])
         [first] = wait_until(arrived(scp.folder, 1, 1), 90, "the first SR and SC")["sr"]
         push(service, files[1:])  # a late image of the same series
@@ -368,7 +352,7 @@ def test_late_image_reruns_the_job_and_the_new_sr_replaces_the_old(
 
 @sqlite_only
 def test_failing_model_is_retried_then_stays_failed_and_unknown_model_fails_at_once(
-    tmp_path: Path, db_url: str, cr_studies: Path, running: Callable[[Settings], Service]
+    tmp_path: Path, db_url: str, cr_studies: Path, start_service: Callable[[Settings], Service]
 ) -> None:
     # A registered model whose network file is damaged: loading fails (retryable) every time.
     registry = Registry(tmp_path / "store" / "models")
@@ -384,7 +368,7 @@ def test_failing_model_is_retried_then_stays_failed_and_unknown_model_fails_at_o
             {"name": "broken", "match": {"Modality": "CR"}, "model": "broken-model"},
             {"name": "unknown", "match": {"Modality": "CR"}, "model": "no-such-model"}],
         workers={"max_attempts": 3})
-    service = running(settings)
+    service = start_service(settings)
     push(service, dicom_files(cr_studies)[:1])
 
     def settled() -> list[Job] | None:
@@ -401,41 +385,16 @@ def test_failing_model_is_retried_then_stays_failed_and_unknown_model_fails_at_o
 
 
 # -- Celery workers ---------------------------------------------------------------------------
-def _reachable(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1.0)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _toml(settings: Settings) -> str:
-    """The settings as a TOML file (for a `dicom-ai worker` process)."""
-    data = settings.model_dump(mode="json", exclude_none=True)
-    lines: list[str] = []
-    for section in ("dicom", "storage", "completion", "workers", "delivery", "logging"):
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in data[section].items()]
-    for kind in ("destinations", "routes"):
-        for item in data[kind]:
-            lines.append(f"[[{kind}]]")
-            for key, value in item.items():
-                if isinstance(value, dict):
-                    inner = ", ".join(f"{k} = {json.dumps(v)}" for k, v in value.items())
-                    lines.append(f"{key} = {{ {inner} }}")
-                else:
-                    lines.append(f"{key} = {json.dumps(value)}")
-    return "\n".join(lines) + "\n"
-
-
 @postgres_only
 @pytest.mark.parametrize("broker", ["redis://127.0.0.1:6379/15",
                                     "amqp://guest:guest@127.0.0.1:5672//"])
 def test_celery_workers_on_redis_and_rabbitmq_with_postgresql(
     tmp_path: Path, db_url: str, broker: str, cr_studies: Path,
-    running: Callable[[Settings], Service]
+    start_service: Callable[[Settings], Service]
 ) -> None:
     need_binary("storescp")
     port = 6379 if broker.startswith("redis") else 5672
-    if not _reachable(port):
+    if not port_open(port):
         missing(f"broker {broker.split('@')[-1]} not reachable")
     with StoreSCP(tmp_path / "scp") as scp:
         settings = loop_settings(
@@ -443,9 +402,9 @@ def test_celery_workers_on_redis_and_rabbitmq_with_postgresql(
             [{"name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": scp.port}],
             workers={"backend": "celery", "broker_url": broker,
                      "queue": f"dicom-ai-test-{uuid.uuid4().hex[:8]}"})
-        service = running(settings)  # routes and publishes; runs no model itself
+        service = start_service(settings)  # routes and publishes; runs no model itself
         config = tmp_path / "worker.toml"
-        config.write_text(_toml(settings))
+        config.write_text(settings_toml(settings))
         log = (tmp_path / "worker.log").open("wb")
         worker = subprocess.Popen(
             [sys.executable, "-m", "dicom_ai.cli", "worker", "--config", str(config),
@@ -475,7 +434,7 @@ def test_celery_workers_on_redis_and_rabbitmq_with_postgresql(
 
 @sqlite_only
 def test_segmentation_route_sends_seg_and_sr_referencing_its_segments(
-    tmp_path: Path, db_url: str, cr_studies: Path, running: Callable[[Settings], Service]
+    tmp_path: Path, db_url: str, cr_studies: Path, start_service: Callable[[Settings], Service]
 ) -> None:
     need_binary("storescp")
     truth = truth_of(cr_studies)
@@ -486,7 +445,7 @@ def test_segmentation_route_sends_seg_and_sr_referencing_its_segments(
             {"name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": scp.port}],
             routes=[{"name": "nodule-seg", "match": {"Modality": "CR"},
                      "model": "chest-nodule-seg", "destinations": ["pacs"], "send_seg": True}])
-        service = running(settings)
+        service = start_service(settings)
         push(service, positive)
         got = wait_until(lambda: (r := received(scp.folder)) and len(r["sr"]) == 1
                          and len(r["other"]) == 1 and r, 90, "the SR and the SEG")
