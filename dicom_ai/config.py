@@ -139,10 +139,13 @@ class ApiSettings(_Section):
 
 
 class LoggingSettings(_Section):
-    """``[logging]``: log level and format."""
+    """``[logging]``: log level, format, and an optional file besides stderr."""
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     json_format: bool = False
+    # Appended to by every process of the service (serve, its receivers and workers); reopened
+    # when logrotate moves it. Empty: stderr only (journald, docker logs).
+    file: Path | None = None
 
 
 class Destination(_Section):

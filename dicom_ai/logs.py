@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 from datetime import UTC, datetime
 
@@ -29,16 +30,25 @@ class _JsonFormatter(logging.Formatter):
 
 
 def setup_logging(settings: LoggingSettings) -> None:
-    """Configure the root logger once per process (stderr)."""
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.json_format:
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
-        )
+    """Configure the root logger once per process: stderr, and ``[logging] file`` if set.
+
+    Parameters
+    ----------
+    settings : LoggingSettings
+        Level, format and file.
+    """
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if settings.file is not None:
+        settings.file.parent.mkdir(parents=True, exist_ok=True)
+        # Every process appends whole lines (O_APPEND); WatchedFileHandler reopens the file
+        # after logrotate moved it.
+        handlers.append(logging.handlers.WatchedFileHandler(settings.file, encoding="utf-8"))
+    formatter = (_JsonFormatter() if settings.json_format else logging.Formatter(
+        "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = handlers
     root.setLevel(settings.level)
     # pynetdicom logs every PDU at DEBUG and each association at INFO: keep it quieter.
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))

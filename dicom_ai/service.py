@@ -31,6 +31,7 @@ from dicom_ai.ingest.recovery import RecoveryReport, mark_clean_shutdown, recove
 from dicom_ai.ingest.spool import Ingestor, request_reconcile
 from dicom_ai.logs import setup_logging
 from dicom_ai.network.balancer import ConnectionBalancer, report_closed, serve_handoffs
+from dicom_ai.network.counters import ReceiverCounters
 from dicom_ai.network.scp import Receiver
 from dicom_ai.retention import RetentionRunner
 from storage.db import Database
@@ -71,14 +72,15 @@ class _TerminatedError(Exception):
 
 
 def _receiver_process(
-    settings_data: dict[str, Any], channel: Connection, ready: mp.synchronize.Event
+    settings_data: dict[str, Any], channel: Connection, ready: mp.synchronize.Event,
+    counters: ReceiverCounters,
 ) -> None:
     """Entry point of one receiver child process (spawned, so it imports afresh)."""
     settings = Settings.model_validate(settings_data)
     setup_logging(settings.logging)
     parts = build_components(settings)
     receiver = Receiver(settings.dicom, parts.ingestor, parts.mpps, handed=True,
-                        destinations=settings.destinations,
+                        destinations=settings.destinations, counters=counters,
                         on_connection_closed=report_closed(channel, threading.Lock()))
 
     def terminate(*_: object) -> None:
@@ -128,6 +130,8 @@ class Service:
         self._api: Any = None  # dicom_ai.api.server.ApiServer, imported only when enabled
         self.api_address: tuple[str, int] | None = None
         self.retention: RetentionRunner | None = None
+        #: DIMSE traffic of every receiver of this process, for /metrics.
+        self.counters = ReceiverCounters()
 
     def start(self) -> None:
         """Migrate, recover, start the receiver(s) and the completion monitor."""
@@ -137,7 +141,8 @@ class Service:
         self.recovery = recover(parts.store, parts.db)
         if self.settings.dicom.receivers == 1:
             self._receiver = Receiver(self.settings.dicom, parts.ingestor, parts.mpps,
-                                      destinations=self.settings.destinations)
+                                      destinations=self.settings.destinations,
+                                      counters=self.counters)
             self.address = self._receiver.start()
         else:
             # This process is receiver 0 and answers at once; receivers 1..N-1 are processes
@@ -146,7 +151,8 @@ class Service:
             self._balancer = balancer
             self._receiver = Receiver(self.settings.dicom, parts.ingestor, parts.mpps,
                                       handed=True, on_connection_closed=lambda: balancer.release(0),
-                                      destinations=self.settings.destinations)
+                                      destinations=self.settings.destinations,
+                                      counters=self.counters)
             self._receiver.start()
             balancer.attach_local(0, self._receiver.handoff)
             for slot in range(1, self.settings.dicom.receivers):
@@ -203,7 +209,7 @@ class Service:
         if self._celery is not None:
             checks["broker"] = broker_check(self._celery.app)
         scheduler, sender = self._scheduler, self._sender
-        self._api = ApiServer(self.settings, parts.db, checks=checks,
+        self._api = ApiServer(self.settings, parts.db, checks=checks, counters=self.counters,
                               on_jobs=scheduler.wake if scheduler is not None else None,
                               on_outbox=sender.wake if sender is not None else None)
         self.api_address = self._api.start()
@@ -221,7 +227,7 @@ class Service:
         ours, theirs = ctx.Pipe(duplex=True)
         process = ctx.Process(
             target=_receiver_process,
-            args=(self.settings.model_dump(mode="json"), theirs, ready),
+            args=(self.settings.model_dump(mode="json"), theirs, ready, self.counters),
             name=f"dicom-ai-receiver-{slot}",
             daemon=True,
         )

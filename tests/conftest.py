@@ -143,7 +143,9 @@ def make_settings(tmp_path: Path, db_url: str) -> Callable[..., Settings]:
                         "min_free_bytes": 0},
             "completion": {"series_quiet_seconds": 30, "study_quiet_seconds": 30,
                            "poll_seconds": 0.2},
-            "logging": {"level": "DEBUG"},
+            # Spawned processes (local workers, receivers) log here too: the privacy test
+            # greps every *.log under the basetemp.
+            "logging": {"level": "DEBUG", "file": tmp_path / "service.log"},
         }
         for key, values in sections.items():
             base[key] = {**base.get(key, {}), **values}

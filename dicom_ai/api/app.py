@@ -28,6 +28,7 @@ from dicom_ai.api.dashboard import dashboard_router
 from dicom_ai.api.metrics import make_registry
 from dicom_ai.audit import Auditor
 from dicom_ai.config import Settings
+from dicom_ai.network.counters import ReceiverCounters
 from storage import api_queries, apikeys, audit, batches
 from storage import jobs as job_rows
 from storage.db import Database
@@ -188,7 +189,8 @@ def default_checks(settings: Settings, db: Database) -> dict[str, Check]:
 def create_app(settings: Settings, db: Database, *,
                checks: Mapping[str, Check] | None = None,
                on_jobs: Callable[[], None] | None = None,
-               on_outbox: Callable[[], None] | None = None) -> FastAPI:
+               on_outbox: Callable[[], None] | None = None,
+               counters: ReceiverCounters | None = None) -> FastAPI:
     """Build the API application.
 
     Parameters
@@ -203,6 +205,8 @@ def create_app(settings: Settings, db: Database, *,
         Called after an operator action created a job (wakes the scheduler).
     on_outbox : callable, optional
         Called after an operator action made deliveries due (wakes the outbox sender).
+    counters : ReceiverCounters, optional
+        DIMSE traffic counters of the receivers of this process (``/metrics``).
 
     Returns
     -------
@@ -213,7 +217,7 @@ def create_app(settings: Settings, db: Database, *,
                   description="Studies, jobs, findings and results of a dicom-ai service. "
                   "Data endpoints need an API key (`dicom-ai apikeys create`).")
     all_checks = {**default_checks(settings, db), **(checks or {})}
-    registry = make_registry(db, settings.storage.root)
+    registry = make_registry(db, settings.storage.root, counters)
     read = Depends(Authenticator(db))
     operator = Depends(Authenticator(db, operator=True))
     show_patient = settings.api.show_patient_names

@@ -1,14 +1,20 @@
-"""Prometheus metrics, read from the database at scrape time.
+"""Prometheus metrics: the index's state at scrape time, plus this process's DIMSE traffic.
 
-The database already holds every fact the metrics report (instance rows, quarantine rows, jobs,
-outbox rows), written by every receiver and worker process on every host; reading it at scrape
-time gives one consistent answer for the whole installation with no counters to keep in step
-across processes. Consequences: "received" is the number of instances in the index (a
-duplicate kept as the first copy is not counted again), "rejected" is the quarantine by DIMSE
-status (refusals that leave no file, such as a refused association or a full disk, are not
-counted), and associations are not counted at all (that would need counters inside the
-receiver). The inference-latency histogram is built from the stage timings of jobs that finish
-while this process runs, so like any Prometheus counter it starts from zero at each start.
+Two sources:
+
+* The database holds the state of the whole installation (instance rows, quarantine rows, jobs,
+  outbox rows), written by every receiver and worker process on every host; it is read at
+  scrape time, so every serve process answers the same. "Instances" is the number in the index
+  (a duplicate kept as the first copy is not counted again); "instances rejected" is the
+  quarantine by DIMSE status. The inference-latency histogram is built from the stage timings
+  of jobs that finish while this process runs.
+* :class:`~dicom_ai.network.counters.ReceiverCounters` count what the index cannot tell, as it
+  happens in this serve process's receivers: associations (accepted, rejected by reason,
+  released, aborted), every C-STORE answer by status (including refusals that leave no file,
+  such as a full disk), bytes received, and requests per DIMSE service. With several hosts,
+  each serve process reports its own and Prometheus sums them (``sum without (instance)``).
+
+Counters start from zero when the process starts, as Prometheus expects.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from dicom_ai.network.counters import ReceiverCounters
 from storage import api_queries
 from storage.db import Database
 
@@ -55,6 +62,12 @@ METRIC_NAMES = (
     "dicom_ai_outbox_oldest_pending_age_seconds",
     "dicom_ai_store_free_bytes",
     "dicom_ai_inference_seconds",
+    "dicom_ai_associations_total",
+    "dicom_ai_association_rejections_total",
+    "dicom_ai_associations_active",
+    "dicom_ai_store_responses_total",
+    "dicom_ai_received_bytes_total",
+    "dicom_ai_dimse_requests_total",
 )
 
 
@@ -110,11 +123,15 @@ class DatabaseCollector(Collector):
         The index.
     store_root : Path
         The store, for its free space.
+    counters : ReceiverCounters, optional
+        This process's DIMSE traffic counters (none: those metrics are left out).
     """
 
-    def __init__(self, db: Database, store_root: Path) -> None:
+    def __init__(self, db: Database, store_root: Path,
+                 counters: ReceiverCounters | None = None) -> None:
         self.db = db
         self.store_root = store_root
+        self.counters = counters
         self._lock = threading.Lock()
         self._latency = _Latency(datetime.now(UTC))
 
@@ -124,6 +141,7 @@ class DatabaseCollector(Collector):
             yield from self._collect()
 
     def _collect(self) -> Iterable[Metric]:
+        yield from self._traffic()
         now = datetime.now(UTC)
         up = GaugeMetricFamily("dicom_ai_database_up",
                                "1 if the index database answered this scrape")
@@ -175,6 +193,34 @@ class DatabaseCollector(Collector):
         yield from self._disk()
         yield self._latency.family()
 
+    def _traffic(self) -> Iterable[Metric]:
+        """The receivers' counters (process-local, so they answer when the database does not)."""
+        if self.counters is None:
+            return
+        snap = self.counters.snapshot()
+        # prometheus_client adds the _total suffix to counter families itself.
+        for name, doc, label, values in (
+            ("dicom_ai_associations", "DICOM associations by outcome (accepted, rejected, "
+             "released, aborted)", "outcome", snap["association"]),
+            ("dicom_ai_association_rejections", "Rejected associations by reason", "reason",
+             snap["rejection"]),
+            ("dicom_ai_store_responses", "C-STORE answers by DIMSE status (0x0000 stored; "
+             "0xA700 out of resources; 0xA900/0xC000 refused and quarantined)", "status",
+             snap["store"]),
+            ("dicom_ai_dimse_requests", "DIMSE requests by service", "service",
+             snap["request"]),
+        ):
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for key, n in values.items():
+                family.add_metric([key], n)
+            yield family
+        yield CounterMetricFamily("dicom_ai_received_bytes", "Bytes of the instances stored "
+                                  "(C-STORE answered 0x0000)", value=snap["bytes"][""])
+        outcomes = snap["association"]
+        yield GaugeMetricFamily(
+            "dicom_ai_associations_active", "Associations open now (accepted, not yet ended)",
+            value=max(0, outcomes["accepted"] - outcomes["released"] - outcomes["aborted"]))
+
     def _disk(self) -> Iterable[Metric]:
         free = GaugeMetricFamily("dicom_ai_store_free_bytes",
                                  "Free bytes on the store's filesystem")
@@ -193,8 +239,9 @@ def _labelled(cls: type[GaugeMetricFamily], name: str, doc: str, label: str,
     return family
 
 
-def make_registry(db: Database, store_root: Path) -> CollectorRegistry:
+def make_registry(db: Database, store_root: Path,
+                  counters: ReceiverCounters | None = None) -> CollectorRegistry:
     """A registry of its own (one per app, so tests can run several) with our collector."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DatabaseCollector(db, store_root))
+    registry.register(DatabaseCollector(db, store_root, counters))
     return registry

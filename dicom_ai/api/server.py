@@ -19,6 +19,7 @@ import uvicorn
 from dicom_ai.api.app import Check, create_app
 from dicom_ai.config import Settings
 from dicom_ai.exceptions import ConfigError
+from dicom_ai.network.counters import ReceiverCounters
 from storage.db import Database
 
 LOGGER = logging.getLogger(__name__)
@@ -68,14 +69,18 @@ class ApiServer:
         Extra readiness checks (workers, broker).
     on_jobs, on_outbox : callable, optional
         Wake the scheduler / the outbox sender after an operator action.
+    counters : ReceiverCounters, optional
+        The DIMSE traffic counters of this process's receivers, for ``/metrics``.
     """
 
     def __init__(self, settings: Settings, db: Database, *,
                  checks: dict[str, Check] | None = None,
                  on_jobs: Callable[[], None] | None = None,
-                 on_outbox: Callable[[], None] | None = None) -> None:
+                 on_outbox: Callable[[], None] | None = None,
+                 counters: ReceiverCounters | None = None) -> None:
         self.settings = settings
-        self.app = create_app(settings, db, checks=checks, on_jobs=on_jobs, on_outbox=on_outbox)
+        self.app = create_app(settings, db, checks=checks, on_jobs=on_jobs, on_outbox=on_outbox,
+                              counters=counters)
         self.address: tuple[str, int] | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None

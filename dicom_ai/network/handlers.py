@@ -26,6 +26,7 @@ from dicom_ai.ingest.completion import MppsService
 from dicom_ai.ingest.index import CANNOT_UNDERSTAND
 from dicom_ai.ingest.spool import Ingestor, Received
 from dicom_ai.network.contexts import MODALITY_PERFORMED_PROCEDURE_STEP
+from dicom_ai.network.counters import ReceiverCounters
 from storage import audit as audit_rows
 from storage.db import Database
 
@@ -45,13 +46,16 @@ def _calling_ae(event: evt.Event) -> str:
     return str(event.assoc.requestor.ae_title).strip()
 
 
-def handle_echo(event: evt.Event) -> int:
+def handle_echo(event: evt.Event, counters: ReceiverCounters | None = None) -> int:
     """C-ECHO (PS3.7 9.1.5): always success."""
+    if counters is not None:
+        counters.request("echo")
     return SUCCESS
 
 
 def handle_store(event: evt.Event, ingestor: Ingestor,
-                 audit: AssociationAudit | None = None) -> int:
+                 audit: AssociationAudit | None = None,
+                 counters: ReceiverCounters | None = None) -> int:
     """C-STORE (PS3.4 B.2.2): durably accept the received file or refuse it.
 
     Parameters
@@ -62,6 +66,8 @@ def handle_store(event: evt.Event, ingestor: Ingestor,
         Moves the file into the store and indexes it.
     audit : AssociationAudit, optional
         Counts the store for the association's audit rows (in memory only).
+    counters : ReceiverCounters, optional
+        Counts the answer and, on success, the bytes received (for ``/metrics``).
 
     Returns
     -------
@@ -75,6 +81,10 @@ def handle_store(event: evt.Event, ingestor: Ingestor,
         LOGGER.error("chunked receive is off: cannot store without a dataset file")
         return CANNOT_UNDERSTAND
     sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
+    try:  # before ingest moves the file
+        size = path.stat().st_size if counters is not None else 0
+    except OSError:
+        size = 0
     status = ingestor.ingest(
         Received(
             path=path,
@@ -85,11 +95,14 @@ def handle_store(event: evt.Event, ingestor: Ingestor,
     )
     if audit is not None:
         audit.stored(event, sop_instance_uid, status)
+    if counters is not None:
+        counters.store(status, size)
     return status
 
 
 def handle_requested(event: evt.Event, allowed: list[str],
-                     audit: AssociationAudit | None = None) -> None:
+                     audit: AssociationAudit | None = None,
+                     counters: ReceiverCounters | None = None) -> None:
     """Reject associations from hosts outside the allow-list (checked before negotiation).
 
     Parameters
@@ -100,6 +113,8 @@ def handle_requested(event: evt.Event, allowed: list[str],
         IP addresses or networks (CIDR); empty allows every host.
     audit : AssociationAudit, optional
         Records the rejection.
+    counters : ReceiverCounters, optional
+        Counts it.
     """
     if not allowed:
         return
@@ -115,40 +130,64 @@ def handle_requested(event: evt.Event, allowed: list[str],
     LOGGER.warning("rejected association from %s (%s): host not allowed", address, calling)
     if audit is not None:
         audit.rejected(event, "host not allowed", calling=calling)
+    if counters is not None:
+        counters.rejection("host not allowed")
     event.assoc.acse.send_reject(_REJECT_PERMANENT, _SERVICE_USER, _CALLING_AE_NOT_RECOGNISED)
     # As pynetdicom's own rejections do: stop the association thread so the A-ASSOCIATE-RJ is
     # written before the connection closes (otherwise the caller mostly sees an abort).
     event.assoc.kill()
 
 
-def handle_accepted(event: evt.Event, audit: AssociationAudit | None = None) -> None:
-    """Log (and audit) an accepted association (notification; must not raise)."""
+def handle_accepted(event: evt.Event, audit: AssociationAudit | None = None,
+                    counters: ReceiverCounters | None = None) -> None:
+    """Log (audit, count) an accepted association (notification; must not raise)."""
     LOGGER.info("association from %s at %s:%s accepted", _calling_ae(event),
                 event.assoc.requestor.address, event.assoc.requestor.port)
     if audit is not None:
         audit.accepted(event)
+    if counters is not None:
+        counters.association("accepted")
 
 
-def handle_rejected(event: evt.Event, audit: AssociationAudit | None = None) -> None:
-    """Log (and audit) a rejected association (notification; must not raise)."""
+def handle_rejected(event: evt.Event, allowed_calling_aets: list[str],
+                    audit: AssociationAudit | None = None,
+                    counters: ReceiverCounters | None = None) -> None:
+    """Log (audit, count) a rejected association (notification; must not raise)."""
     LOGGER.warning("association from %s at %s rejected", _calling_ae(event),
                    event.assoc.requestor.address)
+    reason = reject_reason(event, allowed_calling_aets)
     if audit is not None:
-        audit.rejected(event, audit.reject_reason(event))
+        audit.rejected(event, reason)
+    if counters is not None:
+        counters.rejection(reason)
 
 
-def handle_released(event: evt.Event, audit: AssociationAudit | None = None) -> None:
-    """Log (and audit) a released association (notification; must not raise)."""
+def reject_reason(event: evt.Event, allowed_calling_aets: list[str]) -> str:
+    """Why pynetdicom rejected an association (our allow-list or its limits)."""
+    allowed = [a.strip() for a in allowed_calling_aets]
+    if allowed and _calling_ae(event) not in allowed:
+        return "calling AE title not allowed"
+    return "limit or called AE title"
+
+
+def handle_released(event: evt.Event, audit: AssociationAudit | None = None,
+                    counters: ReceiverCounters | None = None) -> None:
+    """Log (audit, count) a released association (notification; must not raise)."""
     LOGGER.info("association from %s released", _calling_ae(event))
     if audit is not None:
         audit.ended(event, "released")
+    if counters is not None:
+        counters.association("released")
 
 
-def handle_aborted(event: evt.Event, audit: AssociationAudit | None = None) -> None:
-    """Log (and audit) an aborted association (notification; must not raise)."""
+def handle_aborted(event: evt.Event, audit: AssociationAudit | None = None,
+                   counters: ReceiverCounters | None = None) -> None:
+    """Log (audit, count) an aborted association (notification; must not raise)."""
     LOGGER.warning("association from %s aborted", _calling_ae(event))
     if audit is not None:
         audit.ended(event, "aborted")
+    if counters is not None:
+        counters.association("aborted")
 
 
 def handle_n_create(event: evt.Event, mpps: MppsService) -> tuple[int, Dataset | None]:
@@ -208,14 +247,11 @@ class AssociationAudit:
         Writes the rows (its background thread).
     db : Database
         The index, to find the studies of stored instances.
-    allowed_calling_aets : list of str
-        To name the reason of a rejection.
     """
 
-    def __init__(self, auditor: Auditor, db: Database, allowed_calling_aets: list[str]) -> None:
+    def __init__(self, auditor: Auditor, db: Database) -> None:
         self.auditor = auditor
         self.db = db
-        self.allowed_calling_aets = [a.strip() for a in allowed_calling_aets]
         self._tallies: dict[int, _Tally] = {}
         self._lock = threading.Lock()
 
@@ -240,12 +276,6 @@ class AssociationAudit:
         self.auditor.submit([entry("dicom", calling, "association.accepted", peer=tally.peer,
                                    detail={"called": str(event.assoc.acceptor.ae_title)
                                            .strip()})])
-
-    def reject_reason(self, event: evt.Event) -> str:
-        """Why pynetdicom rejected an association (our allow-list or its limits)."""
-        if self.allowed_calling_aets and _calling_ae(event) not in self.allowed_calling_aets:
-            return "calling AE title not allowed"
-        return "rejected (association limit or called AE title)"
 
     def rejected(self, event: evt.Event, reason: str, *, calling: str | None = None) -> None:
         """Record ``association.rejected`` with its reason."""

@@ -27,6 +27,7 @@ from dicom_ai.ingest.completion import MppsService
 from dicom_ai.ingest.spool import Ingestor
 from dicom_ai.network import handlers
 from dicom_ai.network.contexts import scp_contexts
+from dicom_ai.network.counters import ReceiverCounters
 from dicom_ai.network.qr import QueryRetrieveSCP
 
 LOGGER = logging.getLogger(__name__)
@@ -107,6 +108,8 @@ class Receiver:
         Called whenever a connection ends (the pool counts each receiver's open connections).
     destinations : sequence of Destination
         The ``[[destinations]]`` C-MOVE may send to (:mod:`dicom_ai.network.qr`).
+    counters : ReceiverCounters, optional
+        DIMSE traffic counters for ``/metrics`` (shared by the receivers of a serve process).
     """
 
     def __init__(
@@ -118,8 +121,10 @@ class Receiver:
         handed: bool = False,
         on_connection_closed: Callable[[], None] | None = None,
         destinations: Sequence[Destination] = (),
+        counters: ReceiverCounters | None = None,
     ) -> None:
         self.settings = settings
+        self.counters = counters
         self.ingestor = ingestor
         self.mpps = mpps
         self.handed = handed
@@ -128,8 +133,7 @@ class Receiver:
         self._previous_tempdir: str | None = None
         # Audit rows are written by the auditor's own thread, never on an association's.
         self.auditor = Auditor(ingestor.db)
-        self.audit = handlers.AssociationAudit(self.auditor, ingestor.db,
-                                               list(settings.allowed_calling_aets))
+        self.audit = handlers.AssociationAudit(self.auditor, ingestor.db)
         self.qr = QueryRetrieveSCP(ingestor.store, ingestor.db, settings, destinations,
                                    audit=self.audit)
 
@@ -148,22 +152,36 @@ class Receiver:
         return ae
 
     def _handlers(self) -> list[Any]:
+        audit, counters = self.audit, self.counters
         return [
-            (evt.EVT_C_ECHO, handlers.handle_echo),
-            (evt.EVT_C_STORE, handlers.handle_store, [self.ingestor, self.audit]),
-            (evt.EVT_N_CREATE, handlers.handle_n_create, [self.mpps]),
-            (evt.EVT_N_SET, handlers.handle_n_set, [self.mpps]),
-            (evt.EVT_C_FIND, self.qr.handle_find),
-            (evt.EVT_C_MOVE, self.qr.handle_move),
-            (evt.EVT_C_GET, self.qr.handle_get),
+            (evt.EVT_C_ECHO, handlers.handle_echo, [counters]),
+            (evt.EVT_C_STORE, handlers.handle_store, [self.ingestor, audit, counters]),
+            (evt.EVT_N_CREATE, self._counted("mpps", handlers.handle_n_create), [self.mpps]),
+            (evt.EVT_N_SET, self._counted("mpps", handlers.handle_n_set), [self.mpps]),
+            (evt.EVT_C_FIND, self._counted("find", self.qr.handle_find)),
+            (evt.EVT_C_MOVE, self._counted("move", self.qr.handle_move)),
+            (evt.EVT_C_GET, self._counted("get", self.qr.handle_get)),
             (evt.EVT_REQUESTED, handlers.handle_requested,
-             [list(self.settings.allowed_hosts), self.audit]),
-            (evt.EVT_ACCEPTED, handlers.handle_accepted, [self.audit]),
-            (evt.EVT_REJECTED, handlers.handle_rejected, [self.audit]),
-            (evt.EVT_RELEASED, handlers.handle_released, [self.audit]),
-            (evt.EVT_ABORTED, handlers.handle_aborted, [self.audit]),
+             [list(self.settings.allowed_hosts), audit, counters]),
+            (evt.EVT_ACCEPTED, handlers.handle_accepted, [audit, counters]),
+            (evt.EVT_REJECTED, handlers.handle_rejected,
+             [list(self.settings.allowed_calling_aets), audit, counters]),
+            (evt.EVT_RELEASED, handlers.handle_released, [audit, counters]),
+            (evt.EVT_ABORTED, handlers.handle_aborted, [audit, counters]),
             (evt.EVT_CONN_CLOSE, self._connection_closed),
         ]
+
+    def _counted(self, service: str, handler: Callable[..., Any]) -> Callable[..., Any]:
+        """`handler`, counting each request in :attr:`counters` first."""
+        counters = self.counters
+        if counters is None:
+            return handler
+
+        def counted(event: evt.Event, *args: Any) -> Any:
+            counters.request(service)
+            return handler(event, *args)
+
+        return counted
 
     def _connection_closed(self, event: evt.Event | None = None) -> None:
         """Report a finished connection (a notification handler: never raises)."""

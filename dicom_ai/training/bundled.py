@@ -15,7 +15,8 @@ Steps, every one seeded:
 2. ``classifier``: ``chest-nodule``, the ``synth-backbone`` CNN trained on the CR studies.
 3. ``segmenter``: ``chest-nodule-seg``, a small U-Net on the same studies' masks.
 4. ``curve``: test AUC vs number of labelled training studies, the same schedule from scratch
-   and from the pretrained backbone (full fine-tuning; only the initial weights differ). The
+   and from the pretrained backbone (full fine-tuning; only the initial weights differ), with
+   several seeds per size (each a different labelled subset) compared pair by pair. The
    schedule is a fixed number of optimisation steps whatever the size (``learning_curve_epochs``
    x ``learning_curve_steps_per_epoch`` batches of 32), and the last weights are kept: counting
    in epochs gave 12 studies a dozen gradient steps, and a validation set of three images cannot
@@ -42,7 +43,7 @@ from dicom_ai.training.pretrain import pretrain_backbone
 from dicom_ai.training.synth import synthesize
 from dicom_ai.training.train import TrainOptions, train
 
-__all__ = ["STEPS", "Recipe", "backbone_weights_name", "build_bundled", "main"]
+__all__ = ["STEPS", "Recipe", "backbone_weights_name", "build_bundled", "curve_summary", "main"]
 
 CLASSIFIER = "chest-nodule"
 SEGMENTER = "chest-nodule-seg"
@@ -50,7 +51,10 @@ VERSION = "1.0.0"
 PROJECTION_MODALITIES = ["CR", "DX"]
 #: Learning-curve sizes (labelled studies, half positive) and schedule: the same number of
 #: optimisation steps at every size (epochs x steps per epoch, batches of 32).
-LEARNING_CURVE_SIZES = (25, 50, 100, 200, 400)
+LEARNING_CURVE_SIZES = (25, 50, 100, 200)
+#: Each size is trained with each seed (a different labelled subset, initialisation and batch
+#: order); scratch and pretrained runs of one seed share all three, so they pair.
+LEARNING_CURVE_SEEDS = (5, 6, 7)
 LEARNING_CURVE_EPOCHS = 6
 LEARNING_CURVE_STEPS_PER_EPOCH = 50
 
@@ -72,6 +76,7 @@ class Recipe:
     segmenter_epochs: int = 8
     input_size: int = 128
     learning_curve: tuple[int, ...] = LEARNING_CURVE_SIZES
+    learning_curve_seeds: tuple[int, ...] = LEARNING_CURVE_SEEDS
     learning_curve_epochs: int = LEARNING_CURVE_EPOCHS
     learning_curve_steps_per_epoch: int = LEARNING_CURVE_STEPS_PER_EPOCH
 
@@ -80,13 +85,14 @@ class Recipe:
         """A build small enough for a test: minutes of CPU, not hours."""
         return cls(train_studies=24, test_studies=12, pretrain_studies=3, pretrain_epochs=1,
                    classifier_epochs=1, segmenter_epochs=1, input_size=64,
-                   learning_curve=(12,), learning_curve_epochs=1,
+                   learning_curve=(12,), learning_curve_seeds=(5,), learning_curve_epochs=1,
                    learning_curve_steps_per_epoch=2)
 
 
 def _subset_labels(labels: Path, studies: int, out: Path, seed: int) -> Path:
-    """A labels CSV holding the first ``studies`` studies of ``labels`` (a stratified start)."""
+    """A labels CSV of ``studies`` studies drawn from ``labels`` (half positive, seeded)."""
     import csv
+    import random
 
     with open(labels, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
@@ -95,7 +101,8 @@ def _subset_labels(labels: Path, studies: int, out: Path, seed: int) -> Path:
     positives = [r for r in rows if r["label"] == "1"]
     negatives = [r for r in rows if r["label"] == "0"]
     half = studies // 2
-    chosen = positives[:half] + negatives[: studies - half]
+    rng = random.Random(seed)  # noqa: S311 - a reproducible draw, not a secret
+    chosen = rng.sample(positives, half) + rng.sample(negatives, studies - half)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
@@ -210,41 +217,106 @@ def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
 
     if "curve" in steps:
         curve_started = time.perf_counter()
-        rows: list[dict[str, Any]] = []
+        runs_done: list[dict[str, Any]] = []
         for studies in recipe.learning_curve:
-            labels = _subset_labels(train_dir / "labels.csv", studies,
-                                    work / f"curve-{studies}" / "labels.csv", seed=studies)
-            row: dict[str, Any] = {"studies": studies}
-            for backbone in (None, weights):
-                name = "pretrained" if backbone else "scratch"
-                run = work / f"curve-{studies}" / name
-                if run.exists():
-                    shutil.rmtree(run)
-                # Same data, seed and schedule for both: only the initial weights differ (full
-                # fine-tuning). A fixed number of steps at every size, and the last weights.
-                train(TrainOptions(
-                    data=train_dir, labels=labels, arch="synth-backbone", out=run,
-                    name=f"curve-{name}", version="0.0.1", epochs=recipe.learning_curve_epochs,
-                    steps_per_epoch=recipe.learning_curve_steps_per_epoch, keep_best=False,
-                    backbone_weights=backbone, frozen_epochs=0, seed=5,
-                    input_size=recipe.input_size, val_fraction=0.25), say=lambda _: None)
-                metrics = evaluate_model(run, test_dir, test_dir / "labels.csv", n_bootstrap=1000)
-                row[f"{name}_auc"] = float(metrics["roc_auc"] or 0.0)
-                row[f"{name}_auc_ci95"] = metrics["roc_auc_ci95"]
-            rows.append(row)
-            print(f"learning curve: {studies} studies: scratch AUC {row['scratch_auc']:.3f}, "
-                  f"pretrained AUC {row['pretrained_auc']:.3f}")
-        summary["learning_curve"] = rows
+            for seed in recipe.learning_curve_seeds:
+                runs_done.append(_curve_run(work / f"curve-{studies}-seed{seed}", train_dir,
+                                            test_dir, weights, recipe, studies, seed))
+                done = runs_done[-1]
+                print(f"learning curve: {studies} studies, seed {seed}: scratch AUC "
+                      f"{done['scratch_auc']:.3f}, pretrained AUC {done['pretrained_auc']:.3f}",
+                      flush=True)
+        summary["learning_curve_runs"] = runs_done
+        summary["learning_curve"] = curve_summary(runs_done)
         summary["learning_curve_schedule"] = {
             "steps": recipe.learning_curve_epochs * recipe.learning_curve_steps_per_epoch,
             "batch_size": 32, "learning_rate": 1e-3, "kept": "last epoch",
+            "seeds": list(recipe.learning_curve_seeds),
             "seconds": round(time.perf_counter() - curve_started, 1)}
         curve_png = out / CLASSIFIER / VERSION / "report" / "learning_curve.png"
         report.plot_learning_curve(
-            [(r["studies"], r["scratch_auc"], r["pretrained_auc"]) for r in rows], curve_png)
+            [(r["studies"], r["scratch_auc_mean"], r["pretrained_auc_mean"])
+             for r in summary["learning_curve"]["sizes"]], curve_png)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary_path.write_text(json.dumps(summary, indent=2, default=float))
     return summary
+
+
+def _curve_run(folder: Path, train_dir: Path, test_dir: Path, weights: Path, recipe: Recipe,
+               studies: int, seed: int) -> dict[str, Any]:
+    """One learning-curve pair: the same subset, seed and schedule from scratch and pretrained.
+
+    The pair's result is kept in ``folder/result.json``, so an interrupted curve resumes.
+    """
+    done = folder / "result.json"
+    if done.is_file():
+        return dict(json.loads(done.read_text()))
+    labels = _subset_labels(train_dir / "labels.csv", studies, folder / "labels.csv",
+                            seed=seed * 1000 + studies)
+    row: dict[str, Any] = {"studies": studies, "seed": seed}
+    for backbone in (None, weights):
+        name = "pretrained" if backbone else "scratch"
+        run = folder / name
+        if run.exists():
+            shutil.rmtree(run)
+        # Only the initial weights differ (full fine-tuning at the same learning rate): a fixed
+        # number of steps at every size, and the last weights.
+        train(TrainOptions(
+            data=train_dir, labels=labels, arch="synth-backbone", out=run,
+            name=f"curve-{name}", version="0.0.1", epochs=recipe.learning_curve_epochs,
+            steps_per_epoch=recipe.learning_curve_steps_per_epoch, keep_best=False,
+            backbone_weights=backbone, frozen_epochs=0, seed=seed,
+            input_size=recipe.input_size, val_fraction=0.25), say=lambda _: None)
+        metrics = evaluate_model(run, test_dir, test_dir / "labels.csv", n_bootstrap=1000)
+        row[f"{name}_auc"] = float(metrics["roc_auc"] or 0.0)
+        row[f"{name}_auc_ci95"] = metrics["roc_auc_ci95"]
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    done.write_text(json.dumps(row, default=float))
+    return row
+
+
+def curve_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Summarise paired learning-curve runs (scratch vs pretrained on the same subset and seed).
+
+    Parameters
+    ----------
+    runs : list of dict
+        ``studies``, ``seed``, ``scratch_auc``, ``pretrained_auc`` per run.
+
+    Returns
+    -------
+    dict
+        ``sizes``: per size, the mean and standard deviation of each arm's AUC over the seeds,
+        the mean paired difference (pretrained - scratch) and how many seeds pretrained won;
+        ``all``: the same difference over every pair with a one-sided Wilcoxon signed-rank
+        p-value (pretrained better), and ``small`` the same for sizes up to 100 studies.
+    """
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    def paired(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        diff = np.array([r["pretrained_auc"] - r["scratch_auc"] for r in rows])
+        result: dict[str, Any] = {"pairs": len(rows), "mean_difference": float(diff.mean()),
+                                  "pretrained_wins": int((diff > 0).sum())}
+        if len(rows) >= 2 and np.any(diff != 0):
+            result["wilcoxon_p_one_sided"] = float(
+                wilcoxon(diff, alternative="greater").pvalue)
+        return result
+
+    sizes = []
+    for studies in sorted({r["studies"] for r in runs}):
+        rows = [r for r in runs if r["studies"] == studies]
+        scratch = np.array([r["scratch_auc"] for r in rows])
+        pretrained = np.array([r["pretrained_auc"] for r in rows])
+        sizes.append({"studies": studies, "seeds": len(rows),
+                      "scratch_auc_mean": float(scratch.mean()),
+                      "scratch_auc_sd": float(scratch.std(ddof=1)) if len(rows) > 1 else 0.0,
+                      "pretrained_auc_mean": float(pretrained.mean()),
+                      "pretrained_auc_sd": (float(pretrained.std(ddof=1)) if len(rows) > 1
+                                            else 0.0),
+                      **paired(rows)})
+    return {"sizes": sizes, "all": paired(runs),
+            "small": paired([r for r in runs if r["studies"] <= 100])}
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from dicom_ai.service import Service
 from storage import apikeys, batches, jobs
 from storage.db import Database
 from storage.repository import InstanceRecord, index_instance
-from tests.peers import make_ct_series
+from tests.peers import make_ct_series, wait_until
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SR = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -337,3 +337,67 @@ def test_operator_on_missing_rows(make_settings: Callable[..., Settings],
         assert client.post("/api/results/999999/resend").status_code == 404
         assert client.post("/api/batches/999999/cancel").status_code == 404
         assert client.get("/api/jobs/999999").status_code == 404
+
+
+def _labelled(text: str, name: str, **labels: str) -> float:
+    inner = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    return _metric(text, f"{name}{{{inner}}}")
+
+
+def test_traffic_metrics(make_settings: Callable[..., Settings],
+                         start_service: Callable[[Settings], Service], tmp_path: Path) -> None:
+    """Associations, C-STORE answers by status, bytes and requests reach ``/metrics``."""
+    from pydicom import dcmread
+    from pydicom.uid import CTImageStorage
+    from pynetdicom import AE
+
+    settings = _settings(make_settings, dicom={"allowed_calling_aets": ["GOODAE"]})
+    service = start_service(settings)
+    assert service.address is not None
+    assert service.api_address is not None
+    port = service.address[1]
+    files = make_ct_series(tmp_path / "push", 2, size=32)
+    bad = dcmread(files[1])
+    del bad.StudyInstanceUID  # refused 0xA900 and quarantined
+
+    def associate(calling: str) -> Any:
+        ae = AE(ae_title=calling)
+        ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+        ae.add_requested_context(CTImageStorage)
+        return ae.associate("127.0.0.1", port, ae_title="DICOM_AI")
+
+    refused = associate("BADAE")
+    assert refused.is_rejected
+    assoc = associate("GOODAE")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    assert assoc.send_c_store(dcmread(files[0])).Status == 0x0000
+    assert assoc.send_c_store(bad).Status == 0xA900
+    assoc.release()
+    aborted = associate("GOODAE")
+    assert aborted.is_established
+    aborted.abort()
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{service.api_address[1]}",
+                      timeout=30) as client:
+        def scrape() -> str:
+            return client.get("/metrics").text
+
+        # Release and abort are notified on the association threads: wait for them.
+        wait_until(lambda: _labelled(scrape(), "dicom_ai_associations_total",
+                                     outcome="aborted") == 1, 10, "the abort is counted")
+        text = scrape()
+    assert _labelled(text, "dicom_ai_associations_total", outcome="accepted") == 2
+    assert _labelled(text, "dicom_ai_associations_total", outcome="released") == 1
+    assert _labelled(text, "dicom_ai_associations_total", outcome="rejected") == 1
+    assert _labelled(text, "dicom_ai_association_rejections_total",
+                     reason="calling AE title not allowed") == 1
+    assert _metric(text, "dicom_ai_associations_active") == 0
+    assert _labelled(text, "dicom_ai_store_responses_total", status="0x0000") == 1
+    assert _labelled(text, "dicom_ai_store_responses_total", status="0xA900") == 1
+    assert _labelled(text, "dicom_ai_dimse_requests_total", service="echo") == 1
+    assert _labelled(text, "dicom_ai_dimse_requests_total", service="store") == 2
+    # The stored file as received (the index holds its size too).
+    assert _metric(text, "dicom_ai_received_bytes_total") == _metric(
+        text, "dicom_ai_instance_bytes")
+    assert _labelled(text, "dicom_ai_instances_rejected", status="0xA900") == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -71,7 +72,7 @@ def loop_settings(tmp_path: Path, db_url: str, destinations: list[dict[str, Any]
                     "lease_seconds": 30},
         "delivery": {"poll_seconds": 0.2, "retry_initial_seconds": 0.3,
                      "retry_max_seconds": 1.0},
-        "logging": {"level": "INFO"},
+        "logging": {"level": "INFO", "file": tmp_path / "service.log"},
         "api": {"host": "127.0.0.1", "port": 0},
         "destinations": destinations,
         "routes": routes if routes is not None else [
@@ -224,6 +225,10 @@ def test_results_reach_storescp_and_orthanc_and_match_the_truth(
     db.dispose()
     assert_valid_sr(settings.storage.root / orthanc_srs[0].path)
     assert all(j.state == "done" and j.attempts == 1 for j in db_jobs(db_url))
+    # The worker processes' log lines reach [logging] file (which the privacy test greps).
+    assert settings.logging.file is not None
+    logged = settings.logging.file.read_text()
+    assert re.search(r"\[\d+\] dicom_ai\.pipeline\.run: job \d+ done", logged), logged[-2000:]
 
 
 @sqlite_only

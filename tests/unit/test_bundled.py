@@ -17,6 +17,7 @@ from dicom_ai.training.bundled import (
     Recipe,
     backbone_weights_name,
     build_bundled,
+    curve_summary,
 )
 from dicom_ai.training.dataset import load_inputs, read_samples
 from dicom_ai.training.synth import synthesize
@@ -84,8 +85,31 @@ def test_the_recipe_runs_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "weights" / backbone_weights_name(64)).is_file()
     assert "roc_auc" in summary["models"][CLASSIFIER]["test"]
     assert "dice_mean" in summary["models"][SEGMENTER]["test"]
-    assert len(summary["learning_curve"]) == 1
+    assert [r["studies"] for r in summary["learning_curve"]["sizes"]] == [12]
+    assert len(summary["learning_curve_runs"]) == 1
     assert (tmp_path / "bundled" / CLASSIFIER / "1.0.0" / "report" / "learning_curve.png").is_file()
     saved = json.loads((tmp_path / "work" / "summary.json").read_text())
     assert saved["recipe"]["train_studies"] == 24
     assert BUNDLED_ROOT.is_dir()
+
+
+def test_curve_summary_pairs_runs_of_the_same_seed() -> None:
+    """Means per size, paired differences, wins and a one-sided signed-rank test."""
+    runs = [{"studies": n, "seed": seed, "scratch_auc": base, "pretrained_auc": base + gain}
+            for n, base in ((25, 0.55), (50, 0.65), (200, 0.90))
+            for seed, gain in ((5, 0.05), (6, 0.03), (7, -0.01))]
+    summary = curve_summary(runs)
+    first = summary["sizes"][0]
+    assert first["studies"] == 25
+    assert first["seeds"] == 3
+    assert first["scratch_auc_mean"] == pytest.approx(0.55)
+    assert first["pretrained_auc_mean"] == pytest.approx(0.55 + 0.07 / 3)
+    assert first["pretrained_wins"] == 2
+    assert summary["all"]["pairs"] == 9
+    assert summary["small"]["pairs"] == 6
+    assert summary["all"]["mean_difference"] == pytest.approx(0.07 / 3)
+    # 6 of 9 pairs better by more than the 3 worse ones: significant one-sided at 5%.
+    assert summary["all"]["wilcoxon_p_one_sided"] < 0.05
+    flipped = curve_summary([{**r, "scratch_auc": r["pretrained_auc"],
+                              "pretrained_auc": r["scratch_auc"]} for r in runs])
+    assert flipped["all"]["wilcoxon_p_one_sided"] > 0.5

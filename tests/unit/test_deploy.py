@@ -198,13 +198,14 @@ def test_prometheus_scrapes_the_compose_service(clean_env: None) -> None:
 def exported_series(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     """Metric family name -> the series names it exposes, from the API's real registry."""
     from dicom_ai.api.metrics import make_registry
+    from dicom_ai.network.counters import ReceiverCounters
     from storage.db import Database
 
     root = tmp_path_factory.mktemp("metrics")
     db = Database(f"sqlite:///{root / 'index.sqlite3'}")
     db.upgrade()
     try:
-        families = list(make_registry(db, root).collect())
+        families = list(make_registry(db, root, ReceiverCounters()).collect())
     finally:
         db.dispose()
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"),
@@ -222,7 +223,7 @@ def test_grafana_dashboard_queries_exported_metrics(
         exported_series: dict[str, set[str]]) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     series = set().union(*exported_series.values())
-    assert len(exported_series) >= 14
+    assert len(exported_series) >= 20
     used_families: set[str] = set()
     ids = [p["id"] for p in _panels(dashboard)]
     assert len(ids) == len(set(ids))
@@ -526,6 +527,26 @@ def test_dockerfile() -> None:
         for source in copy.split()[:-1]:
             assert (REPO / source).exists(), f"COPY source {source} missing"
             assert source.split("/")[0] not in ignored, f"{source} is in .dockerignore"
+
+
+def test_dockerfile_gpu_build_uses_the_pinned_versions() -> None:
+    """``--build-arg GPU=1`` installs the CUDA builds of exactly the versions pyproject pins."""
+    instructions = _dockerfile()
+    build_args = dict(a.split("=", 1) for k, a in instructions if k == "ARG")
+    assert build_args["GPU"] == "0"
+    pins = dict(re.findall(r'"([a-z-]+)==([0-9.]+)"',
+                           (REPO / "pyproject.toml").read_text()))
+    assert build_args["TENSORFLOW_VERSION"] == pins["tensorflow-cpu"]
+    assert build_args["ONNXRUNTIME_VERSION"] == pins["onnxruntime"]
+    (install,) = [a for k, a in instructions if k == "RUN" and "pip install" in a]
+    assert "pip uninstall -y tensorflow-cpu onnxruntime" in install
+    assert '"tensorflow[and-cuda]==${TENSORFLOW_VERSION}"' in install
+    assert '"onnxruntime-gpu==${ONNXRUNTIME_VERSION}"' in install
+    # The step is valid shell for both values of GPU.
+    for gpu in ("0", "1"):
+        checked = subprocess.run(["sh", "-n", "-c", install], env={"GPU": gpu},
+                                 capture_output=True, text=True, check=False)
+        assert checked.returncode == 0, checked.stderr
 
 
 def _unit(name: str) -> configparser.ConfigParser:

@@ -3,7 +3,9 @@
 ``tests/conftest.py`` appends every log record of the session (every logger, from DEBUG, with
 exception text) to ``<basetemp>/session-records.log``; the services the tests start as
 processes (``dicom-ai serve``, ``dicom-ai worker``) write their logs to ``*.log`` files under
-the basetemp too. This test greps all of them for the names, IDs and birth dates of the
+the basetemp too, and the processes an in-process service spawns (local workers, receiver
+processes) append to its ``[logging] file``, ``service.log`` in the test's folder (set by the
+conftest's ``make_settings``). This test greps all of them for the names, IDs and birth dates of the
 patients the tests use: the synthetic phantoms, pydicom's sample files and the names the tests
 set. Not logging, and not scanned: what peers log (Orthanc's own log), the output of dcmtk
 tools a test reads (dsrdump, dcmdump, findscu answers) and pytest's captured output.
