@@ -131,7 +131,7 @@ class Service:
         self.api_address: tuple[str, int] | None = None
         self.retention: RetentionRunner | None = None
         #: DIMSE traffic of every receiver of this process, for /metrics.
-        self.counters = ReceiverCounters()
+        self.counters = ReceiverCounters(settings.dicom.receivers)
 
     def start(self) -> None:
         """Migrate, recover, start the receiver(s) and the completion monitor."""
@@ -227,7 +227,8 @@ class Service:
         ours, theirs = ctx.Pipe(duplex=True)
         process = ctx.Process(
             target=_receiver_process,
-            args=(self.settings.model_dump(mode="json"), theirs, ready, self.counters),
+            args=(self.settings.model_dump(mode="json"), theirs, ready,
+                  self.counters.for_slot(slot)),
             name=f"dicom-ai-receiver-{slot}",
             daemon=True,
         )

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from pynetdicom import AE, _config, build_context
@@ -22,7 +24,7 @@ SUCCESS = 0x0000
 
 
 def write_config(tmp_path: Path, db_url: str, port: int, receivers: int = 1) -> Path:
-    """A config file for a serve process on loopback."""
+    """A config file for a serve process on loopback (tests.peers.ENV: the API on a free port)."""
     config = tmp_path / "config.toml"
     config.write_text(
         f'[dicom]\nhost = "127.0.0.1"\nport = {port}\nreceivers = {receivers}\n'
@@ -32,6 +34,17 @@ def write_config(tmp_path: Path, db_url: str, port: int, receivers: int = 1) -> 
         '[logging]\nlevel = "INFO"\n'
     )
     return config
+
+
+def _stored_count(server: DicomAIServe) -> float:
+    """``dicom_ai_store_responses_total{status="0x0000"}`` from the serve process's /metrics."""
+    api = re.search(r"HTTP API on (http://\S+) ", server.log_path.read_text())
+    assert api is not None, "the serve process logged no API address"
+    text = httpx.get(f"{api.group(1)}/metrics", timeout=10).text
+    match = re.search(r'^dicom_ai_store_responses_total\{status="0x0000"\} (\S+)$', text,
+                      re.MULTILINE)
+    assert match is not None, text[-2000:]
+    return float(match.group(1))
 
 
 def indexed(db_url: str) -> dict[str, str]:
@@ -125,7 +138,11 @@ def test_kill_9_loses_nothing_acknowledged(
 def test_receiver_pool_shares_the_port_and_survives_a_dead_receiver(
     tmp_path: Path, db_url: str
 ) -> None:
-    """A pool of 3 receivers spreads 4 parallel senders over processes; a killed one is replaced."""
+    """A pool of 3 receivers spreads 4 parallel senders over processes; a killed one is replaced.
+
+    The serve process's /metrics counts the stores of every receiver process, the killed one's
+    included.
+    """
     need_binary("storescu")
     port = free_port()
     server = DicomAIServe(write_config(tmp_path, db_url, port, receivers=3), port)
@@ -149,6 +166,7 @@ def test_receiver_pool_shares_the_port_and_survives_a_dead_receiver(
         serving = {line.split("[")[1].split("]")[0] for line in log.splitlines()
                    if "association from STORESCU" in line and "accepted" in line}
         assert len(serving) >= 2, "the 4 associations were not spread over processes"
+        assert _stored_count(server) == 60
 
         children = subprocess.run(["pgrep", "-P", str(server.process.pid)],
                                   capture_output=True, text=True, check=False).stdout.split()
@@ -163,5 +181,8 @@ def test_receiver_pool_shares_the_port_and_survives_a_dead_receiver(
         for _ in range(4):  # several associations, so both receivers are exercised
             assert storescu(port, more).returncode == 0
         assert len(indexed(db_url)) == 70
+        # 60 + 4 x 10 answered 0x0000 (a re-sent instance is a kept duplicate: success), the
+        # killed receiver's stores included.
+        assert _stored_count(server) == 100
     finally:
         server.stop()
