@@ -354,11 +354,48 @@ def _axis_weights(n_in: int, n_out: int) -> sparse.csr_matrix:
     return matrix
 
 
+#: Output samples per dense block of :func:`_last_axis_blocks`.
+_BLOCK = 32
+
+
+@lru_cache(maxsize=64)
+def _last_axis_blocks(
+    n_in: int, n_out: int, dtype: np.dtype[Any]
+) -> tuple[tuple[int, int, int, int, NDArray[Any]], ...]:
+    """:func:`_axis_weights` cut into dense ``(in, out)`` blocks along its band.
+
+    Each block covers ``_BLOCK`` output samples and the input samples they read: ``(out_lo,
+    out_hi, in_lo, in_hi, weights)`` with ``weights`` of shape ``(in_hi - in_lo, out_hi -
+    out_lo)``, so a row-major array is resampled along its last axis by a few small matrix
+    products on column slices, with no transposed copy (which costs more than the arithmetic).
+    """
+    weights = _axis_weights(n_in, n_out)
+    blocks = []
+    for lo in range(0, n_out, _BLOCK):
+        hi = min(lo + _BLOCK, n_out)
+        rows = weights[lo:hi]
+        in_lo, in_hi = int(rows.indices.min()), int(rows.indices.max()) + 1
+        dense = np.ascontiguousarray(rows[:, in_lo:in_hi].toarray().T, dtype=dtype)
+        blocks.append((lo, hi, in_lo, in_hi, dense))
+    return tuple(blocks)
+
+
+def _resample_last_axis(arr: NDArray[Any], n_out: int) -> NDArray[Any]:
+    """Resample the last axis of a C-contiguous float array (see :func:`_last_axis_blocks`)."""
+    flat = arr.reshape(-1, arr.shape[-1])
+    out = np.empty((flat.shape[0], n_out), dtype=arr.dtype)
+    for lo, hi, in_lo, in_hi, dense in _last_axis_blocks(arr.shape[-1], n_out, arr.dtype):
+        np.matmul(flat[:, in_lo:in_hi], dense, out=out[:, lo:hi])
+    return out.reshape(*arr.shape[:-1], n_out)
+
+
 def _resample_axis(arr: NDArray[Any], axis: int, n_out: int) -> NDArray[Any]:
     """Resample one axis of a float array to ``n_out`` samples (see :func:`_axis_weights`)."""
     n_in = arr.shape[axis]
     if n_in == n_out:
         return arr
+    if axis == arr.ndim - 1 and arr.flags.c_contiguous:
+        return _resample_last_axis(arr, n_out)
     moved = np.moveaxis(arr, axis, 0)
     flat = np.ascontiguousarray(moved).reshape(n_in, -1)
     out = np.asarray(_axis_weights(n_in, n_out) @ flat, dtype=arr.dtype)
