@@ -230,7 +230,7 @@ class WorkerSettings(_Section):
     processes: Annotated[int, Field(ge=0, le=64)] = 1
     broker_url: str = "redis://127.0.0.1:6379/0"
     queue: str = "dicom-ai"
-    lease_seconds: Annotated[float, Field(gt=0)] = 300.0
+    lease_seconds: Annotated[float, Field(gt=0)] = 60.0
     max_attempts: Annotated[int, Field(ge=1)] = 3
     retry_backoff_seconds: Annotated[float, Field(ge=0)] = 10.0
     # A pending job not picked up within this time is handed out again (a lost message).

@@ -437,6 +437,65 @@ def test_celery_workers_on_redis_and_rabbitmq_with_postgresql(
     assert "dicom_ai.run_job" in (tmp_path / "worker.log").read_text()
 
 
+def _celery_worker(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """``dicom-ai worker`` (Celery, one prefork child) in a process group of its own."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dicom_ai.cli", "worker", "--config", str(config),
+             "--concurrency", "1"], cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+
+
+@postgres_only
+def test_celery_worker_killed_mid_job_is_recovered_by_its_lease(
+    tmp_path: Path, db_url: str, cr_studies: Path, start_service: Callable[[Settings], Service]
+) -> None:
+    """SIGKILL of a whole Celery worker (main process and child) mid-job: its message is never
+    acknowledged and Redis would re-deliver it only after the visibility timeout, so the job
+    lease is what recovers it: once it expires the scheduler hands the job out again and
+    another worker finishes it; the results are sent once."""
+    need_binary("storescp")
+    if not port_open(6379):
+        missing("broker 127.0.0.1:6379 not reachable")
+    with StoreSCP(tmp_path / "scp") as scp:
+        settings = loop_settings(
+            tmp_path, db_url,
+            [{"name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": scp.port}],
+            workers={"backend": "celery", "broker_url": "redis://127.0.0.1:6379/15",
+                     "queue": f"dicom-ai-test-{uuid.uuid4().hex[:8]}", "lease_seconds": 4})
+        service = start_service(settings)
+        config = tmp_path / "worker.toml"
+        config.write_text(settings_toml(settings))
+        first = _celery_worker(config, tmp_path / "worker-1.log")
+        second: subprocess.Popen[bytes] | None = None
+        try:
+            push(service, _big_series(cr_studies, tmp_path / "big", 40))
+            wait_until(lambda: any(j.state == "running" for j in db_jobs(db_url)), 120,
+                       "the job to be running on the first worker")
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+            killed_at = time.monotonic()
+            second = _celery_worker(config, tmp_path / "worker-2.log")
+            got = wait_until(arrived(scp.folder, 1, 40), 180, "the SR and 40 SCs")
+            recovered = time.monotonic() - killed_at
+            time.sleep(1.0)  # anything sent twice would arrive now
+        finally:
+            for worker in (first, second):
+                if worker is not None and worker.poll() is None:
+                    os.killpg(worker.pid, signal.SIGTERM)
+                    try:
+                        worker.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(worker.pid, signal.SIGKILL)
+    [job] = db_jobs(db_url)
+    assert job.state == "done"
+    assert job.attempts == 2, "the killed attempt counts"
+    assert len(received(scp.folder)["sr"]) == 1
+    assert recovered < 120, f"recovery took {recovered:.0f} s"
+    assert "dicom_ai.run_job" in (tmp_path / "worker-2.log").read_text()
+    assert_valid_sr(got["sr"][0])
+
+
 @sqlite_only
 def test_segmentation_route_sends_seg_and_sr_referencing_its_segments(
     tmp_path: Path, db_url: str, cr_studies: Path, start_service: Callable[[Settings], Service]
