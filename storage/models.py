@@ -159,7 +159,10 @@ class Event(Base):
     """A durable event (e.g. ``study.complete``) that later stages consume exactly once."""
 
     __tablename__ = "events"
-    __table_args__ = (Index("ix_events_pending", "consumed_at", "id"),)
+    # Consumers ask for one kind (the scheduler: study.complete); series.complete events are
+    # never consumed, so without the kind first the pending scan would grow with every series.
+    __table_args__ = (Index("ix_events_pending", "consumed_at", "id"),
+                      Index("ix_events_kind_pending", "kind", "consumed_at", "id"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from enum import Enum
 
-from sqlalchemy import and_, bindparam, delete, func, select, text, update
+from sqlalchemy import Select, and_, bindparam, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from storage.models import (
@@ -462,13 +462,19 @@ def _count_present(session: Session, uids: Iterable[str]) -> int:
 
 
 # -- events -----------------------------------------------------------------------------------
+def pending_events_query(kinds: Sequence[str] | None = None,
+                         limit: int = 100) -> Select[Event]:
+    """The query of :func:`pending_events` (by kind: index ``ix_events_kind_pending``)."""
+    query = select(Event).where(Event.consumed_at.is_(None))
+    if kinds:
+        query = query.where(Event.kind.in_(list(kinds)))
+    return query.order_by(Event.id).limit(limit)
+
+
 def pending_events(session: Session, *, kinds: Sequence[str] | None = None,
                    limit: int = 100) -> list[Event]:
     """Unconsumed events, oldest first."""
-    query = select(Event).where(Event.consumed_at.is_(None)).order_by(Event.id).limit(limit)
-    if kinds:
-        query = query.where(Event.kind.in_(list(kinds)))
-    return list(session.scalars(query).all())
+    return list(session.scalars(pending_events_query(kinds, limit)).all())
 
 
 def mark_consumed(session: Session, event_ids: Sequence[int], now: datetime) -> None:
