@@ -65,7 +65,10 @@ def dicom_ai(work: Path, receivers: int) -> Iterator[tuple[int, str]]:
     )
     server = DicomAIServe(config, port)
     server.start()
-    if receivers > 1:  # measure the whole pool, not its start-up
+    # C-ECHO answers while the rest of the service (the HTTP API's imports, the pool) is still
+    # starting; measure the service once started, not its start-up.
+    server.wait_for_log("ready in")
+    if receivers > 1:
         server.wait_for_log(f"all {receivers} receivers ready")
     try:
         yield port, "DICOM_AI"
