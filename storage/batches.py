@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -190,43 +190,69 @@ class StudyProgress:
         return self.retrieve_state == RETRIEVE_FAILED or self.job_state == FAILED
 
 
+#: Studies looked up per query by :func:`progress` (well under SQLite's bound-parameter limit).
+_CHUNK = 500
+
+
 def progress(session: Session, batch_id: int, route: str | None = None) -> list[StudyProgress]:
-    """Every study of a batch with its retrieval, job, findings and SR delivery state."""
-    found: list[StudyProgress] = []
-    for row in studies(session, batch_id):
-        item = StudyProgress(row.study_instance_uid, row.accession_number, row.study_date,
-                             row.state, row.expected_instances, row.retrieved_instances,
-                             row.failed_suboperations, row.error)
-        found.append(item)
-        if row.state != RETRIEVED:
-            continue
-        decisions = session.scalars(
-            select(RoutingDecision).where(
-                RoutingDecision.study_instance_uid == row.study_instance_uid)
-            .order_by(RoutingDecision.id.desc())
-        ).all()
-        if decisions:
-            item.routed = any(d.route is not None for d in decisions)
-        job_query = select(Job).where(Job.study_instance_uid == row.study_instance_uid)
-        if route is not None:
-            job_query = job_query.where(Job.route == route)
-        job = session.scalars(job_query.order_by(Job.id.desc()).limit(1)).first()
-        if job is None:
-            continue
-        item.job_state = job.state
-        item.findings = int(session.scalar(
-            select(func.count(FindingRecord.id)).where(FindingRecord.job_id == job.id)) or 0)
-        item.present = int(session.scalar(
-            select(func.count(FindingRecord.id)).where(
-                FindingRecord.job_id == job.id, FindingRecord.present.is_(True))) or 0)
-        for state, count in session.execute(
-            select(OutboxItem.state, func.count(OutboxItem.id))
-            .join(ResultObject, OutboxItem.result_id == ResultObject.id)
-            .where(ResultObject.job_id == job.id, ResultObject.kind == "sr")
-            .group_by(OutboxItem.state)
-        ).all():
-            if state == SENT:
-                item.sr_sent += int(count)
-            else:
-                item.sr_pending += int(count)
+    """Every study of a batch with its retrieval, job, findings and SR delivery state.
+
+    A fixed number of queries per 500 retrieved studies, whatever the batch size: the runner
+    asks for this every few seconds while a batch of thousands of studies is processed.
+    """
+    found = [StudyProgress(row.study_instance_uid, row.accession_number, row.study_date,
+                           row.state, row.expected_instances, row.retrieved_instances,
+                           row.failed_suboperations, row.error)
+             for row in studies(session, batch_id)]
+    retrieved = [item for item in found if item.retrieve_state == RETRIEVED]
+    for start in range(0, len(retrieved), _CHUNK):
+        _fill_processing(session, retrieved[start:start + _CHUNK], route)
     return found
+
+
+def _fill_processing(session: Session, items: Sequence[StudyProgress],
+                     route: str | None) -> None:
+    """Routing, latest job, findings and SR delivery of `items` (retrieved studies)."""
+    by_uid: dict[str, list[StudyProgress]] = {}
+    for item in items:
+        by_uid.setdefault(item.study_instance_uid, []).append(item)
+    uids = list(by_uid)
+    routed = session.execute(
+        select(RoutingDecision.study_instance_uid,
+               func.max(case((RoutingDecision.route.is_not(None), 1), else_=0)))
+        .where(RoutingDecision.study_instance_uid.in_(uids))
+        .group_by(RoutingDecision.study_instance_uid)
+    ).all()
+    for uid, any_route in routed:
+        for item in by_uid[uid]:
+            item.routed = bool(any_route)
+    latest = select(Job.study_instance_uid, func.max(Job.id).label("job_id")).where(
+        Job.study_instance_uid.in_(uids))
+    if route is not None:
+        latest = latest.where(Job.route == route)
+    latest_ids = dict(session.execute(latest.group_by(Job.study_instance_uid)).all())
+    if not latest_ids:
+        return
+    job_ids = list(latest_ids.values())
+    states = dict(session.execute(select(Job.id, Job.state).where(Job.id.in_(job_ids))).all())
+    counts = {job_id: (int(total), int(present or 0)) for job_id, total, present in
+              session.execute(
+                  select(FindingRecord.job_id, func.count(FindingRecord.id),
+                         func.sum(case((FindingRecord.present.is_(True), 1), else_=0)))
+                  .where(FindingRecord.job_id.in_(job_ids)).group_by(FindingRecord.job_id)
+              ).all()}
+    deliveries: dict[int, tuple[int, int]] = {}
+    for job_id, state, count in session.execute(
+        select(ResultObject.job_id, OutboxItem.state, func.count(OutboxItem.id))
+        .join(ResultObject, OutboxItem.result_id == ResultObject.id)
+        .where(ResultObject.job_id.in_(job_ids), ResultObject.kind == "sr")
+        .group_by(ResultObject.job_id, OutboxItem.state)
+    ).all():
+        sent, pending = deliveries.get(job_id, (0, 0))
+        deliveries[job_id] = ((sent + int(count), pending) if state == SENT
+                              else (sent, pending + int(count)))
+    for uid, job_id in latest_ids.items():
+        for item in by_uid[uid]:
+            item.job_state = states.get(job_id)
+            item.findings, item.present = counts.get(job_id, (0, 0))
+            item.sr_sent, item.sr_pending = deliveries.get(job_id, (0, 0))
