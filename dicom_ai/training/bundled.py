@@ -32,7 +32,7 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -329,8 +329,17 @@ def main() -> None:
     parser.add_argument("--steps", default=",".join(STEPS),
                         help=f"comma-separated subset of {','.join(STEPS)}")
     parser.add_argument("--summary", type=Path, help="also copy the summary JSON here")
+    parser.add_argument("--curve-sizes", help="learning-curve sizes, comma-separated "
+                        f"(default {','.join(map(str, LEARNING_CURVE_SIZES))})")
+    parser.add_argument("--curve-seeds", help="learning-curve seeds, comma-separated "
+                        f"(default {','.join(map(str, LEARNING_CURVE_SEEDS))})")
     args = parser.parse_args()
     recipe = Recipe.tiny() if args.tiny else Recipe()
+    if args.curve_sizes:
+        recipe = replace(recipe, learning_curve=tuple(int(n) for n in args.curve_sizes.split(",")))
+    if args.curve_seeds:
+        recipe = replace(recipe, learning_curve_seeds=tuple(
+            int(n) for n in args.curve_seeds.split(",")))
     summary = build_bundled(args.work, args.out, args.weights_out, recipe,
                             steps=tuple(step for step in args.steps.split(",") if step))
     if args.summary:
