@@ -12,6 +12,8 @@ import os
 import re
 import socket
 import ssl
+import threading
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -93,14 +95,69 @@ def no_delay(assoc: Association) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class _ConnectFailures(logging.Filter):
+    """Takes pynetdicom's two ERROR lines about a TCP connection :func:`_associate` could not make.
+
+    Every caller of :func:`_associate` reports a failed association itself, with the peer and
+    what happens next (the outbox retries a PACS that is down forever, so pynetdicom's lines
+    would repeat at every attempt). For associations of the AEs :func:`_associate` used, the
+    operating system's reason is kept for the :class:`NetworkError` message (keyed by the
+    association's DUL thread, which logs it) and the lines are dropped unless pynetdicom's
+    logger is at DEBUG. Other associations (a C-MOVE sub-association pynetdicom makes for our
+    Q/R SCP) keep pynetdicom's lines.
+    """
+
+    _LIMIT = 1000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reporting: weakref.WeakSet[AE] = weakref.WeakSet()
+        self._reasons: dict[int | None, str] = {}
+        self._lock = threading.Lock()
+
+    def _ours(self, thread_id: int | None) -> bool:
+        thread = next((t for t in threading.enumerate() if t.ident == thread_id), None)
+        ae = getattr(getattr(thread, "assoc", None), "ae", None)
+        return ae is not None and ae in self.reporting
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        failed = message.startswith("TCP Initialisation Error:")
+        if not (failed or message.startswith("Association request failed: unable to connect")):
+            return True
+        if not self._ours(record.thread):
+            return True
+        if failed:
+            with self._lock:
+                if len(self._reasons) >= self._LIMIT:
+                    self._reasons.clear()
+                self._reasons[record.thread] = message.split(":", 1)[1].strip()
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)
+
+    def reason(self, thread_id: int | None) -> str | None:
+        """The connection error logged by `thread_id`, once."""
+        with self._lock:
+            return self._reasons.pop(thread_id, None)
+
+
+_CONNECT_FAILURES = _ConnectFailures()
+logging.getLogger("pynetdicom.transport").addFilter(_CONNECT_FAILURES)
+
+
 def _associate(ae: AE, peer: Peer, settings: DicomSettings, **options: Any) -> Association:
     """Associate with `peer` (TLS when it says so, TCP_NODELAY); `options` go to pynetdicom
     (e.g. ``ext_neg`` role selection and ``evt_handlers`` for C-GET)."""
     tls_args = (client_ssl_context(settings), peer.host) if peer.tls else None
+    _CONNECT_FAILURES.reporting.add(ae)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args,
                          **options)
     if not assoc.is_established:
         state = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+        reason = _CONNECT_FAILURES.reason(getattr(assoc.dul, "ident", None))
+        if reason is not None:
+            raise NetworkError(f"cannot connect to {peer.ae_title}@{peer.host}:{peer.port}: "
+                               f"{reason}")
         raise NetworkError(f"association with {peer.ae_title}@{peer.host}:{peer.port} {state}")
     no_delay(assoc)
     return assoc
