@@ -509,3 +509,17 @@ def test_procedure_reported(modality: str, body_part: str, code: str) -> None:
 def test_to_code() -> None:
     code = to_code(NODULE)
     assert (code.value, code.scheme_designator, code.meaning) == ("27925004", "SCT", "Nodule")
+
+
+def test_warm_up_builds_each_sr_kind_and_writes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker-start warm-up runs the real builders (an error would surface here, not as a
+    slow first job) and leaves no file behind."""
+    from dicom_ai.pipeline.warmup import warm_up_reports
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert warm_up_reports(["comprehensive", "comprehensive3d"]) > 0
+    assert list(tmp_path.iterdir()) == []
