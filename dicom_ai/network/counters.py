@@ -71,9 +71,8 @@ class ReceiverCounters:
         """The same counters, written to row `slot` (one receiver process's own row)."""
         if not 0 <= slot < self.slots:
             raise ValueError(f"receiver slot {slot} outside 0..{self.slots - 1}")
-        view = copy.copy(self)
+        view = copy.copy(self)  # through __getstate__/__setstate__: a lock of its own
         view._row = slot
-        view._lock = threading.Lock()
         return view
 
     def _add(self, kind: str, key: str, n: int = 1) -> None:

@@ -46,10 +46,8 @@ def _calling_ae(event: evt.Event) -> str:
     return str(event.assoc.requestor.ae_title).strip()
 
 
-def handle_echo(event: evt.Event, counters: ReceiverCounters | None = None) -> int:
+def handle_echo(event: evt.Event) -> int:
     """C-ECHO (PS3.7 9.1.5): always success."""
-    if counters is not None:
-        counters.request("echo")
     return SUCCESS
 
 

@@ -154,7 +154,7 @@ class Receiver:
     def _handlers(self) -> list[Any]:
         audit, counters = self.audit, self.counters
         return [
-            (evt.EVT_C_ECHO, handlers.handle_echo, [counters]),
+            (evt.EVT_C_ECHO, self._counted("echo", handlers.handle_echo)),
             (evt.EVT_C_STORE, handlers.handle_store, [self.ingestor, audit, counters]),
             (evt.EVT_N_CREATE, self._counted("mpps", handlers.handle_n_create), [self.mpps]),
             (evt.EVT_N_SET, self._counted("mpps", handlers.handle_n_set), [self.mpps]),

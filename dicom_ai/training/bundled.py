@@ -220,9 +220,9 @@ def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
         runs_done: list[dict[str, Any]] = []
         for studies in recipe.learning_curve:
             for seed in recipe.learning_curve_seeds:
-                runs_done.append(_curve_run(work / f"curve-{studies}-seed{seed}", train_dir,
-                                            test_dir, weights, recipe, studies, seed))
-                done = runs_done[-1]
+                done = _curve_run(work / f"curve-{studies}-seed{seed}", train_dir, test_dir,
+                                  weights, recipe, studies, seed)
+                runs_done.append(done)
                 print(f"learning curve: {studies} studies, seed {seed}: scratch AUC "
                       f"{done['scratch_auc']:.3f}, pretrained AUC {done['pretrained_auc']:.3f}",
                       flush=True)
