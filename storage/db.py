@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.elements import TextClause
 
 LOGGER = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -91,6 +93,61 @@ SessionFactory = sessionmaker[Session]
 """The type of a session factory, for packages that must not import SQLAlchemy themselves."""
 
 
+@dataclass(frozen=True)
+class _Compiled:
+    """A text statement compiled once for a dialect: SQL, parameter order, bind processors."""
+
+    sql: str
+    positional: tuple[str, ...] | None  # names in order (qmark), None for named parameters
+    names: tuple[str, ...]
+    processors: dict[str, Callable[[Any], Any]]
+
+    @classmethod
+    def of(cls, statement: TextClause, dialect: Dialect) -> _Compiled:
+        compiled = statement.compile(dialect=dialect)
+        processors: dict[str, Callable[[Any], Any]] = {}
+        for name, bind in compiled.binds.items():
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if processor is not None:
+                processors[name] = processor
+        positional = tuple(compiled.positiontup) if compiled.positiontup is not None else None
+        return cls(compiled.string, positional, tuple(compiled.binds), processors)
+
+    def parameters(self, params: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
+        def value(name: str) -> Any:
+            processor = self.processors.get(name)
+            return params[name] if processor is None else processor(params[name])
+
+        if self.positional is not None:
+            return tuple(value(name) for name in self.positional)
+        return {name: value(name) for name in self.names}
+
+
+class RawTransaction:
+    """Text statements on a DBAPI cursor, in one transaction (see :meth:`Database.raw_write`).
+
+    Runs the same ``text()`` statements a session would, compiled once per dialect, without
+    the session and result machinery: on the per-instance ingest path that machinery cost more
+    than the database work itself.
+    """
+
+    def __init__(self, cursor: Any, compile_statement: Callable[[TextClause], _Compiled]) -> None:
+        self._cursor = cursor
+        self._compile = compile_statement
+
+    def execute(self, statement: TextClause, params: Mapping[str, Any]) -> None:
+        """Run a statement that returns no rows."""
+        compiled = self._compile(statement)
+        self._cursor.execute(compiled.sql, compiled.parameters(params))
+
+    def first(self, statement: TextClause, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        """Run a statement that returns rows; its first row (a tuple), or None."""
+        compiled = self._compile(statement)
+        self._cursor.execute(compiled.sql, compiled.parameters(params))
+        row = self._cursor.fetchone()
+        return None if row is None else tuple(row)
+
+
 class Database:
     """The index database: an engine, its session factory, and a write gate.
 
@@ -109,6 +166,7 @@ class Database:
         self._write_gate: threading.Lock | None = (
             threading.Lock() if self.engine.dialect.name == "sqlite" else None
         )
+        self._compiled: dict[TextClause, _Compiled] = {}
 
     @contextmanager
     def write_session(self) -> Iterator[Session]:
@@ -116,6 +174,35 @@ class Database:
         gate = self._write_gate if self._write_gate is not None else nullcontext()
         with gate, self.sessions.begin() as session:
             yield session
+
+    @contextmanager
+    def raw_write(self) -> Iterator[RawTransaction]:
+        """Like :meth:`write_session`, on a bare DBAPI connection: for the hottest path only.
+
+        The statements run on a pooled connection inside the same write gate and commit on exit
+        (roll back on error).
+        """
+        gate = self._write_gate if self._write_gate is not None else nullcontext()
+        with gate:
+            connection = self.engine.raw_connection()
+            try:
+                cursor = connection.cursor()
+                try:
+                    yield RawTransaction(cursor, self._compile)
+                    connection.commit()
+                except BaseException:
+                    connection.rollback()
+                    raise
+                finally:
+                    cursor.close()
+            finally:
+                connection.close()  # back to the pool
+
+    def _compile(self, statement: TextClause) -> _Compiled:
+        compiled = self._compiled.get(statement)
+        if compiled is None:
+            compiled = self._compiled[statement] = _Compiled.of(statement, self.engine.dialect)
+        return compiled
 
     def upgrade(self) -> None:
         """Apply pending migrations."""

@@ -9,14 +9,17 @@ that just received another instance.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from enum import Enum
+from typing import Any
 
 from sqlalchemy import Select, and_, bindparam, delete, func, select, text, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import TextClause
 
+from storage.db import RawTransaction
 from storage.models import (
     COMPLETE,
     RECEIVING,
@@ -128,14 +131,40 @@ _UPSERT_INSTANCE = text(
 ).bindparams(bindparam("now", type_=UTCDateTime()))
 
 
-def find_instance_path(session: Session, sop_instance_uid: str) -> str | None:
+class _SessionStatements:
+    """The two calls :func:`index_instance` makes, on a session (RawTransaction has them too)."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def execute(self, statement: TextClause, params: Mapping[str, Any]) -> None:
+        self.session.execute(statement, params)
+
+    def first(self, statement: TextClause, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        row = self.session.execute(statement, params).first()
+        return None if row is None else tuple(row)
+
+
+def _statements(session: Session | RawTransaction) -> _SessionStatements | RawTransaction:
+    return session if isinstance(session, RawTransaction) else _SessionStatements(session)
+
+
+def find_instance_path(session: Session | RawTransaction, sop_instance_uid: str) -> str | None:
     """The store-relative path of an indexed instance, or None."""
-    row = session.execute(_FIND_INSTANCE, {"uid": sop_instance_uid}).first()
-    return None if row is None else str(row.path)
+    row = _statements(session).first(_FIND_INSTANCE, {"uid": sop_instance_uid})
+    return None if row is None else str(row[1])
+
+
+def _returned_id(rows: _SessionStatements | RawTransaction, statement: TextClause,
+                 values: Mapping[str, Any]) -> int:
+    row = rows.first(statement, values)
+    if row is None:  # an upsert with RETURNING always returns its row
+        raise RuntimeError("INSERT ... ON CONFLICT DO UPDATE returned no row")
+    return int(row[0])
 
 
 def index_instance(
-    session: Session,
+    session: Session | RawTransaction,
     record: InstanceRecord,
     *,
     path: str,
@@ -151,8 +180,8 @@ def index_instance(
 
     Parameters
     ----------
-    session : Session
-        An open session.
+    session : Session or RawTransaction
+        An open session, or the ingest path's :meth:`~storage.db.Database.raw_write`.
     record : InstanceRecord
         The instance's header fields.
     path : str
@@ -171,26 +200,28 @@ def index_instance(
     IndexResult
         What happened, and a store-relative path whose file is now unreferenced, if any.
     """
-    existing = session.execute(_FIND_INSTANCE, {"uid": record.sop_instance_uid}).first()
-    if existing is not None and not replace:
-        return IndexResult(IndexOutcome.DUPLICATE_KEPT, path if existing.path != path else None,
-                           kept_path=existing.path)
+    rows = _statements(session)
+    existing = rows.first(_FIND_INSTANCE, {"uid": record.sop_instance_uid})
+    existing_path = None if existing is None else str(existing[1])
+    if existing_path is not None and not replace:
+        return IndexResult(IndexOutcome.DUPLICATE_KEPT, path if existing_path != path else None,
+                           kept_path=existing_path)
 
     values = {f.name: getattr(record, f.name) for f in fields(record)}
     values.update(
         now=now, path=path, size_bytes=size_bytes, calling_ae_title=calling_ae_title[:16],
         receiving=RECEIVING,
     )
-    values["patient_pk"] = session.execute(_UPSERT_PATIENT, values).scalar_one()
-    values["study_pk"] = session.execute(_UPSERT_STUDY, values).scalar_one()
-    values["series_pk"] = session.execute(_UPSERT_SERIES, values).scalar_one()
+    values["patient_pk"] = _returned_id(rows, _UPSERT_PATIENT, values)
+    values["study_pk"] = _returned_id(rows, _UPSERT_STUDY, values)
+    values["series_pk"] = _returned_id(rows, _UPSERT_SERIES, values)
     if replace:
-        session.execute(_UPSERT_INSTANCE, values)
-        if existing is not None:
-            return IndexResult(IndexOutcome.REPLACED, existing.path if existing.path != path
+        rows.execute(_UPSERT_INSTANCE, values)
+        if existing_path is not None:
+            return IndexResult(IndexOutcome.REPLACED, existing_path if existing_path != path
                                else None)
         return IndexResult(IndexOutcome.INSERTED)
-    if session.execute(_INSERT_INSTANCE, values).first() is None:
+    if rows.first(_INSERT_INSTANCE, values) is None:
         # A concurrent receiver indexed it between our check and our insert.
         winner = find_instance_path(session, record.sop_instance_uid)
         return IndexResult(IndexOutcome.DUPLICATE_KEPT, path if winner != path else None,

@@ -234,9 +234,10 @@ class Ingestor:
         size: int,
         replace: bool,
     ) -> repository.IndexResult:
-        with self.db.write_session() as session:
+        # The bare DBAPI path: the session machinery cost more than the statements themselves.
+        with self.db.raw_write() as transaction:
             return repository.index_instance(
-                session,
+                transaction,
                 record,
                 path=relative,
                 size_bytes=size,
