@@ -131,8 +131,10 @@ class _Image:
 
 
 def _uid(seed: int, modality: str, *parts: object) -> UID:
-    return generate_uid(entropy_srcs=["dicom-ai synth", str(seed), modality,
-                                      *(str(p) for p in parts)])
+    # generate_uid hashes the sources concatenated: without a separator ("instance", 1, 14)
+    # and ("instance", 11, 4) gave one SOP Instance UID to two slices of different studies.
+    return generate_uid(entropy_srcs=["|".join(["dicom-ai synth", str(seed), modality,
+                                                *(str(p) for p in parts)])])
 
 
 def _smooth(arr: FloatArray, sigma: float) -> FloatArray:

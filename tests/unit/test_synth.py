@@ -14,6 +14,7 @@ import pytest
 from numpy.typing import NDArray
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless
 
+from dicom_ai.training import synth
 from dicom_ai.training.synth import LABEL_COLUMNS, SOP_CLASSES, SynthReport, synthesize
 from tests.conftest import need_binary
 
@@ -249,3 +250,11 @@ def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict[str, object],
     args: dict[str, object] = {"studies": 1, "seed": 0, "modality": "CR", **kwargs}
     with pytest.raises(ValueError, match=message):
         call(tmp_path, **args)
+
+
+def test_uids_of_different_parts_never_collide() -> None:
+    # The parts are hashed with a separator: "1"+"14" and "11"+"4" once made the same UID.
+    assert synth._uid(SEED, "CT", "instance", 1, 14) != synth._uid(SEED, "CT", "instance", 11, 4)
+    uids = {synth._uid(SEED, "CT", "instance", study, k)
+            for study in range(40) for k in range(25)}
+    assert len(uids) == 40 * 25
