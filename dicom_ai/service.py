@@ -155,13 +155,8 @@ class Service:
                                       counters=self.counters)
             self._receiver.start()
             balancer.attach_local(0, self._receiver.handoff)
-            for slot in range(1, self.settings.dicom.receivers):
-                self._children.append(self._spawn(slot))
             balancer.start()
             self.address = balancer.address
-            self._supervisor = threading.Thread(target=self._supervise, name="supervisor",
-                                                daemon=True)
-            self._supervisor.start()
             LOGGER.info("listening on %s:%s; %d receivers, the processes join as they start",
                         *self.address, self.settings.dicom.receivers)
         self._start_loop(parts)
@@ -173,6 +168,14 @@ class Service:
         if self.settings.retention.enabled:  # at start, then every interval_seconds
             self.retention = RetentionRunner(self.settings, parts.store, parts.db)
             self.retention.start()
+        if self._balancer is not None:
+            # Receivers 1..N-1 last: their start-up (a Python interpreter each) would take the
+            # CPU this process needs to finish its own start while receiver 0 already answers.
+            for slot in range(1, self.settings.dicom.receivers):
+                self._children.append(self._spawn(slot))
+            self._supervisor = threading.Thread(target=self._supervise, name="supervisor",
+                                                daemon=True)
+            self._supervisor.start()
 
     def _start_loop(self, parts: Components) -> None:
         """Scheduler (routing, dispatch), the worker pool or Celery publisher, the outbox."""

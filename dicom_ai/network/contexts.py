@@ -7,7 +7,10 @@ every compressed syntax is also accepted and stored exactly as sent (never trans
 
 from __future__ import annotations
 
+import copy
+
 from pydicom.uid import (
+    UID,
     AllTransferSyntaxes,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
@@ -64,8 +67,38 @@ def scp_contexts() -> list[PresentationContext]:
     contexts = [build_context(VERIFICATION)]
     contexts.append(build_context(MODALITY_PERFORMED_PROCEDURE_STEP))
     contexts.extend(build_context(uid) for uid in QUERY_RETRIEVE_SOP_CLASSES)
+    # pynetdicom validates each transfer syntax UID by regular expression as it is added: for
+    # every syntax of every storage class that was 13 000 checks and a tenth of the receiver's
+    # start-up. The list is validated once here and every storage context gets its own copy.
+    template = build_context(STORAGE_SOP_CLASSES[0], ACCEPTED_TRANSFER_SYNTAXES)
+    template.scu_role, template.scp_role = True, True
     for uid in STORAGE_SOP_CLASSES:
-        context = build_context(uid, ACCEPTED_TRANSFER_SYNTAXES)
-        context.scu_role, context.scp_role = True, True
+        context = copy.copy(template)
+        context._transfer_syntax = list(template.transfer_syntax)
+        context.abstract_syntax = uid
         contexts.append(context)
     return contexts
+
+
+def supported_contexts(contexts: list[PresentationContext]) -> dict[UID, PresentationContext]:
+    """``contexts`` as an acceptor's table, without validating their UIDs a second time.
+
+    ``AE.add_supported_context`` rebuilds and revalidates every context (another 13 000 regular
+    expression checks for :func:`scp_contexts`), and the ``AE.supported_contexts`` setter drops
+    the SCP/SCU roles. Assign the result to ``ae._supported_contexts``: the dictionary
+    ``add_supported_context`` fills, keyed by abstract syntax (a test holds both paths equal).
+
+    Parameters
+    ----------
+    contexts : list of PresentationContext
+        Contexts with distinct abstract syntaxes, e.g. from :func:`scp_contexts`.
+
+    Returns
+    -------
+    dict
+        Abstract syntax UID -> context.
+    """
+    table = {UID(str(cx.abstract_syntax)): cx for cx in contexts}
+    if len(table) != len(contexts):
+        raise ValueError("supported contexts need distinct abstract syntaxes")
+    return table

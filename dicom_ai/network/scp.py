@@ -26,7 +26,7 @@ from dicom_ai.config import Destination, DicomSettings
 from dicom_ai.ingest.completion import MppsService
 from dicom_ai.ingest.spool import Ingestor
 from dicom_ai.network import handlers
-from dicom_ai.network.contexts import scp_contexts
+from dicom_ai.network.contexts import scp_contexts, supported_contexts
 from dicom_ai.network.counters import ReceiverCounters
 from dicom_ai.network.qr import QueryRetrieveSCP
 
@@ -139,9 +139,9 @@ class Receiver:
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
-        for cx in scp_contexts():  # not `supported_contexts = ...`: that setter drops roles
-            ae.add_supported_context(str(cx.abstract_syntax), cx.transfer_syntax,
-                                     scu_role=cx.scu_role, scp_role=cx.scp_role)
+        # Not add_supported_context (it revalidates every UID: a quarter second of start-up)
+        # and not the `supported_contexts` setter (it drops the roles).
+        ae._supported_contexts = supported_contexts(scp_contexts())
         ae.maximum_associations = self.settings.max_associations
         ae.maximum_pdu_size = self.settings.maximum_pdu_size
         ae.network_timeout = self.settings.network_timeout
