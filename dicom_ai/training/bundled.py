@@ -9,9 +9,9 @@ Steps, every one seeded:
 
 0. ``dicom-ai synth`` CR training studies (seed 1001) and held-out test studies (seed 2002, never
    seen in training), made once per work folder.
-1. ``pretrain``: the ``synth-backbone`` learns a source task on synthetic CT/MR slices
-   (:mod:`~dicom_ai.training.pretrain`); its weights ship beside this package for users'
-   fine-tuning.
+1. ``pretrain``: the ``synth-backbone`` learns without labels, restoring corrupted unlabelled
+   synthetic radiographs of their own seed (:mod:`~dicom_ai.training.pretrain`); its weights
+   ship beside this package for users' fine-tuning.
 2. ``classifier``: ``chest-nodule``, the ``synth-backbone`` CNN trained on the CR studies.
 3. ``segmenter``: ``chest-nodule-seg``, a small U-Net on the same studies' masks.
 4. ``curve``: test AUC vs number of labelled training studies, the same schedule from scratch
@@ -29,6 +29,7 @@ model cards go into each model folder's ``report/test`` and the summary.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import time
@@ -70,8 +71,8 @@ class Recipe:
 
     train_studies: int = 1000
     test_studies: int = 300
-    pretrain_studies: int = 40
-    pretrain_epochs: int = 6
+    pretrain_studies: int = 700
+    pretrain_epochs: int = 12
     classifier_epochs: int = 20
     segmenter_epochs: int = 8
     input_size: int = 128
@@ -83,7 +84,7 @@ class Recipe:
     @classmethod
     def tiny(cls) -> Recipe:
         """A build small enough for a test: minutes of CPU, not hours."""
-        return cls(train_studies=24, test_studies=12, pretrain_studies=3, pretrain_epochs=1,
+        return cls(train_studies=24, test_studies=12, pretrain_studies=8, pretrain_epochs=1,
                    classifier_epochs=1, segmenter_epochs=1, input_size=64,
                    learning_curve=(12,), learning_curve_seeds=(5,), learning_curve_epochs=1,
                    learning_curve_steps_per_epoch=2)
@@ -139,7 +140,8 @@ STEPS = ("pretrain", "classifier", "segmenter", "curve")
 
 
 def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
-                  *, steps: tuple[str, ...] = STEPS) -> dict[str, Any]:
+                  *, steps: tuple[str, ...] = STEPS,
+                  curve_results: Path | None = None) -> dict[str, Any]:
     """Run the recipe's steps (see the module docstring); returns the summary it also writes.
 
     Each step can run on its own (the summary in ``work/summary.json`` accumulates), so a long
@@ -158,6 +160,11 @@ def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
     steps : tuple of str
         Any of ``pretrain``, ``classifier``, ``segmenter``, ``curve`` (learning curve: test AUC
         vs labelled training studies, from scratch vs from the pretrained backbone).
+    curve_results : Path, optional
+        A learning-curve results file (``benchmarks/results/learning_curve.json``): pairs it
+        already holds for the same backbone weights (by SHA-256) are not trained again, and the
+        file is rewritten with every pair of that backbone, so a grid can be completed over
+        several runs or machines.
 
     Returns
     -------
@@ -183,7 +190,7 @@ def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
     weights = weights_out / backbone_weights_name(recipe.input_size)
     if "pretrain" in steps:
         summary["backbone"] = pretrain_backbone(
-            weights, workdir=work / "pretrain", studies_per_modality=recipe.pretrain_studies,
+            weights, workdir=work / "pretrain", studies=recipe.pretrain_studies,
             epochs=recipe.pretrain_epochs, input_size=recipe.input_size, seed=3)
 
     training_data = (f"{recipe.train_studies} dicom-ai synth CR studies (seed 1001), split by "
@@ -217,12 +224,19 @@ def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
 
     if "curve" in steps:
         curve_started = time.perf_counter()
+        backbone_sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+        known = _known_pairs(curve_results, backbone_sha)
         runs_done: list[dict[str, Any]] = []
         for studies in recipe.learning_curve:
             for seed in recipe.learning_curve_seeds:
-                done = _curve_run(work / f"curve-{studies}-seed{seed}", train_dir, test_dir,
-                                  weights, recipe, studies, seed)
+                done = known.get((studies, seed)) or _curve_run(
+                    work / f"curve-{studies}-seed{seed}", train_dir, test_dir, weights, recipe,
+                    studies, seed)
                 runs_done.append(done)
+                known[(studies, seed)] = done
+                if curve_results is not None:
+                    _write_curve_results(curve_results, recipe, weights, backbone_sha,
+                                         list(known.values()))
                 print(f"learning curve: {studies} studies, seed {seed}: scratch AUC "
                       f"{done['scratch_auc']:.3f}, pretrained AUC {done['pretrained_auc']:.3f}",
                       flush=True)
@@ -273,6 +287,41 @@ def _curve_run(folder: Path, train_dir: Path, test_dir: Path, weights: Path, rec
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
     done.write_text(json.dumps(row, default=float))
     return row
+
+
+def _known_pairs(results: Path | None, backbone_sha: str) -> dict[tuple[int, int], dict[str, Any]]:
+    """Pairs a results file already holds for these backbone weights (none for other weights)."""
+    if results is None or not results.is_file():
+        return {}
+    saved = json.loads(results.read_text())
+    if saved.get("backbone", {}).get("sha256") != backbone_sha:
+        return {}
+    return {(int(r["studies"]), int(r["seed"])): dict(r) for r in saved.get("runs", [])}
+
+
+def _write_curve_results(results: Path, recipe: Recipe, weights: Path, backbone_sha: str,
+                         runs: list[dict[str, Any]]) -> None:
+    """(Re)write the learning-curve results file: recipe, backbone, every pair, the summary."""
+    runs = sorted(runs, key=lambda r: (r["studies"], r["seed"]))
+    pretraining = weights.with_suffix("").with_suffix(".json")
+    steps = recipe.learning_curve_epochs * recipe.learning_curve_steps_per_epoch
+    document = {
+        "benchmark": "learning_curve",
+        "recipe": (f"dicom_ai.training.bundled curve step: {steps} steps "
+                   f"({recipe.learning_curve_epochs} epochs x "
+                   f"{recipe.learning_curve_steps_per_epoch} batches of 32), Adam 1e-3, default "
+                   "augmentation, last weights; balanced subsets drawn with seed*1000+studies; "
+                   f"test: {recipe.test_studies} held-out synth CR studies (seed 2002)"),
+        "backbone": {
+            "file": weights.name, "sha256": backbone_sha,
+            "pretraining": (json.loads(pretraining.read_text()) if pretraining.is_file()
+                            else None),
+        },
+        "runs": runs,
+        "summary": curve_summary(runs),
+    }
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(document, indent=2, default=float) + "\n")
 
 
 def curve_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -333,6 +382,9 @@ def main() -> None:
                         f"(default {','.join(map(str, LEARNING_CURVE_SIZES))})")
     parser.add_argument("--curve-seeds", help="learning-curve seeds, comma-separated "
                         f"(default {','.join(map(str, LEARNING_CURVE_SEEDS))})")
+    parser.add_argument("--curve-results", type=Path,
+                        help="learning-curve results file to resume from and rewrite, e.g. "
+                             "benchmarks/results/learning_curve.json")
     args = parser.parse_args()
     recipe = Recipe.tiny() if args.tiny else Recipe()
     if args.curve_sizes:
@@ -341,7 +393,8 @@ def main() -> None:
         recipe = replace(recipe, learning_curve_seeds=tuple(
             int(n) for n in args.curve_seeds.split(",")))
     summary = build_bundled(args.work, args.out, args.weights_out, recipe,
-                            steps=tuple(step for step in args.steps.split(",") if step))
+                            steps=tuple(step for step in args.steps.split(",") if step),
+                            curve_results=args.curve_results)
     if args.summary:
         args.summary.write_text(json.dumps(summary, indent=2, default=float) + "\n")
     print(json.dumps({name: {k: v for k, v in model["test"].items()

@@ -1,11 +1,17 @@
-"""Pretraining the ``synth-backbone`` on a large synthetic source task (no downloads anywhere).
+"""Pretraining the ``synth-backbone`` without labels (no downloads anywhere).
 
 Transfer learning needs a pretrained backbone, and this project may not download ImageNet
-weights. So the backbone learns on a source task built from ``dicom-ai synth`` CT and MR volumes,
-slice by slice: which modality the slice is (anatomy/contrast) and whether a lesion crosses it
-(round structures against organ background). Neither task is the target task (nodules on chest
-radiographs), but both teach the low-level features it needs; the learning curve in the README
-measures whether fine-tuning this backbone beats training from scratch on few labelled studies.
+weights. Hospitals hold far more unlabelled radiographs than labelled ones, so the backbone
+learns from *unlabelled* chest radiographs: a self-supervised denoising and inpainting task.
+Each image is corrupted (Gaussian noise plus a few square patches blanked out) and an
+autoencoder, the backbone as its encoder and a small upsampling decoder, restores the clean
+image. Filling a blanked patch of lung needs the anatomy around it: ribs, lung fields,
+mediastinum, and the round structures that nodules are.
+
+The source images are ``dicom-ai synth`` CR studies from their own seed, never the labelled
+training studies nor the test studies of the target task, and their labels are never read.
+An earlier source task (modality and lesion classification on synthetic CT/MR slices) did not
+transfer: a linear probe of its features on the chest radiographs was at chance (README).
 
 Inputs go through the same preprocessing functions as serving (:func:`load_inputs`).
 """
@@ -20,80 +26,96 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
+from numpy.typing import NDArray
 
 from dicom_ai.pipeline.preprocessing import PreprocessingSpec
-from dicom_ai.training.dataset import Sample, load_inputs
-from dicom_ai.training.synth import Modality, synthesize
+from dicom_ai.training.dataset import load_inputs, read_samples
+from dicom_ai.training.synth import synthesize
 
-__all__ = ["pretrain_backbone", "source_samples"]
+__all__ = ["SOURCE_SEED_OFFSET", "corrupt", "pretrain_backbone"]
+
+#: The unlabelled source studies are synthesized with ``SOURCE_SEED_OFFSET + seed``: far from
+#: the target task's training (1001) and test (2002) seeds.
+SOURCE_SEED_OFFSET = 3000
+#: Standard deviation of the added noise (inputs are min/max normalised to 0-1).
+NOISE_SD = 0.05
+#: Square patches blanked per image, each 1/8 of the image side.
+PATCHES = 4
 
 
-def source_samples(folder: Path) -> tuple[list[Sample], np.ndarray[Any, np.dtype[np.float32]]]:
-    """Every slice of the synthetic CT/MR studies in ``folder`` with its two source labels.
+def corrupt(images: NDArray[np.float32], rng: np.random.Generator) -> NDArray[np.float32]:
+    """The self-supervised task's input: noise plus :data:`PATCHES` blanked square patches.
 
     Parameters
     ----------
-    folder : Path
-        Output of :func:`~dicom_ai.training.synth.synthesize` (``labels.csv``, ``masks/``).
+    images : numpy.ndarray
+        ``(N, H, W, C)`` clean model inputs.
+    rng : numpy.random.Generator
+        Source of the noise and patch positions.
 
     Returns
     -------
-    samples : list of Sample
-        One per slice (``label`` is the lesion flag).
-    targets : numpy.ndarray
-        ``(N, 2)`` float32: [is CT, lesion in this slice].
+    numpy.ndarray
+        A corrupted float32 copy; ``images`` is not modified.
     """
-    masks: dict[str, Any] = {}
-    samples: list[Sample] = []
-    targets: list[tuple[float, float]] = []
-    for path in sorted(folder.rglob("*.dcm")):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        series = str(ds.SeriesInstanceUID)
-        if series not in masks:
-            mask_file = folder / "masks" / f"{series}.npy"
-            masks[series] = np.load(mask_file) if mask_file.is_file() else None
-        mask = masks[series]
-        index = int(ds.InstanceNumber) - 1
-        lesion = bool(mask is not None and mask[index].any())
-        samples.append(Sample(
-            path=path, sop_instance_uid=str(ds.SOPInstanceUID),
-            study_instance_uid=str(ds.StudyInstanceUID), series_instance_uid=series,
-            patient_key=str(ds.get("PatientID", "") or ds.StudyInstanceUID), label=int(lesion),
-            mask_path=None, modality=str(ds.Modality),
-            body_part=str(ds.get("BodyPartExamined", "")), synthetic=True,
-        ))
-        targets.append((float(ds.Modality == "CT"), float(lesion)))
-    return samples, np.asarray(targets, dtype=np.float32)
+    out = images + rng.normal(0.0, NOISE_SD, size=images.shape).astype(np.float32)
+    n, height, width = images.shape[:3]
+    side = max(1, min(height, width) // 8)
+    for i in range(n):
+        for _ in range(PATCHES):
+            top = int(rng.integers(0, height - side + 1))
+            left = int(rng.integers(0, width - side + 1))
+            out[i, top : top + side, left : left + side] = 0.0
+    return out
+
+
+def _autoencoder(input_size: int, seed: int) -> tuple[Any, Any]:
+    """(backbone, autoencoder): the decoder upsamples the last block's 1/8-resolution map."""
+    import keras
+
+    from dicom_ai.training import architectures
+
+    backbone = architectures.build_backbone("synth-backbone", (input_size, input_size, 1),
+                                            seed=seed)
+    x = backbone.get_layer("backbone_block4_2_relu").output
+    for level, filters in enumerate((64, 32, 16), start=1):
+        x = keras.layers.UpSampling2D(2, name=f"decoder_up{level}")(x)
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="relu",
+                                kernel_initializer=keras.initializers.HeNormal(seed + level),
+                                name=f"decoder_conv{level}")(x)
+    restored = keras.layers.Conv2D(1, 3, padding="same", name="decoder_output",
+                                   kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
+    return backbone, keras.Model(backbone.input, restored, name="synth-backbone-autoencoder")
 
 
 def pretrain_backbone(
     weights_out: Path,
     *,
     workdir: Path,
-    studies_per_modality: int = 60,
-    epochs: int = 8,
+    studies: int = 700,
+    epochs: int = 12,
     input_size: int = 128,
-    seed: int = 0,
+    seed: int = 3,
     batch_size: int = 32,
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Synthesize the source data, train the backbone with a two-output head, save its weights.
+    """Synthesize unlabelled radiographs, train the denoising autoencoder, save the encoder.
 
     Parameters
     ----------
     weights_out : Path
-        Where the backbone weights (``.weights.h5``) go.
+        Where the backbone weights (``.weights.h5``) go; a ``.json`` report lands beside them.
     workdir : Path
-        Scratch folder for the synthetic studies.
-    studies_per_modality : int
-        CT studies and MR studies each (16-24 slices per study).
+        Scratch folder for the synthetic studies and the input cache.
+    studies : int
+        Unlabelled CR studies (one image each); one in ten is held out to report the
+        restoration error.
     epochs : int
-        Source-task epochs.
+        Passes over the training images.
     input_size : int
         Square input side; the backbone is for ``(input_size, input_size, 1)`` inputs.
     seed : int
-        Synthesis, split and initialisation seed.
+        Synthesis (``SOURCE_SEED_OFFSET + seed``), split, corruption and initialisation seed.
     batch_size : int
     say : callable
         Progress lines.
@@ -101,81 +123,58 @@ def pretrain_backbone(
     Returns
     -------
     dict
-        ``slices``, ``seconds``, validation AUC per source output, the weights path.
+        ``images``, ``seconds``, the held-out mean squared error of the autoencoder and of the
+        corrupted input itself (the error of doing nothing), the weights file name.
     """
     import keras
 
-    from dicom_ai.training import architectures, metrics
-    from dicom_ai.training.augment import AugmentationSpec, build_augmenter
-
     started = time.perf_counter()
     keras.utils.set_random_seed(seed)
-    source: tuple[Modality, Modality] = ("CT", "MR")
-    for offset, modality in enumerate(source):
-        target = workdir / modality
-        if not (target / "labels.csv").is_file():
-            # Easy, frequent lesions: the source task must be learnable to teach anything.
-            synthesize(target, studies=studies_per_modality, seed=seed * 10 + offset,
-                       modality=modality, positive_fraction=0.8, difficulty=0.0)
-    samples: list[Sample] = []
-    target_rows = []
-    for modality in ("CT", "MR"):
-        s, t = source_samples(workdir / modality)
-        samples += s
-        target_rows.append(t)
-    targets = np.concatenate(target_rows)
+    source = workdir / "cr-unlabelled"
+    if not (source / "labels.csv").is_file():
+        synthesize(source, studies=studies, seed=SOURCE_SEED_OFFSET + seed, modality="CR")
+    # labels.csv only lists the files here: the label column is never read.
+    samples = read_samples(source, source / "labels.csv")
     spec = PreprocessingSpec(input_shape=(input_size, input_size), channels=1)
-    say(f"source task: {len(samples)} CT/MR slices, {int(targets[:, 1].sum())} with a lesion")
+    say(f"self-supervised source: {len(samples)} unlabelled synthetic CR images")
     inputs = np.asarray(load_inputs(samples, spec, cache=workdir / "cache"))
-    # Split by study, so neighbouring slices of one volume never straddle the split.
-    # One sixth of each modality's studies (at least one) is held out for validation.
     rng = np.random.default_rng(seed)
-    held: set[str] = set()
-    for modality in source:
-        studies = sorted({s.study_instance_uid for s in samples if s.modality == modality})
-        held |= set(rng.choice(studies, size=max(1, len(studies) // 6), replace=False).tolist())
-    val = np.array([s.study_instance_uid in held for s in samples])
+    order = rng.permutation(len(inputs))
+    held = max(1, len(inputs) // 10)
+    x_val_clean, x_train = inputs[order[:held]], inputs[order[held:]]
+    x_val = corrupt(x_val_clean, np.random.default_rng(seed + 1))
 
-    backbone = architectures.build_backbone("synth-backbone", (input_size, input_size, 1))
-    features = backbone.output
-    head = keras.layers.Dropout(0.2)(features)
-    head = keras.layers.Dense(2, activation="sigmoid", name="source_head")(head)
-    model = keras.Model(backbone.input, head)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy",
-                  metrics=[keras.metrics.AUC(name="auc", multi_label=True)])
-    augmenter = build_augmenter(AugmentationSpec(), seed=seed)
-    x_train, y_train = inputs[~val], targets[~val]
+    backbone, model = _autoencoder(input_size, seed)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
     steps = math.ceil(len(x_train) / batch_size)
 
     def batches() -> Any:
         epoch = 0
         while True:
-            order = np.random.default_rng(seed + epoch).permutation(len(x_train))
+            epoch_rng = np.random.default_rng(seed * 1000 + epoch)
+            shuffled = epoch_rng.permutation(len(x_train))
             for i in range(steps):
-                rows = order[i * batch_size : (i + 1) * batch_size]
-                yield augmenter(x_train[rows], training=True), y_train[rows]
+                clean = x_train[shuffled[i * batch_size : (i + 1) * batch_size]]
+                yield corrupt(clean, epoch_rng), clean
             epoch += 1
 
+    stream = batches()
     for epoch in range(epochs):
         tick = time.perf_counter()
-        history = model.fit(batches(), steps_per_epoch=steps, epochs=1, verbose=0,
-                            validation_data=(inputs[val], targets[val]))
+        history = model.fit(stream, steps_per_epoch=steps, epochs=1, verbose=0,
+                            validation_data=(x_val, x_val_clean))
         logs = {k: v[-1] for k, v in history.history.items()}
-        say(f"pretrain epoch {epoch + 1}/{epochs}  loss {logs['loss']:.4f}  "
-            f"val_auc {logs['val_auc']:.4f}  ({time.perf_counter() - tick:.1f} s)")
-    probs = np.asarray(model.predict(inputs[val], verbose=0))
-
-    def auc(column: int) -> float | None:
-        truth = targets[val, column].astype(np.int64)
-        if len(set(truth.tolist())) < 2:
-            return None  # a tiny validation set may hold one class only
-        return float(metrics.roc_auc(truth, probs[:, column]))
-
+        say(f"pretrain epoch {epoch + 1}/{epochs}  loss {logs['loss']:.5f}  "
+            f"val_loss {logs['val_loss']:.5f}  ({time.perf_counter() - tick:.1f} s)")
+    restored = np.asarray(model.predict(x_val, verbose=0, batch_size=batch_size))
     result = {
-        "slices": len(samples),
-        "validation_slices": int(val.sum()),
-        "val_auc_modality": auc(0),
-        "val_auc_lesion": auc(1),
+        "task": "self-supervised denoising + inpainting of unlabelled synthetic CR images "
+                f"(noise sd {NOISE_SD}, {PATCHES} blanked patches of 1/8 the side)",
+        "images": len(samples),
+        "validation_images": held,
+        "source_seed": SOURCE_SEED_OFFSET + seed,
+        "val_mse": float(np.mean((restored - x_val_clean) ** 2)),
+        "val_mse_corrupted_input": float(np.mean((x_val - x_val_clean) ** 2)),
         "epochs": epochs,
         "input_shape": [input_size, input_size, 1],
         "seconds": round(time.perf_counter() - started, 1),
@@ -184,6 +183,6 @@ def pretrain_backbone(
     weights_out.parent.mkdir(parents=True, exist_ok=True)
     backbone.save_weights(weights_out)
     weights_out.with_suffix("").with_suffix(".json").write_text(json.dumps(result, indent=2))
-    say(f"backbone weights: {weights_out} (validation AUC: lesion {result['val_auc_lesion']}, "
-        f"modality {result['val_auc_modality']})")
+    say(f"backbone weights: {weights_out} (held-out MSE {result['val_mse']:.5f}, "
+        f"corrupted input {result['val_mse_corrupted_input']:.5f})")
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,9 @@ def test_gradcam_highlights_the_nodule_on_positive_phantoms(phantoms: Path) -> N
 
 def test_the_recipe_runs_end_to_end(tmp_path: Path) -> None:
     """The recipe that made the bundled models, on a tiny budget, so it cannot rot."""
+    results = tmp_path / "learning_curve.json"
     summary = build_bundled(tmp_path / "work", tmp_path / "bundled", tmp_path / "weights",
-                            Recipe.tiny())
+                            Recipe.tiny(), curve_results=results)
     for name in (CLASSIFIER, SEGMENTER):
         folder = tmp_path / "bundled" / name / "1.0.0"
         assert load_predictor(folder).spec.name == name
@@ -91,6 +93,15 @@ def test_the_recipe_runs_end_to_end(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "work" / "summary.json").read_text())
     assert saved["recipe"]["train_studies"] == 24
     assert BUNDLED_ROOT.is_dir()
+    # The results file resumes the grid: a pair it holds for these weights is not trained again.
+    written = json.loads(results.read_text())
+    assert [(r["studies"], r["seed"]) for r in written["runs"]] == [(12, 5)]
+    assert written["backbone"]["pretraining"]["images"] == 8
+    shutil.rmtree(tmp_path / "work" / "curve-12-seed5")
+    again = build_bundled(tmp_path / "work", tmp_path / "bundled", tmp_path / "weights",
+                          Recipe.tiny(), steps=("curve",), curve_results=results)
+    assert again["learning_curve_runs"] == written["runs"]
+    assert not (tmp_path / "work" / "curve-12-seed5").exists()
 
 
 def test_curve_summary_pairs_runs_of_the_same_seed() -> None:
