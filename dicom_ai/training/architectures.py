@@ -15,7 +15,8 @@ Architectures (:data:`ARCHITECTURES`):
 ``synth-backbone``
     Four blocks of (conv-BN-ReLU) x 2 (16, 32, 64, 128 filters; max-pooling between blocks) and
     global average pooling: about 290 k parameters; any number of input channels. The project
-    pretrains it on a synthetic source task and ships its weights (:func:`build_backbone`).
+    pretrains it without labels on synthetic radiographs and ships its weights
+    (:func:`build_backbone`, :mod:`~dicom_ai.training.pretrain`).
 ``mobilenetv2``, ``efficientnetb0``, ``densenet121``
     ``keras.applications`` backbones, randomly initialised (never downloaded ImageNet weights);
     3 input channels. ``efficientnetb0`` keeps its built-in ``Rescaling(1/255)`` +
