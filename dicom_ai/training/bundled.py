@@ -40,7 +40,7 @@ from typing import Any
 from dicom_ai.inference.spec import ModelSpec, read_spec, write_spec
 from dicom_ai.training.augment import AugmentationSpec
 from dicom_ai.training.evaluate import SYNTHETIC_NOTE, evaluate_model
-from dicom_ai.training.pretrain import pretrain_backbone
+from dicom_ai.training.pretrain import pretrain_backbone, pretraining_report
 from dicom_ai.training.synth import synthesize
 from dicom_ai.training.train import TrainOptions, train
 
@@ -303,7 +303,7 @@ def _write_curve_results(results: Path, recipe: Recipe, weights: Path, backbone_
                          runs: list[dict[str, Any]]) -> None:
     """(Re)write the learning-curve results file: recipe, backbone, every pair, the summary."""
     runs = sorted(runs, key=lambda r: (r["studies"], r["seed"]))
-    pretraining = weights.with_suffix("").with_suffix(".json")
+    pretraining = pretraining_report(weights)
     steps = recipe.learning_curve_epochs * recipe.learning_curve_steps_per_epoch
     document = {
         "benchmark": "learning_curve",

@@ -32,7 +32,7 @@ from dicom_ai.pipeline.preprocessing import PreprocessingSpec
 from dicom_ai.training.dataset import load_inputs, read_samples
 from dicom_ai.training.synth import synthesize
 
-__all__ = ["SOURCE_SEED_OFFSET", "corrupt", "pretrain_backbone"]
+__all__ = ["SOURCE_SEED_OFFSET", "corrupt", "pretrain_backbone", "pretraining_report"]
 
 #: The unlabelled source studies are synthesized with ``SOURCE_SEED_OFFSET + seed``: far from
 #: the target task's training (1001) and test (2002) seeds.
@@ -41,6 +41,11 @@ SOURCE_SEED_OFFSET = 3000
 NOISE_SD = 0.05
 #: Square patches blanked per image, each 1/8 of the image side.
 PATCHES = 4
+
+
+def pretraining_report(weights: Path) -> Path:
+    """The JSON report :func:`pretrain_backbone` writes beside backbone weights ``weights``."""
+    return weights.with_suffix("").with_suffix(".json")
 
 
 def corrupt(images: NDArray[np.float32], rng: np.random.Generator) -> NDArray[np.float32]:
@@ -182,7 +187,7 @@ def pretrain_backbone(
     }
     weights_out.parent.mkdir(parents=True, exist_ok=True)
     backbone.save_weights(weights_out)
-    weights_out.with_suffix("").with_suffix(".json").write_text(json.dumps(result, indent=2))
+    pretraining_report(weights_out).write_text(json.dumps(result, indent=2))
     say(f"backbone weights: {weights_out} (held-out MSE {result['val_mse']:.5f}, "
         f"corrupted input {result['val_mse_corrupted_input']:.5f})")
     return result
