@@ -42,8 +42,11 @@ from dicom_ai.ingest.spool import Ingestor
 from dicom_ai.network.contexts import STORAGE_SOP_CLASSES
 from dicom_ai.network.handlers import handle_store
 from dicom_ai.network.scu import Peer, _associate
+from dicom_ai.network.tuning import install as tune_pynetdicom
 
 LOGGER = logging.getLogger(__name__)
+
+tune_pynetdicom()  # event-driven association threads, cached UID checks: see tuning.py
 
 __all__ = ["FindResult", "RetrieveResult", "find", "get_study", "move_study"]
 

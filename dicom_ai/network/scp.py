@@ -29,8 +29,11 @@ from dicom_ai.network import handlers
 from dicom_ai.network.contexts import scp_contexts, supported_contexts
 from dicom_ai.network.counters import ReceiverCounters
 from dicom_ai.network.qr import QueryRetrieveSCP
+from dicom_ai.network.tuning import install as tune_pynetdicom
 
 LOGGER = logging.getLogger(__name__)
+
+tune_pynetdicom()  # event-driven association threads, cached UID checks: see tuning.py
 
 
 class _Server(ThreadedAssociationServer):

@@ -14,8 +14,11 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
 from dicom_ai.network.contexts import scp_contexts
+from dicom_ai.network.tuning import install as tune_pynetdicom
 
 LOGGER = logging.getLogger(__name__)
+
+tune_pynetdicom()  # event-driven association threads, cached UID checks: see tuning.py
 
 __all__ = ["StandInPacs"]
 

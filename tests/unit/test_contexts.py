@@ -41,3 +41,18 @@ def test_storage_contexts_do_not_share_their_transfer_syntax_lists() -> None:
 def test_duplicate_abstract_syntaxes_are_refused() -> None:
     with pytest.raises(ValueError, match="distinct"):
         supported_contexts([build_context(VERIFICATION), build_context(VERIFICATION)])
+
+
+def test_deep_copies_are_equal_and_independent() -> None:
+    # pynetdicom deep-copies the acceptor's table for every association it accepts.
+    import copy
+
+    table = scp_contexts()
+    clone = copy.deepcopy(table)
+    assert [(str(a.abstract_syntax), a.transfer_syntax, a.scu_role, a.scp_role)
+            for a in table] == [(str(b.abstract_syntax), b.transfer_syntax, b.scu_role,
+                                 b.scp_role) for b in clone]
+    clone[-1].transfer_syntax.clear()
+    clone[-1].scp_role = False
+    assert [str(ts) for ts in table[-1].transfer_syntax] == ACCEPTED_TRANSFER_SYNTAXES
+    assert table[-1].scp_role is True
