@@ -18,10 +18,13 @@ code is not copied or changed: the two sleep calls are recognised by their calle
 object, every other ``time.sleep`` in pynetdicom passes through untouched.
 
 Negotiating an association that proposes a context per storage class (dcmtk ``storescu``'s
-default) cost the receiver 79 ms of CPU against Orthanc's 16.5 ms. A tenth of it was
-pynetdicom's UID check (``_config.VALIDATORS["UI"]``: an import statement and a UID object per
-call, for every UID of every context, both ways): :func:`install` caches its verdicts per UID
-string, through the hook pynetdicom provides for replacing validators.
+default) cost the receiver 79 ms of CPU against Orthanc's 16.5 ms; a bare pynetdicom acceptor
+with our context table spent 41 ms, a quarter of it turning the same few hundred UID strings
+into pydicom ``UID`` objects and checking them by regular expression (``set_uid``), again for
+every association. :func:`install` remembers ``set_uid``'s result per value, its validators'
+verdicts (``_config.VALIDATORS["UI"]`` and ``["AE"]``, the hook pynetdicom provides) per string,
+and the regular-expression check a presentation context makes twice per transfer syntax it
+adds (``UID.is_valid``, for the UIDs ``pynetdicom.presentation`` creates).
 
 Receiving, pynetdicom reads each PDU in 4 KB ``recv`` calls appended to a growing buffer:
 32 system calls for each 128 KB PDU ``storescu`` sends. :func:`install` reads straight into a
@@ -42,9 +45,12 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from pydicom.uid import UID
 from pynetdicom import _config
 from pynetdicom import association as _association
 from pynetdicom import dul as _dul
+from pynetdicom import presentation as _presentation
+from pynetdicom import utils as _utils
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
@@ -103,9 +109,30 @@ def install() -> None:
 
         Association.__init__ = wired_init  # type: ignore[method-assign]
         DULServiceProvider.run_reactor = run_reactor  # type: ignore[method-assign]
-        _config.VALIDATORS["UI"] = _cached_uid_check(_config.VALIDATORS["UI"])
+        for vr in ("UI", "AE"):
+            _config.VALIDATORS[vr] = _cached_check(_config.VALIDATORS[vr])
+        original_set_uid = _utils.set_uid
+        cached_set_uid = _cached_set_uid(original_set_uid)
+        for name, module in list(sys.modules.items()):  # each module imported it by name
+            if name.startswith("pynetdicom") and getattr(module, "set_uid", None) is (
+                    original_set_uid):
+                module.set_uid = cached_set_uid  # type: ignore[attr-defined]
+        _presentation.UID = _CheckedUID  # type: ignore[attr-defined]
         AssociationSocket.recv = _recv_exactly  # type: ignore[method-assign]
         _installed = True
+
+
+class _CheckedUID(UID):
+    """pydicom's UID with ``is_valid`` remembered per string (it is a regular expression)."""
+
+    @property
+    def is_valid(self) -> bool:
+        return _uid_is_valid(str(self))
+
+
+@functools.lru_cache(maxsize=4096)
+def _uid_is_valid(text: str) -> bool:
+    return UID(text).is_valid
 
 
 def _recv_exactly(self: AssociationSocket, nr_bytes: int) -> bytearray:
@@ -128,17 +155,34 @@ def _recv_exactly(self: AssociationSocket, nr_bytes: int) -> bytearray:
     return buffer
 
 
-def _cached_uid_check(check: Callable[[Any], tuple[bool, str]]
-                      ) -> Callable[[Any], tuple[bool, str]]:
-    """`check` (a UID validator: value -> (valid, reason)) remembered per UID string."""
+def _cached_check(check: Callable[[Any], tuple[bool, str]]
+                  ) -> Callable[[Any], tuple[bool, str]]:
+    """`check` (a validator: value -> (valid, reason)) remembered per string."""
     remembered = functools.lru_cache(maxsize=4096)(check)
 
     def cached(value: Any) -> tuple[bool, str]:
-        # Only plain UID strings: the verdict depends on nothing but the text (and a setting,
+        # Only strings: the verdict depends on nothing but the text (and a setting,
         # ENFORCE_UID_CONFORMANCE, fixed before the first association).
         if isinstance(value, str):
             return remembered(str(value))
         return check(value)
+
+    return cached
+
+
+def _cached_set_uid(set_uid: Callable[..., UID | None]) -> Callable[..., UID | None]:
+    """pynetdicom's ``set_uid`` (value -> validated UID) remembered per value and options.
+
+    A refused value raises every time (nothing is cached for it); a non-conformant one is
+    logged once. A UID that carries a private transfer syntax's encoding is not cached.
+    """
+    remembered = functools.lru_cache(maxsize=4096)(set_uid)
+
+    def cached(value: Any, *args: Any, **kwargs: Any) -> UID | None:
+        if type(value) in (str, bytes) or (
+                type(value) is UID and not hasattr(value, "_PRIVATE_TS_ENCODING")):
+            return remembered(value, *args, **kwargs)
+        return set_uid(value, *args, **kwargs)
 
     return cached
 
