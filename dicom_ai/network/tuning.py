@@ -74,9 +74,11 @@ def installed() -> bool:
 
 
 def install() -> None:
-    """Replace the 1 ms polling of pynetdicom's reactors with event-driven waits (idempotent).
+    """Apply the tuning of this module's docstring to pynetdicom, process-wide (idempotent).
 
-    Applies to every association of the process, acceptor and requestor alike.
+    Event-driven waits for both reactor threads, remembered UID conversions and checks, and
+    PDUs read with ``recv_into``; for every association of the process, acceptor and requestor
+    alike, created after the call.
     """
     global _installed
     with _lock:
