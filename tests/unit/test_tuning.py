@@ -79,6 +79,20 @@ def test_messages_wake_the_reactors_at_once(echo_server: int) -> None:
     assert assoc.is_released
 
 
+def test_back_to_back_requests_get_their_own_responses(echo_server: int) -> None:
+    # pynetdicom's pause handshake let the reactor take a response meant for the caller
+    # ("Received unexpected C-ECHO service message", then a DIMSE timeout): see _Checkpoint.
+    caller = _requestor()
+    caller.dimse_timeout = 5
+    for _ in range(10):
+        assoc = caller.associate("127.0.0.1", echo_server, ae_title="TUNED")
+        try:
+            statuses = [assoc.send_c_echo().get("Status") for _ in range(100)]
+        finally:
+            assoc.release()
+        assert statuses == [0] * 100
+
+
 def test_release_and_abort_end_both_threads(echo_server: int) -> None:
     for end in ("release", "abort"):
         assoc = _requestor().associate("127.0.0.1", echo_server, ae_title="TUNED")
@@ -140,3 +154,31 @@ def test_uid_checks_keep_their_verdicts() -> None:
         valid, _ = check("")
         assert not valid
     assert check(12345) == (False, "must be pydicom.uid.UID")
+
+
+@pytest.mark.parametrize(("sop_class", "sop_instance", "syntax"), [
+    ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", "1.2.840.10008.1.2.1"),  # odd, odd, odd
+    ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.44", "1.2.840.10008.1.2"),  # odd, even, odd
+    ("1.2.840.10008.5.1.4.1.1.7", "2.25." + "9" * 59, "1.2.840.10008.1.2.4.90"),  # 64 chars
+    ("1.2.840.10008.5.1.4.1.1.4", "1.2", "1.2.840.10008.1.2.5"),
+])
+def test_file_meta_bytes_are_pydicoms(sop_class: str, sop_instance: str, syntax: str) -> None:
+    """The file meta pynetdicom writes before a streamed C-STORE data set, byte for byte."""
+    from typing import Any
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import UID
+    from pynetdicom import dimse_messages
+    from pynetdicom.dsutils import create_file_meta
+
+    uids = {"sop_class_uid": UID(sop_class), "sop_instance_uid": UID(sop_instance),
+            "transfer_syntax": UID(syntax)}
+    reference = DicomBytesIO()
+    write_file_meta_info(reference, create_file_meta(**uids))
+    fast = DicomBytesIO()
+    decoder: Any = dimse_messages  # the two names its C-STORE decoder calls, called as it does
+    decoder.write_file_meta_info(fast, decoder.create_file_meta(**uids))
+    assert fast.getvalue() == reference.getvalue()
+    assert tuning.encode_file_meta(decoder.create_file_meta(**{**uids, "sop_instance_uid": ""})
+                                   ) is None
