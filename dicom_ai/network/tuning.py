@@ -290,9 +290,10 @@ class _Checkpoint(threading.Event):
     (about to take one message off the queue) could take the response meant for the caller:
     "Received unexpected C-ECHO service message", then a DIMSE timeout (pynetdicom issue 875;
     seen here with pynetdicom alone once in about 4000 back-to-back C-ECHOs on a loaded
-    machine, and in every run of 2000 while the reactor was woken at each resume). Here the released reactor first withdraws its "paused" and only
-    goes on if no pause was asked for meanwhile; otherwise it pauses again. A pause request
-    (``clear``) also wakes a reactor waiting for work.
+    machine, and in every run of 2000 while the reactor was woken at each resume). Here the
+    released reactor first withdraws its "paused" and only goes on if no pause was asked for
+    meanwhile; otherwise it pauses again. A pause request (``clear``) also wakes a reactor
+    waiting for work.
     """
 
     def __init__(self, assoc: Association, wake: threading.Event) -> None:
@@ -301,6 +302,10 @@ class _Checkpoint(threading.Event):
         self._wake = wake
 
     def clear(self) -> None:
+        if threading.current_thread() is self._assoc:
+            # The reactor pausing itself (its network-timeout A-RELEASE) is paused by
+            # definition, and it is the one that would have to say so to its own spin.
+            self._assoc._is_paused = True
         super().clear()
         self._wake.set()
 

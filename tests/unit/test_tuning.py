@@ -93,6 +93,34 @@ def test_back_to_back_requests_get_their_own_responses(echo_server: int) -> None
         assert statuses == [0] * 100
 
 
+def test_network_timeout_releases_an_idle_association() -> None:
+    # The reactor's own A-RELEASE on network timeout pauses its reactor from that thread.
+    from pynetdicom import evt
+
+    def release_on_timeout(event: evt.Event) -> None:
+        event.assoc.network_timeout_response = "A-RELEASE"
+
+    ae = AE(ae_title="TUNED")
+    ae.add_supported_context(VERIFICATION)
+    ae.network_timeout = 0.5
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_ESTABLISHED, release_on_timeout)])
+    assert server is not None
+    try:
+        assoc = _requestor().associate("127.0.0.1", port, ae_title="TUNED")
+        assert assoc.is_established
+        assoc.join(timeout=10)
+        assert not assoc.is_alive()
+        assert assoc.is_released
+        deadline = time.monotonic() + 10
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not server.active_associations
+    finally:
+        server.shutdown()
+
+
 def test_release_and_abort_end_both_threads(echo_server: int) -> None:
     for end in ("release", "abort"):
         assoc = _requestor().associate("127.0.0.1", echo_server, ae_title="TUNED")
