@@ -96,8 +96,7 @@ def scp_contexts() -> list[PresentationContext]:
     template = _acceptor_context(build_context(STORAGE_SOP_CLASSES[0], ACCEPTED_TRANSFER_SYNTAXES))
     template.scu_role, template.scp_role = True, True
     for uid in STORAGE_SOP_CLASSES:
-        context = copy.copy(template)
-        context._transfer_syntax = list(template.transfer_syntax)
+        context = copy.deepcopy(template)  # AcceptorContext: its own transfer syntax list
         context.abstract_syntax = uid
         contexts.append(context)
     return contexts

@@ -33,6 +33,7 @@ from dicom_ai.network.tuning import install as tune_pynetdicom
 LOGGER = logging.getLogger(__name__)
 
 tune_pynetdicom()  # event-driven association threads, cached UID checks: see tuning.py
+
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
 
 _TARGET = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>\[[0-9a-fA-F:]+\]|[^:]+):(?P<port>\d+)$")

@@ -10,12 +10,13 @@ contend for the GIL with the threads that do the work: with 4 senders the receiv
 - the DUL thread waits in ``select`` on its socket and on a wake-up socket pair that a put
   onto its queues from another thread (a primitive to send, an event) writes a byte to;
 - the association thread waits on a ``threading.Event`` that a put onto its queues (a DIMSE
-  message, an ACSE primitive) or a pause/resume of its reactor sets.
+  message, an ACSE primitive) or a request to pause its reactor sets.
 
 Both waits give up after a short bound, so the timers and kill flags pynetdicom checks in its
 loops (ARTIM, network timeout, DUL death) keep working, only checked less often. pynetdicom's
 code is not copied or changed: the two sleep calls are recognised by their caller's code
-object, every other ``time.sleep`` in pynetdicom passes through untouched.
+object, every other ``time.sleep`` in pynetdicom passes through untouched. The reactor's pause
+checkpoint is replaced too, closing a race in pynetdicom's pause handshake (:class:`_Checkpoint`).
 
 Negotiating an association that proposes a context per storage class (dcmtk ``storescu``'s
 default) cost the receiver 79 ms of CPU against Orthanc's 16.5 ms; a bare pynetdicom acceptor
@@ -88,9 +89,9 @@ def installed() -> bool:
 def install() -> None:
     """Apply the tuning of this module's docstring to pynetdicom, process-wide (idempotent).
 
-    Event-driven waits for both reactor threads, remembered UID conversions and checks, and
-    PDUs read with ``recv_into``; for every association of the process, acceptor and requestor
-    alike, created after the call.
+    Event-driven waits for both reactor threads and a race-free pause checkpoint, remembered UID
+    conversions and checks, PDUs read with ``recv_into``, file meta encoded directly; for every
+    association of the process, acceptor and requestor alike, created after the call.
     """
     global _installed
     with _lock:

@@ -248,12 +248,10 @@ def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
             "seeds": list(recipe.learning_curve_seeds),
             "seconds": round(time.perf_counter() - curve_started, 1)}
         curve_png = out / CLASSIFIER / VERSION / "report" / "learning_curve.png"
-        # With a results file the plot shows every pair it holds, not only this run's grid.
-        plotted = curve_summary(list(known.values())) if curve_results else summary[
-            "learning_curve"]
+        # Every pair known: with a results file, also those it held before this run's grid.
         report.plot_learning_curve(
             [(r["studies"], r["scratch_auc_mean"], r["pretrained_auc_mean"])
-             for r in plotted["sizes"]], curve_png)
+             for r in curve_summary(list(known.values()))["sizes"]], curve_png)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary_path.write_text(json.dumps(summary, indent=2, default=float))
     return summary
