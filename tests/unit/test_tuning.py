@@ -118,7 +118,12 @@ def test_network_timeout_releases_an_idle_association() -> None:
             time.sleep(0.05)
         assert not server.active_associations
     finally:
-        server.shutdown()
+        # A regression spins the acceptor's release forever, and shutdown() would wait for it:
+        # shut down from a daemon thread so the test fails instead of hanging the run.
+        stopper = threading.Thread(target=server.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(timeout=15)
+        assert not stopper.is_alive(), "server.shutdown() hung: an association never ended"
 
 
 def test_release_and_abort_end_both_threads(echo_server: int) -> None:
