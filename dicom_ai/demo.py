@@ -25,6 +25,8 @@ __all__ = ["DemoResult", "DemoStudy", "run_demo"]
 
 SR_CLASSES = {"1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.34"}
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"
+#: How long to wait for heat-map SCs once every SR has arrived.
+HEATMAP_GRACE_SECONDS = 10.0
 
 
 @dataclass
@@ -123,12 +125,16 @@ def run_demo(work: Path, *, studies: int = 4, seed: int = 7, timeout: float = 30
                 if str(ds.SOPClassUID) in SR_CLASSES and study.sr_path is None:
                     found = summarize_sr(ds)
                     study.sr_path = path
-                    study.probability = max(f.probability for f in found)
+                    study.probability = max((f.probability for f in found), default=None)
                     study.present = any(f.present for f in found)
                 elif str(ds.SOPClassUID) == SC_CLASS and path not in study.heatmap_paths:
                     study.heatmap_paths.append(path)
             if all(s.sr_path is not None for s in results.values()):
-                break
+                # A study's heat-map SC is its own outbox row and may follow its SR: give the
+                # stragglers a few seconds rather than stopping the service under them.
+                if all(s.heatmap_paths for s in results.values()):
+                    break
+                deadline = min(deadline, time.monotonic() + HEATMAP_GRACE_SECONDS)
             time.sleep(0.5)
     finally:
         service.stop()

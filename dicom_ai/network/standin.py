@@ -13,7 +13,7 @@ from pathlib import Path
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
-from dicom_ai.network.contexts import scp_contexts
+from dicom_ai.network.contexts import scp_contexts, supported_contexts
 from dicom_ai.network.tuning import install as tune_pynetdicom
 
 LOGGER = logging.getLogger(__name__)
@@ -68,7 +68,9 @@ class StandInPacs:
         """Listen; returns ``(host, port)``."""
         self.folder.mkdir(parents=True, exist_ok=True)
         ae = AE(ae_title=self.ae_title)
-        ae.supported_contexts = scp_contexts()
+        # As the receiver: the validated table as is (the setter revalidates every UID and
+        # drops roles).
+        ae._supported_contexts = supported_contexts(scp_contexts())
         server = ae.start_server((self.host, self.port), block=False,
                                  evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         assert server is not None  # block=False always returns the server
