@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from storage.models import ACTOR_API, ACTOR_DICOM, ACTOR_SYSTEM, AuditEvent, Instance, Series, Study
@@ -99,6 +99,10 @@ def _check_detail(detail: Mapping[str, Any]) -> None:
             _check_detail(value)
 
 
+#: The table itself, for Core inserts (typed as a Table, unlike ``AuditEvent.__table__``).
+_AUDIT_TABLE = AuditEvent.metadata.tables[AuditEvent.__tablename__]
+
+
 def _detail_json(entry: AuditEntry, uids_total: int) -> str:
     _check_detail(entry.detail)
     detail = dict(entry.detail)
@@ -133,20 +137,22 @@ def insert_events(session: Session, entries: Iterable[AuditEntry]) -> int:
     ValueError
         An unknown actor kind, a naive time, or a detail key that names a patient attribute.
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
     for entry in entries:
         if entry.actor_kind not in ACTOR_KINDS:
             raise ValueError(f"actor_kind must be one of {', '.join(ACTOR_KINDS)}")
         if entry.at.tzinfo is None:
             raise ValueError("audit times are timezone-aware")
         uids = list(dict.fromkeys(u for u in entry.uids if u))
-        rows.append(AuditEvent(
-            at=entry.at, actor_kind=entry.actor_kind, actor=entry.actor[:64],
-            peer=entry.peer[:64] if entry.peer else None, action=entry.action[:32],
-            study_instance_uid=entry.study_instance_uid or None,
-            uids=json.dumps(uids[:MAX_UIDS]), detail=_detail_json(entry, len(uids))))
-    session.add_all(rows)
-    session.flush()
+        rows.append({
+            "at": entry.at, "actor_kind": entry.actor_kind, "actor": entry.actor[:64],
+            "peer": entry.peer[:64] if entry.peer else None, "action": entry.action[:32],
+            "study_instance_uid": entry.study_instance_uid or None,
+            "uids": json.dumps(uids[:MAX_UIDS]), "detail": _detail_json(entry, len(uids))})
+    if rows:
+        # A Core executemany: the ORM's unit of work (identity map, id fetch per row) costs
+        # several times more CPU, on the receiver's GIL, for rows nobody reads back here.
+        session.execute(insert(_AUDIT_TABLE), rows)
     return len(rows)
 
 
