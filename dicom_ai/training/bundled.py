@@ -22,6 +22,12 @@ Steps, every one seeded:
    in epochs gave 12 studies a dozen gradient steps, and a validation set of three images cannot
    choose a "best" epoch.
 
+5. ``protocol``: how to fine-tune the pretrained backbone on few labelled studies, decided on
+   held-out TRAINING studies only (a validation split of the seed-1001 studies; the test
+   studies are never looked at): small labelled subsets of the rest are trained from scratch
+   and with each of :data:`PROTOCOLS` (full fine-tuning, a frozen-backbone stage then
+   everything at a lower rate, the head alone), and scored by validation AUC.
+
 Both models are evaluated on the test studies through the serving path; metrics, plots and
 model cards go into each model folder's ``report/test`` and the summary.
 """
@@ -44,7 +50,8 @@ from dicom_ai.training.pretrain import pretrain_backbone, pretraining_report
 from dicom_ai.training.synth import synthesize
 from dicom_ai.training.train import TrainOptions, train
 
-__all__ = ["STEPS", "Recipe", "backbone_weights_name", "build_bundled", "curve_summary", "main"]
+__all__ = ["PROTOCOLS", "STEPS", "Recipe", "backbone_weights_name", "build_bundled",
+           "curve_summary", "main", "protocol_summary"]
 
 CLASSIFIER = "chest-nodule"
 SEGMENTER = "chest-nodule-seg"
@@ -58,6 +65,16 @@ LEARNING_CURVE_SIZES = (25, 50, 100, 200)
 LEARNING_CURVE_SEEDS = (5, 6, 7)
 LEARNING_CURVE_EPOCHS = 6
 LEARNING_CURVE_STEPS_PER_EPOCH = 50
+#: Ways to train on a small labelled set, compared by the ``protocol`` step on validation
+#: studies: name -> TrainOptions overrides (the schedule is the learning curve's). ``scratch``
+#: has no backbone weights; the others start from the pretrained backbone.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "scratch": {"frozen_epochs": 0},
+    "full": {"frozen_epochs": 0},
+    "frozen-then-all": {"frozen_epochs": 2, "fine_tune_fraction": 1.0,
+                        "fine_tune_learning_rate": 1e-4},
+    "head-only": {"frozen_epochs": LEARNING_CURVE_EPOCHS},
+}
 
 
 def backbone_weights_name(input_size: int) -> str:
@@ -80,6 +97,11 @@ class Recipe:
     learning_curve_seeds: tuple[int, ...] = LEARNING_CURVE_SEEDS
     learning_curve_epochs: int = LEARNING_CURVE_EPOCHS
     learning_curve_steps_per_epoch: int = LEARNING_CURVE_STEPS_PER_EPOCH
+    #: The ``protocol`` step: labelled subset sizes and seeds, and how many of the training
+    #: studies are set aside to validate on (the subsets are drawn from the others).
+    protocol_sizes: tuple[int, ...] = (25, 50)
+    protocol_seeds: tuple[int, ...] = (11, 12)
+    protocol_validation_studies: int = 300
 
     @classmethod
     def tiny(cls) -> Recipe:
@@ -87,33 +109,62 @@ class Recipe:
         return cls(train_studies=24, test_studies=12, pretrain_studies=8, pretrain_epochs=1,
                    classifier_epochs=1, segmenter_epochs=1, input_size=64,
                    learning_curve=(12,), learning_curve_seeds=(5,), learning_curve_epochs=1,
-                   learning_curve_steps_per_epoch=2)
+                   learning_curve_steps_per_epoch=2, protocol_sizes=(8,), protocol_seeds=(5,),
+                   protocol_validation_studies=10)
+
+
+def _read_labels(labels: Path) -> tuple[list[str], list[dict[str, str]]]:
+    import csv
+
+    with open(labels, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _write_labels(fields: list[str], rows: list[dict[str, str]], out: Path,
+                  source: Path) -> Path:
+    """Write a labels CSV whose ``masks/`` (referenced relative to it) are ``source``'s."""
+    import csv
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    masks = out.parent / "masks"
+    if not masks.exists():
+        masks.symlink_to((source.parent / "masks").resolve(), target_is_directory=True)
+    return out
 
 
 def _subset_labels(labels: Path, studies: int, out: Path, seed: int) -> Path:
     """A labels CSV of ``studies`` studies drawn from ``labels`` (half positive, seeded)."""
-    import csv
     import random
 
-    with open(labels, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        fields = list(reader.fieldnames or [])
-        rows = list(reader)
+    fields, rows = _read_labels(labels)
     positives = [r for r in rows if r["label"] == "1"]
     negatives = [r for r in rows if r["label"] == "0"]
     half = studies // 2
     rng = random.Random(seed)  # noqa: S311 - a reproducible draw, not a secret
     chosen = rng.sample(positives, half) + rng.sample(negatives, studies - half)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(chosen)
-    # Masks are referenced relative to the labels file: point at the originals.
-    masks = out.parent / "masks"
-    if not masks.exists():
-        masks.symlink_to((labels.parent / "masks").resolve(), target_is_directory=True)
-    return out
+    return _write_labels(fields, chosen, out, labels)
+
+
+def _validation_split(labels: Path, validation: int, folder: Path) -> tuple[Path, Path]:
+    """Split a labels CSV into ``pool.csv`` and ``validation.csv`` (``validation`` studies).
+
+    Each synthetic study is its own patient, so a split by study is a split by patient.
+    """
+    import random
+
+    fields, rows = _read_labels(labels)
+    order = list(range(len(rows)))
+    random.Random(4242).shuffle(order)  # noqa: S311 - a reproducible split, not a secret
+    held = set(order[:validation])
+    pool = [r for i, r in enumerate(rows) if i not in held]
+    val = [r for i, r in enumerate(rows) if i in held]
+    return (_write_labels(fields, pool, folder / "pool.csv", labels),
+            _write_labels(fields, val, folder / "validation.csv", labels))
 
 
 def _finish(folder: Path, target: Path, evaluation: dict[str, Any], test_data: str) -> ModelSpec:
@@ -136,12 +187,13 @@ def _finish(folder: Path, target: Path, evaluation: dict[str, Any], test_data: s
     return spec
 
 
-STEPS = ("pretrain", "classifier", "segmenter", "curve")
+STEPS = ("pretrain", "classifier", "segmenter", "curve", "protocol")
 
 
 def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
                   *, steps: tuple[str, ...] = STEPS,
-                  curve_results: Path | None = None) -> dict[str, Any]:
+                  curve_results: Path | None = None,
+                  protocol_results: Path | None = None) -> dict[str, Any]:
     """Run the recipe's steps (see the module docstring); returns the summary it also writes.
 
     Each step can run on its own (the summary in ``work/summary.json`` accumulates), so a long
@@ -159,12 +211,16 @@ def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
         Sizes.
     steps : tuple of str
         Any of ``pretrain``, ``classifier``, ``segmenter``, ``curve`` (learning curve: test AUC
-        vs labelled training studies, from scratch vs from the pretrained backbone).
+        vs labelled training studies, from scratch vs from the pretrained backbone),
+        ``protocol`` (fine-tuning protocols compared on validation studies).
     curve_results : Path, optional
         A learning-curve results file (``benchmarks/results/learning_curve.json``): pairs it
         already holds for the same backbone weights (by SHA-256) are not trained again, and the
         file is rewritten with every pair of that backbone, so a grid can be completed over
         several runs or machines.
+    protocol_results : Path, optional
+        Where the ``protocol`` step writes its runs and summary
+        (``benchmarks/results/transfer_protocol.json``).
 
     Returns
     -------
@@ -252,6 +308,31 @@ def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
         report.plot_learning_curve(
             [(r["studies"], r["scratch_auc_mean"], r["pretrained_auc_mean"])
              for r in curve_summary(list(known.values()))["sizes"]], curve_png)
+    if "protocol" in steps:
+        selection = work / "protocol"
+        pool, validation = _validation_split(train_dir / "labels.csv",
+                                             recipe.protocol_validation_studies, selection)
+        rows = []
+        for studies in recipe.protocol_sizes:
+            for seed in recipe.protocol_seeds:
+                found = _protocol_run(selection / f"{studies}-seed{seed}", train_dir, pool,
+                                      validation, weights, recipe, studies, seed)
+                rows.extend(found)
+                print("protocol: " + ", ".join(
+                    f"{r['protocol']} {r['validation_auc']:.3f}" for r in found)
+                    + f" ({studies} studies, seed {seed}, validation AUC)", flush=True)
+        summary["protocol_runs"] = rows
+        summary["protocol"] = protocol_summary(rows) | {
+            "validation": (f"{recipe.protocol_validation_studies} of the "
+                           f"{recipe.train_studies} training studies (seed 1001), never in a "
+                           "subset; the test studies are not used"),
+            "schedule": "as the learning curve"}
+        if protocol_results is not None:
+            protocol_results.parent.mkdir(parents=True, exist_ok=True)
+            protocol_results.write_text(json.dumps(
+                {"benchmark": "transfer_protocol", "protocols": PROTOCOLS,
+                 "backbone_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+                 "runs": rows, "summary": summary["protocol"]}, indent=2, default=float) + "\n")
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary_path.write_text(json.dumps(summary, indent=2, default=float))
     return summary
@@ -288,6 +369,67 @@ def _curve_run(folder: Path, train_dir: Path, test_dir: Path, weights: Path, rec
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
     done.write_text(json.dumps(row, default=float))
     return row
+
+
+def _protocol_run(folder: Path, train_dir: Path, pool: Path, validation: Path, weights: Path,
+                  recipe: Recipe, studies: int, seed: int) -> list[dict[str, Any]]:
+    """Every :data:`PROTOCOLS` entry on one labelled subset of ``pool``, scored on ``validation``.
+
+    Each result is kept in ``folder/<protocol>.json``, so an interrupted step resumes.
+    """
+    labels = _subset_labels(pool, studies, folder / "labels.csv", seed=seed * 1000 + studies)
+    rows = []
+    for protocol, overrides in PROTOCOLS.items():
+        done = folder / f"{protocol}.json"
+        if not done.is_file():
+            run = folder / protocol
+            if run.exists():
+                shutil.rmtree(run)
+            train(TrainOptions(
+                data=train_dir, labels=labels, arch="synth-backbone", out=run,
+                name=f"protocol-{protocol}", version="0.0.1",
+                epochs=recipe.learning_curve_epochs,
+                steps_per_epoch=recipe.learning_curve_steps_per_epoch, keep_best=False,
+                backbone_weights=None if protocol == "scratch" else weights, seed=seed,
+                input_size=recipe.input_size, val_fraction=0.25, **overrides),
+                say=lambda _: None)
+            metrics = evaluate_model(run, train_dir, validation, n_bootstrap=200)
+            shutil.rmtree(run)
+            done.write_text(json.dumps({
+                "studies": studies, "seed": seed, "protocol": protocol,
+                "validation_auc": float(metrics["roc_auc"] or 0.0)}))
+        rows.append(dict(json.loads(done.read_text())))
+    return rows
+
+
+def protocol_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean validation AUC per protocol and size, and the pretrained protocol that did best.
+
+    Parameters
+    ----------
+    rows : list of dict
+        ``studies``, ``seed``, ``protocol``, ``validation_auc`` per run.
+
+    Returns
+    -------
+    dict
+        ``protocols``: per protocol, the mean AUC over all its runs and per size;
+        ``best_pretrained``: the protocol other than ``scratch`` with the highest mean.
+    """
+    import numpy as np
+
+    table: dict[str, Any] = {}
+    for protocol in dict.fromkeys(r["protocol"] for r in rows):
+        mine = [r for r in rows if r["protocol"] == protocol]
+        table[protocol] = {
+            "mean_auc": float(np.mean([r["validation_auc"] for r in mine])),
+            "sizes": {str(n): float(np.mean([r["validation_auc"] for r in mine
+                                             if r["studies"] == n]))
+                      for n in sorted({r["studies"] for r in mine})}}
+    pretrained = {k: v["mean_auc"] for k, v in table.items() if k != "scratch"}
+    return {"protocols": table,
+            "best_pretrained": max(pretrained, key=lambda k: pretrained[k]) if pretrained
+            else None}
 
 
 def _known_pairs(results: Path | None, backbone_sha: str) -> dict[tuple[int, int], dict[str, Any]]:
@@ -386,6 +528,13 @@ def main() -> None:
     parser.add_argument("--curve-results", type=Path,
                         help="learning-curve results file to resume from and rewrite, e.g. "
                              "benchmarks/results/learning_curve.json")
+    parser.add_argument("--protocol-sizes", help="protocol step sizes, comma-separated "
+                        f"(default {','.join(map(str, Recipe.protocol_sizes))})")
+    parser.add_argument("--protocol-seeds", help="protocol step seeds, comma-separated "
+                        f"(default {','.join(map(str, Recipe.protocol_seeds))})")
+    parser.add_argument("--protocol-results", type=Path,
+                        help="where the protocol step writes its results, e.g. "
+                             "benchmarks/results/transfer_protocol.json")
     args = parser.parse_args()
     recipe = Recipe.tiny() if args.tiny else Recipe()
     if args.curve_sizes:
@@ -393,9 +542,16 @@ def main() -> None:
     if args.curve_seeds:
         recipe = replace(recipe, learning_curve_seeds=tuple(
             int(n) for n in args.curve_seeds.split(",")))
+    if args.protocol_sizes:
+        recipe = replace(recipe, protocol_sizes=tuple(
+            int(n) for n in args.protocol_sizes.split(",")))
+    if args.protocol_seeds:
+        recipe = replace(recipe, protocol_seeds=tuple(
+            int(n) for n in args.protocol_seeds.split(",")))
     summary = build_bundled(args.work, args.out, args.weights_out, recipe,
                             steps=tuple(step for step in args.steps.split(",") if step),
-                            curve_results=args.curve_results)
+                            curve_results=args.curve_results,
+                            protocol_results=args.protocol_results)
     if args.summary:
         args.summary.write_text(json.dumps(summary, indent=2, default=float) + "\n")
     print(json.dumps({name: {k: v for k, v in model["test"].items()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -14,11 +15,13 @@ from dicom_ai.inference.registry import BUNDLED_ROOT, DEFAULT_MODEL, Registry
 from dicom_ai.inference.runtime import load_predictor
 from dicom_ai.training.bundled import (
     CLASSIFIER,
+    PROTOCOLS,
     SEGMENTER,
     Recipe,
     backbone_weights_name,
     build_bundled,
     curve_summary,
+    protocol_summary,
 )
 from dicom_ai.training.dataset import load_inputs, read_samples
 from dicom_ai.training.synth import synthesize
@@ -77,8 +80,9 @@ def test_gradcam_highlights_the_nodule_on_positive_phantoms(phantoms: Path) -> N
 def test_the_recipe_runs_end_to_end(tmp_path: Path) -> None:
     """The recipe that made the bundled models, on a tiny budget, so it cannot rot."""
     results = tmp_path / "learning_curve.json"
+    protocols = tmp_path / "transfer_protocol.json"
     summary = build_bundled(tmp_path / "work", tmp_path / "bundled", tmp_path / "weights",
-                            Recipe.tiny(), curve_results=results)
+                            Recipe.tiny(), curve_results=results, protocol_results=protocols)
     for name in (CLASSIFIER, SEGMENTER):
         folder = tmp_path / "bundled" / name / "1.0.0"
         assert load_predictor(folder).spec.name == name
@@ -93,6 +97,19 @@ def test_the_recipe_runs_end_to_end(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "work" / "summary.json").read_text())
     assert saved["recipe"]["train_studies"] == 24
     assert BUNDLED_ROOT.is_dir()
+    # The protocol step: every protocol once per subset, scored on validation studies that are
+    # training studies no subset drew from.
+    written_protocols = json.loads(protocols.read_text())
+    assert [r["protocol"] for r in written_protocols["runs"]] == list(PROTOCOLS)
+    assert written_protocols["summary"]["best_pretrained"] in set(PROTOCOLS) - {"scratch"}
+    selection = tmp_path / "work" / "protocol"
+    validation = {r["SOPInstanceUID"] for r in _rows(selection / "validation.csv")}
+    pool = {r["SOPInstanceUID"] for r in _rows(selection / "pool.csv")}
+    subset = {r["SOPInstanceUID"] for r in _rows(selection / "8-seed5" / "labels.csv")}
+    assert len(validation) == 10
+    assert len(pool) == 14
+    assert not validation & pool
+    assert subset <= pool
     # The results file resumes the grid: a pair it holds for these weights is not trained again.
     written = json.loads(results.read_text())
     assert [(r["studies"], r["seed"]) for r in written["runs"]] == [(12, 5)]
@@ -102,6 +119,22 @@ def test_the_recipe_runs_end_to_end(tmp_path: Path) -> None:
                           Recipe.tiny(), steps=("curve",), curve_results=results)
     assert again["learning_curve_runs"] == written["runs"]
     assert not (tmp_path / "work" / "curve-12-seed5").exists()
+
+
+def _rows(labels: Path) -> list[dict[str, str]]:
+    with labels.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_protocol_summary_picks_the_best_pretrained_protocol() -> None:
+    rows = [{"studies": n, "seed": seed, "protocol": protocol, "validation_auc": auc + 0.01 * seed}
+            for n in (25, 50) for seed in (1, 2)
+            for protocol, auc in (("scratch", 0.9), ("full", 0.6), ("head-only", 0.7))]
+    summary = protocol_summary(rows)
+    assert summary["best_pretrained"] == "head-only"  # scratch is the reference, not a choice
+    assert summary["protocols"]["full"]["mean_auc"] == pytest.approx(0.615)
+    assert summary["protocols"]["head-only"]["sizes"] == {"25": pytest.approx(0.715),
+                                                          "50": pytest.approx(0.715)}
 
 
 def test_curve_summary_pairs_runs_of_the_same_seed() -> None:
