@@ -290,11 +290,10 @@ def db_reconcile(config: ConfigOption = None) -> None:
     Run it while the service is stopped or running; it is idempotent.
     """
     from dicom_ai.ingest.recovery import reconcile
-    from storage.filestore import FileStore
 
     settings = _settings(config)
     db = _database(settings)
-    indexed, removed, quarantined = reconcile(FileStore(settings.storage.root), db)
+    indexed, removed, quarantined = reconcile(settings.storage.file_store(), db)
     db.dispose()
     typer.echo(f"indexed {indexed} file(s), removed {removed} row(s), "
                f"quarantined {quarantined} file(s)")
@@ -312,7 +311,6 @@ def purge(
     Nothing that is not yet processed and delivered is ever deleted.
     """
     from dicom_ai import retention
-    from storage.filestore import FileStore
 
     settings = _settings(config)
     if not settings.retention.enabled:
@@ -322,7 +320,7 @@ def purge(
     try:
         outcome = retention.plan(db, settings.retention)
         if not dry_run:
-            outcome = retention.apply(outcome, FileStore(settings.storage.root), db)
+            outcome = retention.apply(outcome, settings.storage.file_store(), db)
     finally:
         db.dispose()
     if as_json:
@@ -959,7 +957,6 @@ def batch_export(
 ) -> None:
     """Retrieve studies and write a de-identified training set that `dicom-ai train` reads."""
     from dicom_ai.batch.export import export_training_set
-    from storage.filestore import FileStore
 
     if profile != "basic":
         raise _fail(ValueError(f"unknown profile {profile!r}: only 'basic' exists"))
@@ -973,7 +970,7 @@ def batch_export(
                                f"{counts.failed} failed)"))
     target = mapping or out.resolve().parent / f"{out.resolve().name}.reidentify.json"
     try:
-        report = export_training_set(db, FileStore(settings.storage.root), batch_id, labels,
+        report = export_training_set(db, settings.storage.file_store(), batch_id, labels,
                                      out, target)
     except DicomAIError as exc:
         raise _fail(exc) from None

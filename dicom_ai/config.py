@@ -32,6 +32,7 @@ from pydantic_settings import (
 )
 
 from dicom_ai.exceptions import ConfigError
+from storage.filestore import FileStore, check_node
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 #: The SR SOP class a destination receives: Comprehensive SR or Comprehensive 3D SR.
@@ -111,6 +112,18 @@ class StorageSettings(_Section):
     database_url: str | None = None
     min_free_bytes: Annotated[int, Field(ge=0)] = 1_000_000_000
     duplicates: Literal["keep-first", "replace"] = "keep-first"
+    # This host's id among hosts sharing the root (its incoming/ folder and clean-shutdown
+    # marker); None: the host name. In Kubernetes, the pod name.
+    node: str | None = None
+
+    @field_validator("node")
+    @classmethod
+    def _node(cls, value: str | None) -> str | None:
+        return None if value is None else check_node(value)
+
+    def file_store(self) -> FileStore:
+        """The file store at ``root`` for this node (creates its folders)."""
+        return FileStore(self.root, node=self.node)
 
     @property
     def url(self) -> str:

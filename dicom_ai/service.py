@@ -52,7 +52,7 @@ class Components:
 
 def build_components(settings: Settings) -> Components:
     """Open the store and the index of `settings` (no migration, no recovery)."""
-    store = FileStore(settings.storage.root)
+    store = settings.storage.file_store()
     db = Database(settings.storage.url)
     return Components(
         store=store,

@@ -2,7 +2,8 @@
 
 Layout under the store root::
 
-    incoming/     temporary files being received (same filesystem, so the final move is a rename)
+    incoming/<node>/  temporary files being received by one host (same filesystem, so the final
+                  move is a rename); each host that shares the root has its own folder
     instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm
     quarantine/<YYYYMMDD>/<uuid>.dcm + <uuid>.json (the reason; never patient data)
 
@@ -17,6 +18,8 @@ import logging
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -86,6 +89,24 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+#: A node id names a folder: letters, digits, ``.``, ``_`` and ``-``, 1-64 characters.
+_NODE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+
+
+def default_node() -> str:
+    """This host's name as a node id (characters a folder name may not hold become ``_``)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64].lstrip(".")
+    return name or "node"
+
+
+def check_node(node: str) -> str:
+    """Return ``node`` if it is a valid node id, else raise ValueError."""
+    if not _NODE.match(node):
+        raise ValueError(f"node id {node!r}: use 1-64 letters, digits, '.', '_' or '-' "
+                         "(not starting with '.')")
+    return node
+
+
 class FileStore:
     """The instance store under one root folder.
 
@@ -93,11 +114,17 @@ class FileStore:
     ----------
     root : Path
         The store root; created with its sub-folders if absent.
+    node : str, optional
+        This host's id among the hosts sharing the root (``storage.node``; default: the host
+        name). Partial receptions go to ``incoming/<node>/``, so a host that starts clears only
+        its own.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, node: str | None = None) -> None:
         self.root = root.resolve()
-        self.incoming = self.root / "incoming"
+        self.node = check_node(node) if node is not None else default_node()
+        self.incoming_root = self.root / "incoming"
+        self.incoming = self.incoming_root / self.node
         self.instances = self.root / "instances"
         self.quarantine_dir = self.root / "quarantine"
         for folder in (self.root, self.incoming, self.instances, self.quarantine_dir):
@@ -246,7 +273,9 @@ class FileStore:
             )
 
     def clear_incoming(self) -> int:
-        """Delete leftovers of receptions that never completed (never acknowledged).
+        """Delete this node's leftovers of receptions that never completed (never acknowledged).
+
+        Only ``incoming/<node>/``: other hosts sharing the root may be receiving right now.
 
         Returns
         -------
@@ -260,6 +289,43 @@ class FileStore:
                 removed += 1
         if removed:
             fsync_dir(self.incoming)
+        return removed
+
+    def sweep_stale_incoming(self, max_age: float) -> int:
+        """Delete other nodes' partial files untouched for ``max_age`` seconds.
+
+        A reception in progress writes to its file with every PDU, so a file this old belongs to
+        a host that died or was replaced (a new pod name) and was never acknowledged. Files left
+        directly in ``incoming/`` by versions before per-node folders are swept the same way.
+        The folders themselves stay: a live but idle host needs its own.
+
+        Parameters
+        ----------
+        max_age : float
+            Seconds since the last modification.
+
+        Returns
+        -------
+        int
+            How many files were removed.
+        """
+        cutoff = time.time() - max_age
+        removed = 0
+        folders = [self.incoming_root] + [
+            Path(e.path) for e in os.scandir(self.incoming_root)
+            if e.is_dir(follow_symlinks=False) and e.name != self.node]
+        for folder in folders:
+            swept = 0
+            for entry in os.scandir(folder):
+                try:
+                    if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        swept += 1
+                except FileNotFoundError:
+                    continue  # its host finished (renamed) or removed it meanwhile
+            if swept:
+                fsync_dir(folder)
+            removed += swept
         return removed
 
     def iter_relative_paths(self) -> Iterator[str]:

@@ -39,7 +39,6 @@ from dicom_ai.network.qr_scu import RetrieveResult, find, get_study, move_study
 from dicom_ai.network.scu import Peer
 from storage import batches
 from storage.db import Database
-from storage.filestore import FileStore
 
 LOGGER = logging.getLogger(__name__)
 
@@ -420,7 +419,7 @@ class BatchRunner:
         if self.source.retrieve == "move":
             return move_study(self.peer, self.settings.dicom, study_instance_uid,
                               self.settings.dicom.ae_title)
-        ingestor = Ingestor(FileStore(self.settings.storage.root), self.db,
+        ingestor = Ingestor(self.settings.storage.file_store(), self.db,
                             self.settings.storage)
         return get_study(self.peer, self.settings.dicom, study_instance_uid, ingestor)
 

@@ -21,7 +21,6 @@ from dicom_ai.config import Settings
 from dicom_ai.network.scu import FileToSend, Peer, inspect, send_files
 from storage import jobs
 from storage.db import Database
-from storage.filestore import FileStore
 
 LOGGER = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class OutboxSender:
     def __init__(self, settings: Settings, db: Database) -> None:
         self.settings = settings
         self.db = db
-        self.store = FileStore(settings.storage.root)
+        self.store = settings.storage.file_store()
         self.auditor = Auditor(db)
         self._wake = threading.Event()
         self._stop = threading.Event()

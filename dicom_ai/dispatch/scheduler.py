@@ -26,7 +26,6 @@ from dicom_ai.exceptions import ConfigError
 from dicom_ai.routing import evaluate_file
 from storage import batches, jobs
 from storage.db import Database
-from storage.filestore import FileStore
 from storage.repository import STUDY_COMPLETE, pending_events
 
 LOGGER = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ class Scheduler:
                  dispatcher: Dispatcher | None) -> None:
         self.settings = settings
         self.db = db
-        self.store = FileStore(settings.storage.root)
+        self.store = settings.storage.file_store()
         self.dispatcher = dispatcher
         self._wake = threading.Event()
         self._stop = threading.Event()

@@ -2,12 +2,17 @@
 
 The files are the truth. After a crash:
 
-* ``incoming/`` may hold partial receptions that were never acknowledged: they are deleted;
+* ``incoming/<node>/`` may hold partial receptions that were never acknowledged: they are
+  deleted (other nodes' partial files only once they are stale: those hosts may be receiving);
 * ``instances/`` may hold files renamed into place whose index row was not yet committed
   (never acknowledged, but complete and fsynced): they are indexed;
 * rows whose file was removed by hand are deleted.
 
-A clean shutdown leaves a marker file; its presence at start lets recovery skip the full walk.
+A clean shutdown leaves a marker file for its node (``CLEAN_SHUTDOWN.<node>``); its presence
+at start lets that node's recovery skip the full walk. Several hosts may share one store root
+and one database: each clears only its own partial files and trusts only its own marker, and
+the reconciliation is safe while other hosts receive (indexing is idempotent, and a row is
+deleted only after re-checking that its file is gone).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from dicom_ai.exceptions import IngestError
 from dicom_ai.ingest.index import read_stored_record
@@ -26,6 +32,14 @@ from storage.filestore import FileStore, fsync_dir
 
 LOGGER = logging.getLogger(__name__)
 CLEAN_MARKER = "CLEAN_SHUTDOWN"
+#: Other nodes' partial files untouched this long are swept at start (an association that
+#: sends nothing for ``dicom.network_timeout`` is aborted long before).
+STALE_PARTIAL_SECONDS = 3600.0
+
+
+def clean_marker(store: FileStore) -> Path:
+    """This node's clean-shutdown marker, ``<root>/CLEAN_SHUTDOWN.<node>``."""
+    return store.root / f"{CLEAN_MARKER}.{store.node}"
 
 
 @dataclass(frozen=True)
@@ -40,15 +54,21 @@ class RecoveryReport:
 
 
 def mark_clean_shutdown(store: FileStore) -> None:
-    """Leave the marker that lets the next start skip the full reconciliation."""
-    marker = store.root / CLEAN_MARKER
-    marker.write_text(datetime.now(UTC).isoformat())
+    """Leave the marker that lets this node's next start skip the full reconciliation."""
+    clean_marker(store).write_text(datetime.now(UTC).isoformat())
     fsync_dir(store.root)
 
 
 def take_clean_marker(store: FileStore) -> bool:
-    """Remove the clean-shutdown marker; True if it was there."""
-    marker = store.root / CLEAN_MARKER
+    """Remove this node's clean-shutdown marker; True if it was there.
+
+    The single ``CLEAN_SHUTDOWN`` of versions before per-node markers is removed and not
+    trusted (it may be another host's): that start reconciles once.
+    """
+    legacy = store.root / CLEAN_MARKER
+    if legacy.exists():
+        legacy.unlink()
+    marker = clean_marker(store)
     if not marker.exists():
         return False
     marker.unlink()
@@ -56,12 +76,19 @@ def take_clean_marker(store: FileStore) -> bool:
     return True
 
 
-def clear_incoming(store: FileStore) -> int:
-    """Delete partial receptions (call before any receiver starts)."""
+def clear_incoming(store: FileStore, *, stale_after: float = STALE_PARTIAL_SECONDS) -> int:
+    """Delete this node's partial receptions and other nodes' stale ones.
+
+    Call before this node's receivers start.
+    """
     removed = store.clear_incoming()
     if removed:
         LOGGER.info("removed %d partial reception(s) from %s", removed, store.incoming)
-    return removed
+    swept = store.sweep_stale_incoming(stale_after)
+    if swept:
+        LOGGER.info("removed %d stale partial reception(s) of other nodes under %s", swept,
+                    store.incoming_root)
+    return removed + swept
 
 
 def reconcile(store: FileStore, db: Database) -> tuple[int, int, int]:
@@ -117,6 +144,20 @@ def reconcile(store: FileStore, db: Database) -> tuple[int, int, int]:
     return indexed, removed, quarantined
 
 
+def _withdraw_request(marker: Path, seen: os.stat_result) -> None:
+    """Remove the reconcile request this walk answered, unless it was renewed meanwhile.
+
+    A receiver (of any node) touches the marker when it needs a walk; one that does so while
+    this walk runs may have stored its file after the walk passed it, so its request stays.
+    """
+    try:
+        now = marker.stat()
+    except FileNotFoundError:
+        return
+    if (now.st_ino, now.st_mtime_ns) == (seen.st_ino, seen.st_mtime_ns):
+        marker.unlink(missing_ok=True)
+
+
 def recover(store: FileStore, db: Database, *, force: bool = False) -> RecoveryReport:
     """Run start-up recovery (partial files, then reconciliation unless the last stop was clean).
 
@@ -136,13 +177,17 @@ def recover(store: FileStore, db: Database, *, force: bool = False) -> RecoveryR
     """
     clean = take_clean_marker(store)
     requested = store.root / RECONCILE_MARKER
-    if requested.exists():  # an index write failed after its file was stored
+    try:  # an index write failed after its file was stored (on any node)
+        request = requested.stat()
         force = True
+    except FileNotFoundError:
+        request = None
     partial = clear_incoming(store)
     indexed = removed = quarantined = 0
     if force or not clean:
         indexed, removed, quarantined = reconcile(store, db)
-    requested.unlink(missing_ok=True)
+    if request is not None:
+        _withdraw_request(requested, request)
     report = RecoveryReport(clean, partial, indexed, removed, quarantined)
     if partial or indexed or removed or quarantined:
         LOGGER.warning("recovery: %s", report)

@@ -49,7 +49,7 @@ from dicom_ai.pipeline.preprocessing import (
 )
 from storage import jobs
 from storage.db import Database
-from storage.filestore import FileStore, fsync_dir, fsync_file
+from storage.filestore import fsync_dir, fsync_file
 
 LOGGER = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ class JobRunner:
         self.settings = settings
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.db = db or Database(settings.storage.url)
-        self.store = FileStore(settings.storage.root)
+        self.store = settings.storage.file_store()
         self.models = ModelCache(Registry(settings.storage.root / "models"))
 
     def preload(self, names: Sequence[str]) -> None:

@@ -23,13 +23,15 @@ from tests.peers import DicomAIServe, free_port, make_ct_series, storescu
 SUCCESS = 0x0000
 
 
-def write_config(tmp_path: Path, db_url: str, port: int, receivers: int = 1) -> Path:
+def write_config(tmp_path: Path, db_url: str, port: int, receivers: int = 1, *,
+                 root: Path | None = None, node: str | None = None) -> Path:
     """A config file for a serve process on loopback (tests.peers.ENV: the API on a free port)."""
     config = tmp_path / "config.toml"
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config.write_text(
         f'[dicom]\nhost = "127.0.0.1"\nport = {port}\nreceivers = {receivers}\n'
-        f'[storage]\nroot = "{tmp_path / "store"}"\ndatabase_url = "{db_url}"\n'
-        "min_free_bytes = 0\n"
+        f'[storage]\nroot = "{root or tmp_path / "store"}"\ndatabase_url = "{db_url}"\n'
+        "min_free_bytes = 0\n" + (f'node = "{node}"\n' if node else "") +
         "[completion]\nseries_quiet_seconds = 600\nstudy_quiet_seconds = 600\n"
         '[logging]\nlevel = "INFO"\n'
     )
@@ -120,7 +122,7 @@ def test_kill_9_loses_nothing_acknowledged(
             assert original.SOPInstanceUID in rows
             stored = pydicom.dcmread(store / rows[original.SOPInstanceUID])
             assert stored.PixelData == original.PixelData
-        assert list((store / "incoming").iterdir()) == []
+        assert [p for p in (store / "incoming").rglob("*") if p.is_file()] == []
         on_disk = list((store / "instances").rglob("*"))
         assert all(p.is_dir() or p.suffix == ".dcm" for p in on_disk)
         assert len([p for p in on_disk if p.is_file()]) == len(rows)
@@ -186,3 +188,78 @@ def test_receiver_pool_shares_the_port_and_survives_a_dead_receiver(
         assert _stored_count(server) == 100
     finally:
         server.stop()
+
+
+def test_two_hosts_share_one_store_and_restart_independently(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Two serve processes (nodes a and b) on one store root and one index.
+
+    A node that starts clears only its own partial receptions (another node's reception in
+    progress survives; stale ones of dead nodes are swept) and trusts only its own clean-shutdown
+    marker, while the other node keeps receiving.
+    """
+    need_binary("storescu")
+    store = tmp_path / "store"
+    port_a, port_b = free_port(), free_port()
+    a = DicomAIServe(write_config(tmp_path / "a", db_url, port_a, root=store, node="a"), port_a)
+    b = DicomAIServe(write_config(tmp_path / "b", db_url, port_b, root=store, node="b"), port_b)
+    to_a = make_ct_series(tmp_path / "to-a", 30, size=64, seed=1)
+    to_b = make_ct_series(tmp_path / "to-b", 5, size=64, seed=2)
+    orphans = make_ct_series(tmp_path / "orphans", 2, size=64, seed=3)
+    a.start()
+    b.start()
+    try:
+        assert storescu(port_b, to_b).returncode == 0
+        # A reception in progress on node a (its file is written to with every PDU), and
+        # leftovers of a replaced pod and of a version without node folders.
+        in_progress = store / "incoming" / "a" / "receiving.part"
+        in_progress.write_bytes(b"being received")
+        stale = [store / "incoming" / "old-pod" / "x.part", store / "incoming" / "y.part"]
+        stale[0].parent.mkdir()
+        old = time.time() - 2 * 3600
+        for path in stale:
+            path.write_bytes(b"never acknowledged")
+            os.utime(path, (old, old))
+
+        # Node b dies and restarts while node a receives.
+        b.kill()
+        orphan = _place(store, orphans[0])  # renamed into place by b just before it died
+        pusher = Pusher(port_a, to_a)
+        pusher.start()
+        b.start()
+        pusher.join(120)
+        assert pusher.error is None
+        assert len(pusher.acked) == len(to_a)
+        assert in_progress.read_bytes() == b"being received"
+        assert not any(path.exists() for path in stale)
+        assert orphan in indexed(db_url).values()
+
+        # a stops cleanly; b dies again: b's start walks the store although a's marker is there.
+        a.stop()
+        assert (store / "CLEAN_SHUTDOWN.a").exists()
+        b.kill()
+        second = _place(store, orphans[1])
+        b.start()
+        assert second in indexed(db_url).values()
+        assert (store / "CLEAN_SHUTDOWN.a").exists()
+        a.start()  # its own marker: no walk, and its folder is cleared
+        assert not (store / "CLEAN_SHUTDOWN.a").exists()
+        assert not in_progress.exists()
+        assert ("RecoveryReport(clean_shutdown=True, partial_files_removed=1, files_indexed=0"
+                in a.log_path.read_text())
+        assert len(indexed(db_url)) == len(to_a) + len(to_b) + len(orphans)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _place(store: Path, source: Path) -> str:
+    """Copy an instance to its place in the store without an index row; its relative path."""
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    relative = (f"instances/{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/"
+                f"{ds.SOPInstanceUID}.dcm")
+    target = store / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(source.read_bytes())
+    return relative

@@ -147,7 +147,7 @@ def test_storescu_series_is_stored_indexed_and_identical(
         assert copy.PixelData == ds.PixelData
         assert copy.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
     assert index_count(service.settings) == 12
-    assert not list((service.settings.storage.root / "incoming").iterdir())
+    assert not [p for p in (service.settings.storage.root / "incoming").rglob("*") if p.is_file()]
 
 
 def test_compressed_transfer_syntaxes_stored_exactly_as_sent(
@@ -293,7 +293,7 @@ def test_duplicate_policy(
     assert index_count(service.settings) == 1
     kept = pydicom.dcmread(stored_path(service.settings, ds))
     assert kept.SeriesDescription == ("FIRST" if policy == "keep-first" else "SECOND")
-    assert not list((service.settings.storage.root / "incoming").iterdir())
+    assert not [p for p in (service.settings.storage.root / "incoming").rglob("*") if p.is_file()]
 
 
 def test_fifty_concurrent_associations(service: Service, tmp_path: Path) -> None:

@@ -343,9 +343,12 @@ def test_k8s_deployments() -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert {11112, 8080} <= _ports(receiver)
-    # Two receivers on one store would undo each other's start-up recovery.
-    assert receiver["spec"]["replicas"] == 1
-    assert receiver["spec"]["strategy"]["type"] == "Recreate"
+    # Pods share the store: each needs its own node id (its incoming/ folder and clean marker),
+    # and a rolling update keeps the old pod receiving until the new one is ready.
+    env = {e["name"]: e for e in container["env"]}
+    assert env["DICOM_AI_STORAGE__NODE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert receiver["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert receiver["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     worker = deployments["dicom-ai-worker"]
     assert worker["spec"]["template"]["spec"]["containers"][0]["args"][0] == "worker"
     assert "ReadWriteMany" in claims["dicom-ai-data"]["spec"]["accessModes"]

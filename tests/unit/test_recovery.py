@@ -17,7 +17,13 @@ from pydicom.uid import generate_uid
 
 from dicom_ai.exceptions import InvalidUIDError
 from dicom_ai.ingest.index import read_stored_record
-from dicom_ai.ingest.recovery import CLEAN_MARKER, mark_clean_shutdown, recover
+from dicom_ai.ingest.recovery import (
+    CLEAN_MARKER,
+    STALE_PARTIAL_SECONDS,
+    clean_marker,
+    mark_clean_shutdown,
+    recover,
+)
 from dicom_ai.ingest.spool import RECONCILE_MARKER
 from storage import repository
 from storage.db import Database
@@ -111,7 +117,7 @@ def test_unclean_stop_indexes_orphans_and_drops_rows_without_files(
     index(store, db, kept)
     index(store, db, gone)
     store.absolute(gone).unlink()
-    assert not (store.root / CLEAN_MARKER).exists()
+    assert not clean_marker(store).exists()
 
     report = recover(store, db)
 
@@ -174,7 +180,7 @@ def test_clean_shutdown_skips_the_walk_unless_reconcile_is_requested(
     assert report.partial_files_removed == 1  # incoming/ is always cleared
     assert report.files_indexed == 0
     assert indexed(db) == set()
-    assert not (store.root / CLEAN_MARKER).exists()  # the marker is consumed
+    assert not clean_marker(store).exists()  # the marker is consumed
 
     mark_clean_shutdown(store)
     (store.root / RECONCILE_MARKER).touch()
@@ -185,7 +191,87 @@ def test_clean_shutdown_skips_the_walk_unless_reconcile_is_requested(
     assert report.files_indexed == 1
     assert indexed(db) == {orphan}
     assert not (store.root / RECONCILE_MARKER).exists()
-    assert not (store.root / CLEAN_MARKER).exists()
+    assert not clean_marker(store).exists()
+
+
+def test_hosts_sharing_a_root_clear_only_their_own_partial_files(
+    store: FileStore, db: Database
+) -> None:
+    """A node that starts leaves another node's reception in progress alone; stale ones go."""
+    other = FileStore(store.root, node="receiver-b")
+    assert other.incoming == store.root / "incoming" / "receiver-b"
+    assert store.incoming != other.incoming
+    in_progress = other.new_incoming_path()
+    in_progress.write_bytes(b"being received")
+    dead = other.new_incoming_path()
+    dead.write_bytes(b"its host died")
+    legacy = store.incoming_root / "0123.part"  # left by a version without node folders
+    legacy.write_bytes(b"old")
+    old = datetime.now(UTC).timestamp() - STALE_PARTIAL_SECONDS - 60
+    for path in (dead, legacy):
+        os.utime(path, (old, old))
+    mine = store.new_incoming_path()
+    mine.write_bytes(b"mine, from before my crash")
+
+    report = recover(store, db)
+
+    assert not mine.exists()
+    assert in_progress.read_bytes() == b"being received"
+    assert not dead.exists()
+    assert not legacy.exists()
+    assert other.incoming.is_dir()  # an idle live node keeps its folder
+    assert report.partial_files_removed == 3
+
+
+def test_a_clean_stop_of_one_node_does_not_skip_another_nodes_walk(
+    store: FileStore, db: Database, series: list[Path]
+) -> None:
+    """Clean-shutdown markers are per node: only the node that stopped cleanly skips its walk."""
+    other = FileStore(store.root, node="receiver-b")
+    orphan = place(store, series[0])  # e.g. renamed into place by this node just before a crash
+    mark_clean_shutdown(other)
+    (store.root / CLEAN_MARKER).write_text("left by an older version")
+
+    report = recover(store, db)
+
+    assert not report.clean_shutdown
+    assert report.files_indexed == 1
+    assert indexed(db) == {orphan}
+    assert not (store.root / CLEAN_MARKER).exists()  # not trusted, and removed
+    assert clean_marker(other).exists()
+    assert recover(other, db).clean_shutdown
+
+
+def test_a_reconcile_request_renewed_during_the_walk_survives_it(
+    store: FileStore, db: Database, series: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request made while the walk runs (another node's failed index write) is kept."""
+    import dicom_ai.ingest.recovery as recovery
+
+    marker = store.root / RECONCILE_MARKER
+    marker.touch()
+    old = datetime.now(UTC).timestamp() - 10
+    os.utime(marker, (old, old))
+    walk = recovery.reconcile
+
+    def walk_while_another_node_asks(*args: object) -> tuple[int, int, int]:
+        result = walk(*args)  # type: ignore[arg-type]
+        marker.touch()  # e.g. request_reconcile() on another node, during this walk
+        return result
+
+    monkeypatch.setattr(recovery, "reconcile", walk_while_another_node_asks)
+    recover(store, db)
+    assert marker.exists()
+    monkeypatch.setattr(recovery, "reconcile", walk)
+    recover(store, db)
+    assert not marker.exists()
+
+
+def test_node_ids_must_be_folder_names(tmp_path: Path) -> None:
+    for bad in ("", ".hidden", "a/b", "x" * 65, "host name"):
+        with pytest.raises(ValueError, match="node id"):
+            FileStore(tmp_path / "s", node=bad)
+    assert FileStore(tmp_path / "s", node="dicom-ai-receiver-0").node == "dicom-ai-receiver-0"
 
 
 def test_orphan_duplicate_of_an_indexed_instance_is_not_counted_as_indexed(
