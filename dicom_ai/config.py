@@ -32,7 +32,7 @@ from pydantic_settings import (
 )
 
 from dicom_ai.exceptions import ConfigError
-from storage.filestore import FileStore, check_node
+from storage.filestore import FileStore, check_node, default_node
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 #: The SR SOP class a destination receives: Comprehensive SR or Comprehensive 3D SR.
@@ -121,9 +121,18 @@ class StorageSettings(_Section):
     def _node(cls, value: str | None) -> str | None:
         return None if value is None else check_node(value)
 
-    def file_store(self) -> FileStore:
-        """The file store at ``root`` for this node (creates its folders)."""
-        return FileStore(self.root, node=self.node)
+    def file_store(self, *, role: str | None = None) -> FileStore:
+        """The file store at ``root`` for this node (creates its folders).
+
+        Parameters
+        ----------
+        role : str, optional
+            A process other than ``serve`` that receives into the store on this host (``batch``
+            for C-GET retrievals) gets ``incoming/<node>.<role>/``, which a ``serve`` start
+            does not clear (only stale files there are swept).
+        """
+        node = self.node or default_node()
+        return FileStore(self.root, node=f"{node}.{role}" if role else node)
 
     @property
     def url(self) -> str:

@@ -89,8 +89,9 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-#: A node id names a folder: letters, digits, ``.``, ``_`` and ``-``, 1-64 characters.
-_NODE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+#: A node id names a folder: letters, digits, ``.``, ``_`` and ``-``, 1-100 characters (a host
+#: name of up to 64 and a role suffix such as ``.batch``).
+_NODE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}$")
 
 
 def default_node() -> str:
@@ -102,7 +103,7 @@ def default_node() -> str:
 def check_node(node: str) -> str:
     """Return ``node`` if it is a valid node id, else raise ValueError."""
     if not _NODE.match(node):
-        raise ValueError(f"node id {node!r}: use 1-64 letters, digits, '.', '_' or '-' "
+        raise ValueError(f"node id {node!r}: use 1-100 letters, digits, '.', '_' or '-' "
                          "(not starting with '.')")
     return node
 

@@ -419,7 +419,9 @@ class BatchRunner:
         if self.source.retrieve == "move":
             return move_study(self.peer, self.settings.dicom, study_instance_uid,
                               self.settings.dicom.ae_title)
-        ingestor = Ingestor(self.settings.storage.file_store(), self.db,
+        # Its own incoming/ folder: a serve (re)start on this host must not clear a retrieval
+        # in progress.
+        ingestor = Ingestor(self.settings.storage.file_store(role="batch"), self.db,
                             self.settings.storage)
         return get_study(self.peer, self.settings.dicom, study_instance_uid, ingestor)
 

@@ -267,8 +267,23 @@ def test_a_reconcile_request_renewed_during_the_walk_survives_it(
     assert not marker.exists()
 
 
+def test_a_serve_start_leaves_a_batch_retrieval_on_the_same_host_alone(
+    tmp_path: Path, db: Database
+) -> None:
+    """``dicom-ai batch`` receives C-GET sub-operations into ``incoming/<node>.batch/``."""
+    from dicom_ai.config import load_settings
+
+    settings = load_settings(None, storage={"root": tmp_path / "store", "node": "host1"})
+    serve, batch = settings.storage.file_store(), settings.storage.file_store(role="batch")
+    assert batch.incoming == serve.incoming.with_name("host1.batch")
+    retrieving = batch.new_incoming_path()
+    retrieving.write_bytes(b"C-GET sub-operation in progress")
+    recover(serve, db)
+    assert retrieving.exists()
+
+
 def test_node_ids_must_be_folder_names(tmp_path: Path) -> None:
-    for bad in ("", ".hidden", "a/b", "x" * 65, "host name"):
+    for bad in ("", ".hidden", "a/b", "x" * 101, "host name"):
         with pytest.raises(ValueError, match="node id"):
             FileStore(tmp_path / "s", node=bad)
     assert FileStore(tmp_path / "s", node="dicom-ai-receiver-0").node == "dicom-ai-receiver-0"
