@@ -24,6 +24,8 @@ retrieve.move/.get         dicom     destination, level, sub-operations, status
 results.sent               system    per destination and study: SOP instances sent
 job.rerun ... batch.cancel api       the ids acted on (``apikey:<id>`` is the actor)
 purge.applied              system    per study or job: instances/bytes or results removed
+service.started            system    node, clean shutdown or not, what recovery repaired
+receiver.died              system    node, receiver slot, exit code (its queued rows are lost)
 =========================  ========  ===================================================
 
 Nothing recorded is patient data: rows carry UIDs, AE titles, hosts, key ids and counts.

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from dicom_ai.audit import Auditor
 from dicom_ai.config import Settings
 from dicom_ai.dispatch.delivery import OutboxSender
 from dicom_ai.dispatch.local import LocalPool
@@ -139,6 +140,14 @@ class Service:
         self._parts = parts
         parts.db.upgrade()
         self.recovery = recover(parts.store, parts.db)
+        report = self.recovery
+        # After an unclean stop the trail may miss the associations that were open (their rows
+        # are written when they end): the start says so, with what recovery repaired.
+        Auditor(parts.db).record("system", "serve", "service.started", detail={
+            "node": parts.store.node, "clean_shutdown": report.clean_shutdown,
+            "partial_files_removed": report.partial_files_removed,
+            "files_indexed": report.files_indexed, "rows_removed": report.rows_removed,
+            "files_quarantined": report.files_quarantined})
         if self.settings.dicom.receivers == 1:
             self._receiver = Receiver(self.settings.dicom, parts.ingestor, parts.mpps,
                                       destinations=self.settings.destinations,
@@ -261,6 +270,11 @@ class Service:
                                  process.pid, process.exitcode)
                     if self._parts is not None:  # it may have stored a file it never indexed
                         request_reconcile(self._parts.store)
+                        # Its open associations and queued audit rows died with it.
+                        Auditor(self._parts.db).record(
+                            "system", "serve", "receiver.died", detail={
+                                "node": self._parts.store.node, "receiver": i + 1,
+                                "exit_code": process.exitcode})
                     self._children[i] = self._spawn(i + 1)
 
     def stop(self) -> None:

@@ -16,6 +16,7 @@ import pytest
 from pynetdicom import AE, _config, build_context
 from sqlalchemy import text
 
+from storage import audit
 from storage.db import Database
 from tests.conftest import need_binary
 from tests.peers import DicomAIServe, free_port, make_ct_series, storescu
@@ -117,6 +118,10 @@ def test_kill_9_loses_nothing_acknowledged(
         server.start()  # recovery runs before the first C-ECHO is answered
         store = tmp_path / "store"
         rows = indexed(db_url)
+        # The trail marks the unclean stop (the open association's rows died with the process).
+        starts = _audited(db_url, "service.started")
+        assert [r.detail["clean_shutdown"] for r in starts] == [False, False]  # first start too
+        assert starts[-1].actor == "serve"
         for path in acked:
             original = pydicom.dcmread(path)
             assert original.SOPInstanceUID in rows
@@ -179,6 +184,9 @@ def test_receiver_pool_shares_the_port_and_survives_a_dead_receiver(
         os.kill(receivers[0], signal.SIGKILL)
         time.sleep(2.5)  # the supervisor notices within a second and spawns a replacement
         assert (tmp_path / "store" / "RECONCILE_NEEDED").exists()
+        [died] = _audited(db_url, "receiver.died")
+        assert died.detail["exit_code"] == -signal.SIGKILL
+        assert died.detail["receiver"] in (1, 2)
         more = make_ct_series(tmp_path / "more", 10, size=64, seed=9)
         for _ in range(4):  # several associations, so both receivers are exercised
             assert storescu(port, more).returncode == 0
@@ -252,6 +260,15 @@ def test_two_hosts_share_one_store_and_restart_independently(
     finally:
         a.stop()
         b.stop()
+
+
+def _audited(db_url: str, action: str) -> list[audit.AuditRecord]:
+    db = Database(db_url)
+    try:
+        with db.sessions() as session:
+            return audit.list_events(session, action=action, order="asc")
+    finally:
+        db.dispose()
 
 
 def _place(store: Path, source: Path) -> str:
