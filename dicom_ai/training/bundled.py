@@ -99,7 +99,7 @@ class Recipe:
     learning_curve_steps_per_epoch: int = LEARNING_CURVE_STEPS_PER_EPOCH
     #: The ``protocol`` step: labelled subset sizes and seeds, and how many of the training
     #: studies are set aside to validate on (the subsets are drawn from the others).
-    protocol_sizes: tuple[int, ...] = (25, 50)
+    protocol_sizes: tuple[int, ...] = (50,)
     protocol_seeds: tuple[int, ...] = (11, 12)
     protocol_validation_studies: int = 300
 
