@@ -193,7 +193,8 @@ STEPS = ("pretrain", "classifier", "segmenter", "curve", "protocol")
 def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
                   *, steps: tuple[str, ...] = STEPS,
                   curve_results: Path | None = None,
-                  protocol_results: Path | None = None) -> dict[str, Any]:
+                  protocol_results: Path | None = None,
+                  scratch_from: Path | None = None) -> dict[str, Any]:
     """Run the recipe's steps (see the module docstring); returns the summary it also writes.
 
     Each step can run on its own (the summary in ``work/summary.json`` accumulates), so a long
@@ -221,6 +222,10 @@ def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
     protocol_results : Path, optional
         Where the ``protocol`` step writes its runs and summary
         (``benchmarks/results/transfer_protocol.json``).
+    scratch_from : Path, optional
+        A learning-curve results file of another backbone whose scratch arms are reused for
+        the same sizes and seeds (the scratch arm never sees the backbone), so a new backbone's
+        curve trains only its own arm.
 
     Returns
     -------
@@ -282,12 +287,14 @@ def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
         curve_started = time.perf_counter()
         backbone_sha = hashlib.sha256(weights.read_bytes()).hexdigest()
         known = _known_pairs(curve_results, backbone_sha)
+        reusable = _known_pairs(scratch_from, None)
         runs_done: list[dict[str, Any]] = []
         for studies in recipe.learning_curve:
             for seed in recipe.learning_curve_seeds:
                 done = known.get((studies, seed)) or _curve_run(
-                    work / f"curve-{studies}-seed{seed}", train_dir, test_dir, weights, recipe,
-                    studies, seed)
+                    work / f"curve-{studies}-seed{seed}-{backbone_sha[:12]}", train_dir,
+                    test_dir, weights, recipe, studies, seed,
+                    scratch=reusable.get((studies, seed)))
                 runs_done.append(done)
                 known[(studies, seed)] = done
                 if curve_results is not None:
@@ -339,10 +346,12 @@ def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
 
 
 def _curve_run(folder: Path, train_dir: Path, test_dir: Path, weights: Path, recipe: Recipe,
-               studies: int, seed: int) -> dict[str, Any]:
+               studies: int, seed: int, scratch: dict[str, Any] | None = None) -> dict[str, Any]:
     """One learning-curve pair: the same subset, seed and schedule from scratch and pretrained.
 
     The pair's result is kept in ``folder/result.json``, so an interrupted curve resumes.
+    ``scratch`` (``scratch_auc``, ``scratch_auc_ci95``) reuses the scratch arm of the same
+    subset, seed and schedule measured with another backbone: it does not depend on one.
     """
     done = folder / "result.json"
     if done.is_file():
@@ -350,7 +359,10 @@ def _curve_run(folder: Path, train_dir: Path, test_dir: Path, weights: Path, rec
     labels = _subset_labels(train_dir / "labels.csv", studies, folder / "labels.csv",
                             seed=seed * 1000 + studies)
     row: dict[str, Any] = {"studies": studies, "seed": seed}
-    for backbone in (None, weights):
+    if scratch is not None:
+        row |= {"scratch_auc": scratch["scratch_auc"],
+                "scratch_auc_ci95": scratch["scratch_auc_ci95"], "scratch_reused": True}
+    for backbone in (None, weights) if scratch is None else (weights,):
         name = "pretrained" if backbone else "scratch"
         run = folder / name
         if run.exists():
@@ -432,12 +444,16 @@ def protocol_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
             else None}
 
 
-def _known_pairs(results: Path | None, backbone_sha: str) -> dict[tuple[int, int], dict[str, Any]]:
-    """Pairs a results file already holds for these backbone weights (none for other weights)."""
+def _known_pairs(results: Path | None,
+                 backbone_sha: str | None) -> dict[tuple[int, int], dict[str, Any]]:
+    """Pairs a results file already holds for these backbone weights (none for other weights).
+
+    ``backbone_sha`` None: the pairs whatever the weights (to reuse their scratch arms).
+    """
     if results is None or not results.is_file():
         return {}
     saved = json.loads(results.read_text())
-    if saved.get("backbone", {}).get("sha256") != backbone_sha:
+    if backbone_sha is not None and saved.get("backbone", {}).get("sha256") != backbone_sha:
         return {}
     return {(int(r["studies"]), int(r["seed"])): dict(r) for r in saved.get("runs", [])}
 
@@ -528,6 +544,8 @@ def main() -> None:
     parser.add_argument("--curve-results", type=Path,
                         help="learning-curve results file to resume from and rewrite, e.g. "
                              "benchmarks/results/learning_curve.json")
+    parser.add_argument("--curve-scratch-from", type=Path,
+                        help="reuse the scratch arms of this learning-curve results file")
     parser.add_argument("--protocol-sizes", help="protocol step sizes, comma-separated "
                         f"(default {','.join(map(str, Recipe.protocol_sizes))})")
     parser.add_argument("--protocol-seeds", help="protocol step seeds, comma-separated "
@@ -551,7 +569,8 @@ def main() -> None:
     summary = build_bundled(args.work, args.out, args.weights_out, recipe,
                             steps=tuple(step for step in args.steps.split(",") if step),
                             curve_results=args.curve_results,
-                            protocol_results=args.protocol_results)
+                            protocol_results=args.protocol_results,
+                            scratch_from=args.curve_scratch_from)
     if args.summary:
         args.summary.write_text(json.dumps(summary, indent=2, default=float) + "\n")
     print(json.dumps({name: {k: v for k, v in model["test"].items()

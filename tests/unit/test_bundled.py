@@ -114,11 +114,21 @@ def test_the_recipe_runs_end_to_end(tmp_path: Path) -> None:
     written = json.loads(results.read_text())
     assert [(r["studies"], r["seed"]) for r in written["runs"]] == [(12, 5)]
     assert written["backbone"]["pretraining"]["images"] == 8
-    shutil.rmtree(tmp_path / "work" / "curve-12-seed5")
+    [pair] = list((tmp_path / "work").glob("curve-12-seed5-*"))  # named by the backbone
+    shutil.rmtree(pair)
     again = build_bundled(tmp_path / "work", tmp_path / "bundled", tmp_path / "weights",
                           Recipe.tiny(), steps=("curve",), curve_results=results)
     assert again["learning_curve_runs"] == written["runs"]
-    assert not (tmp_path / "work" / "curve-12-seed5").exists()
+    assert not pair.exists()
+    # A curve that reuses this file's scratch arms trains only the pretrained arm.
+    reused = build_bundled(tmp_path / "work", tmp_path / "bundled", tmp_path / "weights",
+                           Recipe.tiny(), steps=("curve",), curve_results=tmp_path / "other.json",
+                           scratch_from=results)
+    [row] = reused["learning_curve_runs"]
+    assert row["scratch_reused"] is True
+    assert row["scratch_auc"] == written["runs"][0]["scratch_auc"]
+    assert (pair / "pretrained").is_dir()
+    assert not (pair / "scratch").exists()
 
 
 def _rows(labels: Path) -> list[dict[str, str]]:
