@@ -46,7 +46,7 @@ from typing import Any
 from dicom_ai.inference.spec import ModelSpec, read_spec, write_spec
 from dicom_ai.training.augment import AugmentationSpec
 from dicom_ai.training.evaluate import SYNTHETIC_NOTE, evaluate_model
-from dicom_ai.training.pretrain import pretrain_backbone, pretraining_report
+from dicom_ai.training.pretrain import Pretext, pretrain_backbone, pretraining_report
 from dicom_ai.training.synth import synthesize
 from dicom_ai.training.train import TrainOptions, train
 
@@ -90,6 +90,8 @@ class Recipe:
     test_studies: int = 300
     pretrain_studies: int = 700
     pretrain_epochs: int = 12
+    #: The self-supervised task (:func:`~dicom_ai.training.pretrain.pretrain_backbone`).
+    pretext: Pretext = "inpainting"
     classifier_epochs: int = 20
     segmenter_epochs: int = 8
     input_size: int = 128
@@ -252,7 +254,8 @@ def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
     if "pretrain" in steps:
         summary["backbone"] = pretrain_backbone(
             weights, workdir=work / "pretrain", studies=recipe.pretrain_studies,
-            epochs=recipe.pretrain_epochs, input_size=recipe.input_size, seed=3)
+            epochs=recipe.pretrain_epochs, input_size=recipe.input_size, seed=3,
+            pretext=recipe.pretext)
 
     training_data = (f"{recipe.train_studies} dicom-ai synth CR studies (seed 1001), split by "
                      "patient 80/20")
@@ -544,6 +547,8 @@ def main() -> None:
     parser.add_argument("--curve-results", type=Path,
                         help="learning-curve results file to resume from and rewrite, e.g. "
                              "benchmarks/results/learning_curve.json")
+    parser.add_argument("--pretext", choices=["inpainting", "blobs"],
+                        help="the pretrain step's self-supervised task (default: the recipe's)")
     parser.add_argument("--curve-scratch-from", type=Path,
                         help="reuse the scratch arms of this learning-curve results file")
     parser.add_argument("--protocol-sizes", help="protocol step sizes, comma-separated "
@@ -560,6 +565,8 @@ def main() -> None:
     if args.curve_seeds:
         recipe = replace(recipe, learning_curve_seeds=tuple(
             int(n) for n in args.curve_seeds.split(",")))
+    if args.pretext:
+        recipe = replace(recipe, pretext=args.pretext)
     if args.protocol_sizes:
         recipe = replace(recipe, protocol_sizes=tuple(
             int(n) for n in args.protocol_sizes.split(",")))

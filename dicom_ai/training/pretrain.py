@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -32,7 +32,8 @@ from dicom_ai.pipeline.preprocessing import PreprocessingSpec
 from dicom_ai.training.dataset import load_inputs, read_samples
 from dicom_ai.training.synth import synthesize
 
-__all__ = ["SOURCE_SEED_OFFSET", "corrupt", "pretrain_backbone", "pretraining_report"]
+__all__ = ["SOURCE_SEED_OFFSET", "Pretext", "blob_targets", "corrupt", "pretrain_backbone",
+           "pretraining_report"]
 
 #: The unlabelled source studies are synthesized with ``SOURCE_SEED_OFFSET + seed``: far from
 #: the target task's training (1001) and test (2002) seeds.
@@ -41,6 +42,11 @@ SOURCE_SEED_OFFSET = 3000
 NOISE_SD = 0.05
 #: Square patches blanked per image, each 1/8 of the image side.
 PATCHES = 4
+#: The ``blobs`` pretext: Gaussian scales (input pixels) of its Laplacian-of-Gaussian targets,
+#: and the target grid's cell (the backbone's last block is at 1/8 resolution).
+BLOB_SIGMAS = (1.0, 2.0, 4.0)
+BLOB_CELL = 8
+Pretext = Literal["inpainting", "blobs"]
 
 
 def pretraining_report(weights: Path) -> Path:
@@ -74,6 +80,53 @@ def corrupt(images: NDArray[np.float32], rng: np.random.Generator) -> NDArray[np
     return out
 
 
+def blob_targets(images: NDArray[np.float32]) -> NDArray[np.float32]:
+    """The ``blobs`` pretext's targets: where the image's bright blobs are, per scale.
+
+    For each of :data:`BLOB_SIGMAS`, the scale-normalised Laplacian of Gaussian
+    ``-sigma^2 * LoG`` (positive on a bright blob of radius about ``sigma * sqrt(2)``),
+    rectified, and its maximum over each ``BLOB_CELL`` x ``BLOB_CELL`` cell: a coarse map of
+    the strongest blob of each size, computed from the pixels alone (no label, no lesion).
+
+    Parameters
+    ----------
+    images : numpy.ndarray
+        ``(N, H, W, 1)`` model inputs; ``H`` and ``W`` multiples of :data:`BLOB_CELL`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, H / BLOB_CELL, W / BLOB_CELL, len(BLOB_SIGMAS))`` float32.
+    """
+    from scipy.ndimage import gaussian_laplace
+
+    n, height, width = images.shape[:3]
+    rows, cols = height // BLOB_CELL, width // BLOB_CELL
+    out = np.empty((n, rows, cols, len(BLOB_SIGMAS)), dtype=np.float32)
+    for i in range(n):
+        plane = images[i, :, :, 0].astype(np.float64)
+        for k, sigma in enumerate(BLOB_SIGMAS):
+            response = np.maximum(-sigma * sigma * gaussian_laplace(plane, sigma), 0.0)
+            cells = response[: rows * BLOB_CELL, : cols * BLOB_CELL].reshape(
+                rows, BLOB_CELL, cols, BLOB_CELL)
+            out[i, :, :, k] = cells.max(axis=(1, 3))
+    return out
+
+
+def _blob_model(input_size: int, seed: int) -> tuple[Any, Any]:
+    """(backbone, model): a 1x1 convolution maps the last block to the blob targets."""
+    import keras
+
+    from dicom_ai.training import architectures
+
+    backbone = architectures.build_backbone("synth-backbone", (input_size, input_size, 1),
+                                            seed=seed)
+    x = backbone.get_layer("backbone_block4_2_relu").output
+    blobs = keras.layers.Conv2D(len(BLOB_SIGMAS), 1, name="blob_output",
+                                kernel_initializer=keras.initializers.GlorotUniform(seed))(x)
+    return backbone, keras.Model(backbone.input, blobs, name="synth-backbone-blobs")
+
+
 def _autoencoder(input_size: int, seed: int) -> tuple[Any, Any]:
     """(backbone, autoencoder): the decoder upsamples the last block's 1/8-resolution map."""
     import keras
@@ -103,6 +156,7 @@ def pretrain_backbone(
     seed: int = 3,
     batch_size: int = 32,
     say: Callable[[str], None] = print,
+    pretext: Pretext = "inpainting",
 ) -> dict[str, Any]:
     """Synthesize unlabelled radiographs, train the denoising autoencoder, save the encoder.
 
@@ -124,12 +178,17 @@ def pretrain_backbone(
     batch_size : int
     say : callable
         Progress lines.
+    pretext : {"inpainting", "blobs"}
+        ``inpainting``: restore images corrupted with noise and blanked patches (the shipped
+        backbone). ``blobs``: predict :func:`blob_targets`, where the bright blobs of three
+        sizes are, from the clean image.
 
     Returns
     -------
     dict
-        ``images``, ``seconds``, the held-out mean squared error of the autoencoder and of the
-        corrupted input itself (the error of doing nothing), the weights file name.
+        ``pretext``, ``images``, ``seconds``, the held-out mean squared error and a baseline's
+        (inpainting: the corrupted input itself; blobs: the targets' mean), the weights file
+        name.
     """
     import keras
 
@@ -147,9 +206,18 @@ def pretrain_backbone(
     order = rng.permutation(len(inputs))
     held = max(1, len(inputs) // 10)
     x_val_clean, x_train = inputs[order[:held]], inputs[order[held:]]
-    x_val = corrupt(x_val_clean, np.random.default_rng(seed + 1))
-
-    backbone, model = _autoencoder(input_size, seed)
+    if pretext == "blobs":
+        # Targets scaled by their training-set standard deviation per scale.
+        targets = blob_targets(inputs)
+        scale = targets[order[held:]].reshape(-1, targets.shape[-1]).std(axis=0) + 1e-6
+        targets = targets / scale.astype(np.float32)
+        y_val, y_train = targets[order[:held]], targets[order[held:]]
+        x_val = x_val_clean
+        backbone, model = _blob_model(input_size, seed)
+    else:
+        x_val = corrupt(x_val_clean, np.random.default_rng(seed + 1))
+        y_val = x_val_clean
+        backbone, model = _autoencoder(input_size, seed)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
     steps = math.ceil(len(x_train) / batch_size)
 
@@ -159,27 +227,46 @@ def pretrain_backbone(
             epoch_rng = np.random.default_rng(seed * 1000 + epoch)
             shuffled = epoch_rng.permutation(len(x_train))
             for i in range(steps):
-                clean = x_train[shuffled[i * batch_size : (i + 1) * batch_size]]
-                yield corrupt(clean, epoch_rng), clean
+                chosen = shuffled[i * batch_size : (i + 1) * batch_size]
+                clean = x_train[chosen]
+                if pretext == "blobs":
+                    yield clean, y_train[chosen]
+                else:
+                    yield corrupt(clean, epoch_rng), clean
             epoch += 1
 
     stream = batches()
     for epoch in range(epochs):
         tick = time.perf_counter()
         history = model.fit(stream, steps_per_epoch=steps, epochs=1, verbose=0,
-                            validation_data=(x_val, x_val_clean))
+                            validation_data=(x_val, y_val))
         logs = {k: v[-1] for k, v in history.history.items()}
         say(f"pretrain epoch {epoch + 1}/{epochs}  loss {logs['loss']:.5f}  "
             f"val_loss {logs['val_loss']:.5f}  ({time.perf_counter() - tick:.1f} s)")
-    restored = np.asarray(model.predict(x_val, verbose=0, batch_size=batch_size))
+    predicted = np.asarray(model.predict(x_val, verbose=0, batch_size=batch_size))
+    if pretext == "blobs":
+        quality = {
+            "task": "self-supervised: predict the strongest bright blob per 8x8 cell at Gaussian "
+                    f"scales {list(BLOB_SIGMAS)} px (rectified, scale-normalised Laplacian of "
+                    "Gaussian of the unlabelled synthetic CR image)",
+            "val_mse": float(np.mean((predicted - y_val) ** 2)),
+            # The error of always predicting the training targets' mean, per scale.
+            "val_mse_mean_prediction": float(np.mean(
+                (y_val - y_train.mean(axis=(0, 1, 2))) ** 2)),
+        }
+    else:
+        quality = {
+            "task": "self-supervised denoising + inpainting of unlabelled synthetic CR images "
+                    f"(noise sd {NOISE_SD}, {PATCHES} blanked patches of 1/8 the side)",
+            "val_mse": float(np.mean((predicted - x_val_clean) ** 2)),
+            "val_mse_corrupted_input": float(np.mean((x_val - x_val_clean) ** 2)),
+        }
     result = {
-        "task": "self-supervised denoising + inpainting of unlabelled synthetic CR images "
-                f"(noise sd {NOISE_SD}, {PATCHES} blanked patches of 1/8 the side)",
+        **quality,
+        "pretext": pretext,
         "images": len(samples),
         "validation_images": held,
         "source_seed": SOURCE_SEED_OFFSET + seed,
-        "val_mse": float(np.mean((restored - x_val_clean) ** 2)),
-        "val_mse_corrupted_input": float(np.mean((x_val - x_val_clean) ** 2)),
         "epochs": epochs,
         "input_shape": [input_size, input_size, 1],
         "seconds": round(time.perf_counter() - started, 1),
@@ -188,6 +275,7 @@ def pretrain_backbone(
     weights_out.parent.mkdir(parents=True, exist_ok=True)
     backbone.save_weights(weights_out)
     pretraining_report(weights_out).write_text(json.dumps(result, indent=2))
-    say(f"backbone weights: {weights_out} (held-out MSE {result['val_mse']:.5f}, "
-        f"corrupted input {result['val_mse_corrupted_input']:.5f})")
+    baseline = [f"{k} {v:.5f}" for k, v in result.items() if k.startswith("val_mse_")]
+    say(f"backbone weights: {weights_out} (held-out MSE {result['val_mse']:.5f}; "
+        f"{', '.join(baseline)})")
     return result
