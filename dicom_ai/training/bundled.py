@@ -9,8 +9,9 @@ Steps, every one seeded:
 
 0. ``dicom-ai synth`` CR training studies (seed 1001) and held-out test studies (seed 2002, never
    seen in training), made once per work folder.
-1. ``pretrain``: the ``synth-backbone`` learns without labels, restoring corrupted unlabelled
-   synthetic radiographs of their own seed (:mod:`~dicom_ai.training.pretrain`); its weights
+1. ``pretrain``: the ``synth-backbone`` learns without labels where the bright blobs of
+   unlabelled synthetic radiographs of their own seed are (the ``blobs`` pretext of
+   :mod:`~dicom_ai.training.pretrain`; ``--pretext inpainting`` for the other); its weights
    ship beside this package for users' fine-tuning.
 2. ``classifier``: ``chest-nodule``, the ``synth-backbone`` CNN trained on the CR studies.
 3. ``segmenter``: ``chest-nodule-seg``, a small U-Net on the same studies' masks.
@@ -91,7 +92,7 @@ class Recipe:
     pretrain_studies: int = 700
     pretrain_epochs: int = 12
     #: The self-supervised task (:func:`~dicom_ai.training.pretrain.pretrain_backbone`).
-    pretext: Pretext = "inpainting"
+    pretext: Pretext = "blobs"
     classifier_epochs: int = 20
     segmenter_epochs: int = 8
     input_size: int = 128

@@ -72,7 +72,8 @@ def test_blob_targets_find_a_bright_blob_in_its_cell_at_its_scale() -> None:
     assert targets.shape == (1, 64 // BLOB_CELL, 64 // BLOB_CELL, len(BLOB_SIGMAS))
     cell = (20 // BLOB_CELL, 44 // BLOB_CELL)
     for k in range(len(BLOB_SIGMAS)):
-        assert np.unravel_index(np.argmax(targets[0, :, :, k]), targets.shape[1:3]) == cell
+        assert tuple(int(i) for i in np.unravel_index(np.argmax(targets[0, :, :, k]),
+                                                   targets.shape[1:3])) == cell
     assert int(np.argmax(targets[0, cell[0], cell[1]])) == BLOB_SIGMAS.index(2.0)
     # A flat image and a dark spot have no bright blob.
     flat = blob_targets(np.full((1, 64, 64, 1), 0.5, dtype=np.float32))
