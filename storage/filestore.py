@@ -21,7 +21,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,28 @@ def check_node(node: str) -> str:
         raise ValueError(f"node id {node!r}: use 1-100 letters, digits, '.', '_' or '-' "
                          "(not starting with '.')")
     return node
+
+
+def _remove_files(folder: Path, chosen: Callable[[os.DirEntry[str]], bool]) -> int:
+    """Delete the plain files of ``folder`` that ``chosen`` picks; how many went.
+
+    A file that vanished meanwhile (its reception finished) is skipped; one that cannot be
+    deleted (e.g. NFS's ``.nfs*`` placeholder of a file still open) is logged and skipped, so a
+    start never fails on it.
+    """
+    removed = 0
+    for entry in os.scandir(folder):
+        try:
+            if entry.is_file(follow_symlinks=False) and chosen(entry):
+                os.unlink(entry.path)
+                removed += 1
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            LOGGER.warning("cannot remove %s: %s", entry.path, exc.strerror or exc)
+    if removed:
+        fsync_dir(folder)
+    return removed
 
 
 class FileStore:
@@ -283,14 +305,7 @@ class FileStore:
         int
             How many files were removed.
         """
-        removed = 0
-        for entry in os.scandir(self.incoming):
-            if entry.is_file():
-                os.unlink(entry.path)
-                removed += 1
-        if removed:
-            fsync_dir(self.incoming)
-        return removed
+        return _remove_files(self.incoming, lambda entry: True)
 
     def sweep_stale_incoming(self, max_age: float) -> int:
         """Delete other nodes' partial files untouched for ``max_age`` seconds.
@@ -311,23 +326,11 @@ class FileStore:
             How many files were removed.
         """
         cutoff = time.time() - max_age
-        removed = 0
         folders = [self.incoming_root] + [
             Path(e.path) for e in os.scandir(self.incoming_root)
             if e.is_dir(follow_symlinks=False) and e.name != self.node]
-        for folder in folders:
-            swept = 0
-            for entry in os.scandir(folder):
-                try:
-                    if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
-                        os.unlink(entry.path)
-                        swept += 1
-                except FileNotFoundError:
-                    continue  # its host finished (renamed) or removed it meanwhile
-            if swept:
-                fsync_dir(folder)
-            removed += swept
-        return removed
+        return sum(_remove_files(folder, lambda entry: entry.stat().st_mtime < cutoff)
+                   for folder in folders)
 
     def iter_relative_paths(self) -> Iterator[str]:
         """Yield the store-relative path of every stored instance file."""

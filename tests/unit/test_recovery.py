@@ -223,6 +223,30 @@ def test_hosts_sharing_a_root_clear_only_their_own_partial_files(
     assert report.partial_files_removed == 3
 
 
+def test_a_stale_file_that_cannot_be_removed_does_not_stop_the_start(
+    store: FileStore, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partial file the sweep cannot delete (NFS keeps ``.nfs*`` files busy) is skipped."""
+    other = FileStore(store.root, node="receiver-b")
+    busy, stale = other.incoming / ".nfs000000001", other.incoming / "dead.part"
+    old = datetime.now(UTC).timestamp() - STALE_PARTIAL_SECONDS - 60
+    for path in (busy, stale):
+        path.write_bytes(b"x")
+        os.utime(path, (old, old))
+    unlink = os.unlink
+
+    def nfs_unlink(path: str | os.PathLike[str]) -> None:
+        if str(path) == str(busy):
+            raise OSError(16, "Device or resource busy")
+        unlink(path)
+
+    monkeypatch.setattr(os, "unlink", nfs_unlink)
+    report = recover(store, db)
+    assert report.partial_files_removed == 1
+    assert busy.exists()
+    assert not stale.exists()
+
+
 def test_a_clean_stop_of_one_node_does_not_skip_another_nodes_walk(
     store: FileStore, db: Database, series: list[Path]
 ) -> None:
