@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -140,14 +140,10 @@ class Service:
         self._parts = parts
         parts.db.upgrade()
         self.recovery = recover(parts.store, parts.db)
-        report = self.recovery
         # After an unclean stop the trail may miss the associations that were open (their rows
         # are written when they end): the start says so, with what recovery repaired.
         Auditor(parts.db).record("system", "serve", "service.started", detail={
-            "node": parts.store.node, "clean_shutdown": report.clean_shutdown,
-            "partial_files_removed": report.partial_files_removed,
-            "files_indexed": report.files_indexed, "rows_removed": report.rows_removed,
-            "files_quarantined": report.files_quarantined})
+            "node": parts.store.node, **asdict(self.recovery)})
         if self.settings.dicom.receivers == 1:
             self._receiver = Receiver(self.settings.dicom, parts.ingestor, parts.mpps,
                                       destinations=self.settings.destinations,

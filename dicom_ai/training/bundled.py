@@ -349,6 +349,24 @@ def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
     return summary
 
 
+def _train_on_schedule(run: Path, name: str, train_dir: Path, labels: Path, recipe: Recipe,
+                       seed: int, backbone: Path | None, **overrides: Any) -> None:
+    """Train ``synth-backbone`` into a fresh ``run`` on the learning curve's schedule.
+
+    A fixed number of steps whatever the size (``learning_curve_epochs`` x
+    ``learning_curve_steps_per_epoch`` batches), and the last weights; ``overrides`` are more
+    :class:`TrainOptions` (the fine-tuning protocol).
+    """
+    if run.exists():
+        shutil.rmtree(run)
+    train(TrainOptions(
+        data=train_dir, labels=labels, arch="synth-backbone", out=run, name=name,
+        version="0.0.1", epochs=recipe.learning_curve_epochs,
+        steps_per_epoch=recipe.learning_curve_steps_per_epoch, keep_best=False,
+        backbone_weights=backbone, seed=seed, input_size=recipe.input_size, val_fraction=0.25,
+        **overrides), say=lambda _: None)
+
+
 def _curve_run(folder: Path, train_dir: Path, test_dir: Path, weights: Path, recipe: Recipe,
                studies: int, seed: int, scratch: dict[str, Any] | None = None) -> dict[str, Any]:
     """One learning-curve pair: the same subset, seed and schedule from scratch and pretrained.
@@ -369,16 +387,9 @@ def _curve_run(folder: Path, train_dir: Path, test_dir: Path, weights: Path, rec
     for backbone in (None, weights) if scratch is None else (weights,):
         name = "pretrained" if backbone else "scratch"
         run = folder / name
-        if run.exists():
-            shutil.rmtree(run)
-        # Only the initial weights differ (full fine-tuning at the same learning rate): a fixed
-        # number of steps at every size, and the last weights.
-        train(TrainOptions(
-            data=train_dir, labels=labels, arch="synth-backbone", out=run,
-            name=f"curve-{name}", version="0.0.1", epochs=recipe.learning_curve_epochs,
-            steps_per_epoch=recipe.learning_curve_steps_per_epoch, keep_best=False,
-            backbone_weights=backbone, frozen_epochs=0, seed=seed,
-            input_size=recipe.input_size, val_fraction=0.25), say=lambda _: None)
+        # Only the initial weights differ (full fine-tuning at the same learning rate).
+        _train_on_schedule(run, f"curve-{name}", train_dir, labels, recipe, seed, backbone,
+                           frozen_epochs=0)
         metrics = evaluate_model(run, test_dir, test_dir / "labels.csv", n_bootstrap=1000)
         row[f"{name}_auc"] = float(metrics["roc_auc"] or 0.0)
         row[f"{name}_auc_ci95"] = metrics["roc_auc_ci95"]
@@ -399,16 +410,8 @@ def _protocol_run(folder: Path, train_dir: Path, pool: Path, validation: Path, w
         done = folder / f"{protocol}.json"
         if not done.is_file():
             run = folder / protocol
-            if run.exists():
-                shutil.rmtree(run)
-            train(TrainOptions(
-                data=train_dir, labels=labels, arch="synth-backbone", out=run,
-                name=f"protocol-{protocol}", version="0.0.1",
-                epochs=recipe.learning_curve_epochs,
-                steps_per_epoch=recipe.learning_curve_steps_per_epoch, keep_best=False,
-                backbone_weights=None if protocol == "scratch" else weights, seed=seed,
-                input_size=recipe.input_size, val_fraction=0.25, **overrides),
-                say=lambda _: None)
+            _train_on_schedule(run, f"protocol-{protocol}", train_dir, labels, recipe, seed,
+                               None if protocol == "scratch" else weights, **overrides)
             metrics = evaluate_model(run, train_dir, validation, n_bootstrap=200)
             shutil.rmtree(run)
             done.write_text(json.dumps({
