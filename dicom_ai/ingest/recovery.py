@@ -127,6 +127,10 @@ def reconcile(store: FileStore, db: Database) -> tuple[int, int, int]:
                     replace=False,
                 )
             if result.outcome is repository.IndexOutcome.DUPLICATE_KEPT:
+                if result.kept_path == relative:
+                    # A receiver (this host's or another's) indexed this very file after the
+                    # snapshot of indexed paths: it is not an orphan, and it stays.
+                    continue
                 raise IngestError(0x0111, f"a second copy of {record.sop_instance_uid}, which "
                                   "is indexed at another path")
         except IngestError as exc:

@@ -247,6 +247,25 @@ def test_a_stale_file_that_cannot_be_removed_does_not_stop_the_start(
     assert not stale.exists()
 
 
+def test_a_file_indexed_by_a_receiver_during_the_walk_is_left_in_place(
+    store: FileStore, db: Database, series: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk's snapshot of indexed paths predates a receiver's commit of the same file."""
+    from dicom_ai.ingest.recovery import reconcile
+
+    stored = place(store, series[0])  # renamed into place by a receiver...
+    index(store, db, stored)  # ...which commits its row after the walk's snapshot
+    monkeypatch.setattr(repository, "indexed_paths", lambda session: set())
+
+    indexed_now, removed, quarantined_now = reconcile(store, db)
+
+    monkeypatch.undo()
+    assert (indexed_now, removed, quarantined_now) == (0, 0, 0)
+    assert store.absolute(stored).is_file()  # an acknowledged instance is never quarantined
+    assert quarantined(store) == []
+    assert indexed(db) == {stored}
+
+
 def test_a_clean_stop_of_one_node_does_not_skip_another_nodes_walk(
     store: FileStore, db: Database, series: list[Path]
 ) -> None:
