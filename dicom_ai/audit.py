@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from dicom_ai.exceptions import safe_message
 from storage import audit
 from storage.audit import AuditEntry
 from storage.db import Database
@@ -118,9 +119,8 @@ class Auditor:
                 audit.insert_events(session, entries)
         except Exception as exc:  # the audit must never break the action it records
             actions = sorted({e.action for e in entries})
-            LOGGER.error("audit: could not record %d event(s) (%s): %s: %s", len(entries),
-                         ", ".join(actions), type(exc).__name__, str(exc).splitlines()[0][:200]
-                         if str(exc) else "")
+            LOGGER.error("audit: could not record %d event(s) (%s): %s", len(entries),
+                         ", ".join(actions), safe_message(exc).splitlines()[0][:200])
             return False
         return True
 
@@ -165,9 +165,8 @@ class Auditor:
                     try:
                         batch.extend(item())
                     except Exception as exc:  # e.g. the index is unreachable
-                        LOGGER.error("audit: could not prepare events: %s: %s",
-                                     type(exc).__name__, str(exc).splitlines()[0][:200]
-                                     if str(exc) else "")
+                        LOGGER.error("audit: could not prepare events: %s",
+                                     safe_message(exc).splitlines()[0][:200])
                 else:
                     batch.extend(item)
             self.write(batch)

@@ -229,7 +229,7 @@ def preview(
             spec = load_spec(candidate)
         else:
             spec = _model_folder(model, config)[1].preprocessing
-        steps = make_preview(target, spec, out)
+        steps = make_preview(target, spec, out, limits=_settings(config).limits)
     except DicomAIError as exc:
         raise _fail(exc) from None
     for step in steps:
@@ -293,7 +293,9 @@ def db_reconcile(config: ConfigOption = None) -> None:
 
     settings = _settings(config)
     db = _database(settings)
-    indexed, removed, quarantined = reconcile(settings.storage.file_store(), db)
+    indexed, removed, quarantined = reconcile(
+        settings.storage.file_store(), db,
+        max_inflated_bytes=settings.limits.max_inflated_bytes)
     db.dispose()
     typer.echo(f"indexed {indexed} file(s), removed {removed} row(s), "
                f"quarantined {quarantined} file(s)")

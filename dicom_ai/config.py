@@ -85,9 +85,18 @@ class DicomSettings(_Section):
     tls_ca: Path | None = None
     max_associations: Annotated[int, Field(ge=1)] = 64
     receivers: Annotated[int, Field(ge=1, le=64)] = 4
-    maximum_pdu_size: Annotated[int, Field(ge=0)] = 0
+    # Our Maximum Length (PS3.8 D.1): a P-DATA-TF PDU longer than this is aborted; 0 = unlimited
+    # (then still read only as its bytes arrive). dcmtk sends at most 128 KB, pynetdicom this.
+    maximum_pdu_size: Annotated[int, Field(ge=0)] = 4 * 1024 * 1024
     network_timeout: Annotated[float, Field(gt=0)] = 60.0
     dimse_timeout: Annotated[float, Field(gt=0)] = 60.0
+    # An association whose called AE title is not ours is rejected (PS3.8 7.1.1.3).
+    check_called_aet: bool = True
+    # ARTIM (PS3.8 9.1.5): a connection that has not completed its association request (or
+    # release) within this time is closed; a silent connection cannot hold a slot for long.
+    association_request_timeout: Annotated[float, Field(gt=0)] = 10.0
+    # Open TCP connections one host may hold at once (associated or not), per serve process.
+    max_connections_per_host: Annotated[int, Field(ge=1)] = 32
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -103,6 +112,42 @@ class DicomSettings(_Section):
         if self.tls_ca is not None and self.tls_cert is None:
             raise ValueError("tls_ca needs tls_cert and tls_key")
         return self
+
+
+class QueryRetrieveSettings(_Section):
+    """``[query_retrieve]``: who may query (C-FIND) and retrieve (C-MOVE, C-GET) what we store.
+
+    Closed by default: with ``allowed_calling_aets`` empty, every Q/R request is refused
+    (storage, verification and MPPS are not affected). ``allowed_hosts`` (IP addresses or CIDR
+    networks) further restricts where those callers may connect from; empty: any host the
+    receiver itself accepts.
+    """
+
+    allowed_calling_aets: list[AETitle] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            ipaddress.ip_network(entry, strict=False)  # raises ValueError naming the entry
+        return value
+
+
+class LimitsSettings(_Section):
+    """``[limits]``: what one received object may cost in memory and disk, checked up front.
+
+    The defaults fit a 2-core, 24 GB machine: far above any clinical image, far below what
+    would exhaust it.
+    """
+
+    # Deflated Explicit VR Little Endian: the inflated dataset may not exceed this (it is
+    # inflated as a stream, never held whole); above it the object is refused and quarantined.
+    max_inflated_bytes: Annotated[int, Field(ge=1)] = 256 * 1024 * 1024
+    # Declared Rows x Columns of one frame: above it, nothing is decoded.
+    max_frame_pixels: Annotated[int, Field(ge=1)] = 100_000_000
+    # Declared Rows x Columns x frames x samples x bits allocated / 8 of one instance.
+    max_pixel_bytes: Annotated[int, Field(ge=1)] = 2 * 1024 * 1024 * 1024
 
 
 class StorageSettings(_Section):
@@ -304,6 +349,8 @@ class Settings(BaseSettings):
     )
 
     dicom: DicomSettings = Field(default_factory=DicomSettings)
+    query_retrieve: QueryRetrieveSettings = Field(default_factory=QueryRetrieveSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)

@@ -4,7 +4,8 @@ A route's ``match`` maps DICOM keywords to expected values. A series matches whe
 matches its header (read from one of its files, without pixel data). A value is:
 
 * a string: equal after trimming spaces, or a wildcard pattern (``*`` any run, ``?`` one
-  character, as in C-FIND matching, PS3.4 C.2.2.2.4), case-sensitive like DICOM code strings;
+  character, as in C-FIND matching, PS3.4 C.2.2.2.4, and with the same linear-time matcher,
+  :func:`storage.query.wildcard_match`), case-sensitive like DICOM code strings;
 * ``/regex/``: a Python regular expression that must match the whole value;
 * a list of the above: any one matches.
 
@@ -17,7 +18,6 @@ the order of the report.
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from dicom_ai.exceptions import ConfigError
+from storage.query import wildcard_match
 
 __all__ = [
     "CALLING_AE_TITLE",
@@ -80,9 +81,9 @@ def _value_matches(value: str, pattern: str) -> bool:
     if _is_regex(pattern):
         return re.fullmatch(pattern[1:-1], value) is not None
     if any(c in pattern for c in "*?"):
-        # fnmatchcase treats [] specially; DICOM wildcards don't: escape brackets.
-        escaped = pattern.replace("[", "[[]")
-        return fnmatch.fnmatchcase(value, escaped)
+        # The values come from peers: the same non-backtracking matcher as C-FIND (brackets
+        # are literal, as in DICOM; fnmatch would read them as a class).
+        return wildcard_match(value, pattern)
     return value == pattern.strip()
 
 
@@ -96,10 +97,24 @@ class KeyResult:
     matched: bool
 
     def describe(self) -> str:
-        """E.g. ``Modality 'CR' in ['CR', 'DX']: yes``."""
-        shown = "absent" if self.actual is None else (
-            repr(self.actual[0]) if len(self.actual) == 1 else repr(self.actual))
+        """E.g. ``Modality 'CR' in ['CR', 'DX']: yes``.
+
+        The value of a patient attribute (group 0010: PatientSex, PatientAge, ...) is not shown:
+        the reason is stored and answered by the API.
+        """
+        if self.actual is None:
+            shown = "absent"
+        elif _is_patient_attribute(self.key):
+            shown = "(value withheld)"
+        else:
+            shown = repr(self.actual[0]) if len(self.actual) == 1 else repr(self.actual)
         return f"{self.key} {shown} ~ {self.expected!r}: {'yes' if self.matched else 'no'}"
+
+
+def _is_patient_attribute(keyword: str) -> bool:
+    """Whether `keyword` is an attribute of the Patient group (0010,xxxx), PS3.6."""
+    tag = tag_for_keyword(keyword)
+    return tag is not None and tag >> 16 == 0x0010
 
 
 @dataclass(frozen=True)

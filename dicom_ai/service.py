@@ -58,7 +58,7 @@ def build_components(settings: Settings) -> Components:
     return Components(
         store=store,
         db=db,
-        ingestor=Ingestor(store, db, settings.storage),
+        ingestor=Ingestor(store, db, settings.storage, settings.limits),
         mpps=MppsService(db),
     )
 
@@ -79,9 +79,11 @@ def _receiver_process(
     """Entry point of one receiver child process (spawned, so it imports afresh)."""
     settings = Settings.model_validate(settings_data)
     setup_logging(settings.logging)
+    counters.settle()  # what a receiver that died in this slot counted open ended with it
     parts = build_components(settings)
     receiver = Receiver(settings.dicom, parts.ingestor, parts.mpps, handed=True,
                         destinations=settings.destinations, counters=counters,
+                        query_retrieve=settings.query_retrieve,
                         on_connection_closed=report_closed(channel, threading.Lock()))
 
     def terminate(*_: object) -> None:
@@ -139,7 +141,8 @@ class Service:
         parts = build_components(self.settings)
         self._parts = parts
         parts.db.upgrade()
-        self.recovery = recover(parts.store, parts.db)
+        self.recovery = recover(parts.store, parts.db,
+                                max_inflated_bytes=self.settings.limits.max_inflated_bytes)
         # After an unclean stop the trail may miss the associations that were open (their rows
         # are written when they end): the start says so, with what recovery repaired.
         Auditor(parts.db).record("system", "serve", "service.started", detail={
@@ -147,17 +150,23 @@ class Service:
         if self.settings.dicom.receivers == 1:
             self._receiver = Receiver(self.settings.dicom, parts.ingestor, parts.mpps,
                                       destinations=self.settings.destinations,
-                                      counters=self.counters)
+                                      counters=self.counters,
+                                      query_retrieve=self.settings.query_retrieve)
             self.address = self._receiver.start()
         else:
             # This process is receiver 0 and answers at once; receivers 1..N-1 are processes
             # that join the balancer as each finishes starting.
-            balancer = ConnectionBalancer(self.settings.dicom.host, self.settings.dicom.port)
+            balancer = ConnectionBalancer(
+                self.settings.dicom.host, self.settings.dicom.port,
+                max_per_host=self.settings.dicom.max_connections_per_host,
+                counters=self.counters)
             self._balancer = balancer
             self._receiver = Receiver(self.settings.dicom, parts.ingestor, parts.mpps,
-                                      handed=True, on_connection_closed=lambda: balancer.release(0),
+                                      handed=True,
+                                      on_connection_closed=lambda host: balancer.release(0, host),
                                       destinations=self.settings.destinations,
-                                      counters=self.counters)
+                                      counters=self.counters,
+                                      query_retrieve=self.settings.query_retrieve)
             self._receiver.start()
             balancer.attach_local(0, self._receiver.handoff)
             balancer.start()

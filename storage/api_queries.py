@@ -41,6 +41,10 @@ from storage.models import (
 DatabaseError = OperationalError
 Order = Literal["asc", "desc"]
 MAX_LIMIT = 500
+#: The largest row id: ids are INTEGER columns (32-bit on PostgreSQL, 64-bit on SQLite), so a
+#: larger id or cursor cannot exist; the API refuses it (422) before it reaches the database,
+#: where it would raise (integer out of range, or OverflowError in the SQLite driver).
+MAX_ID = 2**31 - 1
 _Ts = TypeVarTuple("_Ts")
 
 

@@ -2,8 +2,11 @@
 
 Unauthenticated: ``/health``, ``/ready``, ``/metrics``, ``/openapi.json``, ``/docs``. Everything
 under ``/api`` needs an API key (:mod:`dicom_ai.api.auth`); ``POST`` actions need an operator
-key. Lists are keyset-paginated: ``?limit=N`` (1-500, default 50) and ``?after=ID`` with the
+key, and a browser request of another site is refused (:func:`dicom_ai.api.auth.same_origin`).
+Lists are keyset-paginated: ``?limit=N`` (1-500, default 50) and ``?after=ID`` with the
 ``next_after`` of the previous page; ``order=desc`` (default, newest first) or ``asc``.
+Ids in paths and queries are 1..:data:`storage.api_queries.MAX_ID` (the range of the id
+columns): anything else answers 422 before the database is asked.
 Patient names, IDs and birth dates are never returned unless ``api.show_patient_names``.
 """
 
@@ -18,12 +21,12 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from dicom_ai import __version__
-from dicom_ai.api.auth import Authenticator
+from dicom_ai.api.auth import Authenticator, same_origin
 from dicom_ai.api.dashboard import dashboard_router
 from dicom_ai.api.metrics import make_registry
 from dicom_ai.audit import Auditor
@@ -40,7 +43,12 @@ LOGGER = logging.getLogger(__name__)
 Check = Callable[[], str]
 
 Limit = Annotated[int, Query(ge=1, le=api_queries.MAX_LIMIT, description="Page size.")]
-After = Annotated[int | None, Query(ge=0, description="`next_after` of the previous page.")]
+# Ids are bounded by the columns' range: a larger one would make the database driver raise.
+After = Annotated[int | None, Query(ge=0, le=api_queries.MAX_ID,
+                                    description="`next_after` of the previous page.")]
+RowId = Annotated[int, Path(ge=1, le=api_queries.MAX_ID, description="A row id.")]
+JobFilter = Annotated[int | None, Query(ge=1, le=api_queries.MAX_ID,
+                                        description="Only rows of this job.")]
 OrderParam = Annotated[Literal["asc", "desc"], Query(description="By id; desc is newest "
                                                      "first.")]
 
@@ -322,7 +330,7 @@ def create_app(settings: Settings, db: Database, *,
         return _page([_job(j) for j in rows], limit)
 
     @app.get("/api/jobs/{job_id}", tags=["data"], dependencies=[read])
-    def job(job_id: int) -> dict[str, Any]:
+    def job(job_id: RowId) -> dict[str, Any]:
         """One job with its result objects and their deliveries."""
         with db.sessions() as session:
             row = job_rows.job(session, job_id)
@@ -340,7 +348,7 @@ def create_app(settings: Settings, db: Database, *,
                      "zone).")] = None,
                  until: Annotated[datetime | None, Query(
                      description="Created before (ISO date or date-time).")] = None,
-                 study_instance_uid: str | None = None, job_id: int | None = None,
+                 study_instance_uid: str | None = None, job_id: JobFilter = None,
                  current: Annotated[bool, Query(
                      description="Only findings not superseded by a later job.")] = False,
                  ) -> dict[str, Any]:
@@ -356,7 +364,7 @@ def create_app(settings: Settings, db: Database, *,
     @app.get("/api/outbox", tags=["data"], dependencies=[read])
     def outbox(limit: Limit = 50, after: After = None, order: OrderParam = "desc",
                state: Literal["pending", "sent"] | None = None,
-               destination: str | None = None, job_id: int | None = None,
+               destination: str | None = None, job_id: JobFilter = None,
                failing: Annotated[bool, Query(
                    description="Only pending deliveries whose last attempt failed.")] = False,
                ) -> dict[str, Any]:
@@ -395,7 +403,7 @@ def create_app(settings: Settings, db: Database, *,
         return _page([_batch(b) for b in rows], limit)
 
     @app.get("/api/batches/{batch_id}", tags=["data"], dependencies=[read])
-    def batch(batch_id: int) -> dict[str, Any]:
+    def batch(batch_id: RowId) -> dict[str, Any]:
         """One batch with its studies counted by retrieve state."""
         with db.sessions() as session:
             row = batches.get_batch(session, batch_id)
@@ -421,8 +429,11 @@ def create_app(settings: Settings, db: Database, *,
         return _page([r.to_dict() for r in rows], limit)
 
     # -- operator actions ---------------------------------------------------------------------
-    @app.post("/api/jobs/{job_id}/rerun", tags=["actions"], status_code=201)
-    def rerun(job_id: int, key: apikeys.ApiKeyInfo = operator,
+    cross_site = [Depends(same_origin)]
+
+    @app.post("/api/jobs/{job_id}/rerun", tags=["actions"], status_code=201,
+              dependencies=cross_site)
+    def rerun(job_id: RowId, key: apikeys.ApiKeyInfo = operator,
               peer: ClientHost = None) -> dict[str, Any]:
         """Run a job again: a new pending job for the same study, series and route."""
         now = datetime.now(UTC)
@@ -446,8 +457,8 @@ def create_app(settings: Settings, db: Database, *,
         wake_jobs()
         return {"job": created, "rerun_of": job_id}
 
-    @app.post("/api/results/{result_id}/resend", tags=["actions"])
-    def resend(result_id: int, key: apikeys.ApiKeyInfo = operator,
+    @app.post("/api/results/{result_id}/resend", tags=["actions"], dependencies=cross_site)
+    def resend(result_id: RowId, key: apikeys.ApiKeyInfo = operator,
                peer: ClientHost = None) -> dict[str, Any]:
         """Send a result object again to its destinations (and its route's current ones)."""
         now = datetime.now(UTC)
@@ -471,8 +482,8 @@ def create_app(settings: Settings, db: Database, *,
         wake_outbox()
         return {"result_id": result_id, "deliveries_queued": count}
 
-    @app.post("/api/outbox/{outbox_id}/retry", tags=["actions"])
-    def retry(outbox_id: int, key: apikeys.ApiKeyInfo = operator,
+    @app.post("/api/outbox/{outbox_id}/retry", tags=["actions"], dependencies=cross_site)
+    def retry(outbox_id: RowId, key: apikeys.ApiKeyInfo = operator,
               peer: ClientHost = None) -> dict[str, Any]:
         """Retry a pending (failing) delivery now instead of after its backoff."""
         now = datetime.now(UTC)
@@ -492,8 +503,8 @@ def create_app(settings: Settings, db: Database, *,
         wake_outbox()
         return data
 
-    @app.post("/api/batches/{batch_id}/cancel", tags=["actions"])
-    def cancel(batch_id: int, key: apikeys.ApiKeyInfo = operator,
+    @app.post("/api/batches/{batch_id}/cancel", tags=["actions"], dependencies=cross_site)
+    def cancel(batch_id: RowId, key: apikeys.ApiKeyInfo = operator,
                peer: ClientHost = None) -> dict[str, Any]:
         """Cancel a batch (state ``cancelled``); studies already retrieved stay."""
         now = datetime.now(UTC)

@@ -6,9 +6,11 @@ Routes (all under ``/dashboard``, so the cookie below is sent to nothing else):
   heat-map side by side, failed jobs, failing deliveries, models. The page reloads itself every
   :data:`REFRESH_SECONDS` (a meta refresh: no scripts at all, and a Content-Security-Policy that
   allows none).
-* ``GET /dashboard?key=TOKEN``: checks the API key, keeps it in an HttpOnly, SameSite=Strict
-  cookie and redirects to ``/dashboard`` (so the key leaves the address bar and the history).
-  ``GET /dashboard?logout=1`` forgets it.
+* ``POST /dashboard/login`` (the sign-in form, ``key=TOKEN`` in the body): checks the API key,
+  keeps it in an HttpOnly, SameSite=Strict cookie (Secure over TLS) and redirects to
+  ``/dashboard``. A key in the address (``?key=``) is not accepted: a link of another site
+  could otherwise sign a browser in with the linker's key (login CSRF), and addresses end up in
+  histories and proxy logs. ``POST /dashboard/logout`` (the Sign out button) forgets it.
 * ``GET /dashboard/thumbnails/{heatmap|source}/{finding_id}.png``: a PNG about
   :data:`THUMBNAIL_PX` pixels on its long side of a finding's heat-map Secondary Capture or of
   its source image (windowed as the pipeline does: Bits Stored masked, modality LUT, VOI,
@@ -20,9 +22,10 @@ Routes (all under ``/dashboard``, so the cookie below is sent to nothing else):
 
 A request is authenticated by ``Authorization: Bearer``, ``X-API-Key`` or the cookie, all
 checked by :class:`dicom_ai.api.auth.Authenticator`. Without a valid key the page answers 401
-with a hint. Cross-site form posts are refused twice: the cookie is ``SameSite=Strict`` and a
-browser's ``Sec-Fetch-Site: cross-site`` is refused. Patient names, IDs and birth dates are on
-the page only with ``api.show_patient_names``.
+with the sign-in form. Every ``POST`` (sign-in, sign-out, the buttons) must come from this
+origin (:func:`dicom_ai.api.auth.cross_site_reason`: ``Sec-Fetch-Site``, else ``Origin`` or
+``Referer``); besides, the cookie is ``SameSite=Strict``. Patient names, IDs and birth dates
+are on the page only with ``api.show_patient_names``.
 """
 
 from __future__ import annotations
@@ -36,34 +39,31 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qs
 
 import numpy as np
 import pydicom
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse
-from numpy.typing import NDArray
 from PIL import Image
 from pydicom.errors import InvalidDicomError
 
 from dicom_ai import __version__
-from dicom_ai.api.auth import Authenticator
-from dicom_ai.config import Settings
+from dicom_ai.api.auth import Authenticator, cross_site_reason
+from dicom_ai.config import LimitsSettings, Settings
 from dicom_ai.exceptions import ConfigError, DicomAIError
 from dicom_ai.inference.registry import Registry
-from dicom_ai.pipeline.loading import decode
-from dicom_ai.pipeline.preprocessing import (
-    GREY_INTERPRETATIONS,
-    grey_to_unit,
-    mask_bits_stored,
-    to_rgb,
-)
+from dicom_ai.pipeline.loading import DEFER_BYTES, decode
+from dicom_ai.pipeline.preprocessing import unit_image
 from storage import api_queries, apikeys, dashboard_queries
 from storage.db import Database
 from storage.models import ROLE_OPERATOR, FindingRecord, Job, OutboxItem, ResultObject
 from storage.repository import find_instance_path
 
-__all__ = ["COOKIE_NAME", "REFRESH_SECONDS", "THUMBNAIL_PX", "Action", "dashboard_router",
-           "render_thumbnail"]
+__all__ = ["COOKIE_NAME", "MAX_FORM_BYTES", "REFRESH_SECONDS", "THUMBNAIL_PX", "Action",
+           "dashboard_router", "render_thumbnail"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -75,6 +75,11 @@ REFRESH_SECONDS = 10
 THUMBNAIL_PX = 160
 #: Rows per table.
 ROWS = 20
+#: The sign-in form's body (one key of about 50 characters); a larger one is refused unread.
+MAX_FORM_BYTES = 4096
+#: A row id in a path or the page's query: ids are 1..MAX_ID (larger ones cannot exist and
+#: would make the database driver raise), anything else answers 422.
+RowId = Annotated[int, PathParam(ge=1, le=api_queries.MAX_ID, description="A row id.")]
 
 #: An operator action of the API: ``(id, key, client address) -> answer``; raises
 #: HTTPException 404/409. The key and the address go to the audit trail as the API's do.
@@ -101,11 +106,13 @@ img.thumb { max-width: 160px; max-height: 160px; background: #000; margin-right:
 form { display: inline; } .empty { color: #888; font-style: italic; }
 """
 
-# No scripts, no frames, images and forms only from here.
+# No scripts, no frames, images and forms only from here. The referrer goes to this origin
+# only: with "no-referrer" a browser without Fetch Metadata would post "Origin: null", which
+# the same-origin check of the forms refuses; no address here carries a secret.
 _CSP = ("default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-action 'self'; "
         "frame-ancestors 'none'; base-uri 'none'")
 _HTML_HEADERS = {"Content-Security-Policy": _CSP, "Cache-Control": "no-store",
-                 "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff",
+                 "Referrer-Policy": "same-origin", "X-Content-Type-Options": "nosniff",
                  "X-Frame-Options": "DENY"}
 
 
@@ -154,14 +161,23 @@ def _page(title: str, body: str, code: int = 200, *, refresh: bool = False,
                         headers={**_HTML_HEADERS, **(headers or {})})
 
 
-def _login_page(reason: str) -> HTMLResponse:
+def _login_page(request: Request, reason: str,
+                code: int = status.HTTP_401_UNAUTHORIZED) -> HTMLResponse:
+    """The sign-in form (a POST of the key, never a key in the address)."""
     body = (f"<h1>dicom-ai dashboard</h1><p>{_e(reason)}</p>"
-            "<p>Open <code>/dashboard?key=YOUR_API_KEY</code> once; the key is then kept in a "
-            "cookie of this browser until it closes. Make a key with "
-            "<code>dicom-ai apikeys create NAME --role read</code> (or "
+            f'<form method="post" action="{_e(_base(request))}/login" id="sign-in">'
+            '<label>API key <input type="password" name="key" id="key" required '
+            'autocomplete="current-password" size="50"></label> '
+            '<button type="submit">Sign in</button></form>'
+            "<p>The key is then kept in a cookie of this browser until it closes or you sign "
+            "out. Make a key with <code>dicom-ai apikeys create NAME --role read</code> (or "
             "<code>--role operator</code> for the Re-run and Retry buttons).</p>")
-    return _page("dicom-ai dashboard: API key needed", body, status.HTTP_401_UNAUTHORIZED,
-                 headers={"WWW-Authenticate": "Bearer"})
+    headers = {"WWW-Authenticate": "Bearer"} if code == status.HTTP_401_UNAUTHORIZED else {}
+    return _page("dicom-ai dashboard: sign in", body, code, headers=headers)
+
+
+def _refused(text: str, code: int = status.HTTP_403_FORBIDDEN) -> HTMLResponse:
+    return _page("dicom-ai dashboard", f"<h1>Refused</h1><p>{_e(text)}</p>", code)
 
 
 def _base(request: Request) -> str:
@@ -169,19 +185,42 @@ def _base(request: Request) -> str:
     return f"{request.scope.get('root_path', '')}/dashboard"
 
 
+async def _form_fields(request: Request) -> dict[str, str] | int:
+    """The fields of a small url-encoded form body, or the HTTP status that refuses it.
+
+    The body is read in the chunks that arrive and given up past :data:`MAX_FORM_BYTES`, so
+    a client declaring or sending a large body costs no more than that.
+    """
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind != "application/x-www-form-urlencoded":
+        return status.HTTP_415_UNSUPPORTED_MEDIA_TYPE
+    declared = request.headers.get("content-length", "0").strip()
+    # Digits only (isdigit alone takes "²"), and short enough for int() to be cheap.
+    if not (declared.isascii() and declared.isdigit()) or len(declared) > 9 \
+            or int(declared) > MAX_FORM_BYTES:
+        return status.HTTP_413_CONTENT_TOO_LARGE
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            return status.HTTP_413_CONTENT_TOO_LARGE
+    try:
+        fields = parse_qs(body.decode("utf-8", "replace"), max_num_fields=8)
+    except ValueError:  # more fields than a sign-in form has
+        return status.HTTP_400_BAD_REQUEST
+    return {name: values[0] for name, values in fields.items()}
+
+
 # -- thumbnails ---------------------------------------------------------------------------------
-def _to_uint8_rgb(arr: NDArray[Any], ds: pydicom.Dataset) -> NDArray[np.uint8]:
-    rgb = to_rgb(arr, ds)
-    if rgb.dtype == np.uint8:
-        return rgb
-    bits = int(ds.get("BitsStored", 8) or 8)
-    scaled = rgb.astype(np.float32) * (255.0 / float((1 << bits) - 1))
-    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
-
-
 def render_thumbnail(path: Path, frame_number: int | None = None,
-                     size: int = THUMBNAIL_PX) -> bytes:
-    """A PNG thumbnail of one frame of a DICOM image.
+                     size: int = THUMBNAIL_PX, *, limits: LimitsSettings | None = None) -> bytes:
+    """A PNG thumbnail of one frame of a DICOM image, made in bounded memory.
+
+    The declared size is checked against `limits` before anything is decoded (the file is read
+    with its pixel data deferred, so a refused file's pixels are not even loaded); the decoded
+    frame is then windowed and scaled down in strips of rows
+    (:func:`~dicom_ai.pipeline.preprocessing.unit_image`), so a large image costs about its
+    decoded size, never several float copies of it.
 
     Parameters
     ----------
@@ -191,44 +230,45 @@ def render_thumbnail(path: Path, frame_number: int | None = None,
         1-based frame of a multi-frame image (the first when None).
     size : int
         Pixels on the long side (small images are enlarged to it too).
+    limits : LimitsSettings, optional
+        ``[limits]`` (``max_frame_pixels``, ``max_pixel_bytes``); default: their defaults.
 
     Returns
     -------
     bytes
         The PNG: 8-bit grey for MONOCHROME1/2 (Bits Stored masked, modality LUT and VOI
-        applied, MONOCHROME1 inverted), RGB for colour images.
+        applied, MONOCHROME1 inverted, PS3.3 C.7.6.3.1, C.11), RGB for colour images.
 
     Raises
     ------
+    PixelLimitError
+        The image declares more pixels or bytes than `limits` allow (a :class:`DicomAIError`).
     DicomAIError
         The pixel data cannot be decoded or windowed.
     InvalidDicomError, OSError
         The file is not DICOM or cannot be read.
     """
-    ds = pydicom.dcmread(path)
+    ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     index = min(max((frame_number or 1) - 1, 0), frames - 1) if frames > 1 else None
-    arr = decode(ds, index)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    if photometric in GREY_INTERPRETATIONS:
-        unit = grey_to_unit(mask_bits_stored(arr, ds), ds)
-        grey = np.clip(unit * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        image = Image.fromarray(np.ascontiguousarray(grey), mode="L")
-    else:
-        image = Image.fromarray(np.ascontiguousarray(_to_uint8_rgb(arr, ds)), mode="RGB")
-    scale = size / max(image.width, image.height)
-    target = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BILINEAR
+    arr = decode(ds, index, limits=limits)
+    rows, columns = int(arr.shape[0]), int(arr.shape[1])
+    scale = size / max(rows, columns)
+    target = (max(1, round(rows * scale)), max(1, round(columns * scale)))
+    unit = unit_image(arr, ds, target)
+    del arr  # the decoded frame goes before the PNG is made
+    pixels = np.clip(unit * 255.0 + 0.5, 0, 255).astype(np.uint8)
     out = io.BytesIO()
-    image.resize(target, resample).save(out, format="PNG")
+    Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB").save(out, format="PNG")
     return out.getvalue()
 
 
 @lru_cache(maxsize=256)
-def _cached_thumbnail(path: str, mtime_ns: int, frame_number: int | None) -> bytes:
-    """Thumbnails by file, version and frame (a few MB at most)."""
+def _cached_thumbnail(path: str, mtime_ns: int, frame_number: int | None,
+                      limits: LimitsSettings | None = None) -> bytes:
+    """Thumbnails by file, version, frame and limits (a few MB at most: PNGs of 160 pixels)."""
     del mtime_ns  # part of the cache key only: a rewritten file gets a new thumbnail
-    return render_thumbnail(Path(path), frame_number)
+    return render_thumbnail(Path(path), frame_number, limits=limits)
 
 
 # -- the router ---------------------------------------------------------------------------------
@@ -257,13 +297,15 @@ def dashboard_router(settings: Settings, db: Database, *, rerun: Action,
     root = settings.storage.root.resolve()
     show_patient = settings.api.show_patient_names
 
-    def viewer(request: Request) -> apikeys.ApiKeyInfo | None:
-        """The request's key: Bearer, X-API-Key or the cookie; None if none is valid."""
+    def header_token(request: Request) -> str:
+        """A key sent in a header (Bearer or X-API-Key): a script's, not a browser cookie's."""
         scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
         token = credentials.strip() if scheme.lower() == "bearer" else ""
-        token = token or request.headers.get("x-api-key", "") or \
-            request.cookies.get(COOKIE_NAME, "")
-        return key_of(token)
+        return token or request.headers.get("x-api-key", "")
+
+    def viewer(request: Request) -> apikeys.ApiKeyInfo | None:
+        """The request's key: Bearer, X-API-Key or the cookie; None if none is valid."""
+        return key_of(header_token(request) or request.cookies.get(COOKIE_NAME, ""))
 
     def key_of(token: str) -> apikeys.ApiKeyInfo | None:
         if not token:
@@ -276,33 +318,64 @@ def dashboard_router(settings: Settings, db: Database, *, rerun: Action,
     # -- the page -------------------------------------------------------------------------------
     @router.get("/dashboard", response_class=HTMLResponse, summary="The web dashboard",
                 responses={401: {"description": "No valid API key"}})
-    def dashboard(request: Request, key: str | None = None, logout: bool = False,
+    def dashboard(request: Request,
                   done: Literal["rerun", "retry"] | None = None,
                   failed: Literal["rerun", "retry"] | None = None,
-                  target: Annotated[int | None, Query(alias="id")] = None,
-                  new: int | None = None, code: int | None = None) -> Response:
-        """The dashboard page (``?key=TOKEN`` once to keep a key in a cookie)."""
-        base = _base(request)
-        if logout:
-            response = _page("dicom-ai dashboard", "<h1>dicom-ai dashboard</h1>"
-                             "<p>The key is forgotten in this browser.</p>")
-            response.delete_cookie(COOKIE_NAME, path=base, httponly=True, samesite="strict")
-            return response
-        if key is not None:
-            found = key_of(key)
-            if found is None:
-                return _login_page("That API key is unknown or revoked.")
-            redirect = RedirectResponse(base, status_code=status.HTTP_303_SEE_OTHER,
-                                        headers=_HTML_HEADERS)
-            redirect.set_cookie(COOKIE_NAME, key, path=base, httponly=True, samesite="strict",
-                                secure=request.url.scheme == "https")
-            LOGGER.info("dashboard: API key %d (%s) signed in", found.id, found.prefix)
-            return redirect
+                  target: Annotated[int | None, Query(alias="id", ge=1,
+                                                      le=api_queries.MAX_ID)] = None,
+                  new: Annotated[int | None, Query(ge=1, le=api_queries.MAX_ID)] = None,
+                  code: Annotated[int | None, Query(ge=100, le=599)] = None) -> Response:
+        """The dashboard page (the sign-in form without a valid key)."""
         viewer_key = viewer(request)
         if viewer_key is None:
-            return _login_page("This page needs an API key.")
+            # An old bookmark with ?key=: say why it no longer signs in (never echo the key).
+            reason = ("A key in the address is not accepted: sign in with the form."
+                      if "key" in request.query_params else "This page needs an API key.")
+            return _login_page(request, reason)
         notice = _notice(done, failed, target, new, code)
         return _page("dicom-ai dashboard", render_body(viewer_key, notice), refresh=True)
+
+    # -- signing in and out (POST forms of this origin only) ----------------------------------
+    @router.post("/dashboard/login", response_class=RedirectResponse,
+                 status_code=status.HTTP_303_SEE_OTHER, summary="Sign in (the page's form)",
+                 responses={401: {"description": "Unknown or revoked key"},
+                            403: {"description": "A request of another site"}})
+    async def sign_in(request: Request) -> Response:
+        """Check the form's ``key`` and keep it in the dashboard's cookie."""
+        refused = cross_site_reason(request)
+        if refused is not None:
+            LOGGER.warning("dashboard: sign-in refused: %s", refused)
+            return _refused("A form of another site cannot sign in here.")
+        fields = await _form_fields(request)
+        if isinstance(fields, int):
+            return _refused("The sign-in form takes one short key.", fields)
+        token = fields.get("key", "").strip()
+        found = await run_in_threadpool(key_of, token)
+        if found is None:
+            LOGGER.info("dashboard: sign-in with an unknown or revoked key refused")
+            return _login_page(request, "That API key is unknown or revoked.")
+        base = _base(request)
+        redirect = RedirectResponse(base, status_code=status.HTTP_303_SEE_OTHER,
+                                    headers=_HTML_HEADERS)
+        redirect.set_cookie(COOKIE_NAME, token, path=base, httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https")
+        LOGGER.info("dashboard: API key %d (%s) signed in", found.id, found.prefix)
+        return redirect
+
+    @router.post("/dashboard/logout", response_class=HTMLResponse,
+                 summary="Sign out (the page's button)",
+                 responses={403: {"description": "A request of another site"}})
+    def sign_out(request: Request) -> Response:
+        """Forget the key kept in this browser's cookie."""
+        refused = cross_site_reason(request)
+        if refused is not None:
+            LOGGER.warning("dashboard: sign-out refused: %s", refused)
+            return _refused("A form of another site cannot sign out here.")
+        response = _login_page(request, "Signed out: the key is forgotten in this browser.",
+                               status.HTTP_200_OK)
+        response.delete_cookie(COOKIE_NAME, path=_base(request), httponly=True,
+                               samesite="strict", secure=request.url.scheme == "https")
+        return response
 
     def render_body(viewer_key: apikeys.ApiKeyInfo, notice: str) -> str:
         now = datetime.now(UTC)
@@ -316,10 +389,11 @@ def dashboard_router(settings: Settings, db: Database, *, rerun: Action,
             failed_jobs = api_queries.list_jobs(session, state="failed", limit=ROWS)
             failing = api_queries.list_outbox(session, failing=True, limit=ROWS)
         role = "operator" if operator else "read-only"
-        header = (f"<h1>dicom-ai dashboard</h1><p class=\"meta\">dicom-ai {_e(__version__)} · "
+        header = (f"<h1>dicom-ai dashboard</h1><div class=\"meta\">dicom-ai {_e(__version__)} · "
                   f"{_when(now)} · reloads every {REFRESH_SECONDS} s · key "
                   f"<b>{_e(viewer_key.name)}</b> ({role}) · "
-                  f'<a href="dashboard?logout=1">forget key</a></p>{notice}')
+                  '<form method="post" action="dashboard/logout"><button type="submit" '
+                  f'id="sign-out">Sign out</button></form></div>{notice}')
         return "".join([
             header,
             "<h2>Counts</h2>", _counts(snap),
@@ -335,7 +409,7 @@ def dashboard_router(settings: Settings, db: Database, *, rerun: Action,
                 summary="A finding's heat-map or source image as a PNG thumbnail",
                 responses={200: {"content": {"image/png": {}}}})
     def thumbnail(request: Request, kind: Literal["heatmap", "source"],
-                  finding_id: int) -> Response:
+                  finding_id: RowId) -> Response:
         """A PNG thumbnail of a finding's heat-map Secondary Capture or of its source image."""
         if viewer(request) is None:
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="an API key is required",
@@ -363,7 +437,7 @@ def dashboard_router(settings: Settings, db: Database, *, rerun: Action,
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=cache)
         try:
-            png = _cached_thumbnail(str(path), mtime_ns, frame)
+            png = _cached_thumbnail(str(path), mtime_ns, frame, settings.limits)
         except (DicomAIError, InvalidDicomError, OSError, ValueError) as exc:
             LOGGER.warning("dashboard: no thumbnail of %s: %s", relative, exc)
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
@@ -372,12 +446,15 @@ def dashboard_router(settings: Settings, db: Database, *, rerun: Action,
 
     # -- buttons --------------------------------------------------------------------------------
     def act(request: Request, action: Literal["rerun", "retry"], target: int) -> Response:
+        # The cookie is sent by the browser on its own: its requests must show this origin.
+        # A key in a header is a script's (a page of another site cannot set one).
+        refused = cross_site_reason(request, key_in_header=bool(header_token(request)))
+        if refused is not None:
+            LOGGER.warning("dashboard: %s button refused: %s", action, refused)
+            return _refused("A form of another site cannot act here.")
         key = viewer(request)
         if key is None:
-            return _login_page("This action needs an API key.")
-        if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
-            return _page("dicom-ai dashboard", "<h1>Refused</h1><p>A form of another site "
-                         "cannot act here.</p>", status.HTTP_403_FORBIDDEN)
+            return _login_page(request, "This action needs an API key.")
         if key.role != ROLE_OPERATOR:
             LOGGER.info("API key %d (%s) refused a dashboard action", key.id, key.prefix)
             return _page("dicom-ai dashboard", "<h1>Refused</h1><p>This action needs an "
@@ -399,14 +476,14 @@ def dashboard_router(settings: Settings, db: Database, *, rerun: Action,
 
     @router.post("/dashboard/jobs/{job_id}/rerun", summary="Re-run a job (the page's button)",
                  response_class=RedirectResponse, status_code=status.HTTP_303_SEE_OTHER)
-    def rerun_button(request: Request, job_id: int) -> Response:
+    def rerun_button(request: Request, job_id: RowId) -> Response:
         """``POST /api/jobs/{id}/rerun`` for the page's form; redirects back to the page."""
         return act(request, "rerun", job_id)
 
     @router.post("/dashboard/outbox/{outbox_id}/retry",
                  summary="Retry a failing delivery now (the page's button)",
                  response_class=RedirectResponse, status_code=status.HTTP_303_SEE_OTHER)
-    def retry_button(request: Request, outbox_id: int) -> Response:
+    def retry_button(request: Request, outbox_id: RowId) -> Response:
         """``POST /api/outbox/{id}/retry`` for the page's form; redirects back to the page."""
         return act(request, "retry", outbox_id)
 

@@ -11,7 +11,9 @@ Two sources:
 * :class:`~dicom_ai.network.counters.ReceiverCounters` count what the index cannot tell, as it
   happens in this serve process's receivers: associations (accepted, rejected by reason,
   released, aborted), every C-STORE answer by status (including refusals that leave no file,
-  such as a full disk), bytes received, and requests per DIMSE service. With several hosts,
+  such as a full disk), bytes received, requests per DIMSE service, TCP connections open now
+  (associated or not: a connection that never sends its association request shows here, not
+  among the associations) and connections refused on accept. With several hosts,
   each serve process reports its own and Prometheus sums them (``sum without (instance)``).
 
 Counters start from zero when the process starts, as Prometheus expects.
@@ -68,6 +70,9 @@ METRIC_NAMES = (
     "dicom_ai_store_responses_total",
     "dicom_ai_received_bytes_total",
     "dicom_ai_dimse_requests_total",
+    "dicom_ai_connections_open",
+    "dicom_ai_connections_unassociated",
+    "dicom_ai_connections_refused_total",
 )
 
 
@@ -209,6 +214,9 @@ class DatabaseCollector(Collector):
              snap["store"]),
             ("dicom_ai_dimse_requests", "DIMSE requests by service", "service",
              snap["request"]),
+            ("dicom_ai_connections_refused", "TCP connections closed as soon as accepted, by "
+             "reason (per-host limit: the host already held max_connections_per_host)",
+             "reason", snap["refusal"]),
         ):
             family = CounterMetricFamily(name, doc, labels=[label])
             for key, n in values.items():
@@ -216,10 +224,19 @@ class DatabaseCollector(Collector):
             yield family
         yield CounterMetricFamily("dicom_ai_received_bytes", "Bytes of the instances stored "
                                   "(C-STORE answered 0x0000)", value=snap["bytes"][""])
-        outcomes = snap["association"]
+        outcomes, connections = snap["association"], snap["connection"]
+        active = max(0, outcomes["accepted"] - outcomes["released"] - outcomes["aborted"])
+        open_now = max(0, connections["opened"] - connections["closed"])
         yield GaugeMetricFamily(
             "dicom_ai_associations_active", "Associations open now (accepted, not yet ended)",
-            value=max(0, outcomes["accepted"] - outcomes["released"] - outcomes["aborted"]))
+            value=active)
+        yield GaugeMetricFamily(
+            "dicom_ai_connections_open", "TCP connections the receivers hold open now, "
+            "associated or not", value=open_now)
+        yield GaugeMetricFamily(
+            "dicom_ai_connections_unassociated", "Open TCP connections without an association "
+            "now: not yet requested (closed after association_request_timeout), rejected, or "
+            "closing", value=max(0, open_now - active))
 
     def _disk(self) -> Iterable[Metric]:
         free = GaugeMetricFamily("dicom_ai_store_free_bytes",

@@ -33,7 +33,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from dicom_ai.config import Settings, Source, parse_window
-from dicom_ai.exceptions import ConfigError, NetworkError
+from dicom_ai.exceptions import ConfigError, NetworkError, safe_message
 from dicom_ai.ingest.spool import Ingestor
 from dicom_ai.network.qr_scu import RetrieveResult, find, get_study, move_study
 from dicom_ai.network.scu import Peer
@@ -396,7 +396,7 @@ class BatchRunner:
             result = self._fetch(uid)
         except NetworkError as exc:
             with self.db.write_session() as session:
-                batches.mark_failed(session, row.id, error=str(exc))
+                batches.mark_failed(session, row.id, error=safe_message(exc))
             LOGGER.warning("study %s: retrieval failed: %s", uid, exc)
             return
         with self.db.sessions() as session:
@@ -422,7 +422,7 @@ class BatchRunner:
         # Its own incoming/ folder: a serve (re)start on this host must not clear a retrieval
         # in progress.
         ingestor = Ingestor(self.settings.storage.file_store(role="batch"), self.db,
-                            self.settings.storage)
+                            self.settings.storage, self.settings.limits)
         return get_study(self.peer, self.settings.dicom, study_instance_uid, ingestor)
 
 

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from dicom_ai.config import Settings
-from dicom_ai.exceptions import ConfigError
+from dicom_ai.exceptions import ConfigError, safe_message
 from dicom_ai.routing import evaluate_file
 from storage import batches, jobs
 from storage.db import Database
@@ -111,7 +111,8 @@ class Scheduler:
             except ConfigError as exc:
                 jobs.record_decision(session, event_id=event_id, study_instance_uid=study_uid,
                                      series_instance_uid=series.series_instance_uid,
-                                     route=None, job_id=None, reason=str(exc), now=now)
+                                     route=None, job_id=None, reason=safe_message(exc),
+                                     now=now)
                 continue
             hits = [r for r in results if r.matched]
             if not hits:

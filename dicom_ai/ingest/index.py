@@ -7,8 +7,10 @@ but the attributes that place an instance in the store must be present and valid
 from __future__ import annotations
 
 import logging
+import mmap
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 from pydicom.dataelem import RawDataElement
@@ -17,8 +19,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
-from dicom_ai.exceptions import IngestError, InvalidUIDError
-from dicom_ai.ingest.scan import NeedsFullParse, Scan, Truncated, scan
+from dicom_ai.exceptions import IngestError, InvalidUIDError, safe_message
+from dicom_ai.ingest import deflate
+from dicom_ai.ingest.scan import Deflated, NeedsFullParse, Scan, Truncated, scan, scan_dataset
 from storage.filestore import validate_uid
 from storage.repository import InstanceRecord
 
@@ -30,15 +33,32 @@ DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+#: Values longer than this stay on disk when pydicom parses an inflated dataset.
+_DEFER_BYTES = 1024 * 1024
 
 
-def read_dataset(path: Path) -> FileDataset:
+def _refuse_inflate(exc: Exception) -> IngestError:
+    """The refusal of a deflated dataset above ``max_inflated_bytes`` or with a corrupt stream.
+
+    0xC000 ("cannot understand"), not 0xA700 ("out of resources"): the size is a property of
+    the object, not a passing shortage, so a sender retrying an A7xx would only send it again.
+    """
+    return IngestError(CANNOT_UNDERSTAND, f"deflated dataset refused: {safe_message(exc)}")
+
+
+def read_dataset(path: Path, *,
+                 max_inflated_bytes: int = deflate.DEFAULT_MAX_INFLATED_BYTES) -> FileDataset:
     """Parse a received file completely, refusing one that is truncated or malformed.
+
+    pydicom holds the whole dataset in memory: a deflated file is first inflated as a bounded
+    stream (:mod:`dicom_ai.ingest.deflate`) and refused above `max_inflated_bytes`.
 
     Parameters
     ----------
     path : Path
         The file (preamble, file meta, dataset).
+    max_inflated_bytes : int
+        ``[limits] max_inflated_bytes``: the most a deflated dataset may inflate to.
 
     Returns
     -------
@@ -48,26 +68,46 @@ def read_dataset(path: Path) -> FileDataset:
     Raises
     ------
     IngestError
-        ``0xC000`` if it cannot be parsed or an element is shorter than declared.
+        ``0xC000`` if it cannot be parsed, an element is shorter than declared, or a deflated
+        dataset is corrupt or inflates beyond the limit.
     """
+    try:
+        deflate.deflated_size(path, max_inflated_bytes)
+    except deflate.InflateError as exc:
+        raise _refuse_inflate(exc) from None
+    except OSError as exc:
+        raise IngestError(CANNOT_UNDERSTAND,
+                          f"dataset cannot be read: {safe_message(exc)}") from None
     try:
         # Elements stay raw until accessed: parsing is a walk over element headers, which is
         # what detects a structurally broken dataset without converting every value.
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
-        raise IngestError(CANNOT_UNDERSTAND, f"dataset cannot be parsed: {exc}") from None
-    # pydicom reads a value shorter than its declared length without complaint: an element
-    # that runs past the end of the data means the dataset is truncated or corrupt.
+        raise IngestError(CANNOT_UNDERSTAND,
+                          f"dataset cannot be parsed: {safe_message(exc)}") from None
+    _check_lengths(ds)
+    return ds
+
+
+def _check_lengths(ds: Dataset, size: int | None = None) -> None:
+    """Refuse a dataset whose top-level element runs past the end of the data.
+
+    pydicom reads a value shorter than its declared length without complaint. A value pydicom
+    left on disk (deferred) is checked against the data's `size` instead.
+    """
     for tag in ds.keys():  # noqa: SIM118 - iterating a Dataset converts each element
         raw = ds.get_item(tag)
-        if isinstance(raw, RawDataElement) and raw.length != _UNDEFINED_LENGTH:
+        if not isinstance(raw, RawDataElement) or raw.length == _UNDEFINED_LENGTH:
+            continue
+        if raw.value is None and raw.length and size is not None:
+            got = max(0, min(raw.length, size - raw.value_tell))
+        else:
             got = len(raw.value or b"")
-            if got != raw.length:
-                raise IngestError(
-                    CANNOT_UNDERSTAND,
-                    f"element {raw.tag} is truncated: {got} of {raw.length} declared bytes",
-                )
-    return ds
+        if got != raw.length:
+            raise IngestError(
+                CANNOT_UNDERSTAND,
+                f"element {raw.tag} is truncated: {got} of {raw.length} declared bytes",
+            )
 
 
 # The index fields, by keyword, with the column size each is clipped to (0: an integer).
@@ -186,11 +226,75 @@ def instance_record(
                    sop_instance_uid=sop_instance_uid)
 
 
-def parse_received(path: Path, *, sop_class_uid: str, sop_instance_uid: str) -> InstanceRecord:
+def _pydicom_inflated(inflated: BinaryIO, size: int) -> Dataset:
+    """Parse an inflated dataset with pydicom, large values left on disk (the scan's fallback)."""
+    try:
+        ds = pydicom.filereader.read_dataset(inflated, is_implicit_VR=False,
+                                             is_little_endian=True, defer_size=_DEFER_BYTES)
+    except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
+        raise IngestError(CANNOT_UNDERSTAND,
+                          f"dataset cannot be parsed: {safe_message(exc)}") from None
+    _check_lengths(ds, size)
+    for tag in _WANTED:
+        raw = ds.get_item(tag) if tag in ds else None
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+            # The index reads this value; nothing it keeps is anywhere near this long.
+            raise IngestError(CANNOT_UNDERSTAND,
+                              f"element {raw.tag} is {raw.length} bytes long")
+    return ds
+
+
+def _deflated_record(path: Path, offset: int, max_inflated_bytes: int, directory: Path,
+                     request: tuple[str, str] | None) -> InstanceRecord:
+    """The index fields of a deflated file, never holding its inflated dataset in memory.
+
+    The stream is first inflated and counted with the output discarded (a bomb is refused
+    before any disk write), then inflated into an anonymous temporary file in `directory`,
+    which the structural scan walks through a memory map: only the element headers it reads
+    are paged in. The pydicom fallback (non-ASCII text, unusual structures) leaves every value
+    over 1 MiB on disk.
+    """
+    transfer_syntax = deflate.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN
+    try:
+        with path.open("rb") as source:
+            source.seek(offset)
+            deflate.inflate(source, max_inflated_bytes)
+        with deflate.inflated_copy(path, offset, max_inflated_bytes, directory) as (inflated,
+                                                                                    size):
+            get: Callable[[str], str]
+            try:
+                if size == 0:
+                    found = scan_dataset(b"", 0, transfer_syntax, _WANTED)
+                else:
+                    with mmap.mmap(inflated.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                        found = scan_dataset(data, 0, transfer_syntax, _WANTED)
+                get = _scan_text(found)
+                if request is None:
+                    request = (get("SOPClassUID"), get("SOPInstanceUID"))
+                return _record(get, transfer_syntax, sop_class_uid=request[0],
+                               sop_instance_uid=request[1])
+            except Truncated as exc:
+                raise IngestError(CANNOT_UNDERSTAND,
+                                  f"dataset is truncated: {safe_message(exc)}") from None
+            except NeedsFullParse:
+                inflated.seek(0)
+                get = _pydicom_text(_pydicom_inflated(inflated, size))
+                if request is None:
+                    request = (get("SOPClassUID"), get("SOPInstanceUID"))
+                return _record(get, transfer_syntax, sop_class_uid=request[0],
+                               sop_instance_uid=request[1])
+    except deflate.InflateError as exc:
+        raise _refuse_inflate(exc) from None
+
+
+def parse_received(path: Path, *, sop_class_uid: str, sop_instance_uid: str,
+                   max_inflated_bytes: int = deflate.DEFAULT_MAX_INFLATED_BYTES
+                   ) -> InstanceRecord:
     """Check a received file and extract its index fields (the C-STORE handler's parse).
 
     The fast structural scan (:mod:`dicom_ai.ingest.scan`) handles the common little-endian
-    files; anything else is parsed by pydicom. Both refuse the same files.
+    files, and deflated ones after a bounded inflation (PS3.5 A.5); anything else is parsed by
+    pydicom. Both refuse the same files.
 
     Parameters
     ----------
@@ -198,6 +302,8 @@ def parse_received(path: Path, *, sop_class_uid: str, sop_instance_uid: str) -> 
         The received file.
     sop_class_uid, sop_instance_uid : str
         The Affected SOP Class/Instance UID of the C-STORE request.
+    max_inflated_bytes : int
+        ``[limits] max_inflated_bytes``: the most a deflated dataset may inflate to.
 
     Returns
     -------
@@ -207,30 +313,58 @@ def parse_received(path: Path, *, sop_class_uid: str, sop_instance_uid: str) -> 
     Raises
     ------
     IngestError
-        ``0xC000`` for an unparseable or truncated dataset, ``0xA900`` for missing, invalid or
-        mismatching UIDs.
+        ``0xC000`` for an unparseable or truncated dataset, or a deflated one that is corrupt
+        or inflates beyond the limit; ``0xA900`` for missing, invalid or mismatching UIDs.
     """
     try:
         found = scan(path, _WANTED)
         return _record(_scan_text(found), found.transfer_syntax_uid,
                        sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid)
     except Truncated as exc:
-        raise IngestError(CANNOT_UNDERSTAND, f"dataset is truncated: {exc}") from None
+        raise IngestError(CANNOT_UNDERSTAND,
+                          f"dataset is truncated: {safe_message(exc)}") from None
+    except Deflated as deflated:
+        # The temporary inflated copy goes next to the received file (the store's disk).
+        return _deflated_record(path, deflated.offset, max_inflated_bytes, path.parent,
+                                (sop_class_uid, sop_instance_uid))
     except NeedsFullParse:
-        ds = read_dataset(path)
+        ds = read_dataset(path, max_inflated_bytes=max_inflated_bytes)
         return instance_record(ds, sop_class_uid=sop_class_uid,
                                sop_instance_uid=sop_instance_uid)
 
 
-def read_stored_record(path: Path) -> InstanceRecord:
+def read_stored_record(path: Path, *,
+                       max_inflated_bytes: int = deflate.DEFAULT_MAX_INFLATED_BYTES,
+                       workdir: Path | None = None) -> InstanceRecord:
     """Parse a file already in the store (recovery) into its index fields.
+
+    Parameters
+    ----------
+    path : Path
+        The stored file.
+    max_inflated_bytes : int
+        ``[limits] max_inflated_bytes``: the most a deflated dataset may inflate to.
+    workdir : Path, optional
+        Where a deflated dataset's temporary inflated copy goes (the store's ``incoming/``
+        folder, so nothing appears among the instances); default: the file's folder.
 
     Raises
     ------
     IngestError
-        If it cannot be parsed or lacks valid UIDs.
+        If it cannot be parsed or lacks valid UIDs; ``0xC000`` for a deflated dataset that is
+        corrupt or inflates beyond the limit.
     """
-    ds = read_dataset(path)
+    try:
+        with path.open("rb") as source:
+            transfer_syntax, offset = deflate.dataset_start(source)
+    except deflate.InflateError:
+        transfer_syntax, offset = "", 0  # not Part 10 as this reader sees it: pydicom decides
+    except OSError as exc:
+        raise IngestError(CANNOT_UNDERSTAND,
+                          f"dataset cannot be read: {safe_message(exc)}") from None
+    if transfer_syntax == deflate.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
+        return _deflated_record(path, offset, max_inflated_bytes, workdir or path.parent, None)
+    ds = read_dataset(path, max_inflated_bytes=max_inflated_bytes)
     sop_class = str(ds.get("SOPClassUID", ""))
     sop_uid = str(ds.get("SOPInstanceUID", ""))
     return instance_record(ds, sop_class_uid=sop_class, sop_instance_uid=sop_uid)

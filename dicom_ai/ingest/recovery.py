@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dicom_ai.exceptions import IngestError
+from dicom_ai.ingest.deflate import DEFAULT_MAX_INFLATED_BYTES
 from dicom_ai.ingest.index import read_stored_record
 from dicom_ai.ingest.spool import RECONCILE_MARKER, quarantine_file
 from storage import repository
@@ -91,11 +92,13 @@ def clear_incoming(store: FileStore, *, stale_after: float = STALE_PARTIAL_SECON
     return removed + swept
 
 
-def reconcile(store: FileStore, db: Database) -> tuple[int, int, int]:
+def reconcile(store: FileStore, db: Database, *,
+              max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> tuple[int, int, int]:
     """Index stored files without rows, and delete rows without files.
 
     Safe while receivers run: indexing is idempotent and rows are only written after their file
-    is in place.
+    is in place. A deflated orphan is inflated as a bounded stream, never whole in memory, and
+    quarantined if it inflates beyond `max_inflated_bytes` (``[limits]``) or is corrupt.
 
     Returns
     -------
@@ -110,7 +113,10 @@ def reconcile(store: FileStore, db: Database) -> tuple[int, int, int]:
     for relative in orphans:
         path = store.absolute(relative)
         try:
-            record = read_stored_record(path)
+            # A deflated file's temporary inflated copy goes to incoming/, never among the
+            # instances this walk (or another host's) lists.
+            record = read_stored_record(path, max_inflated_bytes=max_inflated_bytes,
+                                        workdir=store.incoming)
             expected = store.relative_path(
                 record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
             )
@@ -134,6 +140,8 @@ def reconcile(store: FileStore, db: Database) -> tuple[int, int, int]:
                 raise IngestError(0x0111, f"a second copy of {record.sop_instance_uid}, which "
                                   "is indexed at another path")
         except IngestError as exc:
+            LOGGER.warning("quarantining %s found in the store: 0x%04X %s", relative,
+                           exc.status, exc.reason)
             quarantine_file(store, db, path, status=exc.status,
                             reason=f"found in store during recovery: {exc.reason}",
                             details={"store_path": relative})
@@ -162,7 +170,8 @@ def _withdraw_request(marker: Path, seen: os.stat_result) -> None:
         marker.unlink(missing_ok=True)
 
 
-def recover(store: FileStore, db: Database, *, force: bool = False) -> RecoveryReport:
+def recover(store: FileStore, db: Database, *, force: bool = False,
+            max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> RecoveryReport:
     """Run start-up recovery (partial files, then reconciliation unless the last stop was clean).
 
     Parameters
@@ -173,6 +182,9 @@ def recover(store: FileStore, db: Database, *, force: bool = False) -> RecoveryR
         The index database.
     force : bool
         Reconcile even after a clean shutdown.
+    max_inflated_bytes : int
+        ``[limits] max_inflated_bytes``: a deflated file found in the store that inflates to
+        more is quarantined (see :func:`reconcile`).
 
     Returns
     -------
@@ -189,7 +201,8 @@ def recover(store: FileStore, db: Database, *, force: bool = False) -> RecoveryR
     partial = clear_incoming(store)
     indexed = removed = quarantined = 0
     if force or not clean:
-        indexed, removed, quarantined = reconcile(store, db)
+        indexed, removed, quarantined = reconcile(store, db,
+                                                  max_inflated_bytes=max_inflated_bytes)
     if request is not None:
         _withdraw_request(requested, request)
     report = RecoveryReport(clean, partial, indexed, removed, quarantined)

@@ -6,13 +6,16 @@ element runs past the end of the data) and about twenty top-level values must be
 module walks element headers with :mod:`struct` for little-endian datasets (Explicit or Implicit
 VR, native or encapsulated pixel data) and returns the raw bytes of the wanted tags.
 
-Anything it does not handle exactly (deflated or big-endian datasets, undefined-length UN,
-non-ASCII text, odd structures) raises :class:`NeedsFullParse`, and the caller falls back to
-pydicom. ``tests/unit/test_scan.py`` checks the two paths agree on every pydicom test file.
+Anything it does not handle exactly (big-endian datasets, undefined-length UN, non-ASCII text,
+odd structures) raises :class:`NeedsFullParse`, and the caller falls back to pydicom. A deflated
+file raises :class:`Deflated`: the caller inflates it within bounds and scans the inflated
+dataset with :func:`scan_dataset`. ``tests/unit/test_scan.py`` checks the two paths agree on
+every pydicom test file.
 """
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,7 @@ from pathlib import Path
 from pydicom.uid import AllTransferSyntaxes
 
 _IMPLICIT_LE = "1.2.840.10008.1.2"
+_DEFLATED = "1.2.840.10008.1.2.1.99"
 # Every syntax pydicom knows whose dataset is little endian and not deflated (Implicit VR Little
 # Endian, Explicit VR Little Endian and the encapsulated ones). Unknown syntaxes go to pydicom.
 _LITTLE_ENDIAN_SYNTAXES = frozenset(
@@ -38,6 +42,15 @@ _U32 = struct.Struct("<I")
 
 class NeedsFullParse(Exception):  # noqa: N818 - a signal to fall back, not an error
     """The scan cannot decide exactly; parse with pydicom instead."""
+
+
+class Deflated(NeedsFullParse):
+    """The dataset is deflated: inflate it within bounds (:mod:`dicom_ai.ingest.deflate`)."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__("deflated dataset")
+        #: Where the deflate stream starts in the file.
+        self.offset = offset
 
 
 class Truncated(ValueError):  # noqa: N818 - the name says what the file is
@@ -67,7 +80,11 @@ class Scan:
         return raw.decode("ascii").rstrip(" \x00")
 
 
-def _meta(data: bytes) -> tuple[str, int]:
+# What the walk reads: the file's bytes, or a memory map of an inflated dataset.
+_Data = bytes | mmap.mmap
+
+
+def _meta(data: _Data) -> tuple[str, int]:
     """The transfer syntax and the dataset's offset, from the file meta group (explicit LE)."""
     if len(data) < 132 or data[128:132] != b"DICM":
         raise NeedsFullParse("no DICM prefix")
@@ -92,7 +109,7 @@ def _meta(data: bytes) -> tuple[str, int]:
     return transfer_syntax, pos
 
 
-def _elements(data: bytes, pos: int, implicit: bool, wanted: frozenset[int] | None,
+def _elements(data: _Data, pos: int, implicit: bool, wanted: frozenset[int] | None,
               found: dict[int, bytes]) -> int:
     """Walk elements from `pos` until the data ends or an item/delimiter tag; return the end."""
     size = len(data)
@@ -131,7 +148,7 @@ def _elements(data: bytes, pos: int, implicit: bool, wanted: frozenset[int] | No
     return pos
 
 
-def _sequence(data: bytes, pos: int, implicit: bool) -> int:
+def _sequence(data: _Data, pos: int, implicit: bool) -> int:
     """Skip the items of an undefined-length sequence (or encapsulated pixel data)."""
     size = len(data)
     while True:
@@ -155,6 +172,40 @@ def _sequence(data: bytes, pos: int, implicit: bool) -> int:
         pos += 8
 
 
+def scan_dataset(data: _Data, offset: int, transfer_syntax_uid: str,
+                 wanted: frozenset[int]) -> Scan:
+    """Check a little-endian dataset's structure and read the wanted top-level values.
+
+    Parameters
+    ----------
+    data : bytes or mmap.mmap
+        The encoded dataset (a whole file, or an inflated deflated dataset mapped from disk).
+    offset : int
+        Where the dataset starts in `data`.
+    transfer_syntax_uid : str
+        The file's transfer syntax (only whether it is Implicit VR matters here).
+    wanted : frozenset of int
+        Tags (``group << 16 | element``) whose raw values to return.
+
+    Returns
+    -------
+    Scan
+        The transfer syntax and the raw values found.
+
+    Raises
+    ------
+    Truncated
+        An element, item or sequence runs past the end of the data.
+    NeedsFullParse
+        An unusual structure (see the module docstring).
+    """
+    found: dict[int, bytes] = {}
+    end = _elements(data, offset, transfer_syntax_uid == _IMPLICIT_LE, wanted, found)
+    if end != len(data):
+        raise NeedsFullParse("item or delimiter tag at the top level")
+    return Scan(transfer_syntax_uid, found)
+
+
 def scan(path: Path, wanted: frozenset[int]) -> Scan:
     """Check a received file's structure and read the wanted top-level values.
 
@@ -174,15 +225,15 @@ def scan(path: Path, wanted: frozenset[int]) -> Scan:
     ------
     Truncated
         An element, item or sequence runs past the end of the file.
+    Deflated
+        The dataset is deflated (never inflated here: see :mod:`dicom_ai.ingest.deflate`).
     NeedsFullParse
-        The file needs pydicom (deflated, big endian, unusual structure).
+        The file needs pydicom (big endian, unusual structure).
     """
     data = path.read_bytes()
     transfer_syntax, pos = _meta(data)
+    if transfer_syntax == _DEFLATED:
+        raise Deflated(pos)
     if transfer_syntax not in _LITTLE_ENDIAN_SYNTAXES:
         raise NeedsFullParse(f"transfer syntax {transfer_syntax}")
-    found: dict[int, bytes] = {}
-    end = _elements(data, pos, transfer_syntax == _IMPLICIT_LE, wanted, found)
-    if end != len(data):
-        raise NeedsFullParse("item or delimiter tag at the top level")
-    return Scan(transfer_syntax, found)
+    return scan_dataset(data, pos, transfer_syntax, wanted)

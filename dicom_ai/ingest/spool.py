@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from dicom_ai.config import StorageSettings
-from dicom_ai.exceptions import IngestError, OutOfSpaceError
+from dicom_ai.config import LimitsSettings, StorageSettings
+from dicom_ai.exceptions import IngestError, OutOfSpaceError, safe_message
 from dicom_ai.ingest.index import (
     CANNOT_UNDERSTAND,
     OUT_OF_RESOURCES,
@@ -107,15 +107,20 @@ class Ingestor:
         The index database.
     settings : StorageSettings
         ``min_free_bytes`` and the duplicate policy.
+    limits : LimitsSettings, optional
+        ``max_inflated_bytes``: a deflated dataset inflating to more is refused (0xC000) and
+        quarantined; default: the ``[limits]`` defaults.
     """
 
     def __init__(
-        self, store: FileStore, db: Database, settings: StorageSettings
+        self, store: FileStore, db: Database, settings: StorageSettings,
+        limits: LimitsSettings | None = None,
     ) -> None:
         self.store = store
         self.db = db
         self.min_free_bytes = settings.min_free_bytes
         self.replace_duplicates = settings.duplicates == "replace"
+        self.max_inflated_bytes = (limits or LimitsSettings()).max_inflated_bytes
         self._io = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
 
     def ingest(self, received: Received) -> int:
@@ -131,7 +136,9 @@ class Ingestor:
         int
             ``0x0000`` once the instance is durable and indexed (or a kept duplicate);
             ``0xA700`` when out of space or the index is unavailable (retryable);
-            ``0xA900``/``0xC000`` when the instance is refused and quarantined.
+            ``0xA900``/``0xC000`` when the instance is refused and quarantined (``0xC000``
+            also for a deflated dataset that is corrupt or inflates beyond
+            ``max_inflated_bytes``).
         """
         try:
             self.store.check_space(self.min_free_bytes)
@@ -147,6 +154,7 @@ class Ingestor:
                 received.path,
                 sop_class_uid=received.sop_class_uid,
                 sop_instance_uid=received.sop_instance_uid,
+                max_inflated_bytes=self.max_inflated_bytes,
             )
             relative = self.store.relative_path(
                 record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
@@ -158,7 +166,8 @@ class Ingestor:
         except Exception as exc:  # anything unforeseen in parsing: refuse and keep the file
             LOGGER.exception("unexpected error reading %s", received.sop_instance_uid)
             _settle(flushed)
-            self._quarantine(received, CANNOT_UNDERSTAND, f"unexpected error: {exc!r}")
+            self._quarantine(received, CANNOT_UNDERSTAND,
+                             f"unexpected error: {safe_message(exc)}")
             return CANNOT_UNDERSTAND
         return self._store(received, record, relative, flushed)
 

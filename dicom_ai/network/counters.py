@@ -15,8 +15,8 @@ import multiprocessing as mp
 import threading
 from typing import Any
 
-__all__ = ["ASSOCIATION_OUTCOMES", "REJECT_REASONS", "REQUESTS", "STORE_STATUSES",
-           "ReceiverCounters"]
+__all__ = ["ASSOCIATION_OUTCOMES", "CONNECTION_EVENTS", "REFUSAL_REASONS", "REJECT_REASONS",
+           "REQUESTS", "STORE_STATUSES", "ReceiverCounters"]
 
 #: ``outcome`` label values of ``dicom_ai_associations_total``.
 ASSOCIATION_OUTCOMES = ("accepted", "rejected", "released", "aborted")
@@ -26,6 +26,10 @@ REJECT_REASONS = ("host not allowed", "calling AE title not allowed", "limit or 
 STORE_STATUSES = ("0x0000", "0xA700", "0xA900", "0xC000", "other")
 #: ``service`` label values of ``dicom_ai_dimse_requests_total``.
 REQUESTS = ("echo", "store", "find", "move", "get", "mpps")
+#: TCP connections a receiver served: ``opened`` - ``closed`` are open now, associated or not.
+CONNECTION_EVENTS = ("opened", "closed")
+#: ``reason`` label values of ``dicom_ai_connections_refused_total`` (closed on accept).
+REFUSAL_REASONS = ("per-host limit",)
 
 _SLOTS: tuple[tuple[str, str], ...] = (
     *(("association", o) for o in ASSOCIATION_OUTCOMES),
@@ -33,6 +37,8 @@ _SLOTS: tuple[tuple[str, str], ...] = (
     *(("store", s) for s in STORE_STATUSES),
     *(("request", r) for r in REQUESTS),
     ("bytes", ""),
+    *(("connection", e) for e in CONNECTION_EVENTS),
+    *(("refusal", r) for r in REFUSAL_REASONS),
 )
 _INDEX = {slot: i for i, slot in enumerate(_SLOTS)}
 
@@ -101,13 +107,43 @@ class ReceiverCounters:
         """Count a DIMSE request of another service (one of :data:`REQUESTS`)."""
         self._add("request", service)
 
+    def connection(self, event: str) -> None:
+        """Count a TCP connection ``opened`` or ``closed`` by a receiver (associated or not)."""
+        self._add("connection", event)
+
+    def refusal(self, reason: str) -> None:
+        """Count a connection refused on accept (one of :data:`REFUSAL_REASONS`)."""
+        self._add("refusal", reason)
+
+    def settle(self) -> None:
+        """Close this row's books: the connections and associations it counts open are gone.
+
+        A receiver process that replaces one that died calls it before it serves: the
+        connections of the dead process closed with it and its associations ended (aborted,
+        as the peers saw it), so they no longer count as open.
+        """
+        width = len(_SLOTS)
+        base = self._row * width
+
+        def at(kind: str, key: str) -> int:
+            return base + _INDEX[(kind, key)]
+
+        with self._lock:
+            values = self._values
+            values[at("connection", "closed")] = values[at("connection", "opened")]
+            ended = (values[at("association", "released")]
+                     + values[at("association", "aborted")])
+            values[at("association", "aborted")] += max(
+                0, values[at("association", "accepted")] - ended)
+
     def snapshot(self) -> dict[str, dict[str, int]]:
         """Every counter now, summed over the receivers.
 
         Returns
         -------
         dict
-            ``{"association": {"accepted": n, ...}, ..., "bytes": {"": n}}``. Each value is
+            ``{"association": {"accepted": n, ...}, ..., "bytes": {"": n},
+            "connection": {"opened": n, "closed": n}, "refusal": {...}}``. Each value is
             read whole (aligned 64-bit words); a row being written may be one request behind.
         """
         values = list(self._values)

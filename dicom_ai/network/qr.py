@@ -9,11 +9,24 @@ heat-map SC) are answered and retrieved like received instances.
 Queries are relational in one respect: the unique keys of the levels above the query level are
 optional (a hierarchical SCU sends them and they match as usual). Logs carry levels, counts, UIDs
 and AE titles, never the identifier (it holds patient names and IDs).
+
+Closed by default (``[query_retrieve]``): a request from a calling AE title not in
+``allowed_calling_aets``, or from a host outside ``allowed_hosts`` when that is set, is refused
+before its identifier is used: C-FIND and C-GET with 0x0124 (Refused: Not Authorized, a general
+status of PS3.7 annex C), C-MOVE with 0xA801 (Refused: Move Destination unknown), because
+pynetdicom sends any other C-MOVE status only after opening the sub-association, and a refused
+caller must not make us contact a destination. A retrieve identifier (C-MOVE, C-GET) selects by
+unique keys only (PS3.4 C.4.2.2.1, C.4.3.2.1): the unique key of the retrieve level is a single
+value or a list of UIDs, the unique keys above it single values; a wildcard or universal value
+there, or any other key with a value, is refused with 0xA900. Every request is audited (caller,
+host, level, the names of the keys that carried a value, never their values; matches or
+sub-operations; the status).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,7 +47,8 @@ from pynetdicom import events as evt
 from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.presentation import PresentationContext
 
-from dicom_ai.config import Destination, DicomSettings
+from dicom_ai.config import Destination, DicomSettings, QueryRetrieveSettings
+from dicom_ai.ingest.deflate import DEFAULT_MAX_INFLATED_BYTES, dcmread_bounded
 from dicom_ai.network.contexts import (
     PATIENT_ROOT_FIND,
     PATIENT_ROOT_GET,
@@ -57,6 +71,8 @@ CANCEL = 0xFE00
 MOVE_DESTINATION_UNKNOWN = 0xA801
 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 UNABLE_TO_PROCESS = 0xC000
+# PS3.7 annex C general status "Refused: Not Authorized" (pynetdicom accepts it for any DIMSE).
+NOT_AUTHORISED = 0x0124
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 _DEPTH = {level: i for i, level in enumerate(LEVELS)}
@@ -80,17 +96,26 @@ _RETURN_ONLY = {
 # Keys that steer the query rather than match.
 _CONTROL = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle",
             "InstanceAvailability"}
+# Keys of a retrieve identifier that steer it rather than select (PS3.4 C.4.2.1.4.1).
+_RETRIEVE_CONTROL = {"QueryRetrieveLevel", "SpecificCharacterSet", "QueryRetrieveView",
+                     "TimezoneOffsetFromUTC"}
+# At most this many key names per audit row (a hostile identifier may hold thousands).
+_AUDIT_KEYS = 32
 # Header values of result objects the index does not keep (storage.query module docstring).
 _HEADER_TAGS = ["SeriesNumber", "SeriesDescription", "BodyPartExamined", "SeriesDate",
                 "InstanceNumber"]
 
 
 class _RefusedError(Exception):
-    """The identifier cannot be answered: carries the failure status and a log message."""
+    """The identifier cannot be answered: carries the failure status and a reason.
+
+    The reason names keys, never their values (it is logged and audited).
+    """
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status = status
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -109,6 +134,109 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+def _level(identifier: Dataset, sop_class: str) -> tuple[str, bool]:
+    """The Query/Retrieve level and whether the model is Patient Root.
+
+    Raises
+    ------
+    _RefusedError
+        0xA900 for a missing or unknown level, or a level outside the model.
+    """
+    patient_root = sop_class in _PATIENT_ROOT
+    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
+    if level not in LEVELS:
+        raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                            f"unsupported QueryRetrieveLevel {level[:16]!r}")
+    if level == "PATIENT" and not patient_root:
+        raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                            "PATIENT level is not part of the Study Root model")
+    return level, patient_root
+
+
+def _key_name(elem: Any) -> str:
+    return str(elem.keyword or elem.tag)
+
+
+def _retrieve_conditions(identifier: Dataset, sop_class: str
+                         ) -> tuple[str, dict[str, query.Condition]]:
+    """The level and unique-key conditions of a C-MOVE/C-GET identifier (PS3.4 C.4.2.2.1).
+
+    The identifier holds the unique key of the retrieve level (a single value, or a list of
+    UIDs) and, optionally, those of the levels above it (single values). Selection is by
+    identity only, never by pattern, so a wildcard (``PatientID=?*``) cannot retrieve the whole
+    store. Other keys of the retrieve level or above (a PatientID in a Study Root retrieve, a
+    C-FIND answer copied whole, as some viewers send) are ignored, not matched; a unique key of
+    a level below the retrieve level is refused (it would narrow the retrieve, which a
+    retrieve at this level cannot do).
+
+    Raises
+    ------
+    _RefusedError
+        0xA900 naming the offending key (never its value).
+    """
+    level, patient_root = _level(identifier, sop_class)
+    depth = _DEPTH[level]
+    unique = {UNIQUE_KEYS[lvl] for lvl in LEVELS[:depth + 1] if lvl != "PATIENT" or patient_root}
+    below = {UNIQUE_KEYS[lvl] for lvl in LEVELS[depth + 1:]}
+    conditions: dict[str, query.Condition] = {}
+    for elem in identifier:
+        keyword = elem.keyword
+        if elem.tag.element == 0 or keyword in _RETRIEVE_CONTROL:
+            continue
+        text = "" if elem.VR == "SQ" and not elem.value else (
+            "sequence" if elem.VR == "SQ" else _text(elem.value).strip(" \x00"))
+        if keyword not in unique:
+            if text and keyword in below:
+                raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                                    f"{_key_name(elem)}: a unique key below the level of a "
+                                    f"{level} retrieve")
+            continue  # not used for selection (a copied C-FIND key, a Study Root PatientID)
+        if not text:
+            continue  # universal on a key above the level: as if absent; checked below
+        if "*" in text or "?" in text:
+            raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                                f"{keyword}: wildcard in a unique key")
+        vr = query.ATTRIBUTES[keyword][1]
+        if "\\" in text and (keyword != UNIQUE_KEYS[level] or vr != "ui"):
+            raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                                f"{keyword}: more than one value (only the UIDs of the "
+                                "retrieve level may be a list)")
+        condition = query.parse_condition(vr, text)
+        if condition is not None:
+            conditions[keyword] = condition
+    if UNIQUE_KEYS[level] not in conditions:
+        raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                            f"no {UNIQUE_KEYS[level]} for a {level} retrieve")
+    return level, conditions
+
+
+def _key_names(identifier: Dataset) -> list[str]:
+    """The keys that carried a value (what the request matched on), names only, capped."""
+    names = []
+    for elem in identifier:
+        if elem.tag.element == 0 or elem.keyword in _RETRIEVE_CONTROL:
+            continue
+        if elem.VR == "SQ" and not elem.value:
+            continue
+        if elem.VR != "SQ" and not _text(elem.value).strip(" \x00"):
+            continue
+        names.append(_key_name(elem))
+    return sorted(names)[:_AUDIT_KEYS]
+
+
+def _host_allowed(address: str, networks: Sequence[ipaddress.IPv4Network
+                                                   | ipaddress.IPv6Network]) -> bool:
+    """True if `address` is in one of `networks` (an IPv4-mapped IPv6 address as IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        candidates.append(ip.ipv4_mapped)
+    return any(c in n for c in candidates for n in networks)
+
+
 def _parse(identifier: Dataset, sop_class: str) -> _Request:
     """Check the level against the model and turn the keys into conditions.
 
@@ -117,14 +245,7 @@ def _parse(identifier: Dataset, sop_class: str) -> _Request:
     _RefusedError
         0xA900 for a missing or unknown level, a level outside the model, or a malformed value.
     """
-    patient_root = sop_class in _PATIENT_ROOT
-    level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
-    if level not in LEVELS:
-        raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
-                       f"unsupported QueryRetrieveLevel {level[:16]!r}")
-    if level == "PATIENT" and not patient_root:
-        raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
-                       "PATIENT level is not part of the Study Root model")
+    level, patient_root = _level(identifier, sop_class)
     conditions: dict[str, query.Condition] = {}
     unsupported = False
     for elem in identifier:
@@ -145,11 +266,10 @@ def _parse(identifier: Dataset, sop_class: str) -> _Request:
             continue  # below the query level: nothing to match (answered empty)
         try:
             condition = query.parse_condition(vr, _text(elem.value))
-        except query.QueryValueError as exc:
-            # The reason is logged: a patient key's value (a birth date) must not be in it.
-            reason = (f"{keyword}: not a valid {vr.upper()} value" if key_level == "PATIENT"
-                      else f"{keyword}: {exc}")
-            raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, reason) from None
+        except query.QueryValueError:
+            # The reason is logged and audited: no value (a birth date, a study date) in it.
+            raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                                f"{keyword}: not a valid {vr.upper()} value") from None
         if condition is not None:
             conditions[keyword] = condition
     return _Request(level, patient_root, conditions, unsupported)
@@ -209,13 +329,26 @@ class QueryRetrieveSCP:
     destinations : sequence of Destination
         The configured ``[[destinations]]``: the only nodes C-MOVE sends to, by AE title.
     audit : AssociationAudit, optional
-        Records each request (``query.find``, ``retrieve.move``, ``retrieve.get``): who, the
-        level, how many matches or sub-operations, which studies; never the identifier.
+        Records each request (``query.find``, ``retrieve.move``, ``retrieve.get``): who, from
+        where, the level, the names of the keys used, how many matches or sub-operations,
+        which studies, the status; never a value of the identifier.
+    access : QueryRetrieveSettings, optional
+        Who may query and retrieve (``[query_retrieve]``); the default refuses everyone.
+    max_inflated_bytes : int
+        ``[limits] max_inflated_bytes``: a stored deflated file that inflates to more is not
+        sent (a failed sub-operation).
     """
 
     def __init__(self, store: FileStore, db: Database, settings: DicomSettings,
                  destinations: Sequence[Destination],
-                 audit: AssociationAudit | None = None) -> None:
+                 audit: AssociationAudit | None = None,
+                 access: QueryRetrieveSettings | None = None,
+                 max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES) -> None:
+        self.access = access or QueryRetrieveSettings()
+        self._callers = frozenset(a.strip() for a in self.access.allowed_calling_aets)
+        self._networks = [ipaddress.ip_network(h, strict=False)
+                          for h in self.access.allowed_hosts]
+        self.max_inflated_bytes = max_inflated_bytes
         self.store = store
         self.db = db
         self.settings = settings
@@ -232,10 +365,41 @@ class QueryRetrieveSCP:
                     with contextlib.suppress(Exception):  # an undecodable identifier: no level
                         detail["level"] = str(event.identifier.get("QueryRetrieveLevel", "")
                                               ).strip().upper()[:8]
+                with contextlib.suppress(Exception):  # names only: values are patient data
+                    detail["keys"] = _key_names(event.identifier)
                 self.audit.operation(event, action, study_uids=study_uids,
                                      detail={"model": model, **detail})
             except Exception:  # auditing never fails a request
                 LOGGER.exception("audit of %s failed", action)
+
+    # -- access ------------------------------------------------------------------------------
+    def refusal(self, event: evt.Event) -> str | None:
+        """Why this association may not query or retrieve (``[query_retrieve]``), or None.
+
+        Parameters
+        ----------
+        event : pynetdicom.events.Event
+            A C-FIND, C-MOVE or C-GET request event.
+
+        Returns
+        -------
+        str or None
+            ``"calling AE title not allowed"`` or ``"host not allowed"``; None if allowed.
+        """
+        if str(event.assoc.requestor.ae_title).strip() not in self._callers:
+            return "calling AE title not allowed"
+        if self._networks and not _host_allowed(str(event.assoc.requestor.address),
+                                                self._networks):
+            return "host not allowed"
+        return None
+
+    def _refused(self, event: evt.Event, what: str, action: str, reason: str,
+                 status: int) -> None:
+        """Log and audit a request refused to its caller (status and reason, no identifier)."""
+        LOGGER.warning("%s from %s at %s refused (0x%04X): %s for query/retrieve", what,
+                       str(event.assoc.requestor.ae_title).strip(),
+                       event.assoc.requestor.address, status, reason)
+        self._audit(event, action, [], status=f"0x{status:04X}", reason=reason)
 
     # -- C-FIND ------------------------------------------------------------------------------
     def handle_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
@@ -245,18 +409,26 @@ class QueryRetrieveSCP:
         ------
         tuple of (int, Dataset or None)
             ``0xFF00`` (``0xFF01`` when optional keys were not supported) with each answer;
-            ``0xFE00`` once cancelled; ``0xA900`` for an identifier the model cannot answer
-            (bad level or value); ``0xC000`` when the index cannot be read. Success is sent
-            by pynetdicom when the generator ends.
+            ``0xFE00`` once cancelled; ``0x0124`` for a caller outside ``[query_retrieve]``;
+            ``0xA900`` for an identifier the model cannot answer (bad level or value);
+            ``0xC000`` when the index cannot be read. Success is sent by pynetdicom when the
+            generator ends.
         """
         calling = str(event.assoc.requestor.ae_title).strip()
+        refusal = self.refusal(event)
+        if refusal is not None:
+            self._refused(event, "C-FIND", "query.find", refusal, NOT_AUTHORISED)
+            yield NOT_AUTHORISED, None
+            return
         try:
             identifier = event.identifier
             request = _parse(identifier, str(event.request.AffectedSOPClassUID))
             answers = self._answers(request, identifier)
         except _RefusedError as exc:
-            LOGGER.warning("C-FIND from %s refused (0x%04X): %s", calling, exc.status, exc)
-            self._audit(event, "query.find", [], status=f"0x{exc.status:04X}")
+            LOGGER.warning("C-FIND from %s refused (0x%04X): %s", calling, exc.status,
+                           exc.reason)
+            self._audit(event, "query.find", [], status=f"0x{exc.status:04X}",
+                        reason=exc.reason)
             yield exc.status, None
             return
         except Exception as exc:  # the index or a file failed: answer a status, never crash
@@ -356,17 +528,11 @@ class QueryRetrieveSCP:
         Raises
         ------
         _RefusedError
-            0xA900 if the level is unknown or its unique key is missing.
+            0xA900 if the level is unknown, its unique key is missing, or a key selects by
+            anything but identity (see :func:`_retrieve_conditions`).
         """
-        identifier = event.identifier
-        request = _parse(identifier, str(event.request.AffectedSOPClassUID))
-        depth = _DEPTH[request.level]
-        if UNIQUE_KEYS[request.level] not in request.conditions:
-            raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
-                           f"no {UNIQUE_KEYS[request.level]} for a {request.level} retrieve")
-        # Only unique keys select what is retrieved; other keys are ignored.
-        conditions = {k: c for lvl, k in UNIQUE_KEYS.items() if _DEPTH[lvl] <= depth
-                      for c in [request.conditions.get(k)] if c is not None}
+        _, conditions = _retrieve_conditions(event.identifier,
+                                             str(event.request.AffectedSOPClassUID))
         with self.db.sessions() as session:
             return query.find_instances(session, conditions)
 
@@ -379,8 +545,11 @@ class QueryRetrieveSCP:
                 yield CANCEL, None
                 return
             ds: Dataset
+            path = self.store.absolute(match.path)
             try:
-                ds = dcmread(self.store.absolute(match.path))
+                # A deflated dataset is inflated as a bounded stream, never whole in memory
+                # (InflateError, a ValueError, above [limits] max_inflated_bytes or corrupt).
+                ds = dcmread_bounded(path, self.max_inflated_bytes, self.store.incoming)
             except (OSError, InvalidDicomError, ValueError) as exc:
                 LOGGER.error("%s: cannot read %s: %s", what, match.path, exc)
                 # A dataset without file meta has no presentation context: pynetdicom counts
@@ -422,12 +591,20 @@ class QueryRetrieveSCP:
         ------
         Any
             As pynetdicom expects: the destination ``(host, port, kwargs)`` (``(None, None)``:
-            0xA801 move destination unknown, for an AE title not among ``[[destinations]]``),
-            the number of sub-operations, then ``(0xFF00, dataset)`` per instance, or one
-            failure status (0xA900 bad identifier, 0xC000 index unreadable) or 0xFE00 on
-            cancel. pynetdicom sends the final status with the sub-operation counts.
+            0xA801 move destination unknown, for an AE title not among ``[[destinations]]``
+            and for a caller outside ``[query_retrieve]``), the number of sub-operations, then
+            ``(0xFF00, dataset)`` per instance, or one failure status (0xA900 bad identifier,
+            0xC000 index unreadable) or 0xFE00 on cancel. pynetdicom sends the final status
+            with the sub-operation counts.
         """
         calling = str(event.assoc.requestor.ae_title).strip()
+        refusal = self.refusal(event)
+        if refusal is not None:
+            # Checked before the destination (a refused caller learns none); any status but
+            # 0xA801 would need the sub-association to the destination opened first.
+            self._refused(event, "C-MOVE", "retrieve.move", refusal, MOVE_DESTINATION_UNKNOWN)
+            yield None, None
+            return
         request = cast(C_MOVE, event.request)
         target = str(request.MoveDestination or "").strip()
         destination = self.destinations.get(target)
@@ -438,12 +615,14 @@ class QueryRetrieveSCP:
             yield None, None
             return
         failure: int | None = None
+        reason: dict[str, str] = {}
         matches: list[query.InstanceMatch] = []
         try:
             matches = self._to_retrieve(event)
         except _RefusedError as exc:
-            LOGGER.warning("C-MOVE from %s refused (0x%04X): %s", calling, exc.status, exc)
-            failure = exc.status
+            LOGGER.warning("C-MOVE from %s refused (0x%04X): %s", calling, exc.status,
+                           exc.reason)
+            failure, reason = exc.status, {"reason": exc.reason}
         except Exception as exc:  # the index or a file failed: answer a status, never crash
             LOGGER.error("C-MOVE from %s failed: %s", calling, type(exc).__name__)
             failure = UNABLE_TO_PROCESS
@@ -455,15 +634,16 @@ class QueryRetrieveSCP:
         yield destination.host, destination.port, options
         if failure is not None:
             self._audit(event, "retrieve.move", [], destination=target,
-                        status=f"0x{failure:04X}")
+                        status=f"0x{failure:04X}", **reason)
             # pynetdicom answers a failure only once a sub-operation is announced.
             yield 1
             yield failure, None
             return
         LOGGER.info("C-MOVE from %s to %s: %d instance(s)", calling, target, len(matches))
+        # 0xFF00: accepted, the sub-operations follow (pynetdicom sends the final status).
         self._audit(event, "retrieve.move", [m.study.study_instance_uid for m in matches],
                     destination=target, destination_host=destination.host,
-                    suboperations=len(matches))
+                    suboperations=len(matches), status=f"0x{PENDING:04X}")
         yield len(matches)
         yield from self._datasets(event, matches, f"C-MOVE to {target}")
 
@@ -477,15 +657,24 @@ class QueryRetrieveSCP:
         ------
         Any
             The number of sub-operations, then ``(0xFF00, dataset)`` per instance, or one
-            failure status (0xA900 bad identifier, 0xC000 index unreadable), or 0xFE00 on
-            cancel.
+            failure status (0x0124 caller outside ``[query_retrieve]``, 0xA900 bad identifier,
+            0xC000 index unreadable), or 0xFE00 on cancel.
         """
         calling = str(event.assoc.requestor.ae_title).strip()
+        refusal = self.refusal(event)
+        if refusal is not None:
+            self._refused(event, "C-GET", "retrieve.get", refusal, NOT_AUTHORISED)
+            # pynetdicom answers a failure only once a sub-operation is announced.
+            yield 1
+            yield NOT_AUTHORISED, None
+            return
         try:
             matches = self._to_retrieve(event)
         except _RefusedError as exc:
-            LOGGER.warning("C-GET from %s refused (0x%04X): %s", calling, exc.status, exc)
-            self._audit(event, "retrieve.get", [], status=f"0x{exc.status:04X}")
+            LOGGER.warning("C-GET from %s refused (0x%04X): %s", calling, exc.status,
+                           exc.reason)
+            self._audit(event, "retrieve.get", [], status=f"0x{exc.status:04X}",
+                        reason=exc.reason)
             yield 1
             yield exc.status, None
             return
@@ -497,6 +686,6 @@ class QueryRetrieveSCP:
             return
         LOGGER.info("C-GET from %s: %d instance(s)", calling, len(matches))
         self._audit(event, "retrieve.get", [m.study.study_instance_uid for m in matches],
-                    suboperations=len(matches))
+                    suboperations=len(matches), status=f"0x{PENDING:04X}")
         yield len(matches)
         yield from self._datasets(event, matches, f"C-GET from {calling}")

@@ -19,13 +19,15 @@ from typing import Any, cast
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config
 from pynetdicom import events as evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.association import Association
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_ai.audit import Auditor
-from dicom_ai.config import Destination, DicomSettings
+from dicom_ai.config import Destination, DicomSettings, QueryRetrieveSettings
 from dicom_ai.ingest.completion import MppsService
 from dicom_ai.ingest.spool import Ingestor
 from dicom_ai.network import handlers
+from dicom_ai.network.balancer import Address, HostLimit
 from dicom_ai.network.contexts import scp_contexts, supported_contexts
 from dicom_ai.network.counters import ReceiverCounters
 from dicom_ai.network.qr import QueryRetrieveSCP
@@ -37,14 +39,32 @@ tune_pynetdicom()  # event-driven association threads, cached UID checks: see tu
 
 
 class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with the TLS handshake moved off the accept loop.
+    """pynetdicom's threaded server, with its transport bounded.
 
-    The handshake runs in the connection's own thread with a timeout, so one silent TCP
-    connection (a port scanner) cannot stall every new association.
+    - The TLS handshake runs in the connection's own thread, not the accept loop, and must end
+      within ``handshake_timeout`` (the association request timeout) in all, so neither one
+      silent TCP connection (a port scanner) nor a slow one stalls anyone else.
+    - At most ``host_limit`` connections per remote host (with one receiver; a pool's balancer
+      applies it for all receivers): more are closed at once, before any DICOM.
+    - ``::`` listens on IPv6 and IPv4 alike.
+    - Every connection it serves is counted when it opens and, exactly once, when it ends:
+      when its association's thread ends, or when it ended before having one.
     """
 
-    # Called when a connection ends without an association (a failed TLS handshake).
-    connection_dropped: Callable[[], None] | None = None
+    handshake_timeout: float = 10.0
+    host_limit: HostLimit | None = None
+    counters: ReceiverCounters | None = None
+    # Called with the remote host (as given to process_request) when a connection ended.
+    on_connection_ended: Callable[[str], None] | None = None
+
+    def server_bind(self) -> None:
+        """Bind; an IPv6 wildcard address accepts IPv4 connections too (PS3.8 is silent)."""
+        host = str(self.server_address[0])
+        if self.address_family == socket.AF_INET6 and host in ("::", "") and hasattr(
+                socket, "IPV6_V6ONLY"):
+            assert self.socket is not None
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection; wrap it for TLS without handshaking yet."""
@@ -60,21 +80,91 @@ class _Server(ThreadedAssociationServer):
             )
         return client
 
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """socketserver's hook: refuse a host that holds its limit of connections already."""
+        return self.host_limit is None or self.host_limit.admit(str(client_address[0]))
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve a connection (in a thread of its own); it is counted until it ends."""
+        if self.counters is not None:
+            self.counters.connection("opened")
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread: socketserver closes it, it never served
+            self.connection_ended(client_address)
+            raise
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        """Complete the TLS handshake (bounded by the network timeout), then serve."""
-        if isinstance(request, ssl.SSLSocket):
-            previous = request.gettimeout()
-            try:
-                request.settimeout(self.ae.network_timeout or 30.0)
-                request.do_handshake()
-                request.settimeout(previous)
-            except (OSError, ValueError) as exc:
-                LOGGER.warning("TLS handshake with %s failed: %s", client_address, exc)
+        """Complete the TLS handshake (bounded in time), then start the association."""
+        try:
+            if isinstance(request, ssl.SSLSocket) and not self._handshake(request,
+                                                                          client_address):
                 self.shutdown_request(request)
-                if self.connection_dropped is not None:
-                    self.connection_dropped()
+                self.connection_ended(client_address)
                 return
-        super().process_request_thread(request, client_address)
+            # Starts the association's thread, which reports the end (_RequestHandler).
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+            self.connection_ended(client_address)
+
+    def _handshake(self, request: ssl.SSLSocket, client_address: Any) -> bool:
+        """The TLS handshake, all of it within ``handshake_timeout``; False if it failed."""
+        deadline = time.monotonic() + self.handshake_timeout
+        previous = request.gettimeout()
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("handshake not complete in time")
+                request.settimeout(left)  # one read or write at a time: the deadline for all
+                try:
+                    request.do_handshake()
+                    break
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    continue
+            request.settimeout(previous)
+            return True
+        except (OSError, ValueError) as exc:
+            LOGGER.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+            return False
+
+    def connection_ended(self, client_address: Any) -> None:
+        """A connection this server took has ended (called once per connection; never raises)."""
+        host = str(client_address[0])
+        try:
+            if self.host_limit is not None:
+                self.host_limit.release(host)
+            if self.counters is not None:
+                self.counters.connection("closed")
+            if self.on_connection_ended is not None:
+                self.on_connection_ended(host)
+        except Exception:
+            LOGGER.exception("connection-closed accounting failed")
+
+
+class _RequestHandler(RequestHandler):
+    """pynetdicom's request handler; the association's thread reports its connection's end.
+
+    The association thread ends after its connection closed, whatever ended it (release,
+    abort, the ARTIM timer, a reactor failure); EVT_CONN_CLOSE is not raised on every path.
+    """
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        server = cast(_Server, self.server)
+        address = self.client_address
+        run = assoc.run
+
+        def run_then_report() -> None:
+            try:
+                run()
+            finally:
+                server.connection_ended(address)
+
+        assoc.run = run_then_report  # type: ignore[method-assign]
+        return assoc
 
 
 def server_ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
@@ -108,11 +198,15 @@ class Receiver:
         In a receiver pool: do not listen; serve the connections given to :meth:`handoff` (see
         :mod:`dicom_ai.network.balancer`).
     on_connection_closed : callable, optional
-        Called whenever a connection ends (the pool counts each receiver's open connections).
+        Called with the remote host (the address :meth:`handoff` was given) whenever a
+        connection ends, exactly once per connection (the pool counts each receiver's open
+        connections, and each host's).
     destinations : sequence of Destination
         The ``[[destinations]]`` C-MOVE may send to (:mod:`dicom_ai.network.qr`).
     counters : ReceiverCounters, optional
         DIMSE traffic counters for ``/metrics`` (shared by the receivers of a serve process).
+    query_retrieve : QueryRetrieveSettings, optional
+        Who may query and retrieve (``[query_retrieve]``); the default refuses everyone.
     """
 
     def __init__(
@@ -122,11 +216,13 @@ class Receiver:
         mpps: MppsService,
         *,
         handed: bool = False,
-        on_connection_closed: Callable[[], None] | None = None,
+        on_connection_closed: Callable[[str], None] | None = None,
         destinations: Sequence[Destination] = (),
         counters: ReceiverCounters | None = None,
+        query_retrieve: QueryRetrieveSettings | None = None,
     ) -> None:
         self.settings = settings
+        self.query_retrieve = query_retrieve or QueryRetrieveSettings()
         self.counters = counters
         self.ingestor = ingestor
         self.mpps = mpps
@@ -138,7 +234,8 @@ class Receiver:
         self.auditor = Auditor(ingestor.db)
         self.audit = handlers.AssociationAudit(self.auditor, ingestor.db)
         self.qr = QueryRetrieveSCP(ingestor.store, ingestor.db, settings, destinations,
-                                   audit=self.audit)
+                                   audit=self.audit, access=self.query_retrieve,
+                                   max_inflated_bytes=ingestor.max_inflated_bytes)
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
@@ -150,9 +247,15 @@ class Receiver:
         ae.maximum_pdu_size = self.settings.maximum_pdu_size
         ae.network_timeout = self.settings.network_timeout
         ae.dimse_timeout = self.settings.dimse_timeout
-        ae.acse_timeout = self.settings.network_timeout
+        # pynetdicom's ARTIM timer (PS3.8 9.1.5) and its wait for the A-ASSOCIATE-RQ: a
+        # connection that sends none is closed after this (and a release, or the close after
+        # an abort, must complete within it).
+        ae.acse_timeout = self.settings.association_request_timeout
         if self.settings.allowed_calling_aets:
             ae.require_calling_aet = list(self.settings.allowed_calling_aets)
+        # pynetdicom's own switch: rejects (permanent, service user, reason 7) an association
+        # whose called AE title is not ours.
+        ae.require_called_aet = self.settings.check_called_aet
         return ae
 
     def _handlers(self) -> list[Any]:
@@ -172,7 +275,6 @@ class Receiver:
              [list(self.settings.allowed_calling_aets), audit, counters]),
             (evt.EVT_RELEASED, handlers.handle_released, [audit, counters]),
             (evt.EVT_ABORTED, handlers.handle_aborted, [audit, counters]),
-            (evt.EVT_CONN_CLOSE, self._connection_closed),
         ]
 
     def _counted(self, service: str, handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -187,24 +289,18 @@ class Receiver:
 
         return counted
 
-    def _connection_closed(self, event: evt.Event | None = None) -> None:
-        """Report a finished connection (a notification handler: never raises)."""
-        if self.on_connection_closed is not None:
-            try:
-                self.on_connection_closed()
-            except Exception:
-                LOGGER.exception("connection-closed callback failed")
-
-    def handoff(self, client: socket.socket) -> None:
-        """Serve a connection accepted elsewhere (the pool's balancer); takes ownership."""
+    def handoff(self, client: socket.socket, address: Address) -> None:
+        """Serve a connection the pool's balancer accepted from `address`; takes ownership."""
         assert self._server is not None, "start() first"
         try:
-            address = client.getpeername()
-        except OSError:  # the peer left before we got to it
+            request = self._server.wrap(client)
+        except (OSError, ValueError) as exc:  # gone before it was served: it still ended
+            LOGGER.warning("connection from %s lost before it was served: %s", address[0], exc)
             client.close()
-            self._connection_closed()
+            if self.on_connection_closed is not None:
+                self.on_connection_closed(str(address[0]))
             return
-        self._server.process_request(self._server.wrap(client), address)
+        self._server.process_request(request, address)
 
     def start(self) -> tuple[str, int]:
         """Start listening in background threads.
@@ -233,8 +329,13 @@ class Receiver:
             ssl_context=server_ssl_context(self.settings),
             evt_handlers=self._handlers(),
             server_class=_Server,
+            request_handler=_RequestHandler,
         ))
-        server.connection_dropped = self._connection_closed
+        server.handshake_timeout = self.settings.association_request_timeout
+        server.counters = self.counters
+        server.on_connection_ended = self.on_connection_closed
+        if not self.handed:  # in a pool the balancer holds each host to its limit
+            server.host_limit = HostLimit(self.settings.max_connections_per_host, self.counters)
         thread = threading.Thread(target=server.serve_forever, name="dicom-acceptor",
                                   daemon=True)
         thread.start()

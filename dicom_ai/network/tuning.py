@@ -29,7 +29,12 @@ adds (``UID.is_valid``, for the UIDs ``pynetdicom.presentation`` creates).
 
 Receiving, pynetdicom reads each PDU in 4 KB ``recv`` calls appended to a growing buffer:
 32 system calls for each 128 KB PDU ``storescu`` sends. :func:`install` reads straight into a
-buffer of the PDU's size instead, as much as the kernel has ready per call. And for every
+buffer of the PDU's size instead (up to :data:`READ_STEP`; a longer PDU grows its buffer by that
+much at a time, so memory follows the bytes that arrived, never the length a peer declares), as
+much as the kernel has ready per call. The same reads enforce what pynetdicom does not
+(:func:`set_pdu_limits`, on by default): a PDU longer than we accept is aborted before it is
+read, and a PDU must arrive within the association-request timer (ARTIM) before the association
+and without a pause longer than the network timeout after. And for every
 C-STORE it streams to disk, pynetdicom builds the file meta information as a pydicom dataset and
 writes it through pydicom's file writer: a tenth of the receiving threads' Python time per
 instance, for seven elements. :func:`install` encodes those bytes directly (the same bytes: a
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import queue
 import select
 import socket
@@ -51,6 +57,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
+import pynetdicom
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import (
@@ -66,9 +73,13 @@ from pynetdicom import utils as _utils
 from pynetdicom.association import Association
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 
-__all__ = ["encode_file_meta", "install", "installed"]
+__all__ = ["MAX_ASSOCIATION_PDU", "READ_STEP", "encode_file_meta", "install", "installed",
+           "set_pdu_limits"]
+
+LOGGER = logging.getLogger(__name__)
 
 #: Longest wait between the loops' own checks (timers, kill flags, the DUL thread's death).
 DUL_WAIT = 0.02
@@ -77,8 +88,33 @@ ASSOCIATION_WAIT = 0.05
 _WAKE_EVENT = "_dicom_ai_wake"  # Association: threading.Event for its reactor thread
 _WAKE_PAIR = "_dicom_ai_wake_pair"  # DULServiceProvider: (read, write) sockets
 
+#: The most one PDU read allocates ahead of the bytes that arrived. A PDU up to this long is
+#: read into one buffer of its size (the single-PDU fast path: ``storescu`` sends 16 or 128 KB).
+READ_STEP = 1 << 20
+#: Longest PDU accepted other than P-DATA-TF (A-ASSOCIATE-RQ/AC/RJ, A-RELEASE-RQ/RP, A-ABORT).
+#: The largest legitimate one, an A-ASSOCIATE-RQ of 128 presentation contexts (the most PS3.8
+#: allows) each proposing all 39 transfer syntaxes pydicom knows, with a role selection item per
+#: context, is 142 KB; user identity items add at most 128 KB more.
+MAX_ASSOCIATION_PDU = 1 << 20
+
+_P_DATA_TF = 0x04
+_PDU_TYPES = (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07)
+# A-ABORT (PS3.8 9.3.8): source 2, the UL service-provider; reason 6, invalid PDU parameter value.
+_ABORT_SOURCE, _INVALID_PARAMETER = 0x02, 0x06
+# States in which the DUL's ARTIM timer runs (PS3.8 9.2, table 9-10): awaiting the
+# A-ASSOCIATE-RQ (Sta2) and awaiting the transport close (Sta13). And Sta1: pynetdicom reads a
+# new connection's first bytes before it handles the connection's event (Evt5, which starts
+# ARTIM and enters Sta2); the timer then reports its whole timeout as remaining.
+_ARTIM_STATES = ("Sta1", "Sta2", "Sta13")
+_PDU_READ = "_dicom_ai_pdu_read"  # AssociationSocket: the _PduRead of the PDU being read
+_PDATA_LIMIT = "_dicom_ai_pdata_limit"  # AssociationSocket: our maximum P-DATA-TF length
+
 _lock = threading.Lock()
 _installed = False
+_pdu_limits = True
+# The upstream functions install() replaces (tests compare ours with them).
+UPSTREAM: dict[str, Callable[..., Any]] = {
+    "recv": AssociationSocket.recv, "read_pdu_data": DULServiceProvider._read_pdu_data}
 
 
 def installed() -> bool:
@@ -90,7 +126,9 @@ def install() -> None:
     """Apply the tuning of this module's docstring to pynetdicom, process-wide (idempotent).
 
     Event-driven waits for both reactor threads and a race-free pause checkpoint, remembered UID
-    conversions and checks, PDUs read with ``recv_into``, file meta encoded directly; for every
+    conversions and checks, PDUs read with ``recv_into`` in bounded steps and checked against
+    our limits (:func:`set_pdu_limits`; pynetdicom 3.0 only), an acceptor whose connection
+    closed before its A-ASSOCIATE-RQ ended at once, file meta encoded directly; for every
     association of the process, acceptor and requestor alike, created after the call.
     """
     global _installed
@@ -119,8 +157,14 @@ def install() -> None:
                 setattr(self, _WAKE_PAIR, None)
                 read.close()
                 write.close()
+                assoc = self.assoc
+                if (assoc.is_acceptor and assoc.requestor.primitive is None
+                        and self.to_user_queue.empty()):
+                    # The connection ended before an A-ASSOCIATE-RQ: without this the acceptor's
+                    # thread (a slot of maximum_associations) waits for one until acse_timeout.
+                    self.to_user_queue.put(None)  # type: ignore[arg-type]  # its "no request"
                 # The association reactor checks whether its DUL thread is still alive.
-                _wake_association(self.assoc)
+                _wake_association(assoc)
 
         Association.__init__ = wired_init  # type: ignore[method-assign]
         DULServiceProvider.run_reactor = run_reactor  # type: ignore[method-assign]
@@ -133,7 +177,13 @@ def install() -> None:
                     original_set_uid):
                 module.set_uid = cached_set_uid  # type: ignore[attr-defined]
         _presentation.UID = _CheckedUID  # type: ignore[attr-defined]
-        AssociationSocket.recv = _recv_exactly  # type: ignore[method-assign]
+        AssociationSocket.recv = _recv_bounded  # type: ignore[method-assign]
+        if pynetdicom.__version__.startswith("3.0."):
+            DULServiceProvider._read_pdu_data = _pdu_read(  # type: ignore[method-assign,assignment]
+                DULServiceProvider._read_pdu_data)
+        else:  # the PDU checks rely on how 3.0's _read_pdu_data calls recv (header, then body)
+            LOGGER.warning("pynetdicom %s: PDU length limits and read deadlines not installed "
+                           "(written for 3.0)", pynetdicom.__version__)
         _dimse_messages.create_file_meta = _FileMeta  # type: ignore[attr-defined,assignment]
         _dimse_messages.write_file_meta_info = _write_file_meta  # type: ignore[attr-defined]
         _installed = True
@@ -207,24 +257,178 @@ def _uid_is_valid(text: str) -> bool:
     return UID(text).is_valid
 
 
-def _recv_exactly(self: AssociationSocket, nr_bytes: int) -> bytearray:
+def set_pdu_limits(enabled: bool) -> None:
+    """Switch the PDU length limits and read deadlines of :func:`install` on or off.
+
+    On (the default), for every association of the process:
+
+    - a P-DATA-TF PDU longer than our Maximum Length (PS3.8 D.1; ``maximum_pdu_size``, when not
+      0) or any other PDU longer than :data:`MAX_ASSOCIATION_PDU` is answered with an A-ABORT
+      (service provider, invalid PDU parameter value) and its connection closed, before
+      anything is allocated for it;
+    - a PDU must arrive whole before the ARTIM timer (PS3.8 9.1.5) expires in the states where
+      it runs (awaiting the A-ASSOCIATE-RQ, awaiting the close), and with no pause longer than
+      the network timeout: otherwise the connection is closed. (pynetdicom blocks in ``recv``
+      until a PDU is complete, where neither timer is looked at: a peer that declares a length
+      and stops sending held its thread and association slot for good.)
+
+    Off, PDUs are read as pynetdicom reads them, still bounded by the bytes that arrived.
+    pynetdicom 3.0.4 checks neither (no upstream issue found); the upstream change would be a
+    length check in ``DULServiceProvider._read_pdu_data`` between its header and body reads.
+    """
+    global _pdu_limits
+    _pdu_limits = enabled
+
+
+class _PduRead:
+    """The PDU being read on one connection: what its reads may wait, and which read is next."""
+
+    __slots__ = ("deadline", "header", "idle")
+
+    def __init__(self, deadline: float | None, idle: float | None) -> None:
+        self.deadline = deadline  # time.monotonic() by which the whole PDU must have arrived
+        self.idle = idle  # the longest pause allowed between two of its bytes
+        self.header = True  # the next recv is the 6-byte PDU header
+
+    def wait_seconds(self) -> float | None:
+        """How long the next read may wait for bytes (None: for ever; <= 0: no longer)."""
+        if self.deadline is None:
+            return self.idle
+        left = self.deadline - time.monotonic()
+        return left if self.idle is None else min(left, self.idle)
+
+
+def _pdu_read(original: Callable[[DULServiceProvider], None]
+              ) -> Callable[[DULServiceProvider], None]:
+    """``DULServiceProvider._read_pdu_data``, its two socket reads bounded (see set_pdu_limits)."""
+
+    def read_pdu_data(self: DULServiceProvider) -> None:
+        transport = self.socket
+        if transport is None or not _pdu_limits:
+            original(self)
+            return
+        deadline = None
+        artim = self.artim_timer
+        if self.state_machine.current_state in _ARTIM_STATES and artim.timeout is not None:
+            deadline = time.monotonic() + max(0.0, artim.remaining)
+        setattr(transport, _PDU_READ, _PduRead(deadline, self.network_timeout))
+        try:
+            original(self)
+        finally:
+            setattr(transport, _PDU_READ, None)
+
+    return read_pdu_data
+
+
+def _recv_bounded(self: AssociationSocket, nr_bytes: int) -> bytearray:
     """`nr_bytes` from the peer, fewer only if the connection broke (what pynetdicom expects).
 
-    Blocks until all have arrived; socket timeouts and errors propagate as before.
+    Memory grows with the bytes that arrive (:data:`READ_STEP` at most ahead of them), whatever
+    length is asked for. Within ``_read_pdu_data`` (see :func:`set_pdu_limits`) the PDU header is
+    checked against our limits (an oversized PDU is aborted and reads as a closed connection)
+    and the reads give up at the PDU's deadline (returning what arrived: a closed connection to
+    pynetdicom). Otherwise it blocks until all have arrived; socket errors propagate as before.
     """
     sock = cast(socket.socket, self.socket)
-    buffer = bytearray(nr_bytes)
+    pdu: _PduRead | None = getattr(self, _PDU_READ, None)
+    data = _read(sock, nr_bytes, pdu)
+    if pdu is None:
+        return data
+    left = pdu.wait_seconds() if len(data) < nr_bytes else None
+    if left is not None and left <= 0:
+        LOGGER.warning("no complete PDU from %s in time (%s): connection closed", _peer(sock),
+                       "association request timeout" if pdu.deadline is not None
+                       and pdu.deadline <= time.monotonic() else "network timeout")
+    if pdu.header:
+        pdu.header = False
+        if len(data) == nr_bytes == 6 and _oversized(self, sock, data):
+            return bytearray()  # reads as a connection closed before the header: Evt17
+    return data
+
+
+def _read(sock: socket.socket, nr_bytes: int, pdu: _PduRead | None) -> bytearray:
+    """Up to `nr_bytes`, in buffers of at most READ_STEP more than has arrived."""
+    buffer = bytearray(min(nr_bytes, READ_STEP))
     view = memoryview(buffer)
     received = 0
-    while received < nr_bytes:
-        count = sock.recv_into(view[received:], nr_bytes - received)
-        if not count:  # closed by the peer: return what arrived, the DUL reports it
-            view.release()
-            del buffer[received:]
-            return buffer
-        received += count
-    view.release()
+    try:
+        while received < nr_bytes:
+            if received == len(buffer):  # a PDU longer than READ_STEP: one more step
+                view.release()
+                buffer += bytes(min(nr_bytes - received, READ_STEP))
+                view = memoryview(buffer)
+            count = _recv_into(sock, view[received:], pdu)
+            if not count:  # closed by the peer, or out of time: what arrived
+                break
+            received += count
+    finally:
+        view.release()
+    if received < len(buffer):
+        del buffer[received:]
     return buffer
+
+
+def _recv_into(sock: socket.socket, view: memoryview, pdu: _PduRead | None) -> int:
+    """One ``recv_into``; with `pdu`, waiting no longer than it allows (0: out of time)."""
+    if pdu is None:
+        return sock.recv_into(view)
+    if isinstance(sock, ssl.SSLSocket):  # no MSG_DONTWAIT: a socket timeout for this read
+        timeout = pdu.wait_seconds()
+        if timeout is not None and timeout <= 0:
+            return 0
+        previous = sock.gettimeout()
+        sock.settimeout(timeout)
+        try:
+            return sock.recv_into(view)
+        except TimeoutError:
+            return 0
+        finally:
+            sock.settimeout(previous)
+    while True:
+        try:  # the fast path: the bytes are there (one system call, as before)
+            return sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+        timeout = pdu.wait_seconds()
+        if timeout is not None and timeout <= 0:
+            return 0
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(None if timeout is None else max(1, int(timeout * 1000))):
+            return 0
+
+
+def _oversized(transport: AssociationSocket, sock: socket.socket, header: bytearray) -> bool:
+    """Whether the PDU `header` announces is longer than we accept; if so, abort it."""
+    pdu_type, _, length = struct.unpack(">BBL", header)
+    if pdu_type == _P_DATA_TF:
+        limit = getattr(transport, _PDATA_LIMIT, None)
+        if limit is None:  # fixed before negotiation; looked up once per connection
+            assoc = transport.assoc
+            local = assoc.acceptor if assoc.is_acceptor else assoc.requestor
+            limit = local.maximum_length or 0
+            setattr(transport, _PDATA_LIMIT, limit)
+        if not limit or length <= limit:
+            return False
+    elif pdu_type not in _PDU_TYPES or length <= MAX_ASSOCIATION_PDU:
+        return False  # an unknown type has no body read: pynetdicom reports it
+    else:
+        limit = MAX_ASSOCIATION_PDU
+    LOGGER.warning("PDU of type 0x%02X from %s declares %d bytes, more than the %d accepted: "
+                   "aborted", pdu_type, _peer(sock), length, limit)
+    abort = A_ABORT_RQ()
+    abort.source, abort.reason_diagnostic = _ABORT_SOURCE, _INVALID_PARAMETER
+    with contextlib.suppress(OSError, ValueError):
+        sock.settimeout(1.0)  # the connection is closed next: never block on a full buffer
+        sock.sendall(abort.encode())
+    return True
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except (OSError, IndexError):
+        return "a closed connection"
 
 
 def _cached_check(check: Callable[[Any], tuple[bool, str]]

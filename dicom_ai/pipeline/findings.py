@@ -109,10 +109,11 @@ class HeatMap:
     frame_number : int, optional
         1-based frame of a multi-frame source; None otherwise.
     values : numpy.ndarray
-        ``float32`` in [0, 1], shape ``(Rows, Columns)`` of the source image.
+        ``float32`` in [0, 1], shape ``(Rows, Columns)`` of the source image, or that shape
+        scaled down to the heat-map capture's (:func:`dicom_ai.reporting.capture.capture_shape`).
     display : numpy.ndarray
         ``float32`` in [0, 1], the source image as the model saw it (windowed, MONOCHROME2),
-        shape ``(Rows, Columns)``: the grey background the overlay is drawn on.
+        the shape of ``values``: the grey background the overlay is drawn on.
     """
 
     sop_instance_uid: str

@@ -12,11 +12,19 @@ Two shapes come out of here:
 Pixel data is decoded by pydicom's pixel backends; a transfer syntax that no installed plugin can
 decode raises :class:`DecodeError` naming the transfer syntax and the package that would decode it.
 Reading is tolerant; the geometry a volume needs is not optional (:class:`LoadError`).
+
+Nothing is decoded before its size is known to be acceptable: :func:`check_pixel_limits` reads the
+declared matrix from the header (Image Pixel module, PS3.3 C.7.6.3) and, for JPEG and JPEG 2000
+frames, from the codestream's own header, and refuses with :class:`PixelLimitError` what is above
+``[limits]`` (``max_frame_pixels``, ``max_pixel_bytes``). Decoders size their output from these
+numbers, so a few bytes declaring a huge matrix would otherwise cost gigabytes. Files are read
+with the pixel data deferred, so a refused file's pixel bytes are never loaded either.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from os import PathLike
@@ -27,6 +35,7 @@ import numpy as np
 import pydicom
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragmented_frames, get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
@@ -51,6 +60,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from dicom_ai.config import LimitsSettings
 from dicom_ai.exceptions import DicomAIError
 
 LOGGER = logging.getLogger(__name__)
@@ -63,6 +73,10 @@ DUPLICATE_TOLERANCE_MM = 1e-3
 UNEVEN_FRACTION = 0.10
 #: A gap larger than this multiple of the median spacing is reported as missing slices.
 MISSING_FACTOR = 1.5
+
+#: Elements larger than this are read from the file only when used: the pixel data of a file
+#: whose declared size is refused is never loaded.
+DEFER_BYTES = 64 * 1024
 
 _GDCM = "python-gdcm"
 _OPENJPEG = "pylibjpeg-openjpeg"
@@ -113,6 +127,15 @@ class DecodeError(DicomAIError):
     def __init__(self, message: str, transfer_syntax_uid: str = "") -> None:
         super().__init__(message)
         self.transfer_syntax_uid = transfer_syntax_uid
+
+
+class PixelLimitError(DecodeError):
+    """The declared size of an instance's pixel data is above a ``[limits]`` setting.
+
+    Raised before anything is decoded. The message names the instance (SOP Instance UID), the
+    declared sizes and the setting; these are attributes of the image matrix, never patient
+    data. Retrying cannot help: the job fails for good.
+    """
 
 
 class LoadError(DicomAIError):
@@ -184,6 +207,200 @@ class Volume:
         return _normal(self.orientation)
 
 
+# -- limits -----------------------------------------------------------------------------------
+#: The limits that apply when a caller gives none: the ``[limits]`` defaults.
+DEFAULT_LIMITS = LimitsSettings()
+
+_J2K_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000, JPEG2000MCLossless, JPEG2000MC,
+                           HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K})
+_JPEG_SYNTAXES = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+                            JPEGLSLossless, JPEGLSNearLossless})
+# Start of frame markers: SOF0-SOF15 less DHT (C4), JPG (C8) and DAC (CC); SOF55 of JPEG-LS.
+_JPEG_SOF = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC),
+                       *range(0xCD, 0xD0), 0xF7})
+
+
+@dataclass(frozen=True)
+class PixelGeometry:
+    """The size of an instance's pixel data as its header declares it (PS3.3 C.7.6.3, C.7.6.6).
+
+    Attributes
+    ----------
+    rows, columns : int
+        Rows (0028,0010) and Columns (0028,0011); 0 when absent or unreadable.
+    frames : int
+        Number of Frames (0028,0008); 1 when absent.
+    samples : int
+        Samples per Pixel (0028,0002); 1 when absent.
+    bits_allocated : int
+        Bits Allocated (0028,0100); 8 when absent.
+    """
+
+    rows: int
+    columns: int
+    frames: int
+    samples: int
+    bits_allocated: int
+
+    @property
+    def frame_pixels(self) -> int:
+        """Rows x Columns."""
+        return self.rows * self.columns
+
+    @property
+    def pixel_bytes(self) -> int:
+        """Bytes of all frames once decoded: Rows x Columns x frames x samples x bytes per
+        sample, where a sample takes ``ceil(Bits Allocated / 8)`` bytes, at least one (pydicom
+        decodes 1-bit data to one byte per pixel)."""
+        per_sample = max((self.bits_allocated + 7) // 8, 1)
+        return self.frame_pixels * self.frames * self.samples * per_sample
+
+
+def _header_int(ds: Dataset, keyword: str, default: int) -> int:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+def declared_geometry(ds: Dataset) -> PixelGeometry:
+    """The pixel matrix `ds` declares, from its header only (nothing is decoded).
+
+    Parameters
+    ----------
+    ds : Dataset
+        An image dataset (Image Pixel module, PS3.3 C.7.6.3; Multi-frame module, C.7.6.6).
+
+    Returns
+    -------
+    PixelGeometry
+    """
+    return PixelGeometry(
+        rows=max(_header_int(ds, "Rows", 0), 0),
+        columns=max(_header_int(ds, "Columns", 0), 0),
+        frames=max(_header_int(ds, "NumberOfFrames", 1), 1),
+        samples=max(_header_int(ds, "SamplesPerPixel", 1), 1),
+        bits_allocated=max(_header_int(ds, "BitsAllocated", 8), 1),
+    )
+
+
+def check_pixel_limits(ds: Dataset, limits: LimitsSettings | None = None) -> PixelGeometry:
+    """Refuse an instance whose declared pixel data is larger than `limits` allow.
+
+    Decoders size their output from Rows (0028,0010), Columns (0028,0011), Number of Frames
+    (0028,0008), Samples per Pixel (0028,0002) and Bits Allocated (0028,0100) (PS3.3 C.7.6.3),
+    not from the bytes present: a 1.5 KB RLE file may declare half a gigapixel. This reads those
+    attributes only; the pixel data is not touched.
+
+    Parameters
+    ----------
+    ds : Dataset
+        The instance (its pixel data may be deferred).
+    limits : LimitsSettings, optional
+        ``max_frame_pixels`` (Rows x Columns) and ``max_pixel_bytes`` (all frames decoded, see
+        :attr:`PixelGeometry.pixel_bytes`); default :data:`DEFAULT_LIMITS`.
+
+    Returns
+    -------
+    PixelGeometry
+        The declared size, within the limits.
+
+    Raises
+    ------
+    PixelLimitError
+        A limit is exceeded; the message names the declared sizes and the setting.
+    """
+    limits = limits or DEFAULT_LIMITS
+    size = declared_geometry(ds)
+    where = _where_ds(ds)
+    syntax = str(_transfer_syntax(ds) or "")
+    if size.frame_pixels > limits.max_frame_pixels:
+        raise PixelLimitError(
+            f"{where} declares {size.rows} x {size.columns} pixels per frame "
+            f"({size.frame_pixels:,}), above limits.max_frame_pixels "
+            f"({limits.max_frame_pixels:,}): not decoded", syntax)
+    if size.pixel_bytes > limits.max_pixel_bytes:
+        raise PixelLimitError(
+            f"{where} declares {size.rows} x {size.columns} pixels x {size.frames} frames x "
+            f"{size.samples} samples x {size.bits_allocated} bits allocated = "
+            f"{size.pixel_bytes:,} bytes decoded, above limits.max_pixel_bytes "
+            f"({limits.max_pixel_bytes:,}): not decoded", syntax)
+    return size
+
+
+def _check_codestreams(ds: Dataset, size: PixelGeometry, index: int | None) -> None:
+    """Refuse JPEG / JPEG 2000 frames whose codestream declares more than the header does.
+
+    Their decoders size the output from the codestream's own header (JPEG SOF, ITU-T T.81
+    B.2.2; JPEG-LS SOF55; JPEG 2000 SIZ, ISO/IEC 15444-1 A.5.1), not from Rows and Columns;
+    a codestream larger than the header it came with is never a valid image (PS3.5 8.2).
+    """
+    uid = _transfer_syntax(ds)
+    if uid is None or (uid not in _J2K_SYNTAXES and uid not in _JPEG_SYNTAXES):
+        return
+    if "PixelData" not in ds:
+        return
+    extended = None
+    if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+        extended = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+    try:
+        if index is None:  # every frame: its first fragment holds the codestream's header
+            frames: Iterable[tuple[int, bytes]] = (
+                (i, fragments[0] if fragments else b"") for i, fragments in enumerate(
+                    generate_fragmented_frames(ds.PixelData, number_of_frames=size.frames,
+                                               extended_offsets=extended)))
+        else:
+            frames = [(index, get_frame(ds.PixelData, index, number_of_frames=size.frames,
+                                        extended_offsets=extended))]
+        for i, data in frames:
+            shape = _codestream_shape(data, uid)
+            if shape is None:
+                continue
+            rows, columns, components = shape
+            if rows * columns * components > size.frame_pixels * size.samples:
+                raise PixelLimitError(
+                    f"{_where_ds(ds)}: the {uid.name} codestream of frame {i + 1} declares "
+                    f"{rows} x {columns} pixels x {components} components, the header "
+                    f"{size.rows} x {size.columns} x {size.samples}: not decoded", str(uid))
+    except (ValueError, TypeError, IndexError, struct.error):
+        return  # framing the decoder cannot read either; it reports that itself
+
+
+def _codestream_shape(data: bytes, uid: UID) -> tuple[int, int, int] | None:
+    """``(rows, columns, components)`` from a codestream's header, None if not found."""
+    if uid in _J2K_SYNTAXES:
+        offset = 0
+        if data[4:8] == b"jP  ":  # a JP2 file: skip boxes to the codestream box (jp2c)
+            while offset + 8 <= len(data):
+                length = int.from_bytes(data[offset:offset + 4], "big")
+                if data[offset + 4:offset + 8] == b"jp2c":
+                    offset += 8
+                    break
+                if length < 8:
+                    return None
+                offset += length
+        # SOC, then SIZ: Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz, XTOsiz, YTOsiz, Csiz
+        if data[offset:offset + 4] != b"\xff\x4f\xff\x51":
+            return None
+        x, y, x0, y0 = struct.unpack(">IIII", data[offset + 8:offset + 24])
+        (components,) = struct.unpack(">H", data[offset + 40:offset + 42])
+        return max(y - y0, 0), max(x - x0, 0), components
+    if data[:2] != b"\xff\xd8":
+        return None
+    offset = 2
+    while offset + 4 <= len(data):
+        if data[offset] != 0xFF:
+            return None
+        marker = data[offset + 1]
+        if marker in _JPEG_SOF:
+            rows, columns = struct.unpack(">HH", data[offset + 5:offset + 9])
+            return rows, columns, data[offset + 9]
+        (length,) = struct.unpack(">H", data[offset + 2:offset + 4])
+        offset += 2 + length
+    return None
+
+
 # -- decoding ---------------------------------------------------------------------------------
 def plugin_for(ds: Dataset) -> str:
     """The package that would decode the pixel data of `ds`.
@@ -204,8 +421,12 @@ def plugin_for(ds: Dataset) -> str:
     return _PLUGINS.get(str(uid), "no known plugin")
 
 
-def decode(ds: Dataset, index: int | None = None) -> NDArray[Any]:
-    """Decode the pixel data of `ds` (all frames, or the frame `index`).
+def decode(ds: Dataset, index: int | None = None, *,
+           limits: LimitsSettings | None = None) -> NDArray[Any]:
+    """Decode the pixel data of `ds` (all frames, or the frame `index`), within `limits`.
+
+    The declared size is checked first (:func:`check_pixel_limits`, and for JPEG and JPEG 2000
+    the codestream's own header against Rows and Columns): nothing above the limits is decoded.
 
     Parameters
     ----------
@@ -213,6 +434,8 @@ def decode(ds: Dataset, index: int | None = None) -> NDArray[Any]:
         A dataset with Pixel Data (7FE0,0010) and its file meta.
     index : int, optional
         0-based frame of a multi-frame image; all frames if None.
+    limits : LimitsSettings, optional
+        ``[limits]``; default :data:`DEFAULT_LIMITS`.
 
     Returns
     -------
@@ -221,6 +444,8 @@ def decode(ds: Dataset, index: int | None = None) -> NDArray[Any]:
 
     Raises
     ------
+    PixelLimitError
+        The declared size is above a limit (a :class:`DecodeError`).
     DecodeError
         No installed plugin decodes the transfer syntax, or the data is corrupt.
     """
@@ -231,6 +456,8 @@ def decode(ds: Dataset, index: int | None = None) -> NDArray[Any]:
             f"{UID(str(ds.get('SOPClassUID', ''))).name or '?'}): nothing to decode",
             str(_transfer_syntax(ds) or ""),
         )
+    size = check_pixel_limits(ds, limits)
+    _check_codestreams(ds, size, index)
     try:
         return pixel_array(ds, index=index)
     except _DECODE_ERRORS as exc:
@@ -256,7 +483,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 # -- frames -----------------------------------------------------------------------------------
-def load_frames(paths: Iterable[str | PathLike[str]]) -> list[Frame]:
+def load_frames(paths: Iterable[str | PathLike[str]], *,
+                limits: LimitsSettings | None = None) -> list[Frame]:
     """Every frame of every instance of one series, decoded.
 
     Instances are ordered by Instance Number (0020,0013) -- those without one last, in the
@@ -266,6 +494,9 @@ def load_frames(paths: Iterable[str | PathLike[str]]) -> list[Frame]:
     ----------
     paths : iterable of path
         The stored files of one series.
+    limits : LimitsSettings, optional
+        ``[limits]``, checked on every file before any is decoded; default
+        :data:`DEFAULT_LIMITS`.
 
     Returns
     -------
@@ -275,20 +506,22 @@ def load_frames(paths: Iterable[str | PathLike[str]]) -> list[Frame]:
     ------
     LoadError
         No files, an unreadable file, or files of more than one series.
+    PixelLimitError
+        A file declares more pixels or bytes than `limits` allow (nothing was decoded).
     DecodeError
         Pixel data that cannot be decoded.
     """
-    datasets = _read_series(paths)
+    datasets = _read_series(paths, limits)
     datasets.sort(key=_instance_key)
     frames: list[Frame] = []
     for ds in datasets:
         uid = str(ds.get("SOPInstanceUID", ""))
         count = _frame_count(ds)
         if count == 1 and "NumberOfFrames" not in ds:
-            frames.append(Frame(decode(ds), ds, uid, 0))
+            frames.append(Frame(decode(ds, limits=limits), ds, uid, 0))
             continue
         for i in range(count):
-            frames.append(Frame(decode(ds, i), frame_header(ds, i), uid, i))
+            frames.append(Frame(decode(ds, i, limits=limits), frame_header(ds, i), uid, i))
     return frames
 
 
@@ -317,7 +550,8 @@ class _Slice:
     pixel_spacing: tuple[float, float]
 
 
-def load_volume(paths: Iterable[str | PathLike[str]]) -> Volume:
+def load_volume(paths: Iterable[str | PathLike[str]], *,
+                limits: LimitsSettings | None = None) -> Volume:
     """One series as a 3D volume ordered along the slice normal.
 
     Classic images give one slice per file with Image Position (Patient), Image Orientation
@@ -336,6 +570,9 @@ def load_volume(paths: Iterable[str | PathLike[str]]) -> Volume:
     ----------
     paths : iterable of path
         The stored files of one series.
+    limits : LimitsSettings, optional
+        ``[limits]``, checked on every file before any is decoded; default
+        :data:`DEFAULT_LIMITS`.
 
     Returns
     -------
@@ -346,10 +583,12 @@ def load_volume(paths: Iterable[str | PathLike[str]]) -> Volume:
     LoadError
         No files, an unreadable file, a mixed series (Series Instance UID, orientation, rows or
         columns differ), missing geometry, or two slices at the same position.
+    PixelLimitError
+        A file declares more pixels or bytes than `limits` allow (nothing was decoded).
     DecodeError
         Pixel data that cannot be decoded.
     """
-    datasets = _read_series(paths)
+    datasets = _read_series(paths, limits)
     slices = [s for ds in datasets for s in _slices_of(ds)]
     first = slices[0]
     rows, cols = int(first.ds.Rows), int(first.ds.Columns)
@@ -383,7 +622,7 @@ def load_volume(paths: Iterable[str | PathLike[str]]) -> Volume:
         slice_spacing, warning = _single_slice_spacing(first.ds)
         warnings.append(warning)
 
-    array = np.stack([_decode_slice(s) for s in slices])
+    array = np.stack([_decode_slice(s, limits) for s in slices])
     if array.ndim != 3:
         raise LoadError(f"a volume needs one sample per pixel; got frames of shape "
                         f"{array.shape[1:]}")
@@ -431,8 +670,8 @@ def _single_slice_spacing(ds: Dataset) -> tuple[float, str]:
     return 1.0, "single slice: no SpacingBetweenSlices or SliceThickness, slice spacing set to 1"
 
 
-def _decode_slice(s: _Slice) -> NDArray[Any]:
-    return decode(s.ds) if s.frame_index is None else decode(s.ds, s.frame_index)
+def _decode_slice(s: _Slice, limits: LimitsSettings | None) -> NDArray[Any]:
+    return decode(s.ds, s.frame_index, limits=limits)
 
 
 def _slices_of(ds: Dataset) -> list[_Slice]:
@@ -584,14 +823,18 @@ def _where_ds(ds: Dataset) -> str:
 
 
 # -- reading ----------------------------------------------------------------------------------
-def _read_series(paths: Iterable[str | PathLike[str]]) -> list[Dataset]:
-    """Read every file completely and check they belong to one series."""
+def _read_series(paths: Iterable[str | PathLike[str]],
+                 limits: LimitsSettings | None) -> list[Dataset]:
+    """Read every file (pixel data deferred), check its declared size against `limits` and
+    that they belong to one series."""
     datasets: list[Dataset] = []
     for path in paths:
         try:
-            datasets.append(pydicom.dcmread(Path(path)))
+            ds = pydicom.dcmread(Path(path), defer_size=DEFER_BYTES)
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             raise LoadError(f"cannot read {Path(path).name}: {_first_line(exc)}") from exc
+        check_pixel_limits(ds, limits)
+        datasets.append(ds)
     if not datasets:
         raise LoadError("no files to load")
     series = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}

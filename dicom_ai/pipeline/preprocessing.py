@@ -13,6 +13,11 @@ in the order of the DICOM grayscale pipeline (PS3.4 N.2, PS3.3 C.11):
 7. :func:`resize`, :func:`replicate_channels`, :func:`normalize`.
 
 The result is ``float32`` of shape ``(H, W, channels)``, bit-identical for the same input.
+
+Steps 2-7 up to the resize are :func:`unit_image`. A frame of more than
+:data:`STRIP_ABOVE_PIXELS` pixels goes through them in strips of rows, each strip's share of the
+resize accumulated as it goes, so memory stays bounded by a strip and the output (an 8192 x 8192
+frame would otherwise take several full-size float copies); smaller frames are done whole.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ __all__ = [
     "Window",
     "apply_modality_lut",
     "apply_voi",
+    "fit_shape",
     "grey_to_unit",
     "invert_monochrome1",
     "luminance",
@@ -50,6 +56,7 @@ __all__ = [
     "resample_volume",
     "resize",
     "to_rgb",
+    "unit_image",
 ]
 
 FloatArray = NDArray[np.floating[Any]]
@@ -75,6 +82,12 @@ COLOUR_INTERPRETATIONS = frozenset(
     {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR"}
 )
 _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+#: Frames with more pixels than this are taken in strips of rows by :func:`unit_image` (bounded
+#: memory); smaller ones whole, exactly as before strips existed.
+STRIP_ABOVE_PIXELS = 4096 * 4096
+#: Pixels (rows x columns) per strip: 16 MB of ``float32`` per sample.
+STRIP_PIXELS = 1 << 22
 
 
 class PreprocessingError(DicomAIError):
@@ -454,14 +467,48 @@ def resize(
     height, width = int(shape[0]), int(shape[1])
     if not keep_aspect:
         return _resample(src, (height, width))
-    scale = min(height / src.shape[0], width / src.shape[1])
-    new_h = min(height, max(1, round(src.shape[0] * scale)))
-    new_w = min(width, max(1, round(src.shape[1] * scale)))
-    scaled = _resample(src, (new_h, new_w))
-    out = np.full((height, width, *src.shape[2:]), pad_value, dtype=src.dtype)
+    scaled = _resample(src, _aspect_shape((src.shape[0], src.shape[1]), (height, width)))
+    return _pad(scaled, (height, width), pad_value)
+
+
+def _aspect_shape(in_shape: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
+    """The largest shape of `in_shape`'s aspect inside `box` (what ``keep_aspect`` resizes to)."""
+    height, width = box
+    scale = min(height / in_shape[0], width / in_shape[1])
+    return (min(height, max(1, round(in_shape[0] * scale))),
+            min(width, max(1, round(in_shape[1] * scale))))
+
+
+def _pad(scaled: NDArray[Any], shape: tuple[int, int], pad_value: float) -> NDArray[Any]:
+    """`scaled` centred on a `shape` canvas of `pad_value` (an odd margin's extra at the end)."""
+    height, width = shape
+    new_h, new_w = int(scaled.shape[0]), int(scaled.shape[1])
+    out = np.full((height, width, *scaled.shape[2:]), pad_value, dtype=scaled.dtype)
     top, left = (height - new_h) // 2, (width - new_w) // 2
     out[top : top + new_h, left : left + new_w] = scaled
     return out
+
+
+def fit_shape(shape: tuple[int, int], longest: int) -> tuple[int, int]:
+    """`shape` scaled down, aspect kept, so its longer side is at most `longest` (never up).
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(rows, columns)``.
+    longest : int
+        The most pixels on the longer side.
+
+    Returns
+    -------
+    tuple of int
+        ``shape`` itself when it fits, else ``(rows, columns)`` rounded, each at least 1.
+    """
+    rows, columns = int(shape[0]), int(shape[1])
+    if max(rows, columns) <= longest:
+        return rows, columns
+    scale = longest / max(rows, columns)
+    return max(1, round(rows * scale)), max(1, round(columns * scale))
 
 
 def resample_volume(
@@ -735,7 +782,11 @@ def _has_dataset_voi(ds: Dataset) -> bool:
 
 
 def grey_to_unit(
-    arr: NDArray[Any], ds: Dataset, *, window: tuple[float, float] | None = None
+    arr: NDArray[Any],
+    ds: Dataset,
+    *,
+    window: tuple[float, float] | None = None,
+    value_range: tuple[float, float] | None = None,
 ) -> NDArray[np.float32]:
     """Stored grey values to display values in 0..1: modality LUT, VOI and MONOCHROME1.
 
@@ -753,6 +804,10 @@ def grey_to_unit(
         The dataset the array came from.
     window : tuple of float, optional
         ``(center, width)`` in modality units overriding the dataset's VOI.
+    value_range : tuple of float, optional
+        ``(min, max)`` of the modality values of the whole frame, for the min/max scaling used
+        when there is no VOI, when `arr` is only a part of the frame (a strip of rows, see
+        :func:`unit_image`); by default `arr`'s own.
 
     Returns
     -------
@@ -771,7 +826,12 @@ def grey_to_unit(
     no_voi = window is None and not _has_dataset_voi(ds)
     if not linear_modality or not ((linear_voi is not None and linear_voi[1] >= 2.0) or no_voi):
         modality = apply_modality_lut(arr, ds)
-        unit = apply_voi(modality, ds, window=window)
+        if no_voi and value_range is not None:  # apply_voi's min/max scaling, frame-wide
+            lo, hi = float(value_range[0]), float(value_range[1])
+            unit = (np.zeros_like(modality) if hi <= lo
+                    else np.clip((modality - lo) * (1.0 / (hi - lo)), 0.0, 1.0))
+        else:
+            unit = apply_voi(modality, ds, window=window)
         flipped = invert_monochrome1(unit, ds, value_range=(0.0, 1.0))
         return np.asarray(flipped, dtype=np.float32)
     slope, intercept = 1.0, 0.0  # as pydicom: the rescale applies only when both are present
@@ -785,7 +845,11 @@ def grey_to_unit(
     else:
         if arr.size == 0:
             return np.zeros(arr.shape, dtype=np.float32)
-        ends = sorted((float(arr.min()) * slope + intercept, float(arr.max()) * slope + intercept))
+        if value_range is not None:
+            ends = sorted((float(value_range[0]), float(value_range[1])))
+        else:
+            ends = sorted((float(arr.min()) * slope + intercept,
+                           float(arr.max()) * slope + intercept))
         if ends[1] == ends[0]:
             return np.zeros(arr.shape, dtype=np.float32)
         gain = slope / (ends[1] - ends[0])
@@ -798,6 +862,136 @@ def grey_to_unit(
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def _unit_block(
+    block: NDArray[Any],
+    ds: Dataset,
+    *,
+    window: tuple[float, float] | None,
+    is_ybr: bool,
+    value_range: tuple[float, float] | None = None,
+) -> NDArray[np.float32]:
+    """Rows of a frame to display values 0..1: masked, then grey or colour (pointwise)."""
+    bits = int(ds.get("BitsStored", 0) or 0)
+    # Nothing to mask when Bits Stored fills the dtype; later steps never write to their input.
+    full_width = np.issubdtype(block.dtype, np.integer) and bits >= block.dtype.itemsize * 8
+    masked = block if full_width else mask_bits_stored(block, ds)
+    if _photometric(ds) in GREY_INTERPRETATIONS:
+        return grey_to_unit(masked, ds, window=window, value_range=value_range)
+    rgb = to_rgb(masked, ds, is_ybr=is_ybr)
+    scaled: NDArray[np.float32] = rgb.astype(np.float32) * np.float32(
+        1.0 / float(2 ** _colour_bits(rgb, ds) - 1))
+    return scaled
+
+
+def _strip_rows(arr: NDArray[Any], strip_pixels: int) -> int:
+    return max(1, strip_pixels // max(int(arr.shape[1]), 1))
+
+
+def _modality_range(arr: NDArray[Any], ds: Dataset, step: int) -> tuple[float, float]:
+    """``(min, max)`` of the modality values of a grey frame, strip by strip (PS3.3 C.11.1)."""
+    bits = int(ds.get("BitsStored", 0) or 0)
+    full_width = np.issubdtype(arr.dtype, np.integer) and bits >= arr.dtype.itemsize * 8
+    linear = not ds.get("ModalityLUTSequence")
+    lo, hi = np.inf, -np.inf
+    for top in range(0, int(arr.shape[0]), step):
+        block = arr[top : top + step]
+        masked = block if full_width else mask_bits_stored(block, ds)
+        if linear:  # rescale is monotonic: map the stored extremes, as grey_to_unit does
+            lo, hi = min(lo, float(masked.min())), max(hi, float(masked.max()))
+        else:
+            modality = apply_modality_lut(masked, ds)
+            lo, hi = min(lo, float(modality.min())), max(hi, float(modality.max()))
+    if linear and ds.get("RescaleSlope") is not None and ds.get("RescaleIntercept") is not None:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
+    return lo, hi
+
+
+def unit_image(
+    arr: NDArray[Any],
+    ds: Dataset,
+    shape: tuple[int, int],
+    *,
+    window: tuple[float, float] | None = None,
+    is_ybr: bool = False,
+    keep_aspect: bool = False,
+    pad_value: float = 0.0,
+    strip_pixels: int = STRIP_PIXELS,
+    strip_above: int = STRIP_ABOVE_PIXELS,
+) -> NDArray[np.float32]:
+    """A decoded frame as display values 0..1, resized to `shape`, in bounded memory.
+
+    Grey frames: *Bits Stored* masked (PS3.3 C.7.6.3.1), modality LUT (C.11.1), VOI (C.11.2) and
+    MONOCHROME1 inversion (C.7.6.3.1.2) by :func:`grey_to_unit`; colour frames: :func:`to_rgb`
+    (C.7.6.3.1.2, C.7.6.3.1.5) scaled by the bit depth; then :func:`resize`. A frame of at most
+    `strip_above` pixels is done whole, exactly so. A larger one is done in strips of
+    `strip_pixels` pixels: each strip is converted and multiplied into the rows of the resize
+    that read it, so no full-size float copy exists (the min/max of a frame without VOI is
+    taken first, frame-wide). The result equals the whole-frame one to float rounding.
+
+    Parameters
+    ----------
+    arr : numpy.ndarray
+        One decoded frame, ``(rows, columns)`` or ``(rows, columns, 3)``.
+    ds : pydicom.dataset.Dataset
+        The dataset the frame came from.
+    shape : tuple of int
+        The output ``(height, width)``.
+    window : tuple of float, optional
+        ``(center, width)`` overriding the dataset's VOI (grey frames).
+    is_ybr : bool
+        A YBR_FULL/YBR_FULL_422 frame was decoded without conversion to RGB.
+    keep_aspect : bool
+        Keep the aspect ratio, padding the rest with `pad_value` (see :func:`resize`).
+    pad_value : float
+        The value of the padding.
+    strip_pixels : int
+        Pixels per strip.
+    strip_above : int
+        Frames of more pixels than this are taken in strips.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32``, ``shape`` (plus the colour axis of a colour frame).
+
+    Raises
+    ------
+    PreprocessingError
+        A colour interpretation :func:`to_rgb` does not handle, or a bad explicit window.
+    """
+    height, width = int(shape[0]), int(shape[1])
+    rows, columns = int(arr.shape[0]), int(arr.shape[1])
+    target = _aspect_shape((rows, columns), (height, width)) if keep_aspect else (height, width)
+    if rows * columns <= strip_above:
+        whole = _unit_block(arr, ds, window=window, is_ybr=is_ybr)
+        return resize(whole, (height, width), keep_aspect=keep_aspect,
+                      pad_value=pad_value).astype(np.float32, copy=False)
+    step = _strip_rows(arr, strip_pixels)
+    value_range = None
+    if _photometric(ds) in GREY_INTERPRETATIONS and window is None and not _has_dataset_voi(ds):
+        value_range = _modality_range(arr, ds, step)
+    # The row pass of the separable resize, one strip of input rows at a time (column slices
+    # of a CSC matrix are cheap); then the column pass on the small result.
+    weights = _axis_weights(rows, target[0]).tocsc()
+    rows_done: NDArray[np.float32] | None = None
+    tail: tuple[int, ...] = ()  # (columns,) or (columns, 3): palette indices become RGB
+    for top in range(0, rows, step):
+        block = _unit_block(arr[top : top + step], ds, window=window, is_ybr=is_ybr,
+                            value_range=value_range)
+        tail = block.shape[1:]
+        part = np.asarray(weights[:, top : top + block.shape[0]]
+                          @ block.reshape(block.shape[0], -1), dtype=np.float32)
+        if rows_done is None:
+            rows_done = part
+        else:
+            rows_done += part
+    assert rows_done is not None  # rows >= 1: at least one strip
+    resized = _resample_axis(rows_done.reshape(target[0], *tail), 1, target[1])
+    out = np.ascontiguousarray(resized, dtype=np.float32)
+    return _pad(out, (height, width), pad_value) if keep_aspect else out
+
+
 def preprocess_frame(
     arr: NDArray[Any], ds: Dataset, spec: PreprocessingSpec, *, is_ybr: bool = False
 ) -> NDArray[np.float32]:
@@ -808,7 +1002,8 @@ def preprocess_frame(
     dataset's VOI (C.11.2) and MONOCHROME1 inversion as ``1 - x`` (C.7.6.3.1.2); for colour images
     :func:`to_rgb` (C.7.6.3.1.2, C.7.6.3.1.5) scaled to 0..1 by the bit depth; then
     :func:`resize`, channel handling (grey replicated, colour to luminance for one channel) and
-    :func:`normalize`.
+    :func:`normalize`. Everything up to the resize is :func:`unit_image`: frames above
+    :data:`STRIP_ABOVE_PIXELS` pixels go through it in strips of rows (bounded memory).
 
     Parameters
     ----------
@@ -832,18 +1027,10 @@ def preprocess_frame(
         No pixel data, an unsupported photometric interpretation, a frame of the wrong shape or
         smaller than ``spec.min_input_size``.
     """
-    photometric = _check_input(arr, ds, spec)
-    bits = int(ds.get("BitsStored", 0) or 0)
-    # Nothing to mask when Bits Stored fills the dtype; later steps never write to their input.
-    full_width = np.issubdtype(arr.dtype, np.integer) and bits >= arr.dtype.itemsize * 8
-    masked = arr if full_width else mask_bits_stored(arr, ds)
-    image: NDArray[np.floating[Any]]
-    if photometric in GREY_INTERPRETATIONS:
-        image = grey_to_unit(masked, ds, window=spec.window_values)
-    else:
-        rgb = to_rgb(masked, ds, is_ybr=is_ybr)
-        image = rgb.astype(np.float32) * np.float32(1.0 / float(2 ** _colour_bits(rgb, ds) - 1))
-    resized = resize(image, spec.input_shape, keep_aspect=spec.keep_aspect, pad_value=0.0)
+    _check_input(arr, ds, spec)
+    resized: NDArray[np.floating[Any]] = unit_image(
+        arr, ds, spec.input_shape, window=spec.window_values, is_ybr=is_ybr,
+        keep_aspect=spec.keep_aspect, pad_value=0.0)
     if resized.ndim == 3 and spec.channels == 1:
         resized = luminance(resized)
     if resized.ndim == 2 and spec.normalization != "imagenet":

@@ -7,7 +7,8 @@
 * :func:`write_preview` -- a PNG of those arrays (one image, or a montage of slices).
 * :func:`preview` -- the three together, for a file or a folder of files.
 
-Errors of loading and preprocessing (:class:`~dicom_ai.pipeline.loading.DecodeError`,
+Errors of loading and preprocessing (:class:`~dicom_ai.pipeline.loading.DecodeError`, among them
+:class:`~dicom_ai.pipeline.loading.PixelLimitError` for an image above ``[limits]``,
 :class:`~dicom_ai.pipeline.loading.LoadError`,
 :class:`~dicom_ai.pipeline.preprocessing.PreprocessingError`) propagate with their messages.
 """
@@ -30,6 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.misc import is_dicom
 
+from dicom_ai.config import LimitsSettings
 from dicom_ai.exceptions import ConfigError
 from dicom_ai.pipeline.loading import LoadError, Volume, load_frames, load_volume
 from dicom_ai.pipeline.preprocessing import (
@@ -108,7 +110,7 @@ def load_spec(path: Path) -> PreprocessingSpec:
 
 # -- model inputs -----------------------------------------------------------------------------
 def model_inputs(
-    paths: list[Path], spec: PreprocessingSpec
+    paths: list[Path], spec: PreprocessingSpec, *, limits: LimitsSettings | None = None
 ) -> tuple[list[NDArray[np.float32]], list[str]]:
     """The model inputs of one file or one series, and the steps applied, in words.
 
@@ -126,6 +128,9 @@ def model_inputs(
         One file, or the files of one series.
     spec : PreprocessingSpec
         What the model expects.
+    limits : LimitsSettings, optional
+        ``[limits]``: a file declaring more pixels or bytes is refused before decoding
+        (default: the ``[limits]`` defaults).
 
     Returns
     -------
@@ -138,13 +143,14 @@ def model_inputs(
     Raises
     ------
     LoadError, DecodeError, PreprocessingError
-        From loading and preprocessing, with their messages.
+        From loading and preprocessing, with their messages (``PixelLimitError``, a
+        ``DecodeError``, above `limits`).
     """
     if not paths:
         raise LoadError("no files to preview")
     if spec.target_spacing is not None and _forms_volume(paths):
-        return _volume_inputs(paths, spec)
-    frames = load_frames(paths)
+        return _volume_inputs(paths, spec, limits)
+    frames = load_frames(paths, limits=limits)
     arrays: list[NDArray[np.float32]] = []
     steps: list[str] = []
     if len(frames) > 1:
@@ -179,10 +185,10 @@ def _forms_volume(paths: Sequence[Path]) -> bool:
 
 
 def _volume_inputs(
-    paths: Sequence[Path], spec: PreprocessingSpec
+    paths: Sequence[Path], spec: PreprocessingSpec, limits: LimitsSettings | None
 ) -> tuple[list[NDArray[np.float32]], list[str]]:
     assert spec.target_spacing is not None
-    volume: Volume = load_volume(paths)
+    volume: Volume = load_volume(paths, limits=limits)
     first = volume.datasets[0]
     steps = [f"volume: {volume.array.shape[0]} slices of {volume.array.shape[1]}x"
              f"{volume.array.shape[2]}, spacing {_mm(volume.spacing)} mm"]
@@ -359,7 +365,8 @@ def _display(arr: NDArray[np.floating[Any]]) -> NDArray[np.uint8]:
 
 
 # -- all together -----------------------------------------------------------------------------
-def preview(target: Path, spec: PreprocessingSpec, out_png: Path) -> list[str]:
+def preview(target: Path, spec: PreprocessingSpec, out_png: Path, *,
+            limits: LimitsSettings | None = None) -> list[str]:
     """Write a PNG of what a model with `spec` would receive from `target`; return the steps.
 
     Parameters
@@ -371,6 +378,8 @@ def preview(target: Path, spec: PreprocessingSpec, out_png: Path) -> list[str]:
         What the model expects.
     out_png : Path
         Where to write the PNG (see :func:`write_preview`).
+    limits : LimitsSettings, optional
+        ``[limits]``, see :func:`model_inputs`.
 
     Returns
     -------
@@ -391,6 +400,6 @@ def preview(target: Path, spec: PreprocessingSpec, out_png: Path) -> list[str]:
         paths = [target]
     else:
         raise LoadError(f"{target} does not exist")
-    arrays, steps = model_inputs(paths, spec)
+    arrays, steps = model_inputs(paths, spec, limits=limits)
     write_preview(arrays, out_png)
     return steps

@@ -32,8 +32,14 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_ai import __version__
-from dicom_ai.config import Route, Settings, SRKind
-from dicom_ai.exceptions import ConfigError, DicomAIError, JobError
+from dicom_ai.config import LimitsSettings, Route, Settings, SRKind
+from dicom_ai.exceptions import (
+    ConfigError,
+    DicomAIError,
+    JobError,
+    ReportError,
+    safe_message,
+)
 from dicom_ai.inference.postprocess import detections, point_to_image, to_image_space
 from dicom_ai.inference.registry import Registry
 from dicom_ai.inference.runtime import InferenceError, Predictor, load_predictor
@@ -42,10 +48,9 @@ from dicom_ai.pipeline.findings import Finding, HeatMap, Location, ModelRun
 from dicom_ai.pipeline.loading import DecodeError, Frame, LoadError, load_frames
 from dicom_ai.pipeline.preprocessing import (
     PreprocessingError,
-    grey_to_unit,
     luminance,
-    mask_bits_stored,
     preprocess_frame,
+    unit_image,
 )
 from storage import jobs
 from storage.db import Database
@@ -54,9 +59,6 @@ from storage.filestore import fsync_dir, fsync_file
 LOGGER = logging.getLogger(__name__)
 
 __all__ = ["Analysis", "JobRunner", "ModelCache", "analyse", "result_uid"]
-
-GREY = ("MONOCHROME1", "MONOCHROME2")
-
 
 # -- the analysis: frames in, a ModelRun out --------------------------------------------------
 @dataclass
@@ -68,14 +70,12 @@ class Analysis:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _display(frame: Frame, predictor: Predictor) -> NDArray[np.float32]:
-    """The frame at full size as the model saw it (windowed grey 0..1): the overlay's background."""
-    ds = frame.dataset
-    arr = mask_bits_stored(frame.array, ds)
-    if str(ds.get("PhotometricInterpretation", "")) in GREY and arr.ndim == 2:
-        return grey_to_unit(arr, ds, window=predictor.spec.preprocessing.window_values)
-    bits = int(ds.get("BitsStored", 8) or 8)
-    return np.asarray(luminance(arr.astype(np.float32) / float(2**bits - 1)), dtype=np.float32)
+def _display(frame: Frame, predictor: Predictor, shape: tuple[int, int]) -> NDArray[np.float32]:
+    """The frame as the model saw it (windowed grey 0..1) at the heat-map capture's `shape`:
+    the overlay's background, made in bounded memory whatever the frame's size."""
+    unit = unit_image(frame.array, frame.dataset, shape,
+                      window=predictor.spec.preprocessing.window_values)
+    return np.asarray(luminance(unit) if unit.ndim == 3 else unit, dtype=np.float32)
 
 
 def _frame_number(frame: Frame) -> int | None:
@@ -87,7 +87,8 @@ def _tracking_uid(seed: str, *parts: object) -> str:
 
 
 def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
-            explain: bool = True, explainer: Any = None) -> Analysis:
+            explain: bool = True, explainer: Any = None,
+            limits: LimitsSettings | None = None) -> Analysis:
     """Run one model over the files of a series (or several series) and decide its findings.
 
     Parameters
@@ -104,6 +105,9 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
     explainer : callable, optional
         ``explainer(images, output_index=k) -> (N, H, W)`` maps, e.g. a
         :class:`~dicom_ai.inference.explain.GradCam`.
+    limits : LimitsSettings, optional
+        ``[limits]``: an image declaring more pixels or bytes is refused before decoding
+        (default: the ``[limits]`` defaults).
 
     Returns
     -------
@@ -112,16 +116,16 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
     Raises
     ------
     JobError
-        The images cannot be decoded or do not suit the model (not retryable), or the model
-        failed (retryable).
+        The images cannot be decoded, are above `limits` or do not suit the model (not
+        retryable), or the model failed (retryable).
     """
     spec = predictor.spec
     timings: dict[str, float] = {}
     started = time.perf_counter()
     try:
-        frames = load_frames(paths)
+        frames = load_frames(paths, limits=limits)
     except (DecodeError, LoadError) as exc:
-        raise JobError(f"cannot load the images: {exc}", retryable=False) from exc
+        raise JobError(f"cannot load the images: {safe_message(exc)}", retryable=False) from exc
     timings["load"] = time.perf_counter() - started
     _check_applies(spec, frames)
 
@@ -130,7 +134,8 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
         inputs = np.stack([preprocess_frame(f.array, f.dataset, spec.preprocessing)
                            for f in frames])
     except PreprocessingError as exc:
-        raise JobError(f"{spec.name} {spec.version} cannot take these images: {exc}",
+        raise JobError(f"{spec.name} {spec.version} cannot take these images: "
+                       f"{safe_message(exc)}",
                        retryable=False) from exc
     timings["preprocess"] = time.perf_counter() - started
 
@@ -138,13 +143,15 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
     try:
         outputs = predictor.predict(inputs)
     except InferenceError as exc:
-        raise JobError(str(exc), retryable=True) from exc
+        raise JobError(safe_message(exc), retryable=True) from exc
     timings["inference"] = time.perf_counter() - started
 
     started = time.perf_counter()
     findings: list[Finding] = []
     heatmaps: list[HeatMap] = []
     if spec.task == "classification":
+        from dicom_ai.reporting.capture import capture_shape
+
         maps = _explain(explainer, inputs, outputs, spec) if explain else {}
         timings["explain"] = time.perf_counter() - started
         started = time.perf_counter()
@@ -156,10 +163,12 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
                 location = None
                 heat = maps.get((i, k))
                 if heat is not None:
-                    image_heat = to_image_space(heat, spec.preprocessing, shape)
-                    if k == 0:
-                        heatmaps.append(HeatMap(frame.sop_instance_uid, image_heat,
-                                                _display(frame, predictor), _frame_number(frame)))
+                    if k == 0:  # the capture's matrix: at most MAX_CAPTURE_SIDE on a side
+                        matrix = capture_shape(shape)
+                        heatmaps.append(HeatMap(
+                            frame.sop_instance_uid,
+                            to_image_space(heat, spec.preprocessing, matrix),
+                            _display(frame, predictor, matrix), _frame_number(frame)))
                     if present:
                         r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
                         point = point_to_image(r + 0.5, c + 0.5, spec.preprocessing, shape)
@@ -274,16 +283,16 @@ class ModelCache:
         try:
             entry = self.registry.get(name)
         except ConfigError as exc:
-            raise JobError(str(exc), retryable=False) from exc
+            raise JobError(safe_message(exc), retryable=False) from exc
         key = (entry.name, entry.version)
         with self._lock:
             if key not in self._loaded:
                 try:
                     predictor = load_predictor(entry.path)
                 except InferenceError as exc:
-                    raise JobError(str(exc), retryable=True) from exc
+                    raise JobError(safe_message(exc), retryable=True) from exc
                 except ConfigError as exc:
-                    raise JobError(str(exc), retryable=False) from exc
+                    raise JobError(safe_message(exc), retryable=False) from exc
                 explainer = _explainer_for(predictor)
                 if explainer is not None:  # trace the Grad-CAM function now, not in a job
                     explainer(np.zeros((1, *predictor.spec.input_shape), np.float32))
@@ -319,6 +328,24 @@ def _write_atomic(ds: Dataset, path: Path) -> None:
     fsync_file(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+@contextmanager
+def _building(what: str, sources: Sequence[Dataset]) -> Iterator[None]:
+    """Turn a result object that cannot be built into a job error naming the rule, not a value.
+
+    The same sources fail the same way on every attempt, so the job fails at once. What
+    highdicom and pydicom raise quotes the offending value; :func:`safe_message` names the
+    attribute (looked up in `sources`) and the rule instead. Disk and database errors pass
+    through (retryable).
+    """
+    try:
+        yield
+    except ReportError as exc:
+        raise JobError(f"cannot build the {what}: {exc}", retryable=False) from exc
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        raise JobError(f"cannot build the {what}: {safe_message(exc, sources)}",
+                       retryable=False) from exc
 
 
 # -- the job runner --------------------------------------------------------------------------
@@ -384,7 +411,9 @@ class JobRunner:
             retryable = exc.retryable if isinstance(exc, JobError) else True
             if not isinstance(exc, DicomAIError):
                 LOGGER.exception("job %d crashed", job.id)
-            message = str(exc) if isinstance(exc, DicomAIError) else f"{type(exc).__name__}: {exc}"
+            # Library messages may quote attribute values (highdicom: "Unable to convert
+            # '1901-12-31' to 'DA' object"): jobs.error, the API and the log get the safe form.
+            message = safe_message(exc)
             with self.db.write_session() as session:
                 state = jobs.fail_job(
                     session, job.id, owner=self.owner, error=message, retryable=retryable,
@@ -455,7 +484,8 @@ class JobRunner:
         paths = [self.store.absolute(p) for p in relative]
         seed = f"{job.study_instance_uid}/{job.id}/{job.created_at.isoformat()}"
         explain = explainer is not None
-        analysis = analyse(paths, predictor, seed=seed, explain=explain, explainer=explainer)
+        analysis = analyse(paths, predictor, seed=seed, explain=explain, explainer=explainer,
+                           limits=self.settings.limits)
         started = time.perf_counter()
         results, heatmap_paths = self._build_results(job, route, analysis, seed, previous)
         analysis.timings["report"] = time.perf_counter() - started
@@ -496,19 +526,22 @@ class JobRunner:
         seg: Dataset | None = None
         if run.task == "segmentation" and any(
                 f.location is not None and f.location.kind == "segment" for f in run.findings):
-            seg = build_seg(run, sources,
-                            series_instance_uid=result_uid(seed, "seg-series"),
-                            sop_instance_uid=result_uid(seed, "seg"), software_version=version)
-            keep(seg, "seg", None, [d.name for d in wanted] if route.send_seg else [])
+            with _building("SEG", sources):
+                seg = build_seg(run, sources,
+                                series_instance_uid=result_uid(seed, "seg-series"),
+                                sop_instance_uid=result_uid(seed, "seg"),
+                                software_version=version)
+                keep(seg, "seg", None, [d.name for d in wanted] if route.send_seg else [])
         heatmap_paths: dict[str, str] = {}
         if route.send_heatmap:
             series_uid = result_uid(seed, "sc-series")
             for n, heat in enumerate(run.heatmaps, start=1):
                 source = next(s for s in sources if s.SOPInstanceUID == heat.sop_instance_uid)
-                sc = build_heatmap_capture(heat, source, run, series_instance_uid=series_uid,
-                                           sop_instance_uid=result_uid(seed, "sc", n),
-                                           instance_number=n, software_version=version)
-                keep(sc, "heatmap", None, [d.name for d in wanted])
+                with _building("heat-map SC", [source]):
+                    sc = build_heatmap_capture(heat, source, run, series_instance_uid=series_uid,
+                                               sop_instance_uid=result_uid(seed, "sc", n),
+                                               instance_number=n, software_version=version)
+                    keep(sc, "heatmap", None, [d.name for d in wanted])
                 heatmap_paths[heat.sop_instance_uid] = results[-1].path
         kinds: list[SRKind] = sorted({d.sr_kind for d in wanted}) or ["comprehensive"]
         for kind in kinds:
@@ -516,11 +549,13 @@ class JobRunner:
             predecessor = None if prior is None else PriorReport(
                 prior.study_instance_uid, prior.series_instance_uid, prior.sop_class_uid,
                 prior.sop_instance_uid)
-            sr = build_sr(run, sources, kind=kind,
-                          series_instance_uid=result_uid(seed, "sr-series", kind),
-                          sop_instance_uid=result_uid(seed, "sr", kind),
-                          predecessor=predecessor, segmentation=seg, software_version=version)
-            keep(sr, "sr", kind, [d.name for d in wanted if d.sr_kind == kind])
+            with _building("SR", sources):
+                sr = build_sr(run, sources, kind=kind,
+                              series_instance_uid=result_uid(seed, "sr-series", kind),
+                              sop_instance_uid=result_uid(seed, "sr", kind),
+                              predecessor=predecessor, segmentation=seg,
+                              software_version=version)
+                keep(sr, "sr", kind, [d.name for d in wanted if d.sr_kind == kind])
         # The SR first: the outbox sends in creation order, and the SR is what a PACS needs.
         results.sort(key=lambda r: r.kind != "sr")
         return results, heatmap_paths

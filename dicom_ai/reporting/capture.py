@@ -1,12 +1,18 @@
 """Heat-map Secondary Capture: the model's heat-map over the source image (PS3.3 A.8.1 SC Image).
 
-An RGB image of the source's size: the grey image the model saw, with the heat-map's colour
-blended in proportionally to the heat (cold areas stay plain grey), and a burned-in banner
-"NOT FOR DIAGNOSTIC USE - AI heat-map <model> <version>" at the top. It joins the source study
-in a new series and names the source image in the Source Image Sequence (C.7.6.1.1.4).
+An RGB image of the source's size, or scaled down to :data:`MAX_CAPTURE_SIDE` pixels on its
+longer side for larger sources (aspect kept, Pixel Spacing scaled to match): the grey image the
+model saw, with the heat-map's colour blended in proportionally to the heat (cold areas stay
+plain grey), and a burned-in banner "NOT FOR DIAGNOSTIC USE - AI heat-map <model> <version>" at
+the top. It joins the source study in a new series and names the source image in the Source
+Image Sequence (C.7.6.1.1.4). The bound keeps a capture of an 8192 x 8192 source at 3 MB instead
+of 200 MB, and the memory to build it small; the map itself comes from a model input of a few
+hundred pixels, so nothing is lost.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -16,12 +22,16 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_ai.pipeline.findings import HeatMap, ModelRun
+from dicom_ai.pipeline.preprocessing import fit_shape, resize
 from dicom_ai.reporting.sr import MANUFACTURER, source_header
 
-__all__ = ["MAX_ALPHA", "build_heatmap_capture", "colorize", "heat_colors"]
+__all__ = ["MAX_ALPHA", "MAX_CAPTURE_SIDE", "build_heatmap_capture", "capture_shape", "colorize",
+           "heat_colors"]
 
 #: Opacity of the colour where the heat is 1; it falls linearly to 0 where the heat is 0.
 MAX_ALPHA = 0.6
+#: Most pixels on the longer side of a heat-map capture (a 1024 x 1024 RGB image is 3 MB).
+MAX_CAPTURE_SIDE = 1024
 
 # A jet-like ramp: dark blue, blue, cyan, yellow, red, dark red.
 _RAMP_POSITIONS = (0.0, 0.125, 0.375, 0.625, 0.875, 1.0)
@@ -31,6 +41,23 @@ _RAMP_RGB = (
 )
 # (121322, DCM) "Source image for image processing operation" (CID 7202).
 _SOURCE_PURPOSE = ("121322", "DCM", "Source image for image processing operation")
+
+
+def capture_shape(source_shape: tuple[int, int]) -> tuple[int, int]:
+    """The matrix of the heat-map capture of a source image of `source_shape`.
+
+    Parameters
+    ----------
+    source_shape : tuple of int
+        ``(Rows, Columns)`` of the source image.
+
+    Returns
+    -------
+    tuple of int
+        `source_shape` when its longer side is at most :data:`MAX_CAPTURE_SIDE`, else that
+        shape scaled down to it, aspect kept.
+    """
+    return fit_shape(source_shape, MAX_CAPTURE_SIDE)
 
 
 def heat_colors(levels: int = 256) -> NDArray[np.uint8]:
@@ -100,6 +127,12 @@ def _burn_banner(rgb: NDArray[np.uint8], lines: list[str]) -> NDArray[np.uint8]:
     return np.asarray(image, dtype=np.uint8)
 
 
+def _scaled_spacing(value: Any, source: int, capture: int) -> float:
+    """A Pixel Spacing value (mm, DS) for `capture` pixels covering `source` pixels."""
+    spacing = float(value)
+    return spacing if capture == source else float(f"{spacing * source / capture:.6g}")
+
+
 def _orientation(source: Dataset) -> tuple[str, str] | None:
     """Patient Orientation (C.7.6.1.1.1) from the source, or from its Image Orientation."""
     orientation = source.get("PatientOrientation")
@@ -130,7 +163,8 @@ def build_heatmap_capture(heatmap: HeatMap, source: Dataset, run: ModelRun, *,
     Parameters
     ----------
     heatmap : HeatMap
-        Heat values and the grey display image, both in the source image's shape.
+        Heat values and the grey display image, both of the source image's shape or of
+        :func:`capture_shape` of it (larger arrays are scaled down to that first).
     source : pydicom.dataset.Dataset
         The source image header (pixel data not needed): patient, study, body part,
         laterality and orientation come from it.
@@ -146,28 +180,36 @@ def build_heatmap_capture(heatmap: HeatMap, source: Dataset, run: ModelRun, *,
     Returns
     -------
     pydicom.dataset.Dataset
-        An RGB Secondary Capture Image with Burned In Annotation "YES".
+        An RGB Secondary Capture Image with Burned In Annotation "YES", of
+        :func:`capture_shape` of the source (Pixel Spacing scaled when it is smaller).
 
     Raises
     ------
     ValueError
-        The heat-map is of another image or its arrays are not the source's shape.
+        The heat-map is of another image or its arrays are neither the source's shape nor
+        the capture's.
     """
     header = source_header(source)
     if heatmap.sop_instance_uid != str(header.SOPInstanceUID):
         raise ValueError(f"heat-map of {heatmap.sop_instance_uid} given with source image "
                          f"{header.SOPInstanceUID}")
     shape = (int(header.Rows), int(header.Columns))
-    if heatmap.values.shape != shape or heatmap.display.shape != shape:
-        raise ValueError(f"heat-map shapes {heatmap.values.shape}/{heatmap.display.shape} are not "
-                         f"the source image's {shape}")
-    rgb = _burn_banner(colorize(heatmap.display, heatmap.values), [
+    matrix = capture_shape(shape)
+    for array in (heatmap.values, heatmap.display):
+        if array.shape not in (shape, matrix):
+            raise ValueError(f"heat-map shapes {heatmap.values.shape}/{heatmap.display.shape} "
+                             f"are neither the source image's {shape} nor the capture's {matrix}")
+    values, display = (array if array.shape == matrix else resize(array, matrix)
+                       for array in (heatmap.values, heatmap.display))
+    rgb = _burn_banner(colorize(display, values), [
         "NOT FOR DIAGNOSTIC USE", f"AI heat-map {run.model_name} {run.model_version}",
     ])
     orientation = _orientation(header)
     laterality = str(header.get("Laterality", "") or "")
     spacing = header.get("PixelSpacing")
-    pixel_spacing = (float(spacing[0]), float(spacing[1])) if spacing else None
+    # A scaled-down capture covers the same area: its pixels are larger by the same ratio.
+    pixel_spacing = (_scaled_spacing(spacing[0], shape[0], matrix[0]),
+                     _scaled_spacing(spacing[1], shape[1], matrix[1])) if spacing else None
     sc: Dataset = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=header,
         pixel_array=rgb,
@@ -196,8 +238,9 @@ def build_heatmap_capture(heatmap: HeatMap, source: Dataset, run: ModelRun, *,
         sc.PatientOrientation = ""
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.BurnedInAnnotation = "YES"
+    scaled = "" if matrix == shape else f", scaled from {shape[0]} x {shape[1]}"
     sc.DerivationDescription = (f"Heat-map of {run.model_name} {run.model_version} blended over "
-                                "the source image; not for diagnostic use")
+                                f"the source image{scaled}; not for diagnostic use")
     # from_ref_dataset copies neither; strict validation wants them (DICOM-NOTES).
     if header.get("BodyPartExamined"):
         sc.BodyPartExamined = header.BodyPartExamined

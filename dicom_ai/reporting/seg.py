@@ -15,6 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from dicom_ai.exceptions import ReportError
 from dicom_ai.pipeline.findings import Finding, ModelRun
 from dicom_ai.reporting.codes import ALGORITHM_FAMILY, MORPHOLOGICALLY_ABNORMAL_STRUCTURE, to_code
 from dicom_ai.reporting.sr import MANUFACTURER, source_header
@@ -64,16 +65,16 @@ def build_seg(run: ModelRun, sources: Sequence[Dataset], *, series_instance_uid:
 
     Raises
     ------
-    ValueError
-        No segment findings, segment numbers not 1..n, a missing or wrongly shaped mask, or a
-        location on an image not among ``sources``.
+    ReportError
+        (a ValueError) No segment findings, segment numbers not 1..n, a missing or wrongly
+        shaped mask, or a location on an image not among ``sources``.
     """
     findings = segment_findings(run)
     if not findings:
-        raise ValueError("the run has no finding located by a segment: nothing to segment")
+        raise ReportError("the run has no finding located by a segment: nothing to segment")
     numbers = [f.location.segment_number if f.location else None for f in findings]
     if numbers != list(range(1, len(findings) + 1)):
-        raise ValueError(f"segment numbers must be 1..{len(findings)}, got {numbers}")
+        raise ReportError(f"segment numbers must be 1..{len(findings)}, got {numbers}")
     headers: dict[str, Dataset] = {}
     for ds in sources:
         headers.setdefault(str(ds.SOPInstanceUID), ds)
@@ -81,7 +82,7 @@ def build_seg(run: ModelRun, sources: Sequence[Dataset], *, series_instance_uid:
     wanted = {f.location.sop_instance_uid for f in findings if f.location}
     missing = wanted.difference(headers)
     if missing:
-        raise ValueError(f"segment location images not among the sources: {sorted(missing)}")
+        raise ReportError(f"segment location images not among the sources: {sorted(missing)}")
     used = [uid for uid in headers if uid in wanted]
     images = []
     for uid in used:
@@ -96,10 +97,10 @@ def build_seg(run: ModelRun, sources: Sequence[Dataset], *, series_instance_uid:
         location = finding.location
         assert location is not None  # segment_findings keeps located findings only
         if location.mask is None:
-            raise ValueError(f"segment finding {finding.tracking_uid} has no mask")
+            raise ReportError(f"segment finding {finding.tracking_uid} has no mask")
         mask = np.asarray(location.mask, dtype=bool)
         if mask.shape != (rows, cols):
-            raise ValueError(f"segment finding {finding.tracking_uid}: mask shape {mask.shape} "
+            raise ReportError(f"segment finding {finding.tracking_uid}: mask shape {mask.shape} "
                              f"is not the image's {(rows, cols)}")
         pixels[used.index(location.sop_instance_uid), :, :, index] = mask
         descriptions.append(hd.seg.SegmentDescription(

@@ -18,16 +18,22 @@ one: ``dsrdump -v +Pt`` and ``dciodvfy`` pass without warnings.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import highdicom as hd
 import numpy as np
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VM
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
+from pydicom.valuerep import DA, DT, TM, validate_value
 
+from dicom_ai.exceptions import ReportError
 from dicom_ai.pipeline.findings import Finding, ModelRun
 from dicom_ai.reporting.codes import (
     ABSENT,
@@ -49,6 +55,8 @@ __all__ = [
     "summarize_sr",
 ]
 
+LOGGER = logging.getLogger(__name__)
+
 SRKind = Literal["comprehensive", "comprehensive3d"]
 
 #: Manufacturer (0008,0070) of every object dicom-ai writes.
@@ -61,6 +69,11 @@ _TYPE2_DEFAULTS = (
     "StudyDate", "StudyTime", "ReferringPhysicianName",
 )
 _PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
+# Value representations whose value is a format, not free text (PS3.5 6.2): a value that does
+# not fit the format carries no information a result object could keep.
+_FORMATTED_VRS = {"DA": DA, "DT": DT, "TM": TM, "AS": None}
+# Patient's Sex (0010,0040), PS3.3 C.7.1.1.1.2: M, F, O, or empty (type 2: unknown).
+_PATIENT_SEX = frozenset({"M", "F", "O", ""})
 
 # SCT Present is ours; DCM (121053) "Present" is what other producers may write.
 _PRESENT_CODES = (PRESENT, hd.sr.CodedConcept("121053", "DCM", "Present"))
@@ -117,12 +130,57 @@ class ReportedFinding:
     location_kind: str | None
 
 
+def _valid(vr: str, value: object) -> bool:
+    """`value` fits the format of `vr` (PS3.5 6.2), as pydicom and highdicom parse it."""
+    try:
+        validate_value(vr, value, pydicom_config.RAISE)  # raises without logging the value
+        parse = _FORMATTED_VRS[vr]
+        if parse is not None and value:
+            parse(value)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _sanitise(header: Dataset) -> list[str]:
+    """Empty the values highdicom would refuse to copy into a result object; keywords changed.
+
+    Vendor quirks seen in sources: a dashed date (``1901-12-31``) or another unparsable DA,
+    DT, TM or AS value, a Patient's Sex outside M/F/O (``U``), or several values in a
+    single-valued person name. highdicom validates what it copies strictly and its error
+    quotes the value, so the copy is fixed first: an invalid formatted value becomes empty
+    (allowed for type 2 and 3 attributes, and what "unknown" is), a single-valued PN keeps its
+    first value. Only top-level attributes are looked at: those are what results copy.
+    """
+    changed: list[str] = []
+    for elem in header:
+        if elem.VR == "SQ" or elem.value is None or elem.value == "":
+            continue
+        value = elem.value
+        multiple = isinstance(value, MultiValue)
+        if elem.VR in _FORMATTED_VRS:
+            single = not elem.tag.is_private and dictionary_VM(elem.tag) == "1"
+            values = list(value) if multiple else [value]
+            if (multiple and single) or not all(_valid(elem.VR, v) for v in values):
+                elem.value = ""
+                changed.append(elem.keyword or str(elem.tag))
+        elif elem.keyword == "PatientSex" and (multiple or str(value) not in _PATIENT_SEX):
+            elem.value = ""
+            changed.append(elem.keyword)
+        elif elem.VR == "PN" and multiple and elem.keyword and dictionary_VM(elem.tag) == "1":
+            elem.value = value[0]
+            changed.append(elem.keyword)
+    return changed
+
+
 def source_header(ds: Dataset) -> Dataset:
     """A copy of a source image's header, fit to be evidence for a derived object.
 
-    Pixel data is left out (highdicom needs only the header) and missing type 2 Patient and
+    Pixel data is left out (highdicom needs only the header), missing type 2 Patient and
     General Study attributes (PS3.3 C.7.1.1, C.7.2.1) are added empty, so headers read with
-    ``stop_before_pixels=True`` or written by sloppy modalities work.
+    ``stop_before_pixels=True`` or written by sloppy modalities work, and values highdicom
+    would refuse to copy (a dashed birth date, Patient's Sex ``U``: see :func:`_sanitise`)
+    are emptied, so such a source still gets its results and no error quotes its values.
 
     Parameters
     ----------
@@ -143,6 +201,10 @@ def source_header(ds: Dataset) -> Dataset:
     for keyword in _TYPE2_DEFAULTS:
         if keyword not in header or header[keyword].value is None:
             setattr(header, keyword, "")
+    changed = _sanitise(header)
+    if changed:
+        LOGGER.info("source %s: invalid %s emptied on the results' copy", header.SOPInstanceUID,
+                    ", ".join(changed))
     return header
 
 
@@ -163,7 +225,7 @@ def device_observer_uid(model_name: str) -> str:
 
 def _headers_by_uid(sources: Sequence[Dataset]) -> dict[str, Dataset]:
     if not sources:
-        raise ValueError("at least one source image is needed")
+        raise ReportError("at least one source image is needed")
     headers: dict[str, Dataset] = {}
     for ds in sources:
         if str(ds.SOPInstanceUID) not in headers:
@@ -175,7 +237,7 @@ def _lookup(headers: dict[str, Dataset], uid: str, what: str) -> Dataset:
     try:
         return headers[uid]
     except KeyError:
-        raise ValueError(f"{what} {uid} is not one of the source images") from None
+        raise ReportError(f"{what} {uid} is not one of the source images") from None
 
 
 def _frames(frame_number: int | None) -> list[int] | None:
@@ -205,7 +267,7 @@ def _group(run: ModelRun, finding: Finding, number: int, headers: dict[str, Data
            segmentation: Dataset | None) -> _Group:
     """One measurement group (TID 1501, 1410 or 1411) for one finding."""
     if not finding.sop_instance_uids:
-        raise ValueError(f"finding {finding.tracking_uid} names no source image")
+        raise ReportError(f"finding {finding.tracking_uid} names no source image")
     images = [_lookup(headers, uid, "finding image") for uid in finding.sop_instance_uids]
     finding_code = to_code(finding.finding)
     tracking = hd.sr.TrackingIdentifier(
@@ -238,10 +300,10 @@ def _group(run: ModelRun, finding: Finding, number: int, headers: dict[str, Data
     image = _lookup(headers, location.sop_instance_uid, "location image")
     if location.kind == "segment":
         if segmentation is None:
-            raise ValueError(f"finding {finding.tracking_uid} is a segment but no segmentation "
+            raise ReportError(f"finding {finding.tracking_uid} is a segment but no segmentation "
                              "was given")
         if location.segment_number is None:
-            raise ValueError(f"finding {finding.tracking_uid} has no segment number")
+            raise ReportError(f"finding {finding.tracking_uid} has no segment number")
         # Built by hand: ReferencedSegment.from_segmentation crashes on a one-frame SEG
         # (DICOM-NOTES).
         segment = hd.sr.ReferencedSegment(
@@ -259,20 +321,20 @@ def _group(run: ModelRun, finding: Finding, number: int, headers: dict[str, Data
         )
     if location.kind == "point":
         if location.point is None:
-            raise ValueError(f"finding {finding.tracking_uid}: a point location needs a point")
+            raise ReportError(f"finding {finding.tracking_uid}: a point location needs a point")
         row, col = location.point
         graphic_type = hd.sr.GraphicTypeValues.POINT
         # SCOORD is (column, row); ours is (row, column) (PS3.3 C.18.6.1.1).
         data = np.array([[col, row]], dtype=np.float64)
     elif location.kind == "bbox":
         if location.bbox is None:
-            raise ValueError(f"finding {finding.tracking_uid}: a bbox location needs a bbox")
+            raise ReportError(f"finding {finding.tracking_uid}: a bbox location needs a bbox")
         r0, c0, r1, c1 = location.bbox
         graphic_type = hd.sr.GraphicTypeValues.POLYLINE
         # A closed polyline: the first point repeated last (PS3.3 C.18.6.1.2).
         data = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=np.float64)
     else:
-        raise ValueError(f"unknown location kind {location.kind!r}")
+        raise ReportError(f"unknown location kind {location.kind!r}")
     region = hd.sr.ImageRegion(
         graphic_type=graphic_type, graphic_data=data,
         source_image=hd.sr.SourceImageForRegion.from_source_image(
@@ -329,9 +391,10 @@ def build_sr(run: ModelRun, sources: Sequence[Dataset], *, kind: SRKind = "compr
 
     Raises
     ------
-    ValueError
-        No sources, a finding that names an image not among them, or a segment finding without
-        ``segmentation``.
+    ReportError
+        (a ValueError) No sources, a finding that names an image not among them, or a segment
+        finding without ``segmentation``. What highdicom raises passes through: the caller
+        describes it with :func:`dicom_ai.exceptions.safe_message`.
     """
     headers = _headers_by_uid(sources)
     first = next(iter(headers.values()))

@@ -78,6 +78,7 @@ def test_dicom_associations_stores_and_queries(
     need_binary("storescu")
     findscu = need_binary("findscu")
     settings = make_settings(dicom={"allowed_calling_aets": ["STORESCU", "FINDSCU"]},
+                             query_retrieve={"allowed_calling_aets": ["FINDSCU"]},
                              workers={"processes": 0})
     service = start_service(settings)
     assert service.address is not None
@@ -132,11 +133,12 @@ def test_dicom_associations_stores_and_queries(
 
     find, malformed = by_action["query.find"]
     assert malformed.detail == {"model": "study", "level": "STUDY", "studies": 0,
-                                "status": "0xA900"}
+                                "status": "0xA900", "keys": ["PatientBirthDate"],
+                                "reason": "PatientBirthDate: not a valid DA value"}
     assert find.actor == "FINDSCU"
     assert find.study_instance_uid == study_uid
     assert find.detail == {"level": "STUDY", "model": "study", "matches": 1, "studies": 1,
-                           "status": "0x0000"}
+                           "status": "0x0000", "keys": ["PatientName"]}
     finder = [r for r in by_action["association.released"] if r.actor == "FINDSCU"]
     assert finder[0].detail["requests"] == {"query.find": 1}
     _assert_no_patient_data(rows)

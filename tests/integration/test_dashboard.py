@@ -2,8 +2,9 @@
 
 The service runs the bundled chest-nodule model in its worker process and sends to a dcmtk
 storescp and to a destination that is down (so a delivery fails and the page shows a Retry
-button). The browser signs in with ``/dashboard?key=...`` and must see the study, the finding's
-probability and a heat-map thumbnail that really loaded, and never the patient's name.
+button). The browser signs in with the page's form (a POST of the key), must see the study,
+the finding's probability and a heat-map thumbnail that really loaded, and never the patient's
+name; it clicks Retry, signs out with the Sign out button and signs in again with a read key.
 """
 
 from __future__ import annotations
@@ -79,6 +80,16 @@ def _click(driver: webdriver.Chrome, selector: str) -> bool:
     return True
 
 
+def _sign_in(driver: webdriver.Chrome, base: str, token: str) -> None:
+    """Open the page, type the key into the sign-in form and submit it, as a user does."""
+    driver.get(f"{base}/dashboard")
+    field = driver.find_element(By.CSS_SELECTOR, '#sign-in input[name="key"]')
+    assert field.get_attribute("type") == "password"
+    field.send_keys(token)
+    driver.find_element(By.CSS_SELECTOR, '#sign-in button[type="submit"]').click()
+    _wait(driver, lambda d: d.find_elements(By.ID, "counts"))
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_dashboard_shows_the_pushed_study_its_finding_and_heatmap(
     tmp_path: Path, db_url: str, start_service: Callable[[Settings], Service],
@@ -122,11 +133,12 @@ def test_dashboard_shows_the_pushed_study_its_finding_and_heatmap(
         assert finding.heatmap_path is not None
 
         with httpx.Client(base_url=base, timeout=30) as client:
-            # Without a key: 401 with the hint; a wrong key too; thumbnails too.
+            # Without a key: 401 with the sign-in form; a wrong key too; thumbnails too.
             page = client.get("/dashboard")
             assert page.status_code == 401
-            assert "/dashboard?key=" in page.text
-            assert client.get("/dashboard", params={"key": "dak_wrong"}).status_code == 401
+            assert '<form method="post" action="/dashboard/login"' in page.text
+            assert client.post("/dashboard/login", data={"key": "dak_wrong"},
+                               headers={"Origin": base}).status_code == 401
             heat_src = f"/dashboard/thumbnails/heatmap/{finding.id}.png"
             assert client.get(heat_src).status_code == 401
             # A read key may look but not act.
@@ -139,8 +151,9 @@ def test_dashboard_shows_the_pushed_study_its_finding_and_heatmap(
                                    headers=as_read).json()["items"], 30, "a failing delivery")
 
             # -- the browser ------------------------------------------------------------------
-            browser.get(f"{base}/dashboard?key={operator}")
-            assert browser.current_url == f"{base}/dashboard", "the key leaves the address"
+            _sign_in(browser, base, operator)
+            assert browser.current_url == f"{base}/dashboard", "redirected after the POST"
+            assert operator not in browser.current_url
             cookie = browser.get_cookie(COOKIE_NAME)
             assert cookie is not None
             assert cookie["httpOnly"]
@@ -183,11 +196,16 @@ def test_dashboard_shows_the_pushed_study_its_finding_and_heatmap(
             notice = _wait(browser, lambda d: d.find_element(By.CSS_SELECTOR, ".notice").text)
             assert notice == f"Delivery {outbox_id} is tried now."
 
-            # Signed in with a read key, the buttons are there but disabled.
-            browser.delete_all_cookies()
+            # Sign out (a POST of the page's button): the cookie is gone, the form is back.
+            _wait(browser, lambda d: _click(d, "#sign-out"))
+            _wait(browser, lambda d: "Signed out" in d.page_source)
+            assert browser.get_cookie(COOKIE_NAME) is None
             browser.get(f"{base}/dashboard")
-            assert "/dashboard?key=" in browser.page_source
-            browser.get(f"{base}/dashboard?key={read}")
+            assert browser.find_elements(By.CSS_SELECTOR, "#sign-in")
+            assert not browser.find_elements(By.ID, "counts")
+
+            # Signed in with a read key, the buttons are there but disabled.
+            _sign_in(browser, base, read)
             disabled = _wait(browser, lambda d: d.find_element(
                 By.CSS_SELECTOR, "#failing-deliveries button"))
             assert not disabled.is_enabled()

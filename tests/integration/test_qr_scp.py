@@ -51,7 +51,7 @@ def _retag(path: Path, **values: str) -> None:
     ds.save_as(path)
 
 
-def _sr(study: Dataset, out: Path) -> Dataset:
+def _sr(study: Dataset, out: Path, description: str = "AI findings") -> Dataset:
     """A tiny Comprehensive SR in the study of `study` (header only: enough to store and send)."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -65,7 +65,7 @@ def _sr(study: Dataset, out: Path) -> Dataset:
     ds.SeriesInstanceUID = generate_uid()
     ds.Modality = "SR"
     ds.SeriesNumber = 901
-    ds.SeriesDescription = "AI findings"
+    ds.SeriesDescription = description
     ds.InstanceNumber = 1
     ds.ValueType = "CONTAINER"
     ds.ContinuityOfContent = "SEPARATE"
@@ -88,11 +88,27 @@ def viewer(tmp_path: Path) -> Iterator[StoreSCP]:
         yield scp
 
 
+# The calling AE titles of the dcmtk tools below: allowed to query and retrieve.
+QR_CALLERS = ["FINDSCU", "RETRIEVER"]
+
+
 @pytest.fixture
 def stored(tmp_path: Path, make_settings: Callable[..., Settings],
            start_service: Callable[[Settings], Service], db_url: str,
            viewer: StoreSCP) -> Stored:
     """A service holding a CT study (3 slices + our SR result) and a CR study."""
+    settings = make_settings(query_retrieve={"allowed_calling_aets": QR_CALLERS})
+    return store_studies(tmp_path, settings, start_service, db_url, viewer)
+
+
+def store_studies(tmp_path: Path, settings: Settings,
+                  start_service: Callable[[Settings], Service], db_url: str,
+                  viewer: StoreSCP, *, sr_description: str = "AI findings") -> Stored:
+    """Start a service with `settings` (STORESCP added as destination) and fill it.
+
+    The CT study gets an SR result whose SeriesDescription (a header-only key of results,
+    matched in Python) is `sr_description`.
+    """
     need_binary("storescu")
     ct_files = make_ct_series(tmp_path / "ct", 3, size=64)
     for path in ct_files:
@@ -103,7 +119,7 @@ def stored(tmp_path: Path, make_settings: Callable[..., Settings],
     for path in cr_files:
         _retag(path, StudyDate="20230310")
     # make_settings merges sections only: add the list of destinations to its result.
-    settings = make_settings().model_copy(update={"destinations": [Destination(
+    settings = settings.model_copy(update={"destinations": [Destination(
         name="viewer", ae_title="STORESCP", host="127.0.0.1", port=viewer.port)]})
     service = start_service(settings)
     assert service.address is not None
@@ -114,7 +130,7 @@ def stored(tmp_path: Path, make_settings: Callable[..., Settings],
     ct = dcmread(ct_files[0])
     relative = f"results/{ct.StudyInstanceUID}/1/sr.dcm"
     sr_file = tmp_path / "store" / relative
-    sr = _sr(ct, sr_file)
+    sr = _sr(ct, sr_file, sr_description)
     now = datetime.now(UTC)
     db = Database(db_url)
     try:

@@ -296,8 +296,12 @@ def test_duplicate_policy(
     assert not [p for p in (service.settings.storage.root / "incoming").rglob("*") if p.is_file()]
 
 
-def test_fifty_concurrent_associations(service: Service, tmp_path: Path) -> None:
+def test_fifty_concurrent_associations(make_settings: Callable[..., Settings],
+                                       start_service: Callable[[Settings], Service],
+                                       tmp_path: Path) -> None:
     """50 associations at once, 4 instances each: every one stored, nothing lost."""
+    # All from one host: above the default per-host cap (32), which this test is not about.
+    service = start_service(make_settings(dicom={"max_connections_per_host": 64}))
     port = port_of(service)
     batches = [make_ct_series(tmp_path / f"s{i}", 4, size=32, seed=i) for i in range(50)]
     results: dict[int, list[int]] = {}

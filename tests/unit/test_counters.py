@@ -62,3 +62,19 @@ def test_unknown_labels_fold_into_other_and_slots_are_checked() -> None:
     assert snap["association"]["rejected"] == 1
     with pytest.raises(ValueError, match="slot 1"):
         counters.for_slot(1)
+
+
+def test_a_replacement_receiver_settles_what_the_dead_one_held_open() -> None:
+    counters = ReceiverCounters(2)
+    dead = counters.for_slot(1)
+    for _ in range(3):
+        dead.connection("opened")
+        dead.association("accepted")
+    dead.connection("closed")
+    dead.association("released")
+    counters.connection("opened")  # row 0 is not the dead receiver's: left as it is
+    counters.for_slot(1).settle()  # its replacement, before serving
+    snap = counters.snapshot()
+    assert snap["connection"] == {"opened": 4, "closed": 3}
+    assert snap["association"]["aborted"] == 2  # they ended with the process
+    assert snap["association"]["released"] == 1

@@ -475,8 +475,9 @@ def _example_keys() -> dict[str, set[str]]:
 
 def test_example_config_mentions_every_key() -> None:
     sections = _section_fields()
-    assert set(sections) == {"dicom", "storage", "completion", "api", "logging", "workers",
-                             "delivery", "retention", "destinations", "sources", "routes"}
+    assert set(sections) == {"dicom", "query_retrieve", "limits", "storage", "completion", "api",
+                             "logging", "workers", "delivery", "retention", "destinations",
+                             "sources", "routes"}
     keys = _example_keys()
     missing = [f"{section}.{key}" for section, model in sections.items()
                for key in model.model_fields if key not in keys.get(section, set())]

@@ -297,8 +297,8 @@ def test_a_reconcile_request_renewed_during_the_walk_survives_it(
     os.utime(marker, (old, old))
     walk = recovery.reconcile
 
-    def walk_while_another_node_asks(*args: object) -> tuple[int, int, int]:
-        result = walk(*args)  # type: ignore[arg-type]
+    def walk_while_another_node_asks(*args: object, **kwargs: object) -> tuple[int, int, int]:
+        result = walk(*args, **kwargs)  # type: ignore[arg-type]
         marker.touch()  # e.g. request_reconcile() on another node, during this walk
         return result
 

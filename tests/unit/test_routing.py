@@ -361,3 +361,15 @@ def test_routes_test_refuses_a_bad_route(tmp_path: Path, cr_file: Path) -> None:
     assert result.exit_code == 2
     assert result.stdout == ""
     assert "routes.0.match" in result.output
+
+
+def test_reasons_withhold_the_values_of_patient_attributes() -> None:
+    """A route on PatientSex stores its reason (API, dashboard): the value never appears."""
+    ds = Dataset()
+    ds.PatientSex = "QZCANARY"
+    ds.Modality = "CR"
+    [result] = evaluate([("r", {"PatientSex": "F", "Modality": "CR"})],
+                        header_values(ds, ["PatientSex", "Modality"]))
+    assert "QZCANARY" not in result.reason
+    assert "PatientSex (value withheld)" in result.reason
+    assert "Modality 'CR'" in result.reason

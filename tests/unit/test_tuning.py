@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import struct
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 
 import pytest
@@ -174,6 +177,94 @@ def test_recv_returns_what_arrived_when_the_peer_closes() -> None:
     finally:
         reader.close()
     assert data == bytearray(b"0123456789")
+
+
+def test_recv_allocates_only_what_arrived() -> None:
+    """A peer that declares 256 MiB and sends 10 bytes costs about a read step, not 256 MiB."""
+    reader, writer = socket.socketpair()
+    writer.sendall(b"0123456789")
+    writer.close()
+    tracemalloc.start()
+    try:
+        data = AssociationSocket.recv(_Transport(reader), 256 << 20)  # type: ignore[arg-type]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        reader.close()
+    assert data == bytearray(b"0123456789")
+    assert peak < 2 * tuning.READ_STEP, peak
+
+
+def test_recv_of_a_long_pdu_grows_in_steps_and_matches_upstream() -> None:
+    """A PDU longer than a read step arrives whole, as pynetdicom's own recv returns it."""
+    payload = os.urandom(3 * tuning.READ_STEP + 12_345)
+    results = []
+    for recv in (AssociationSocket.recv, tuning.UPSTREAM["recv"]):
+        reader, writer = socket.socketpair()
+        sender = threading.Thread(target=lambda w=writer: (w.sendall(payload), w.close()))
+        sender.start()
+        try:
+            results.append(recv(_Transport(reader), len(payload) + 1))  # type: ignore[arg-type]
+        finally:
+            sender.join()
+            reader.close()
+    assert results[0] == results[1] == bytearray(payload)
+
+
+class _FakeAcceptor:
+    """A TCP peer that answers an A-ASSOCIATE-RQ with an A-ASSOCIATE-AC header declaring
+    `declared` bytes, sends 100 of them, then waits; it records what it receives after."""
+
+    def __init__(self, declared: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        self.declared = declared
+        self.received = b""
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        client, _ = self.listener.accept()
+        with client:
+            client.settimeout(10)
+            client.recv(65536)  # the A-ASSOCIATE-RQ
+            client.sendall(struct.pack(">BBL", 0x02, 0, self.declared) + bytes(100))
+            with contextlib.suppress(OSError):
+                while chunk := client.recv(65536):
+                    self.received += chunk
+
+    def close(self) -> None:
+        self.thread.join(timeout=15)
+        self.listener.close()
+
+
+@pytest.mark.parametrize("limits", [True, False])
+def test_requestor_aborts_an_oversized_associate_ac(limits: bool) -> None:
+    """The sending side reads with the same code: a 256 MiB A-ASSOCIATE-AC is aborted at once
+    (A-ABORT, service provider, invalid PDU parameter value) without being allocated. With the
+    limits switched off it is read as it arrives: no memory, but no abort until the ACSE timeout.
+    """
+    peer = _FakeAcceptor(256 << 20)
+    ae = _requestor()
+    ae.acse_timeout = 2
+    tuning.set_pdu_limits(limits)
+    tracemalloc.start()
+    try:
+        started = time.monotonic()
+        assoc = ae.associate("127.0.0.1", peer.port, ae_title="FAKE")
+        elapsed = time.monotonic() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        tuning.set_pdu_limits(True)
+        peer.close()
+    assert not assoc.is_established
+    assert peak < 16 << 20, peak
+    if limits:
+        assert elapsed < 1.5, elapsed
+        assert peer.received == struct.pack(">BBLHBB", 0x07, 0, 4, 0, 2, 6)
+    else:
+        assert elapsed >= 2, elapsed
 
 
 @pytest.mark.filterwarnings("ignore:The value length")

@@ -28,7 +28,7 @@ PEER_LOGS = {"orthanc.log"}
 
 # (what, pattern): names are matched case-insensitively (a query may upper-case them).
 PATIENT_DATA: list[tuple[str, re.Pattern[str]]] = [
-    (what, re.compile(pattern, re.IGNORECASE if what.endswith("name") else 0))
+    (what, re.compile(pattern, re.IGNORECASE if what.endswith(("name", "data")) else 0))
     for what, pattern in [
         # dicom_ai.training.synth: SYNTH^0001 / SYN0001
         ("synthetic patient name", r"SYNTH\^\d{4}"),
@@ -44,6 +44,10 @@ PATIENT_DATA: list[tuple[str, re.Pattern[str]]] = [
         ("test patient ID", r"\bQR-1\b|\bPID-4711\b|\bPID-7731-SECRET\b|\bAUD-PID-5521\b"),
         ("test patient name", r"Secretname\^Verity|Auditee\^Secreta"),
         ("test birth date", r"\b19010203\b|\b19450607\b"),
+        # the canaries of tests/integration/test_security_phi.py (every patient attribute) and
+        # tests/unit/test_safe_errors.py, and their dashed birth dates (a vendor quirk)
+        ("canary patient data", r"QZCANARY"),
+        ("canary birth date", r"\b1873-?04-?29\b|\b1901-?12-?31\b"),
     ]
 ]
 
@@ -69,10 +73,12 @@ def test_patterns_find_what_they_should(tmp_path: Path) -> None:
     sample = tmp_path / "sample.txt"
     sample.write_text("C-FIND from X: PatientName=SYNTH^0003\nstored SYN0042 ok\n"
                       "query DOE^JANE\nid 1CT1 here\n"
-                      "UID 1.2.826.0.1.3680043.8.498.10001 tag (0010,0010) job 4711\n")
+                      "UID 1.2.826.0.1.3680043.8.498.10001 tag (0010,0010) job 4711\n"
+                      "Unable to convert '1901-12-31' to 'DA' object\naddress qzcanary 1\n"
+                      "PatientBirthDate: not a valid DA value (value withheld)\n")
     assert [line.split(": ")[1] for line in _offending(sample)] == [
         "synthetic patient name", "synthetic patient ID", "test patient name",
-        "pydicom sample patient ID"]
+        "pydicom sample patient ID", "canary birth date", "canary patient data"]
 
 
 def test_no_patient_data_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> None:
