@@ -17,6 +17,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom.config
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -271,7 +272,11 @@ def test_escape_controls() -> None:
 
 @pytest.mark.parametrize("json_format", [False, True], ids=["text", "json"])
 def test_log_lines_cannot_be_forged_and_carry_no_values(
-        json_format: bool, log_to: Callable[[bool], Path], cr_file: Path) -> None:
+        json_format: bool, log_to: Callable[[bool], Path], cr_file: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A receiver started earlier in this process turns pydicom's value checks off (process-wide):
+    # the warning this test reads needs them on.
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.WARN)
     path = log_to(json_format)
     logger = logging.getLogger("dicom_ai.network.handlers")
     logger.info("association from %s at %s:%s accepted", "EVIL\nFAKE LINE", "127.0.0.1", 1)
