@@ -7,6 +7,7 @@ dcmtk and Orthanc need ``TCP_NODELAY=1`` on loopback or Nagle's algorithm costs 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -352,3 +353,63 @@ def storescu(
          str(port), *map(str, files)],
         env=ENV, capture_output=True, text=True, check=False,
     )
+
+
+# -- memory of a process tree (/proc) ----------------------------------------------------------
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants, from /proc."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        for children in Path(f"/proc/{current}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in children.read_text().split()]
+    return pids
+
+
+def status_kib(pid: int, field: str) -> int:
+    """A ``/proc/<pid>/status`` memory field (VmRSS, VmHWM) in KiB (0 if the process is gone)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    return 0
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of `pid`'s process tree now, bytes (VmRSS of each)."""
+    return sum(status_kib(p, "VmRSS") for p in process_tree(pid)) * 1024
+
+
+class PeakGrowth:
+    """How far the peak RSS of a process tree rose above its RSS at entry, in bytes.
+
+    Each process's peak (VmHWM) is reset to its RSS at entry (``clear_refs``), so start-up peaks
+    hide nothing. The sum over the processes of (peak after - RSS at entry): an upper bound of
+    the tree's.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.growth = 0
+        self.by_process: dict[int, int] = {}
+
+    def __enter__(self) -> PeakGrowth:
+        pids = process_tree(self.pid)
+        self.base = {p: status_kib(p, "VmRSS") for p in pids}
+        for p in pids:  # "5": reset the peak RSS (VmHWM) to the current RSS
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{p}/clear_refs").write_text("5")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.by_process = {p: max(status_kib(p, "VmHWM") - self.base.get(p, 0), 0) * 1024
+                           for p in process_tree(self.pid)}
+        self.growth = sum(self.by_process.values())
+
+    def __str__(self) -> str:
+        mib = 1024 * 1024
+        return f"{self.growth / mib:.0f} MiB (" + ", ".join(
+            f"{'root' if p == self.pid else p}: {g / mib:.0f}"
+            for p, g in self.by_process.items()) + ")"

@@ -35,7 +35,16 @@ from storage.filestore import FileStore
 from tests.conftest import need_binary
 from tests.deflated import MIB, SECONDARY_CAPTURE, write_bomb
 from tests.integration.test_receive import dataset_bytes, echo_status, send_paths
-from tests.peers import ENV, REPO, DicomAIServe, free_port, sample_file, storescu
+from tests.peers import (
+    ENV,
+    REPO,
+    DicomAIServe,
+    PeakGrowth,
+    free_port,
+    sample_file,
+    status_kib,
+    storescu,
+)
 
 SUCCESS = 0x0000
 CANNOT_UNDERSTAND = 0xC000
@@ -60,48 +69,6 @@ BOMB_PATIENT = ("Bomb^Deflate", "BOMB-1")
 
 
 # -- helpers --------------------------------------------------------------------------------------
-def _tree(pid: int) -> list[int]:
-    """`pid` and all its descendants, from /proc."""
-    pids, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        pids.append(current)
-        for children in Path(f"/proc/{current}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                todo += [int(c) for c in children.read_text().split()]
-    return pids
-
-
-def _kib(pid: int, field: str) -> int:
-    """A ``/proc/<pid>/status`` memory field in KiB (0 if the process is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class TreePeak:
-    """How far the peak RSS of a process tree rose above its RSS at entry, in bytes."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.growth = 0
-
-    def __enter__(self) -> TreePeak:
-        pids = _tree(self.pid)
-        self.base = sum(_kib(p, "VmRSS") for p in pids)
-        for pid in pids:  # "5": reset the peak RSS (VmHWM) to the current RSS
-            with contextlib.suppress(OSError):
-                Path(f"/proc/{pid}/clear_refs").write_text("5")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.growth = (sum(_kib(p, "VmHWM") for p in _tree(self.pid)) - self.base) * 1024
-
-
 @pytest.fixture(scope="module")
 def bomb(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Dataset]:
     """The 256 MiB bomb, in a study of its own (written once for the module)."""
@@ -172,7 +139,7 @@ def test_a_deflate_bomb_is_refused_and_quarantined_in_bounded_memory(
     path, ds = bomb
     root = tmp_path / "store"
     with _serve(tmp_path, db_url) as server:
-        with TreePeak(_pid(server)) as peak:
+        with PeakGrowth(_pid(server)) as peak:
             statuses = send_paths(server.port, [path])
         figures = f"status {statuses}, serve tree peak growth {peak.growth / MIB:.0f} MiB"
         assert statuses == [CANNOT_UNDERSTAND], figures
@@ -281,7 +248,7 @@ def test_c_get_never_inflates_a_stored_bomb(tmp_path: Path, db_url: str) -> None
     with _serve(tmp_path, db_url, qr_callers=["GETSCU"]) as server:
         assert send_paths(server.port, [Path(sample_file(NORMAL))]) == [SUCCESS]
         _plant_indexed(root, db_url, bomb_path, ds)
-        with TreePeak(_pid(server)) as peak:
+        with PeakGrowth(_pid(server)) as peak:
             final, received = _c_get(server.port, NORMAL_STUDY)
         figures = (f"completed {final.get('NumberOfCompletedSuboperations')}, failed "
                    f"{final.get('NumberOfFailedSuboperations')}, serve tree peak growth "
@@ -307,7 +274,7 @@ def test_start_up_recovery_quarantines_a_planted_bomb(tmp_path: Path, db_url: st
     store.absolute(relative).parent.mkdir(parents=True)
     store.absolute(relative).write_bytes(path.read_bytes())
     with _serve(tmp_path, db_url) as server:
-        peak = _kib(_pid(server), "VmHWM") * 1024
+        peak = status_kib(_pid(server), "VmHWM") * 1024
         assert echo_status(server.port) == SUCCESS
     records = _quarantine_records(root)
     assert [r["status"] for r in records] == ["0xC000"]

@@ -19,7 +19,6 @@ model's load) do not hide anything.
 
 from __future__ import annotations
 
-import contextlib
 import re
 import subprocess
 from datetime import UTC, datetime
@@ -34,7 +33,7 @@ from storage.db import Database
 from storage.models import Job
 from tests.conftest import need_binary
 from tests.integration.test_loop import assert_iod_valid, db_jobs, received
-from tests.peers import ENV, DicomAIServe, StoreSCP, free_port, wait_until
+from tests.peers import ENV, DicomAIServe, PeakGrowth, StoreSCP, free_port, wait_until
 from tests.unit.test_pixel_limits import BIG_SIDE, BOMB_SIDE, write_rle, write_rle_bomb
 
 MIB = 1024 * 1024
@@ -43,57 +42,6 @@ DECODED = BIG_SIDE * BIG_SIDE * 2  # 128 MiB: the 8192^2 16-bit frame once decod
 
 
 # -- memory of the serve process tree --------------------------------------------------------------
-def _tree(pid: int) -> list[int]:
-    """`pid` and all its descendants, from /proc."""
-    pids, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        pids.append(current)
-        for children in Path(f"/proc/{current}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                todo += [int(c) for c in children.read_text().split()]
-    return pids
-
-
-def _kib(pid: int, field: str) -> int:
-    """A ``/proc/<pid>/status`` memory field in KiB (0 if the process is gone)."""
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1])
-    return 0
-
-
-class PeakGrowth:
-    """How far the peak RSS of a process tree rose above its RSS at entry, in bytes.
-
-    The sum over the processes of (peak after - RSS at entry): an upper bound of the tree's.
-    """
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.growth = 0
-        self.by_process: dict[int, int] = {}
-
-    def __enter__(self) -> PeakGrowth:
-        pids = _tree(self.pid)
-        self.base = {p: _kib(p, "VmRSS") for p in pids}
-        for p in pids:  # "5": reset the peak RSS (VmHWM) to the current RSS
-            with contextlib.suppress(OSError):
-                Path(f"/proc/{p}/clear_refs").write_text("5")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.by_process = {p: max(_kib(p, "VmHWM") - self.base.get(p, 0), 0) * 1024
-                           for p in _tree(self.pid)}
-        self.growth = sum(self.by_process.values())
-
-    def __str__(self) -> str:
-        return f"{self.growth / MIB:.0f} MiB (" + ", ".join(
-            f"{'serve' if p == self.pid else p}: {g / MIB:.0f}"
-            for p, g in self.by_process.items()) + ")"
-
-
 # -- the service ----------------------------------------------------------------------------------
 def _config(tmp_path: Path, db_url: str, port: int, scp_port: int) -> Path:
     config = tmp_path / "config.toml"

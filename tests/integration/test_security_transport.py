@@ -42,6 +42,7 @@ from tests.peers import (
     make_ct_series,
     settings_toml,
     storescu,
+    tree_rss,
     wait_until,
 )
 
@@ -192,40 +193,6 @@ def _port(service: Service) -> int:
 
 
 # -- memory of a serve process tree ---------------------------------------------------------
-
-
-def process_tree(pid: int) -> list[int]:
-    """`pid` and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo.extend(children.get(current, []))
-    return tree
-
-
-def tree_rss(pid: int) -> int:
-    """Resident memory of `pid`'s process tree now, bytes (VmRSS of each)."""
-    total = 0
-    for member in process_tree(pid):
-        try:
-            status = Path(f"/proc/{member}/status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
-    return total
 
 
 @pytest.fixture
