@@ -68,6 +68,16 @@ def validate_ae_title(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(validate_ae_title)]
 
 
+def _check_networks(value: list[str]) -> list[str]:
+    for entry in value:
+        ipaddress.ip_network(entry, strict=False)  # raises ValueError naming the entry
+    return value
+
+
+#: IP addresses or CIDR networks (host names are refused: they would be resolved per check).
+Networks = Annotated[list[str], AfterValidator(_check_networks)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -79,7 +89,7 @@ class DicomSettings(_Section):
     host: str = "0.0.0.0"  # noqa: S104 - a DICOM receiver listens for modalities on the LAN
     port: Port = 11112
     allowed_calling_aets: list[AETitle] = Field(default_factory=list)
-    allowed_hosts: list[str] = Field(default_factory=list)
+    allowed_hosts: Networks = Field(default_factory=list)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
@@ -97,13 +107,6 @@ class DicomSettings(_Section):
     association_request_timeout: Annotated[float, Field(gt=0)] = 10.0
     # Open TCP connections one host may hold at once (associated or not), per serve process.
     max_connections_per_host: Annotated[int, Field(ge=1)] = 32
-
-    @field_validator("allowed_hosts")
-    @classmethod
-    def _hosts(cls, value: list[str]) -> list[str]:
-        for entry in value:
-            ipaddress.ip_network(entry, strict=False)  # raises ValueError naming the entry
-        return value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> DicomSettings:
@@ -124,14 +127,7 @@ class QueryRetrieveSettings(_Section):
     """
 
     allowed_calling_aets: list[AETitle] = Field(default_factory=list)
-    allowed_hosts: list[str] = Field(default_factory=list)
-
-    @field_validator("allowed_hosts")
-    @classmethod
-    def _hosts(cls, value: list[str]) -> list[str]:
-        for entry in value:
-            ipaddress.ip_network(entry, strict=False)  # raises ValueError naming the entry
-        return value
+    allowed_hosts: Networks = Field(default_factory=list)
 
 
 class LimitsSettings(_Section):
