@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.errors import MarkupError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from dicom_ai import __version__
 from dicom_ai.config import Settings, load_settings
@@ -106,6 +108,38 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
 
 
+def _cell_text(cell: Any) -> str:
+    """A table cell's plain text (its markup removed)."""
+    if isinstance(cell, Text):
+        return cell.plain
+    try:
+        return Text.from_markup(str(cell)).plain
+    except MarkupError:
+        return str(cell)
+
+
+def _emit(table: Table) -> None:
+    """Print a listing on stdout, never truncated.
+
+    On a terminal: the rich table, long values folded onto more lines instead of cut with an
+    ellipsis. Otherwise (piped, redirected, captured): a header line and one line per row,
+    tab-separated, full values (tabs and line breaks inside a value become spaces).
+    """
+    out = Console()
+    if out.is_terminal:
+        for column in table.columns:
+            column.overflow, column.no_wrap = "fold", False
+        out.print(table)
+        return
+    columns = table.columns
+    lines = ["\t".join(_cell_text(c.header) for c in columns)]
+    cells = [list(c.cells) for c in columns]
+    for row in range(table.row_count):
+        lines.append("\t".join(
+            " ".join(_cell_text(col[row]).split()) if row < len(col) else "" for col in cells))
+    typer.echo("\n".join(lines))
+
+
 @app.command()
 def studies(
     config: ConfigOption = None,
@@ -144,7 +178,7 @@ def studies(
                       str(s.series), str(s.instances), s.state,
                       s.last_received_at.strftime("%Y-%m-%d %H:%M:%S") if s.last_received_at
                       else "")
-    Console().print(table)
+    _emit(table)
 
 
 @app.command()
@@ -171,8 +205,15 @@ def send(
     paths: Annotated[list[Path], typer.Argument(help="Files or folders to send.", exists=True)],
     to: Annotated[str, typer.Option("--to", help="Destination name or AET@HOST:PORT.")],
     config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as a JSON "
+                                          "object.")] = False,
 ) -> None:
-    """C-STORE files and folders, each in its own transfer syntax, with a status summary."""
+    """C-STORE files and folders, each in its own transfer syntax, with a status summary.
+
+    The request names each dataset's SOP Class and Instance UIDs (as dcmtk does); a file whose
+    meta header names others is sent with a warning. The summary goes to stdout; warnings,
+    failures and progress to stderr.
+    """
     from dicom_ai.network.scu import FileToSend, inspect, iter_files, resolve_peer, send_files
 
     settings = _settings(config)
@@ -188,20 +229,33 @@ def send(
             skipped.append(found)
         else:
             files.append(item)
+            if item.meta_differs:
+                console.print(f"[yellow]warning:[/yellow] {found}: the file meta names other "
+                              "SOP UIDs than the dataset; sending the dataset's "
+                              f"(SOP Instance UID {item.sop_instance_uid})",
+                              highlight=False, soft_wrap=True)
     with Progress(TextColumn("sending"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=console, transient=True) as bar:
         task = bar.add_task("send", total=len(files))
         report = send_files(files, peer, settings.dicom,
                             progress=lambda *_: bar.advance(task))
-    summary = Table("status", "files")
-    for category in ("success", "warning", "failure"):
-        summary.add_row(category, str(report.statuses.get(category, 0)))
-    summary.add_row("skipped (not DICOM)", str(len(skipped)))
-    console.print(summary)
-    for failed, detail in report.failures[:50]:
-        console.print(f"[red]failed[/red] {failed}: {detail}")
-    if len(report.failures) > 50:
-        console.print(f"... and {len(report.failures) - 50} more failures")
+    counts = {category: report.statuses.get(category, 0)
+              for category in ("success", "warning", "failure")}
+    if as_json:
+        typer.echo(json.dumps({**counts, "skipped": len(skipped),
+                               "meta_differs": sum(f.meta_differs for f in files),
+                               "failures": [{"file": f, "detail": d}
+                                            for f, d in report.failures]}, indent=2))
+    else:
+        summary = Table("status", "files")
+        for category, n in counts.items():
+            summary.add_row(category, str(n))
+        summary.add_row("skipped (not DICOM)", str(len(skipped)))
+        _emit(summary)
+        for failed, detail in report.failures[:50]:
+            console.print(f"[red]failed[/red] {failed}: {detail}", highlight=False)
+        if len(report.failures) > 50:
+            console.print(f"... and {len(report.failures) - 50} more failures")
     if not report.ok or not files:
         raise typer.Exit(1)
 
@@ -334,7 +388,7 @@ def purge(
             table.add_row(s.study_instance_uid, s.delivered_at.strftime("%Y-%m-%d %H:%M:%S"),
                           str(s.instances), str(s.size_bytes),
                           "age" if s.reason == "age" else "store cap")
-        Console(width=200).print(table)
+        _emit(table)
     for line in retention.describe(outcome):
         typer.echo(line)
 
@@ -378,7 +432,7 @@ def models_list(
             applies += " " + "/".join(e.spec.body_parts)
         table.add_row(e.name, e.version, e.spec.task, "yes" if e.active else "", e.spec.backend,
                       applies, "bundled" if e.bundled else "registry")
-    Console().print(table)
+    _emit(table)
 
 
 @models_app.command("add")
@@ -640,7 +694,7 @@ def routes_test(
                           "[green]yes[/green]" if r["matched"] else "no", r["reason"])
         if item["routes"] and not any(r["matched"] for r in item["routes"]):
             table.add_row("", "[yellow](none)[/yellow]", "", "", "unrouted: recorded, no job")
-    Console(width=200).print(table)
+    _emit(table)
 
 
 @app.command()
@@ -672,8 +726,8 @@ def jobs(
     for j in data:
         table.add_row(str(j["id"]), j["study_instance_uid"], j["route"],
                       f"{j['model']} {j['model_version'] or ''}", j["state"],
-                      f"{j['attempts']}/{j['max_attempts']}", (j["error"] or "")[:80])
-    Console(width=200).print(table)
+                      f"{j['attempts']}/{j['max_attempts']}", j["error"] or "")
+    _emit(table)
 
 
 @app.command()
@@ -684,7 +738,9 @@ def findings(
     = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
 ) -> None:
-    """The findings of a study (current ones unless --all) and how routing decided."""
+    """The findings of a study (current ones unless --all), how routing decided, and why a
+    job gave no (or fewer) findings."""
+    from storage import api_queries
     from storage import jobs as job_rows
 
     settings = _settings(config)
@@ -692,6 +748,12 @@ def findings(
     with db.sessions() as session:
         rows = job_rows.findings_of_study(session, study, current_only=not all_versions)
         decisions = job_rows.decisions_of_study(session, study)
+        # Why a study has no (or fewer) findings: its jobs' state and note (failed, not
+        # applicable, series skipped by the model's scope).
+        study_jobs: list[dict[str, Any]] = [
+            {"id": j.id, "route": j.route, "state": j.state, "error": j.error}
+            for j in api_queries.list_jobs(session, study_instance_uid=study, order="asc",
+                                           limit=100)]
     db.dispose()
     data: list[dict[str, Any]] = [{"job_id": f.job_id, "sop_instance_uid": f.sop_instance_uid,
              "model": f.model_name, "model_version": f.model_version, "label": f.label,
@@ -704,18 +766,25 @@ def findings(
     if as_json:
         typer.echo(json.dumps({"findings": data, "routing": [
             {"series_instance_uid": d.series_instance_uid, "route": d.route,
-             "job_id": d.job_id, "reason": d.reason} for d in decisions]}, indent=2))
+             "job_id": d.job_id, "reason": d.reason} for d in decisions],
+            "jobs": study_jobs}, indent=2))
         return
     table = Table("job", "image", "model", "finding", "probability", "decision", "location")
     for f in data:
-        table.add_row(str(f["job_id"]), f["sop_instance_uid"],
+        table.add_row(str(f["job_id"]), f["sop_instance_uid"] or "(study or series)",
                       f"{f['model']} {f['model_version']}", f["finding"][2],
                       f"{f['probability']:.3f}", "present" if f["present"] else "absent",
                       json.dumps(f["location"]) if f["location"] else "")
-    Console(width=220).print(table)
+    _emit(table)
+    # Part of the answer (stdout, whole lines): how routing decided, and the state of every
+    # job that gave no (or fewer) findings.
     for d in decisions:
-        console.print(f"series {d.series_instance_uid}: "
-                      f"{'route ' + d.route if d.route else 'unrouted'} - {d.reason}")
+        typer.echo(f"series {d.series_instance_uid}: "
+                   f"{'route ' + d.route if d.route else 'unrouted'} - {d.reason}")
+    for j in study_jobs:
+        if j["error"] or j["state"] != "done":
+            typer.echo(f"job {j['id']} ({j['route']}): {j['state']}"
+                       f"{' - ' + j['error'] if j['error'] else ''}")
 
 
 @app.command()
@@ -726,6 +795,8 @@ def demo(
     work: Annotated[Path | None, typer.Option(help="Keep everything in this folder (default: "
                                               "a new folder under /tmp).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the results.")] = 300.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as a JSON "
+                                          "object.")] = False,
 ) -> None:
     """Push synthetic studies through the whole loop and show the results a PACS received."""
     import tempfile
@@ -739,20 +810,32 @@ def demo(
     console.print(f"demo: {studies} synthetic chest radiographs, stand-in PACS and service on "
                   f"loopback, work folder {folder}")
     result = run_demo(folder, studies=studies, seed=seed, timeout=timeout)
+    if as_json:
+        typer.echo(json.dumps({
+            "complete": result.complete, "seconds": result.seconds,
+            "work": str(result.work), "pacs_folder": str(result.pacs_folder),
+            "studies": [{"StudyInstanceUID": s.study_instance_uid, "truth": s.truth,
+                         "probability": s.probability, "present": s.present,
+                         "agrees": s.agrees, "sr_path": str(s.sr_path) if s.sr_path else None,
+                         "heatmap_paths": [str(p) for p in s.heatmap_paths]}
+                        for s in result.studies]}, indent=2))
+        if not result.complete:
+            raise typer.Exit(1)
+        return
     table = Table("study", "truth", "probability", "decision", "agrees", "SR received",
                   "heat-map SC")
     for s in result.studies:
         table.add_row(
-            "..." + s.study_instance_uid[-12:], "nodule" if s.truth else "none",
+            s.study_instance_uid, "nodule" if s.truth else "none",
             "" if s.probability is None else f"{s.probability:.3f}",
             "" if s.present is None else ("present" if s.present else "absent"),
             "" if s.agrees is None else ("yes" if s.agrees else "[red]no[/red]"),
             str(s.sr_path) if s.sr_path else "[red]missing[/red]",
-            "\n".join(str(p) for p in s.heatmap_paths))
-    Console(width=250).print(table)
-    console.print(f"{sum(1 for s in result.studies if s.sr_path)} of {len(result.studies)} SRs "
-                  f"received by the stand-in PACS in {result.seconds:.1f} s "
-                  f"(results in {result.pacs_folder})")
+            " ".join(str(p) for p in s.heatmap_paths))
+    _emit(table)
+    typer.echo(f"{sum(1 for s in result.studies if s.sr_path)} of {len(result.studies)} SRs "
+               f"received by the stand-in PACS in {result.seconds:.1f} s "
+               f"(results in {result.pacs_folder})")
     if not result.complete:
         raise typer.Exit(1)
 
@@ -923,17 +1006,27 @@ def batch_report(
 
 
 @batch_app.command("list")
-def batch_list(config: ConfigOption = None) -> None:
-    """Batches, newest first, as JSON."""
+def batch_list(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """Batches, newest first."""
     from storage import batches
 
     settings = _settings(config)
     db = _database(settings)
     with db.sessions() as session:
         rows = batches.list_batches(session)
-    typer.echo(json.dumps([{"batch": b.id, "kind": b.kind, "source": b.source,
-                            "route": b.route, "state": b.state,
-                            "created_at": _iso(b.created_at)} for b in rows], indent=2))
+    data = [{"batch": b.id, "kind": b.kind, "source": b.source, "route": b.route,
+             "state": b.state, "created_at": _iso(b.created_at)} for b in rows]
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    table = Table("batch", "kind", "source", "route", "state", "created (UTC)")
+    for b in data:
+        table.add_row(str(b["batch"]), str(b["kind"]), str(b["source"]), str(b["route"] or ""),
+                      str(b["state"]), str(b["created_at"] or ""))
+    _emit(table)
 
 
 @batch_app.command("export")
@@ -1049,7 +1142,7 @@ def audit(
         table.add_row(e.at.strftime("%Y-%m-%d %H:%M:%S"), e.actor, e.peer or "", e.action,
                       e.study_instance_uid or "",
                       json.dumps(e.detail, sort_keys=True, separators=(",", ":")))
-    Console(width=240).print(table)
+    _emit(table)
 
 
 
@@ -1089,8 +1182,11 @@ def apikeys_create(
 
 
 @apikeys_app.command("list")
-def apikeys_list(config: ConfigOption = None) -> None:
-    """API keys as JSON (id, name, role, prefix, created/revoked/last used; never a hash)."""
+def apikeys_list(
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
+) -> None:
+    """API keys: id, name, role, prefix, created/revoked/last used (never a hash)."""
     from storage import apikeys
 
     settings = _settings(config)
@@ -1098,9 +1194,17 @@ def apikeys_list(config: ConfigOption = None) -> None:
     with db.sessions() as session:
         rows = apikeys.list_keys(session)
     db.dispose()
-    typer.echo(json.dumps([{"id": k.id, "name": k.name, "role": k.role, "prefix": k.prefix,
-                            "created_at": _iso(k.created_at), "revoked_at": _iso(k.revoked_at),
-                            "last_used_at": _iso(k.last_used_at)} for k in rows], indent=2))
+    data = [{"id": k.id, "name": k.name, "role": k.role, "prefix": k.prefix,
+             "created_at": _iso(k.created_at), "revoked_at": _iso(k.revoked_at),
+             "last_used_at": _iso(k.last_used_at)} for k in rows]
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    table = Table("id", "name", "role", "prefix", "created", "revoked", "last used")
+    for k in data:
+        table.add_row(*(str(k[key] or "") for key in (
+            "id", "name", "role", "prefix", "created_at", "revoked_at", "last_used_at")))
+    _emit(table)
 
 
 @apikeys_app.command("revoke")

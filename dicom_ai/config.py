@@ -78,6 +78,17 @@ def _check_networks(value: list[str]) -> list[str]:
 Networks = Annotated[list[str], AfterValidator(_check_networks)]
 
 
+def _check_uid(value: str) -> str:
+    # PS3.5 9.1: digits and dots, no leading zero in a component, at most 64 characters.
+    if not re.fullmatch(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*", value) or len(value) > 64:
+        raise ValueError(f"not a valid UID: {value!r}")
+    return value
+
+
+#: A UID (PS3.5 9.1), e.g. a private SOP class.
+UIDValue = Annotated[str, AfterValidator(_check_uid)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -107,6 +118,9 @@ class DicomSettings(_Section):
     association_request_timeout: Annotated[float, Field(gt=0)] = 10.0
     # Open TCP connections one host may hold at once (associated or not), per serve process.
     max_connections_per_host: Annotated[int, Field(ge=1)] = 32
+    # Storage SOP classes accepted beyond every standard one (retired included): private or
+    # unknown classes, e.g. a vendor's raw data. Others are refused at negotiation (counted).
+    extra_storage_classes: list[UIDValue] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> DicomSettings:
@@ -153,6 +167,10 @@ class StorageSettings(_Section):
     database_url: str | None = None
     min_free_bytes: Annotated[int, Field(ge=0)] = 1_000_000_000
     duplicates: Literal["keep-first", "replace"] = "keep-first"
+    # Our own results (SR, SEG, heat-map SC) coming back, e.g. a PACS auto-forwarding a study:
+    # never routed and never re-opening a study either way; "store" indexes them (visible in
+    # Q/R), "drop" answers success and keeps nothing.
+    own_results: Literal["store", "drop"] = "store"
     # This host's id among hosts sharing the root (its incoming/ folder and clean-shutdown
     # marker); None: the host name. In Kubernetes, the pod name.
     node: str | None = None
@@ -274,6 +292,9 @@ class Route(_Section):
     # (classifiers, Grad-CAM) on request.
     send_seg: bool = False
     send_heatmap: bool = False
+    # Which images get a heat-map SC: those with a positive (present) finding, or all. A map of
+    # an absent finding shows where the model looked, not a lesion: only on request.
+    heatmap_for: Literal["positive", "all"] = "positive"
 
     @field_validator("match")
     @classmethod

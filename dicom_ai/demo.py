@@ -82,8 +82,9 @@ def run_demo(work: Path, *, studies: int = 4, seed: int = 7, timeout: float = 30
 
     started = time.monotonic()
     source = work / "studies"
+    # A namespace of its own: `dicom-ai synth` never makes the demo's UIDs.
     synthesize(source, studies=studies, seed=seed, modality="CR", positive_fraction=0.5,
-               difficulty=0.3)
+               difficulty=0.3, namespace="demo")
     truth: dict[str, bool] = {}
     with (source / "labels.csv").open() as fh:
         for row in csv.DictReader(fh):
@@ -132,7 +133,8 @@ def run_demo(work: Path, *, studies: int = 4, seed: int = 7, timeout: float = 30
             if all(s.sr_path is not None for s in results.values()):
                 # A study's heat-map SC is its own outbox row and may follow its SR: give the
                 # stragglers a few seconds rather than stopping the service under them.
-                if all(s.heatmap_paths for s in results.values()):
+                # Heat-maps go with present findings only (the route's default heatmap_for).
+                if all(s.heatmap_paths or not s.present for s in results.values()):
                     break
                 deadline = min(deadline, time.monotonic() + HEATMAP_GRACE_SECONDS)
             time.sleep(0.5)

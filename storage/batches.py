@@ -13,17 +13,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from storage.models import (
+    COMPLETE,
     DONE,
     FAILED,
+    PENDING,
+    RUNNING,
     SENT,
     Batch,
     BatchStudy,
+    Event,
     FindingRecord,
     Instance,
     Job,
@@ -33,6 +37,7 @@ from storage.models import (
     Series,
     Study,
 )
+from storage.repository import STUDY_COMPLETE
 
 #: A batch an operator cancelled (API or CLI): runners stop, resume refuses it.
 CANCELLED = "cancelled"
@@ -122,6 +127,56 @@ def local_instance_count(session: Session, study_instance_uid: str) -> int:
     ) or 0)
 
 
+def has_current_results(session: Session, study_instance_uid: str,
+                        versions: dict[str, str]) -> bool:
+    """Whether a study has results of the given model versions: a done job of one of the
+    routes in `versions` (route name -> active model version) that ran that version."""
+    if not versions:
+        return False
+    clauses = [and_(Job.route == route, Job.model_version == version)
+               for route, version in versions.items()]
+    return session.scalar(
+        select(Job.id).where(Job.study_instance_uid == study_instance_uid, Job.state == DONE,
+                             or_(*clauses)).limit(1)
+    ) is not None
+
+
+def has_stale_results(session: Session, study_instance_uid: str,
+                      versions: dict[str, str]) -> bool:
+    """Whether a study has results of one of the routes in `versions` made by another model
+    version than the active one (and none of the active one)."""
+    if not versions or has_current_results(session, study_instance_uid, versions):
+        return False
+    return session.scalar(
+        select(Job.id).where(Job.study_instance_uid == study_instance_uid, Job.state == DONE,
+                             Job.route.in_(list(versions))).limit(1)
+    ) is not None
+
+
+def request_routing(session: Session, study_instance_uid: str, now: datetime) -> bool:
+    """Have the scheduler route a complete study again (its results are of an older model
+    version, and a batch found every instance already held, so nothing re-opened it).
+
+    Nothing is added while the study is receiving (its completion routes it), has a job
+    pending or running, or an unrouted completion event. Returns True if an event was added.
+    """
+    state = session.scalar(select(Study.state).where(
+        Study.study_instance_uid == study_instance_uid))
+    if state != COMPLETE:
+        return False
+    busy = session.scalar(select(Job.id).where(
+        Job.study_instance_uid == study_instance_uid,
+        Job.state.in_([PENDING, RUNNING])).limit(1))
+    waiting = session.scalar(select(Event.id).where(
+        Event.study_instance_uid == study_instance_uid, Event.kind == STUDY_COMPLETE,
+        Event.consumed_at.is_(None)).limit(1))
+    if busy is not None or waiting is not None:
+        return False
+    session.add(Event(kind=STUDY_COMPLETE, study_instance_uid=study_instance_uid,
+                      series_instance_uid=None, reason="batch", created_at=now))
+    return True
+
+
 def mark_retrieved(session: Session, row_id: int, *, instances: int, failed: int,
                    now: datetime) -> None:
     """The study is in our store (``failed`` sub-operations, if any, are recorded)."""
@@ -169,6 +224,8 @@ class StudyProgress:
     failed_suboperations: int
     error: str | None
     job_state: str | None = None
+    #: The latest job ran another model version than its route's active one.
+    stale: bool = False
     routed: bool | None = None
     findings: int = 0
     present: int = 0
@@ -182,7 +239,7 @@ class StudyProgress:
             return False
         if self.routed is False:
             return True
-        return self.job_state == DONE and self.sr_pending == 0
+        return self.job_state == DONE and not self.stale and self.sr_pending == 0
 
     @property
     def failed(self) -> bool:
@@ -194,11 +251,14 @@ class StudyProgress:
 _CHUNK = 500
 
 
-def progress(session: Session, batch_id: int, route: str | None = None) -> list[StudyProgress]:
+def progress(session: Session, batch_id: int, route: str | None = None,
+             versions: dict[str, str] | None = None) -> list[StudyProgress]:
     """Every study of a batch with its retrieval, job, findings and SR delivery state.
 
     A fixed number of queries per 500 retrieved studies, whatever the batch size: the runner
     asks for this every few seconds while a batch of thousands of studies is processed.
+    With `versions` (route name -> active model version), a study whose latest job of such a
+    route ran another version is not processed yet (it is routed again).
     """
     found = [StudyProgress(row.study_instance_uid, row.accession_number, row.study_date,
                            row.state, row.expected_instances, row.retrieved_instances,
@@ -206,12 +266,12 @@ def progress(session: Session, batch_id: int, route: str | None = None) -> list[
              for row in studies(session, batch_id)]
     retrieved = [item for item in found if item.retrieve_state == RETRIEVED]
     for start in range(0, len(retrieved), _CHUNK):
-        _fill_processing(session, retrieved[start:start + _CHUNK], route)
+        _fill_processing(session, retrieved[start:start + _CHUNK], route, versions or {})
     return found
 
 
 def _fill_processing(session: Session, items: Sequence[StudyProgress],
-                     route: str | None) -> None:
+                     route: str | None, versions: dict[str, str]) -> None:
     """Routing, latest job, findings and SR delivery of `items` (retrieved studies)."""
     by_uid: dict[str, list[StudyProgress]] = {}
     for item in items:
@@ -234,7 +294,14 @@ def _fill_processing(session: Session, items: Sequence[StudyProgress],
     if not latest_ids:
         return
     job_ids = list(latest_ids.values())
-    states = dict(session.execute(select(Job.id, Job.state).where(Job.id.in_(job_ids))).all())
+    states: dict[int, str] = {}
+    stale: set[int] = set()
+    for job_id, state, job_route, version in session.execute(
+        select(Job.id, Job.state, Job.route, Job.model_version).where(Job.id.in_(job_ids))
+    ).all():
+        states[job_id] = state
+        if job_route in versions and version is not None and version != versions[job_route]:
+            stale.add(job_id)
     counts = {job_id: (int(total), int(present or 0)) for job_id, total, present in
               session.execute(
                   select(FindingRecord.job_id, func.count(FindingRecord.id),
@@ -254,5 +321,6 @@ def _fill_processing(session: Session, items: Sequence[StudyProgress],
     for uid, job_id in latest_ids.items():
         for item in by_uid[uid]:
             item.job_state = states.get(job_id)
+            item.stale = job_id in stale
             item.findings, item.present = counts.get(job_id, (0, 0))
             item.sr_sent, item.sr_pending = deliveries.get(job_id, (0, 0))

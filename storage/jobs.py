@@ -63,13 +63,17 @@ class SeriesInfo:
 
 
 def series_of_study(session: Session, study_instance_uid: str) -> list[SeriesInfo]:
-    """Every series of a study with at least one instance, in series-number order."""
+    """Every series of a study with at least one instance, in series-number order.
+
+    Series of our own results received back (``own_results``) are left out: the service never
+    feeds on its own output (design convention 14).
+    """
     rows = session.execute(
         select(Series.series_instance_uid, Series.modality, Series.body_part_examined,
                func.count(Instance.id), func.min(Instance.path))
         .join(Study, Series.study_pk == Study.id)
         .join(Instance, Instance.series_pk == Series.id)
-        .where(Study.study_instance_uid == study_instance_uid)
+        .where(Study.study_instance_uid == study_instance_uid, Series.own_results.is_(False))
         .group_by(Series.id)
         .order_by(Series.series_number, Series.id)
     ).all()

@@ -112,6 +112,30 @@ _UPSERT_SERIES = text(
     " ON CONFLICT (series_instance_uid) DO UPDATE SET last_received_at ="
     " excluded.last_received_at, state = excluded.state RETURNING id"
 ).bindparams(bindparam("now", type_=UTCDateTime()))
+# Our own results received back (:func:`index_instance` with ``own=True``): a new study or series
+# is created complete (no quiet period, no completion event), an existing one is left as it is.
+_UPSERT_OWN_STUDY = text(
+    "INSERT INTO studies (study_instance_uid, patient_pk, accession_number, study_id,"
+    " study_date, study_time, study_description, referring_physician_name, state,"
+    " first_received_at, last_received_at, completed_at, completion_reason, completion_count)"
+    " VALUES (:study_instance_uid, :patient_pk, :accession_number, :study_id, :study_date,"
+    " :study_time, :study_description, :referring_physician_name, :complete, :now, :now, :now,"
+    " :own_reason, 0)"
+    " ON CONFLICT (study_instance_uid) DO UPDATE SET study_instance_uid ="
+    " excluded.study_instance_uid RETURNING id"
+).bindparams(bindparam("now", type_=UTCDateTime()))
+_UPSERT_OWN_SERIES = text(
+    "INSERT INTO series (series_instance_uid, study_pk, modality, body_part_examined,"
+    " series_description, series_number, series_date, state, last_received_at, completed_at,"
+    " own_results)"
+    " VALUES (:series_instance_uid, :study_pk, :modality, :body_part_examined,"
+    " :series_description, :series_number, :series_date, :complete, :now, :now, :own_results)"
+    " ON CONFLICT (series_instance_uid) DO UPDATE SET series_instance_uid ="
+    " excluded.series_instance_uid RETURNING id"
+).bindparams(bindparam("now", type_=UTCDateTime()))
+_FIND_RESULT = text("SELECT 1 FROM result_objects WHERE sop_instance_uid = :uid")
+#: ``completion_reason`` of a study first created by our own results arriving.
+OWN_RESULTS_REASON = "own-results"
 _INSTANCE_VALUES = (
     "INSERT INTO instances (sop_instance_uid, series_pk, sop_class_uid, transfer_syntax_uid,"
     " instance_number, path, size_bytes, calling_ae_title, received_at)"
@@ -155,6 +179,11 @@ def find_instance_path(session: Session | RawTransaction, sop_instance_uid: str)
     return None if row is None else str(row[1])
 
 
+def is_result_object(session: Session | RawTransaction, sop_instance_uid: str) -> bool:
+    """Whether `sop_instance_uid` is one of the result objects we created (an indexed lookup)."""
+    return _statements(session).first(_FIND_RESULT, {"uid": sop_instance_uid}) is not None
+
+
 def _returned_id(rows: _SessionStatements | RawTransaction, statement: TextClause,
                  values: Mapping[str, Any]) -> int:
     row = rows.first(statement, values)
@@ -172,11 +201,14 @@ def index_instance(
     calling_ae_title: str,
     now: datetime,
     replace: bool,
+    own: bool = False,
 ) -> IndexResult:
     """Add (or replace) an instance row, creating its patient, study and series as needed.
 
     The caller commits. The study and series are (re-)opened: their state becomes
-    ``receiving`` and their quiet period restarts, unless the instance was a kept duplicate.
+    ``receiving`` and their quiet period restarts, unless the instance was a kept duplicate or
+    is one of our own results (`own`): those never re-open anything (a new study or series is
+    created complete, its series marked ``own_results``), so no completion event follows.
 
     Parameters
     ----------
@@ -194,6 +226,8 @@ def index_instance(
         Reception time (timezone-aware).
     replace : bool
         The duplicate policy: True replaces an existing row, False keeps the first.
+    own : bool
+        The instance is one of our own results received back (design convention 14).
 
     Returns
     -------
@@ -210,11 +244,12 @@ def index_instance(
     values = {f.name: getattr(record, f.name) for f in fields(record)}
     values.update(
         now=now, path=path, size_bytes=size_bytes, calling_ae_title=calling_ae_title[:16],
-        receiving=RECEIVING,
+        receiving=RECEIVING, complete=COMPLETE, own_results=True, own_reason=OWN_RESULTS_REASON,
     )
     values["patient_pk"] = _returned_id(rows, _UPSERT_PATIENT, values)
-    values["study_pk"] = _returned_id(rows, _UPSERT_STUDY, values)
-    values["series_pk"] = _returned_id(rows, _UPSERT_SERIES, values)
+    values["study_pk"] = _returned_id(rows, _UPSERT_OWN_STUDY if own else _UPSERT_STUDY, values)
+    values["series_pk"] = _returned_id(rows, _UPSERT_OWN_SERIES if own else _UPSERT_SERIES,
+                                       values)
     if replace:
         rows.execute(_UPSERT_INSTANCE, values)
         if existing_path is not None:

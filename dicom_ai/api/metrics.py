@@ -13,7 +13,8 @@ Two sources:
   released, aborted), every C-STORE answer by status (including refusals that leave no file,
   such as a full disk), bytes received, requests per DIMSE service, TCP connections open now
   (associated or not: a connection that never sends its association request shows here, not
-  among the associations) and connections refused on accept. With several hosts,
+  among the associations), connections refused on accept and presentation contexts refused at
+  negotiation (by result; the SOP class UID is in the log). With several hosts,
   each serve process reports its own and Prometheus sums them (``sum without (instance)``).
 
 Counters start from zero when the process starts, as Prometheus expects.
@@ -73,6 +74,7 @@ METRIC_NAMES = (
     "dicom_ai_connections_open",
     "dicom_ai_connections_unassociated",
     "dicom_ai_connections_refused_total",
+    "dicom_ai_presentation_contexts_refused_total",
 )
 
 
@@ -217,6 +219,10 @@ class DatabaseCollector(Collector):
             ("dicom_ai_connections_refused", "TCP connections closed as soon as accepted, by "
              "reason (per-host limit: the host already held max_connections_per_host)",
              "reason", snap["refusal"]),
+            ("dicom_ai_presentation_contexts_refused", "Presentation contexts refused at "
+             "association negotiation, by reason (abstract syntax not supported: a SOP class we "
+             "do not accept; transfer syntaxes not supported); the SOP class UID is logged",
+             "reason", snap["context"]),
         ):
             family = CounterMetricFamily(name, doc, labels=[label])
             for key, n in values.items():

@@ -5,9 +5,13 @@
     C-FIND (study level; per accession number, or a date range split when the archive truncates)
       -> batch_studies rows (resumable: a study is found once per batch)
       -> C-MOVE to our own receiver, or C-GET on the same association (skipped when the store
-         already holds the study), at most ``max_associations`` at once, at most
-         ``max_studies_per_minute``, only inside ``run_window``
-      -> the normal flow of the running service (completion, routing, inference, SR back)
+         already holds the study, or when our results of the route's active model version
+         exist: a second run over the same archive makes no job and sends nothing), at most
+         ``max_associations`` at once, at most ``max_studies_per_minute``, only inside
+         ``run_window``
+      -> the normal flow of the running service (completion, routing, inference, SR back);
+         our own results coming back with a study are recognised at ingest and never routed;
+         a study held already whose results are of an older model version is routed again
       -> progress read from jobs and the outbox; a report per study
 
 A batch needs a running ``dicom-ai serve`` with the same store and database: it receives the
@@ -34,6 +38,7 @@ from pydicom.dataset import Dataset
 
 from dicom_ai.config import Settings, Source, parse_window
 from dicom_ai.exceptions import ConfigError, NetworkError, safe_message
+from dicom_ai.inference.registry import Registry
 from dicom_ai.ingest.spool import Ingestor
 from dicom_ai.network.qr_scu import RetrieveResult, find, get_study, move_study
 from dicom_ai.network.scu import Peer
@@ -169,6 +174,7 @@ class BatchRunner:
     source: Source = field(init=False)
     _pace_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _next_start: float = field(default=0.0, init=False)
+    _versions: dict[str | None, dict[str, str]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         for source in self.settings.sources:
@@ -182,6 +188,25 @@ class BatchRunner:
     def peer(self) -> Peer:
         """The archive as a peer."""
         return Peer(self.source.ae_title, self.source.host, self.source.port, self.source.tls)
+
+    def active_versions(self, route: str | None) -> dict[str, str]:
+        """Route name -> the active version of its model, for `route` (None: every route).
+
+        Read once per runner (a model activated meanwhile counts from the next batch run).
+        Routes whose model is not in the registry are left out.
+        """
+        if route not in self._versions:
+            registry = Registry(self.settings.storage.root / "models")
+            versions: dict[str, str] = {}
+            for item in self.settings.routes:
+                if route is not None and item.name != route:
+                    continue
+                try:
+                    versions[item.name] = registry.get(item.model).version
+                except ConfigError as exc:  # RegistryError: the job will fail and say why
+                    LOGGER.warning("route %s: %s", item.name, safe_message(exc))
+            self._versions[route] = versions
+        return self._versions[route]
 
     # -- finding ----------------------------------------------------------------------------
     def find(self, query: BatchQuery) -> list[batches.FoundStudy]:
@@ -254,11 +279,13 @@ class BatchRunner:
         with self.db.sessions() as session:
             batch = batches.get_batch(session, batch_id)
             assert batch is not None
-            rows = batches.progress(session, batch_id, batch.route)
+            kind, route = batch.kind, batch.route
+            versions = self.active_versions(route) if kind == "run" else None
+            rows = batches.progress(session, batch_id, route, versions)
         counts = Counts(found=len(rows))
         for row in rows:
             counts.retrieved += row.retrieve_state == batches.RETRIEVED
-            if batch.kind == "export":
+            if kind == "export":
                 counts.processed += row.retrieve_state == batches.RETRIEVED
             else:
                 counts.processed += row.processed
@@ -299,6 +326,7 @@ class BatchRunner:
                 raise ConfigError(f"batch {batch_id} was cancelled")
             query = BatchQuery.from_dict(json.loads(batch.query))
             needs_find = batch.found_at is None
+            versions = self.active_versions(batch.route) if batch.kind == "run" else {}
         if needs_find:
             self._set(batch_id, "finding")
             found = self.find(query)
@@ -321,7 +349,7 @@ class BatchRunner:
             self._wait_turn(stop, lambda status: report(self._status(batch_id, status)))
             if stop.is_set():
                 return
-            self._retrieve(row)
+            self._retrieve(row, versions)
             with lock:
                 report(self.counts(batch_id))
 
@@ -381,10 +409,37 @@ class BatchRunner:
         if start > now:
             stop.wait(start - now)
 
-    def _retrieve(self, row: Any) -> None:
+    def _retrieve(self, row: Any, versions: dict[str, str]) -> None:
+        """Retrieve one study unless it is held or processed already.
+
+        `versions` (route name -> active model version; empty for an export) decides
+        "processed": our results of that version exist. A study held already whose results
+        are of an older version is routed again (nothing else would re-open it).
+        """
         uid = row.study_instance_uid
         with self.db.sessions() as session:
             have = batches.local_instance_count(session, uid)
+            processed = batches.has_current_results(session, uid, versions)
+        if processed:
+            LOGGER.info("study %s already processed by the active model version: not "
+                        "retrieved", uid)
+            with self.db.write_session() as session:
+                batches.mark_retrieved(session, row.id, instances=have, failed=0,
+                                       now=datetime.now(UTC))
+            return
+        try:
+            self._fetch_missing(row, have)
+        finally:
+            self._reroute_stale(uid, versions)
+
+    def _reroute_stale(self, uid: str, versions: dict[str, str]) -> None:
+        with self.db.write_session() as session:
+            if (batches.has_stale_results(session, uid, versions)
+                    and batches.request_routing(session, uid, datetime.now(UTC))):
+                LOGGER.info("study %s: results of an older model version; routed again", uid)
+
+    def _fetch_missing(self, row: Any, have: int) -> None:
+        uid = row.study_instance_uid
         if row.expected_instances is not None and have >= row.expected_instances > 0:
             LOGGER.info("study %s already in the store (%d instances): not retrieved", uid,
                         have)

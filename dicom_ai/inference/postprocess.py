@@ -4,8 +4,9 @@ A model sees the image resized to its input (optionally with aspect-preserving p
 :func:`dicom_ai.pipeline.preprocessing.resize`). Findings must be reported in the source image's
 pixel coordinates (the SR's SCOORD, the heat-map Secondary Capture), so this module inverts that
 geometry: :func:`to_image_space` for maps, :func:`point_to_image` for coordinates. Segmentation
-detections are the connected components of the thresholded map (:func:`detections`). Pure numpy
-and scikit-image: no TensorFlow.
+detections are the connected components of the thresholded map (:func:`detections`); a
+classifier's location is the region of its thresholded heat-map around the peak
+(:func:`heat_region`). Pure numpy and scikit-image: no TensorFlow.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from skimage import measure
 
 from dicom_ai.pipeline.preprocessing import PreprocessingSpec, resize
 
-__all__ = ["Detection", "detections", "point_to_image", "to_image_space"]
+__all__ = ["Detection", "HeatRegion", "detections", "heat_region", "point_to_image",
+           "to_image_space"]
 
 
 def _placement(spec: PreprocessingSpec, image_shape: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -179,3 +181,84 @@ def detections(
         ))
     found.sort(key=lambda d: -d.max_probability)
     return found
+
+
+@dataclass(frozen=True)
+class HeatRegion:
+    """Where a classifier's heat-map says a finding is: a region, not a point.
+
+    Attributes
+    ----------
+    bbox : tuple of float
+        ``(row_min, col_min, row_max, col_max)`` in source-image pixels (max exclusive): the
+        bounding box of the region, what the SR writes as a closed POLYLINE (TID 1410).
+    peak : tuple of float
+        ``(row, column)`` of the heat-map's maximum in source-image pixels (kept for
+        comparison: a point alone can lie centimetres off the lesion).
+    area_pixels : float
+        Area of the bounding box in source-image pixels.
+    level : float
+        The heat level the region was cut at.
+    """
+
+    bbox: tuple[float, float, float, float]
+    peak: tuple[float, float]
+    area_pixels: float
+    level: float
+
+
+def heat_region(
+    heat: NDArray[Any],
+    spec: PreprocessingSpec,
+    image_shape: tuple[int, int],
+    *,
+    relative: float = 0.5,
+) -> HeatRegion | None:
+    """The region of a heat-map (model-input space) that holds its peak, in image coordinates.
+
+    The map is cut at ``relative`` times its peak (half maximum by default: independent of the
+    map's scale, so the same for peak-scaled and probability-scaled Grad-CAM). The region is
+    the 8-connected component of the cut that holds the peak, mapped back to the source image
+    as a bounding box (PS3.3 C.18.6.1.2 closed POLYLINE when written).
+
+    Parameters
+    ----------
+    heat : numpy.ndarray
+        ``spec.input_shape`` heat values in [0, 1].
+    spec : PreprocessingSpec
+        The model's preprocessing (input size, aspect handling).
+    image_shape : tuple of int
+        ``(Rows, Columns)`` of the source image.
+    relative : float
+        Fraction of the peak to cut at, in (0, 1].
+
+    Returns
+    -------
+    HeatRegion or None
+        None for an all-zero (or non-finite) map.
+
+    Raises
+    ------
+    ValueError
+        ``heat`` does not have the model's input shape, or ``relative`` is outside (0, 1].
+    """
+    if not 0.0 < relative <= 1.0:
+        raise ValueError(f"relative must be in (0, 1], not {relative}")
+    values = np.nan_to_num(np.asarray(heat, dtype=np.float32))
+    if tuple(values.shape) != tuple(spec.input_shape):
+        raise ValueError(f"expected a {spec.input_shape} map, got {values.shape}")
+    peak_value = float(values.max())
+    if peak_value <= 0.0:
+        return None
+    level = relative * peak_value
+    r, c = np.unravel_index(int(np.argmax(values)), values.shape)
+    label = cast(Callable[..., NDArray[np.intp]], measure.label)
+    labelled = label(values >= level, connectivity=2)
+    rows, cols = np.nonzero(labelled == labelled[r, c])
+    # Pixel edges in input space (max exclusive), mapped like points (pixel centres at i + 0.5).
+    top, left = point_to_image(float(rows.min()), float(cols.min()), spec, image_shape)
+    bottom, right = point_to_image(float(rows.max() + 1), float(cols.max() + 1), spec,
+                                   image_shape)
+    peak = point_to_image(r + 0.5, c + 0.5, spec, image_shape)
+    return HeatRegion(bbox=(top, left, bottom, right), peak=peak,
+                      area_pixels=float((bottom - top) * (right - left)), level=level)

@@ -18,6 +18,7 @@ TensorFlow nor ONNX Runtime: the receiver and the CLI can read specs cheaply.
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -29,10 +30,13 @@ from dicom_ai.pipeline.preprocessing import PreprocessingSpec
 
 __all__ = [
     "FINDING_SITE_LUNG",
+    "INPUT_UNITS",
     "NETWORK_FILES",
     "NODULE",
     "SPEC_FILE",
+    "Aggregate",
     "CodedConcept",
+    "InputUnit",
     "ModelSpec",
     "ModelSpecError",
     "OutputLabel",
@@ -48,6 +52,11 @@ SPEC_FILE = "spec.json"
 NETWORK_FILES: dict[str, str] = {"model.keras": "keras", "model.onnx": "onnx"}
 
 Task = Literal["classification", "segmentation"]
+#: What one decision of the model covers: an image (frame), a series, or the whole study.
+InputUnit = Literal["image", "series", "study"]
+INPUT_UNITS: tuple[InputUnit, ...] = ("image", "series", "study")
+#: How per-image probabilities combine into the decision of a series or study.
+Aggregate = Literal["max", "mean"]
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 VERSION_PATTERN = r"^[0-9]+(\.[0-9]+){0,2}([-+][0-9A-Za-z.-]+)?$"
 
@@ -158,6 +167,25 @@ class ModelSpec(BaseModel):
         Modalities (0008,0060) the model applies to, e.g. ``["CR", "DX"]``; empty means any.
     body_parts : list of str
         Body Part Examined (0018,0015) values it applies to, e.g. ``["CHEST"]``; empty means any.
+    input_unit : {'image', 'series', 'study'}
+        What one decision covers. ``image`` (the default, 2D classifiers): a decision per image,
+        plus one for the study combined by `aggregate` when the images come from more than
+        one series; ``series``: one per series (and one for the study when there are
+        several); ``study``: one for the study only.
+        The network always runs image by image (batched).
+    aggregate : {'max', 'mean'}
+        How image probabilities combine into a series or study decision (``max``: present if
+        any image is).
+    view_positions : list of str
+        View Position (0018,5101) values it applies to, e.g. ``["PA", "AP"]``; empty means any.
+    photometric_interpretations : list of str
+        Photometric Interpretation (0028,0004) values it applies to, e.g.
+        ``["MONOCHROME1", "MONOCHROME2"]``; empty means any.
+    pixel_spacing_mm : tuple of float, optional
+        ``(min, max)`` in mm of Pixel Spacing (0028,0030), else Imager Pixel Spacing
+        (0018,1164); an image without either is out of scope when this is set.
+    min_image_size : int, optional
+        Smallest Rows (0028,0010) and Columns (0028,0011) it applies to.
     min_component_pixels : int
         Segmentation only: smaller connected components are not reported as detections.
     description : str
@@ -182,6 +210,18 @@ class ModelSpec(BaseModel):
     body_parts: list[Annotated[str, Field(min_length=1, max_length=16)]] = Field(
         default_factory=list
     )
+    input_unit: InputUnit = "image"
+    aggregate: Aggregate = "max"
+    view_positions: list[Annotated[str, Field(min_length=1, max_length=16)]] = Field(
+        default_factory=list
+    )
+    photometric_interpretations: list[Annotated[str, Field(min_length=1, max_length=16)]] = (
+        Field(default_factory=list)
+    )
+    pixel_spacing_mm: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] | None = (
+        None
+    )
+    min_image_size: Annotated[int, Field(ge=1)] | None = None
     min_component_pixels: Annotated[int, Field(ge=1)] = 4
     description: str = ""
     provenance: Provenance = Field(default_factory=Provenance)
@@ -192,6 +232,13 @@ class ModelSpec(BaseModel):
         names = [label.name for label in self.outputs]
         if len(set(names)) != len(names):
             raise ValueError(f"output names must be unique, got {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _spacing_range(self) -> ModelSpec:
+        spacing = self.pixel_spacing_mm
+        if spacing is not None and spacing[0] > spacing[1]:
+            raise ValueError(f"pixel_spacing_mm must be (min, max), got {self.pixel_spacing_mm}")
         return self
 
     @property
@@ -224,6 +271,97 @@ class ModelSpec(BaseModel):
         return not self.body_parts or (body_part or "").strip().upper() in {
             part.upper() for part in self.body_parts
         }
+
+
+    def scope_problem(self, ds: Any) -> str | None:
+        """Why an image is outside what the model was made for, or None when it is in scope.
+
+        Checked before inference, per image: Modality (0008,0060), Body Part Examined
+        (0018,0015), View Position (0018,5101), Photometric Interpretation (0028,0004), Pixel
+        Spacing (0028,0030) or Imager Pixel Spacing (0018,1164), Rows and Columns (PS3.3
+        C.7.3.1, C.8.11.5, C.7.6.3). Code strings compare case-insensitively (lower case is a
+        common vendor quirk). A Body Part Examined or View Position that is absent or empty
+        (both Type 3 or 2) is not held against an image; a wrong one is.
+
+        Parameters
+        ----------
+        ds : pydicom.dataset.Dataset
+            The image's header (pixel data not needed).
+
+        Returns
+        -------
+        str or None
+            A short reason naming the attribute and the model's values; the image's value only
+            when it is a well-formed code string (never free text).
+        """
+        label = f"{self.name} {self.version}"
+        checks: list[tuple[str, str, list[str], bool]] = [
+            ("Modality", "modality", list(self.modalities), True),
+            ("BodyPartExamined", "body part", list(self.body_parts), False),
+            ("ViewPosition", "view position", list(self.view_positions), False),
+            ("PhotometricInterpretation", "photometric interpretation",
+             list(self.photometric_interpretations), True),
+        ]
+        for keyword, what, allowed, required in checks:
+            if not allowed:
+                continue
+            value = _code_string(ds.get(keyword))
+            if value is None and not required:
+                continue
+            if value not in {a.strip().upper() for a in allowed}:
+                shown = "none" if value is None else (
+                    value if _CS.fullmatch(value) else "another value")
+                return f"{what} {shown}: {label} applies to {', '.join(allowed)}"
+        if self.min_image_size is not None:
+            rows, cols = _int(ds.get("Rows")), _int(ds.get("Columns"))
+            if rows is None or cols is None or min(rows, cols) < self.min_image_size:
+                return (f"image {rows} x {cols}: {label} needs at least "
+                        f"{self.min_image_size} pixels a side")
+        if self.pixel_spacing_mm is not None:
+            low, high = self.pixel_spacing_mm
+            spacing = _spacing(ds)
+            if spacing is None:
+                return f"no pixel spacing: {label} applies to {low:g}-{high:g} mm"
+            if not all(low <= s <= high for s in spacing):
+                return (f"pixel spacing {spacing[0]:g} x {spacing[1]:g} mm: {label} applies to "
+                        f"{low:g}-{high:g} mm")
+        return None
+
+
+_CS = re.compile(r"[A-Z0-9 _]{1,16}")
+
+
+def _code_string(value: Any) -> str | None:
+    """A CS value as the gate compares it: stripped, upper case; None when absent or empty."""
+    if value is None:
+        return None
+    if not isinstance(value, str):  # a multi-valued CS: its first value
+        try:
+            value = next(iter(value), "")
+        except TypeError:
+            value = str(value)
+    text = str(value).strip().upper()
+    return text or None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _spacing(ds: Any) -> tuple[float, float] | None:
+    """Pixel Spacing, else Imager Pixel Spacing, as floats; None when absent or malformed."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword)
+        try:
+            row, col = (float(v) for v in value)
+        except (TypeError, ValueError):
+            continue
+        if row > 0 and col > 0:
+            return (row, col)
+    return None
 
 
 def _problems(exc: ValidationError) -> str:

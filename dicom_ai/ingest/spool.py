@@ -5,6 +5,14 @@ after (1) the file is fsynced and atomically renamed into ``instances/`` with it
 fsynced, and (2) its index row is committed. A crash between (1) and (2) leaves a complete file
 without a row, which :mod:`dicom_ai.ingest.recovery` indexes on the next start; the sender saw no
 success, re-sends, and the duplicate policy makes that harmless.
+
+Our own results coming back (a PACS auto-forwarding a study with our SR and heat-map SC, a
+batch retrieving a study we processed) are recognised here (design convention 14): by their
+SOP Instance UID among the result objects we created, and for objects of an earlier database by
+our Manufacturer (0008,0070). Only instances of the storage classes we write (SR, SEG,
+Secondary Capture) are looked at, so images cost nothing extra. Such an instance is indexed
+without re-opening its study (``[storage] own_results = "store"``) or answered success and not
+kept (``"drop"``); either way nothing routes it.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from dicom_ai.ingest.index import (
     OUT_OF_RESOURCES,
     parse_received,
 )
+from dicom_ai.ingest.scan import NeedsFullParse, Truncated, scan
 from storage import repository
 from storage.db import Database
 from storage.filestore import FileStore, fsync_dir, fsync_file
@@ -31,6 +40,44 @@ from storage.filestore import FileStore, fsync_dir, fsync_file
 LOGGER = logging.getLogger(__name__)
 SUCCESS = 0x0000
 RECONCILE_MARKER = "RECONCILE_NEEDED"
+
+#: Manufacturer (0008,0070) of every object dicom-ai writes (``dicom_ai.reporting.sr``'s
+#: MANUFACTURER; a unit test holds them equal: the receiver does not import highdicom).
+OWN_MANUFACTURER = "dicom-ai"
+_MANUFACTURER_TAG = frozenset({0x00080070})
+_STORAGE_ROOT = "1.2.840.10008.5.1.4.1.1."
+
+
+def _is_result_class(sop_class_uid: str) -> bool:
+    """A storage class dicom-ai writes results in (PS3.4 B.5): an SR (``...1.1.88.x``), a
+    Segmentation (``...1.1.66.4``) or a Secondary Capture (``...1.1.7``, ``...1.1.7.x``)."""
+    if not sop_class_uid.startswith(_STORAGE_ROOT):
+        return False
+    rest = sop_class_uid[len(_STORAGE_ROOT):]
+    return rest.startswith(("88.", "7.")) or rest in ("7", "66.4")
+
+
+def manufacturer(path: Path) -> str:
+    """Manufacturer (0008,0070) of a received file ("" when absent or unreadable).
+
+    The structural scan reads it for little-endian files; other files (already checked and, if
+    deflated, bounded by :func:`~dicom_ai.ingest.index.parse_received`) go through pydicom.
+    """
+    try:
+        return _clean(scan(path, _MANUFACTURER_TAG).text(0x00080070))
+    except (NeedsFullParse, Truncated, OSError):
+        pass
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Manufacturer"])
+        return _clean(str(ds.get("Manufacturer", "") or ""))
+    except Exception:  # unreadable here: not recognisable by its marks
+        return ""
+
+
+def _clean(value: str) -> str:
+    return value.strip(" \x00")
 
 
 @dataclass(frozen=True)
@@ -120,6 +167,7 @@ class Ingestor:
         self.db = db
         self.min_free_bytes = settings.min_free_bytes
         self.replace_duplicates = settings.duplicates == "replace"
+        self.drop_own_results = settings.own_results == "drop"
         self.max_inflated_bytes = (limits or LimitsSettings()).max_inflated_bytes
         self._io = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fsync")
 
@@ -134,7 +182,8 @@ class Ingestor:
         Returns
         -------
         int
-            ``0x0000`` once the instance is durable and indexed (or a kept duplicate);
+            ``0x0000`` once the instance is durable and indexed (or a kept duplicate, or
+            one of our own results dropped by ``own_results = "drop"``);
             ``0xA700`` when out of space or the index is unavailable (retryable);
             ``0xA900``/``0xC000`` when the instance is refused and quarantined (``0xC000``
             also for a deflated dataset that is corrupt or inflates beyond
@@ -169,7 +218,48 @@ class Ingestor:
             self._quarantine(received, CANNOT_UNDERSTAND,
                              f"unexpected error: {safe_message(exc)}")
             return CANNOT_UNDERSTAND
-        return self._store(received, record, relative, flushed)
+        try:
+            own = self.is_own_result(received.path, record)
+        except Exception:
+            LOGGER.exception("index unavailable while checking %s", record.sop_instance_uid)
+            _settle(flushed)
+            received.path.unlink(missing_ok=True)
+            return OUT_OF_RESOURCES
+        if own and self.drop_own_results:
+            _settle(flushed)
+            received.path.unlink(missing_ok=True)
+            LOGGER.info("own result %s from %s dropped (own_results = drop)",
+                        record.sop_instance_uid, received.calling_ae_title)
+            return SUCCESS
+        if own:
+            LOGGER.info("own result %s from %s: stored, not routed", record.sop_instance_uid,
+                        received.calling_ae_title)
+        return self._store(received, record, relative, flushed, own=own)
+
+    def is_own_result(self, path: Path, record: repository.InstanceRecord) -> bool:
+        """Whether a received instance is one of our own results (design convention 14).
+
+        Parameters
+        ----------
+        path : Path
+            The received file (read only for its Manufacturer, and only when its SOP Instance
+            UID is not among our result objects).
+        record : InstanceRecord
+            Its parsed index fields.
+
+        Returns
+        -------
+        bool
+            True for an SR, SEG or Secondary Capture (PS3.4 B.5) whose SOP Instance UID is one
+            of our result objects, or whose Manufacturer (0008,0070) is ours (an object of an
+            earlier database); False for everything else, without a lookup.
+        """
+        if not _is_result_class(record.sop_class_uid):
+            return False
+        with self.db.sessions() as session:
+            if repository.is_result_object(session, record.sop_instance_uid):
+                return True
+        return manufacturer(path) == OWN_MANUFACTURER
 
     def _store(
         self,
@@ -177,6 +267,8 @@ class Ingestor:
         record: repository.InstanceRecord,
         relative: str,
         flushed: Future[None],
+        *,
+        own: bool = False,
     ) -> int:
         sop_uid = record.sop_instance_uid
         try:
@@ -206,13 +298,14 @@ class Ingestor:
         # index row is written, and the answer waits for both.
         dir_synced = self._io.submit(fsync_dir, final.parent)
         try:
-            result = self._index(received, record, relative, size, self.replace_duplicates)
+            result = self._index(received, record, relative, size, self.replace_duplicates,
+                                 own)
             if (result.outcome is repository.IndexOutcome.DUPLICATE_KEPT
                     and result.kept_path is not None
                     and not self.store.absolute(result.kept_path).exists()):
                 # The first copy's file vanished (removed by hand): this copy takes its place,
                 # so a re-send always leaves the instance stored.
-                result = self._index(received, record, relative, size, True)
+                result = self._index(received, record, relative, size, True, own)
         except Exception:
             # The file is durable but unindexed: ask the next start to reconcile. The sender
             # sees a retryable failure and re-sends, which the duplicate policy absorbs.
@@ -242,6 +335,7 @@ class Ingestor:
         relative: str,
         size: int,
         replace: bool,
+        own: bool = False,
     ) -> repository.IndexResult:
         # The bare DBAPI path: the session machinery cost more than the statements themselves.
         with self.db.raw_write() as transaction:
@@ -253,6 +347,7 @@ class Ingestor:
                 calling_ae_title=received.calling_ae_title,
                 now=datetime.now(UTC),
                 replace=replace,
+                own=own,
             )
 
     def _known_path(self, sop_instance_uid: str) -> str | None:

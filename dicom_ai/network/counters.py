@@ -15,8 +15,9 @@ import multiprocessing as mp
 import threading
 from typing import Any
 
-__all__ = ["ASSOCIATION_OUTCOMES", "CONNECTION_EVENTS", "REFUSAL_REASONS", "REJECT_REASONS",
-           "REQUESTS", "STORE_STATUSES", "ReceiverCounters"]
+__all__ = ["ASSOCIATION_OUTCOMES", "CONNECTION_EVENTS", "CONTEXT_REFUSALS", "REFUSAL_REASONS",
+           "REJECT_REASONS", "REQUESTS", "STORE_STATUSES", "ReceiverCounters",
+           "context_refusal_reason"]
 
 #: ``outcome`` label values of ``dicom_ai_associations_total``.
 ASSOCIATION_OUTCOMES = ("accepted", "rejected", "released", "aborted")
@@ -30,6 +31,20 @@ REQUESTS = ("echo", "store", "find", "move", "get", "mpps")
 CONNECTION_EVENTS = ("opened", "closed")
 #: ``reason`` label values of ``dicom_ai_connections_refused_total`` (closed on accept).
 REFUSAL_REASONS = ("per-host limit",)
+#: ``reason`` label values of ``dicom_ai_presentation_contexts_refused_total``: the result of a
+#: presentation context we refused at negotiation (PS3.8 9.3.3.2; the SOP class is logged, not
+#: a label, since a peer can propose any UID).
+CONTEXT_REFUSALS = ("abstract syntax not supported", "transfer syntaxes not supported", "other")
+_CONTEXT_RESULTS = {0x03: CONTEXT_REFUSALS[0], 0x04: CONTEXT_REFUSALS[1]}
+
+
+def context_refusal_reason(result: int | None) -> str:
+    """The :data:`CONTEXT_REFUSALS` label of a presentation context's result (PS3.8 9.3.3.2).
+
+    0x03 abstract syntax not supported, 0x04 transfer syntaxes not supported; 0x01 (user
+    rejection) and 0x02 (no reason) are ``other``.
+    """
+    return _CONTEXT_RESULTS.get(result if result is not None else -1, CONTEXT_REFUSALS[-1])
 
 _SLOTS: tuple[tuple[str, str], ...] = (
     *(("association", o) for o in ASSOCIATION_OUTCOMES),
@@ -39,6 +54,7 @@ _SLOTS: tuple[tuple[str, str], ...] = (
     ("bytes", ""),
     *(("connection", e) for e in CONNECTION_EVENTS),
     *(("refusal", r) for r in REFUSAL_REASONS),
+    *(("context", r) for r in CONTEXT_REFUSALS),
 )
 _INDEX = {slot: i for i, slot in enumerate(_SLOTS)}
 
@@ -115,6 +131,10 @@ class ReceiverCounters:
         """Count a connection refused on accept (one of :data:`REFUSAL_REASONS`)."""
         self._add("refusal", reason)
 
+    def context_refused(self, result: int | None) -> None:
+        """Count a presentation context refused at negotiation, by its result (0x03, 0x04...)."""
+        self._add("context", context_refusal_reason(result))
+
     def settle(self) -> None:
         """Close this row's books: the connections and associations it counts open are gone.
 
@@ -143,8 +163,9 @@ class ReceiverCounters:
         -------
         dict
             ``{"association": {"accepted": n, ...}, ..., "bytes": {"": n},
-            "connection": {"opened": n, "closed": n}, "refusal": {...}}``. Each value is
-            read whole (aligned 64-bit words); a row being written may be one request behind.
+            "connection": {"opened": n, "closed": n}, "refusal": {...}, "context": {...}}``.
+            Each value is read whole (aligned 64-bit words); a row being written may be one
+            request behind.
         """
         values = list(self._values)
         width = len(_SLOTS)

@@ -26,7 +26,7 @@ from dicom_ai.ingest.completion import MppsService
 from dicom_ai.ingest.index import CANNOT_UNDERSTAND
 from dicom_ai.ingest.spool import Ingestor, Received
 from dicom_ai.network.contexts import MODALITY_PERFORMED_PROCEDURE_STEP
-from dicom_ai.network.counters import ReceiverCounters
+from dicom_ai.network.counters import ReceiverCounters, context_refusal_reason
 from storage import audit as audit_rows
 from storage.db import Database
 
@@ -145,6 +145,41 @@ def handle_accepted(event: evt.Event, audit: AssociationAudit | None = None,
         audit.accepted(event)
     if counters is not None:
         counters.association("accepted")
+    log_refused_contexts(event, counters)
+
+
+def _printable(uid: object) -> str:
+    # A peer's UID is any bytes it sent: never let it forge log lines.
+    return "".join(c if c.isprintable() else "?" for c in str(uid)[:64])
+
+
+# At most this many refused contexts are named in the one log line of an association.
+_REFUSED_CONTEXTS_LOGGED = 10
+
+
+def log_refused_contexts(event: evt.Event, counters: ReceiverCounters | None = None) -> None:
+    """Log (one line) and count the presentation contexts refused at negotiation.
+
+    PS3.8 9.3.3.2: each proposed context the association does not accept carries a result
+    (0x03 abstract syntax not supported, 0x04 transfer syntaxes not supported). Refused
+    contexts leave no other record: the requestor's C-STOREs of that class fail on its side.
+    Only SOP class UIDs are logged. Notification: never raises.
+    """
+    try:
+        refused = list(event.assoc.rejected_contexts)
+    except Exception:  # a notification handler must not raise
+        return
+    if not refused:
+        return
+    if counters is not None:
+        for cx in refused:
+            counters.context_refused(cx.result)
+    named = ", ".join(f"{_printable(cx.abstract_syntax)} ({context_refusal_reason(cx.result)})"
+                      for cx in refused[:_REFUSED_CONTEXTS_LOGGED])
+    more = len(refused) - _REFUSED_CONTEXTS_LOGGED
+    LOGGER.warning("association from %s: %d presentation context(s) refused: %s%s",
+                   _calling_ae(event), len(refused), named,
+                   f" and {more} more" if more > 0 else "")
 
 
 def handle_rejected(event: evt.Event, allowed_calling_aets: list[str],

@@ -242,7 +242,8 @@ class Receiver:
         # Not add_supported_context (it revalidates every UID: with scp_contexts' own checks,
         # 158 ms of start-up, now 4 ms)
         # and not the `supported_contexts` setter (it drops the roles).
-        ae._supported_contexts = supported_contexts(scp_contexts())
+        ae._supported_contexts = supported_contexts(
+            scp_contexts(self.settings.extra_storage_classes))
         ae.maximum_associations = self.settings.max_associations
         ae.maximum_pdu_size = self.settings.maximum_pdu_size
         ae.network_timeout = self.settings.network_timeout

@@ -3,6 +3,11 @@
 Each file is sent as it is stored, in its own transfer syntax, straight from disk (pynetdicom
 streams a file path without decoding it). The contexts proposed are the (SOP class, transfer
 syntax) pairs of the files; more than 128 pairs are spread over several associations.
+
+The C-STORE request names the dataset's SOP Class and Instance UIDs, as dcmtk does: a file
+whose meta header says otherwise (PS3.10 7.1 requires them equal; some of pydicom's test files
+and real exports differ) is sent through a temporary copy with its meta header corrected, the
+dataset bytes unchanged, and a warning.
 """
 
 from __future__ import annotations
@@ -10,8 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import socket
 import ssl
+import tempfile
 import threading
 import weakref
 from collections import Counter
@@ -20,10 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
+from pydicom.filebase import DicomFileLike
+from pydicom.filereader import read_file_meta_info, read_partial
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config, build_context
 from pynetdicom.association import Association
+from pynetdicom.dsutils import split_dataset
 
 from dicom_ai.config import DicomSettings, Settings, validate_ae_title
 from dicom_ai.exceptions import ConfigError, NetworkError
@@ -189,11 +201,17 @@ def echo(peer: Peer, settings: DicomSettings) -> int:
 
 @dataclass(frozen=True)
 class FileToSend:
-    """A DICOM file and the context it needs."""
+    """A DICOM file and the context it needs.
+
+    ``sop_class_uid`` and ``sop_instance_uid`` are the dataset's (what the C-STORE request
+    names); ``meta_differs`` is true when the file meta header names other UIDs.
+    """
 
     path: Path
     sop_class_uid: str
     transfer_syntax_uid: str
+    sop_instance_uid: str = ""
+    meta_differs: bool = False
 
 
 @dataclass
@@ -222,15 +240,59 @@ def iter_files(paths: Iterable[Path]) -> Iterator[Path]:
             yield path
 
 
+_SOP_INSTANCE_UID_TAG = 0x00080018
+
+
+def _past_sop_uids(tag: Any, vr: Any, length: Any) -> bool:
+    return int(tag) > _SOP_INSTANCE_UID_TAG
+
+
 def inspect(path: Path) -> FileToSend | None:
-    """Read a file's meta header; None if it is not a DICOM Part 10 file."""
+    """Read a file's meta header and its dataset's SOP UIDs; None if not a Part 10 file.
+
+    The dataset is read only up to SOP Instance UID (0008,0018) (not at all when deflated).
+    Where the dataset's SOP Class or Instance UID differs from the meta header's (PS3.10 7.1),
+    the dataset's are sent, as dcmtk does, and a warning names both (UIDs only).
+    """
     try:
         meta = read_file_meta_info(path)
-        sop_class = str(meta.MediaStorageSOPClassUID)
+        meta_class = str(meta.MediaStorageSOPClassUID)
+        meta_instance = str(meta.MediaStorageSOPInstanceUID)
         transfer_syntax = str(meta.TransferSyntaxUID)
-    except (InvalidDicomError, AttributeError, OSError, ValueError):
+        sop_class, sop_instance = meta_class, meta_instance
+        # pydicom inflates a deflated dataset whole before reading any of it: such a file
+        # is sent under its meta header's UIDs, unread.
+        if transfer_syntax != DeflatedExplicitVRLittleEndian:
+            with path.open("rb") as fh:
+                head = read_partial(fh, stop_when=_past_sop_uids)
+            sop_class = str(head.get("SOPClassUID", "") or meta_class)
+            sop_instance = str(head.get("SOPInstanceUID", "") or meta_instance)
+    except (InvalidDicomError, AttributeError, OSError, ValueError, EOFError):
         return None
-    return FileToSend(path, sop_class, transfer_syntax)
+    differs = (sop_class, sop_instance) != (meta_class, meta_instance)
+    if differs:
+        LOGGER.warning("file meta names SOP class %s instance %s, the dataset %s %s: "
+                       "sending the dataset's", meta_class, meta_instance, sop_class,
+                       sop_instance)
+    return FileToSend(path, sop_class, transfer_syntax, sop_instance, differs)
+
+
+def _corrected_copy(item: FileToSend, folder: Path) -> Path:
+    """A copy of ``item.path`` whose meta header names the dataset's UIDs (dataset bytes as is).
+
+    pynetdicom takes the C-STORE request's UIDs from the meta header of a streamed file.
+    """
+    header, offset = split_dataset(item.path)
+    meta = FileMetaDataset(header)
+    meta.MediaStorageSOPClassUID = UID(item.sop_class_uid)
+    meta.MediaStorageSOPInstanceUID = UID(item.sop_instance_uid)
+    target = folder / "send.dcm"
+    with target.open("wb") as out, item.path.open("rb") as source:
+        out.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(DicomFileLike(out), meta, enforce_standard=True)
+        source.seek(offset)
+        shutil.copyfileobj(source, out)
+    return target
 
 
 def status_category(status: int) -> str:
@@ -288,7 +350,7 @@ def send_files(
                     _record(report, item, "failure", "association lost", progress)
                     continue
                 try:
-                    rsp = assoc.send_c_store(item.path)
+                    rsp = _send_one(assoc, item)
                 except (ValueError, AttributeError) as exc:  # no accepted context for it
                     _record(report, item, "failure", str(exc), progress)
                     continue
@@ -302,6 +364,13 @@ def send_files(
             if assoc.is_established:
                 assoc.release()
     return report
+
+
+def _send_one(assoc: Association, item: FileToSend) -> Any:
+    if not item.meta_differs:
+        return assoc.send_c_store(item.path)
+    with tempfile.TemporaryDirectory(prefix="dicom-ai-send-") as folder:
+        return assoc.send_c_store(_corrected_copy(item, Path(folder)))
 
 
 def _record(

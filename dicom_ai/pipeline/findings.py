@@ -20,9 +20,11 @@ from numpy.typing import NDArray
 
 from dicom_ai.inference.spec import CodedConcept
 
-__all__ = ["Finding", "HeatMap", "Location", "ModelRun"]
+__all__ = ["Finding", "FindingScope", "HeatMap", "Location", "ModelRun"]
 
 LocationKind = Literal["point", "bbox", "segment"]
+#: What a finding's decision covers: one image, one series, or the whole study.
+FindingScope = Literal["image", "series", "study"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ class Location:
 
 @dataclass(frozen=True)
 class Finding:
-    """One output of one model on one image (or one series), decided at the model's threshold.
+    """One output of one model on one image, series or study, decided at the model's threshold.
 
     Attributes
     ----------
@@ -85,6 +87,10 @@ class Finding:
         Where, when the model localises (Grad-CAM peak or a segmentation component).
     tracking_uid : str
         A UID that identifies this finding across SR versions (TID 1501 Tracking UID).
+    scope : {"image", "series", "study"}
+        What the decision covers: one image, or a series or the study, aggregated from its
+        images' probabilities by the spec's rule (then `sop_instance_uids` lists them all and
+        there is no location).
     """
 
     label: str
@@ -96,6 +102,7 @@ class Finding:
     tracking_uid: str
     finding_site: CodedConcept | None = None
     location: Location | None = None
+    scope: FindingScope = "image"
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,7 @@ class HeatMap:
 
 @dataclass(frozen=True)
 class ModelRun:
-    """Everything one model run on one series produced.
+    """Everything one model run on the eligible series of one study produced.
 
     Attributes
     ----------
@@ -133,7 +140,7 @@ class ModelRun:
     task : {"classification", "segmentation"}
         The model's task.
     study_instance_uid, series_instance_uid : str
-        The source series.
+        The source study and its first analysed series.
     findings : list of Finding
         Every output for every image, present or absent (an absent finding is reported too).
     heatmaps : list of HeatMap

@@ -511,8 +511,63 @@ def load_frames(paths: Iterable[str | PathLike[str]], *,
     DecodeError
         Pixel data that cannot be decoded.
     """
-    datasets = _read_series(paths, limits)
-    datasets.sort(key=_instance_key)
+    return frames_of(_read_series(paths, limits), limits=limits)
+
+
+def read_study(paths: Iterable[str | PathLike[str]]) -> dict[str, list[Dataset]]:
+    """The headers of a study's files grouped by series, pixel data deferred (not decoded).
+
+    A job covers every series of a study that matched its route; a model runs on each series
+    it can take (PS3.3 C.7.3.1: the series is the unit of one modality, body part and view), so
+    the files are grouped by Series Instance UID (0020,000E) before anything is decoded.
+
+    Parameters
+    ----------
+    paths : iterable of path
+        The stored files, of one or several series.
+
+    Returns
+    -------
+    dict of str to list of Dataset
+        Series Instance UID -> its instances by Instance Number (those without one last), the
+        series in the order their first file was given.
+
+    Raises
+    ------
+    LoadError
+        No files, or an unreadable file.
+    """
+    groups: dict[str, list[Dataset]] = {}
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(Path(path), defer_size=DEFER_BYTES)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            raise LoadError(f"cannot read {Path(path).name}: {_first_line(exc)}") from exc
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
+    if not groups:
+        raise LoadError("no files to load")
+    for datasets in groups.values():
+        datasets.sort(key=_instance_key)
+    return groups
+
+
+def frames_of(datasets: Sequence[Dataset], *,
+              limits: LimitsSettings | None = None) -> list[Frame]:
+    """Every frame of the given instances (read by :func:`read_study`), decoded.
+
+    Every instance's declared size is checked against `limits` before any is decoded; a
+    multi-frame instance (PS3.3 C.7.6.6) yields its frames in order.
+
+    Raises
+    ------
+    PixelLimitError
+        An instance declares more pixels or bytes than `limits` allow (nothing was decoded).
+    DecodeError
+        Pixel data that cannot be decoded.
+    """
+    for ds in datasets:
+        check_pixel_limits(ds, limits)
+    datasets = sorted(datasets, key=_instance_key)
     frames: list[Frame] = []
     for ds in datasets:
         uid = str(ds.get("SOPInstanceUID", ""))

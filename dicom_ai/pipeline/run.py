@@ -30,6 +30,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from sqlalchemy import update
 
 from dicom_ai import __version__
 from dicom_ai.config import LimitsSettings, Route, Settings, SRKind
@@ -40,12 +41,19 @@ from dicom_ai.exceptions import (
     ReportError,
     safe_message,
 )
-from dicom_ai.inference.postprocess import detections, point_to_image, to_image_space
+from dicom_ai.inference.postprocess import detections, heat_region, to_image_space
 from dicom_ai.inference.registry import Registry
 from dicom_ai.inference.runtime import InferenceError, Predictor, load_predictor
 from dicom_ai.inference.spec import ModelSpec
-from dicom_ai.pipeline.findings import Finding, HeatMap, Location, ModelRun
-from dicom_ai.pipeline.loading import DecodeError, Frame, LoadError, load_frames
+from dicom_ai.pipeline.findings import Finding, FindingScope, HeatMap, Location, ModelRun
+from dicom_ai.pipeline.loading import (
+    DecodeError,
+    Frame,
+    LoadError,
+    check_pixel_limits,
+    frames_of,
+    read_study,
+)
 from dicom_ai.pipeline.preprocessing import (
     PreprocessingError,
     luminance,
@@ -55,10 +63,11 @@ from dicom_ai.pipeline.preprocessing import (
 from storage import jobs
 from storage.db import Database
 from storage.filestore import fsync_dir, fsync_file
+from storage.models import Job
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["Analysis", "JobRunner", "ModelCache", "analyse", "result_uid"]
+__all__ = ["Analysis", "JobRunner", "ModelCache", "OutOfScopeError", "analyse", "result_uid"]
 
 # -- the analysis: frames in, a ModelRun out --------------------------------------------------
 @dataclass
@@ -68,6 +77,9 @@ class Analysis:
     run: ModelRun
     datasets: list[Dataset]
     timings: dict[str, float] = field(default_factory=dict)
+    #: One line per series with images the model did not take, and why (scope gate,
+    #: preprocessing); recorded on the job.
+    skipped: list[str] = field(default_factory=list)
 
 
 def _display(frame: Frame, predictor: Predictor, shape: tuple[int, int]) -> NDArray[np.float32]:
@@ -86,21 +98,43 @@ def _tracking_uid(seed: str, *parts: object) -> str:
     return str(generate_uid(entropy_srcs=["dicom-ai-tracking", seed, *map(str, parts)]))
 
 
+class OutOfScopeError(DicomAIError):
+    """No image of a job is one the model can take: the job ends without a clinical result.
+
+    Not a failure (nothing to retry): the job completes with no findings and no results, and
+    :attr:`reasons` (one line per skipped series) become its visible note.
+    """
+
+    def __init__(self, reasons: Sequence[str]) -> None:
+        self.reasons = list(reasons)
+        super().__init__("not applicable: " + "; ".join(self.reasons))
+
+
 def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
             explain: bool = True, explainer: Any = None,
             limits: LimitsSettings | None = None) -> Analysis:
-    """Run one model over the files of a series (or several series) and decide its findings.
+    """Run one model over the images of a study's series and decide its findings.
+
+    The files are grouped by series. Each image passes the model's scope gate
+    (:meth:`ModelSpec.scope_problem`: modality, body part, view, photometric interpretation,
+    pixel spacing, size) before anything is decoded; an image the gate or the preprocessing
+    refuses is skipped with a reason (:attr:`Analysis.skipped`), never failing the run. The
+    network runs on every eligible image in one batch. Findings follow the spec's
+    ``input_unit``: per image, plus one study-level decision (the spec's ``aggregate`` of the
+    image probabilities) when the images come from more than one series; per series (and the
+    study, for several series); or per study. All go into one SR (PS3.16 TID 1500, one TID
+    1501 group each).
 
     Parameters
     ----------
     paths : sequence of Path
-        The instances to analyse.
+        The instances to analyse, of one or several series of one study.
     predictor : Predictor
         The loaded model.
     seed : str
         Makes tracking UIDs deterministic per job (a retry reports the same UIDs).
     explain : bool
-        Compute Grad-CAM heat-maps for classifiers (the heat-map SC and the point location of
+        Compute Grad-CAM heat-maps for classifiers (the heat-map SC and the region location of
         present findings); needs `explainer`.
     explainer : callable, optional
         ``explainer(images, output_index=k) -> (N, H, W)`` maps, e.g. a
@@ -115,28 +149,69 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
 
     Raises
     ------
+    OutOfScopeError
+        No image is one the model can take (the reasons name each series).
     JobError
-        The images cannot be decoded, are above `limits` or do not suit the model (not
-        retryable), or the model failed (retryable).
+        The images cannot be read or decoded, or are above `limits` (not retryable), the
+        model is a volume model (not retryable), or the model failed (retryable).
     """
     spec = predictor.spec
     timings: dict[str, float] = {}
+    if spec.preprocessing.target_spacing is not None:
+        raise JobError(f"{spec.name} {spec.version} is a volume model (target_spacing); "
+                       "serving runs 2D models frame by frame", retryable=False)
     started = time.perf_counter()
     try:
-        frames = load_frames(paths, limits=limits)
+        groups = read_study(paths)
+    except LoadError as exc:
+        raise JobError(f"cannot load the images: {safe_message(exc)}", retryable=False) from exc
+    skipped: list[str] = []
+    eligible: list[list[Dataset]] = []
+    for series_uid, datasets in groups.items():
+        problems: dict[str, int] = {}
+        kept = []
+        for ds in datasets:
+            problem = spec.scope_problem(ds)
+            if problem is None:
+                kept.append(ds)
+            else:
+                problems[problem] = problems.get(problem, 0) + 1
+        if problems:
+            skipped.append(_skip_note(series_uid, len(datasets), problems))
+        if kept:
+            eligible.append(kept)
+    if not eligible:
+        raise OutOfScopeError(skipped)
+    try:
+        for datasets in eligible:  # every declared size before anything is decoded
+            for ds in datasets:
+                check_pixel_limits(ds, limits)
+        decoded = [frames_of(datasets, limits=limits) for datasets in eligible]
     except (DecodeError, LoadError) as exc:
         raise JobError(f"cannot load the images: {safe_message(exc)}", retryable=False) from exc
     timings["load"] = time.perf_counter() - started
-    _check_applies(spec, frames)
 
     started = time.perf_counter()
-    try:
-        inputs = np.stack([preprocess_frame(f.array, f.dataset, spec.preprocessing)
-                           for f in frames])
-    except PreprocessingError as exc:
-        raise JobError(f"{spec.name} {spec.version} cannot take these images: "
-                       f"{safe_message(exc)}",
-                       retryable=False) from exc
+    frames: list[Frame] = []
+    inputs_list: list[NDArray[np.float32]] = []
+    for series_frames in decoded:
+        problems = {}
+        for frame in series_frames:
+            try:
+                inputs_list.append(preprocess_frame(frame.array, frame.dataset,
+                                                    spec.preprocessing))
+            except PreprocessingError as exc:
+                problem = f"{spec.name} {spec.version} cannot take it: {safe_message(exc)}"
+                problems[problem] = problems.get(problem, 0) + 1
+                continue
+            frames.append(frame)
+        if problems:
+            first = series_frames[0].dataset
+            skipped.append(_skip_note(str(first.get("SeriesInstanceUID", "")),
+                                      len(series_frames), problems, unit="frames"))
+    if not frames:
+        raise OutOfScopeError(skipped)
+    inputs = np.stack(inputs_list)
     timings["preprocess"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -169,11 +244,11 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
                             frame.sop_instance_uid,
                             to_image_space(heat, spec.preprocessing, matrix),
                             _display(frame, predictor, matrix), _frame_number(frame)))
-                    if present:
-                        r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
-                        point = point_to_image(r + 0.5, c + 0.5, spec.preprocessing, shape)
-                        location = Location("point", frame.sop_instance_uid,
-                                            _frame_number(frame), point=point)
+                    region = heat_region(heat, spec.preprocessing, shape) if present else None
+                    if region is not None:  # the half-maximum region, not just its peak
+                        location = Location("bbox", frame.sop_instance_uid,
+                                            _frame_number(frame), point=region.peak,
+                                            bbox=region.bbox, area_pixels=region.area_pixels)
                 findings.append(Finding(
                     label=label.name, finding=label.finding, finding_site=label.finding_site,
                     probability=probability, threshold=label.threshold, present=present,
@@ -210,6 +285,7 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
                         "segment", frame.sop_instance_uid, _frame_number(frame),
                         point=det.centroid, bbox=det.bbox, segment_number=segment,
                         mask=det.mask, area_pixels=det.area_pixels)))
+    findings = _aggregate(spec, frames, findings, seed)
     timings["findings"] = time.perf_counter() - started
     first = frames[0].dataset
     run = ModelRun(
@@ -221,22 +297,63 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
     unique: dict[str, Dataset] = {}
     for frame in frames:
         unique.setdefault(frame.sop_instance_uid, frame.dataset)
-    return Analysis(run, list(unique.values()), timings)
+    return Analysis(run, list(unique.values()), timings, skipped)
 
 
-def _check_applies(spec: ModelSpec, frames: Sequence[Frame]) -> None:
-    if not frames:
-        raise JobError("the series holds no frames", retryable=False)
-    if spec.preprocessing.target_spacing is not None:
-        raise JobError(f"{spec.name} {spec.version} is a volume model (target_spacing); "
-                       "serving runs 2D models frame by frame", retryable=False)
-    if spec.modalities:
-        modalities = {str(f.dataset.get("Modality", "")) for f in frames}
-        wrong = sorted(modalities - set(spec.modalities))
-        if wrong:
-            raise JobError(f"{spec.name} {spec.version} applies to "
-                           f"{', '.join(spec.modalities)}, not {', '.join(wrong)}",
-                           retryable=False)
+def _skip_note(series_uid: str, total: int, problems: dict[str, int], *,
+               unit: str = "images") -> str:
+    """One line for a series with skipped images: UIDs and the gate's reasons, no values."""
+    count = sum(problems.values())
+    what = "skipped" if count == total else f"{count} of {total} {unit} skipped"
+    return f"series {series_uid} {what}: {'; '.join(problems)}"
+
+
+def _aggregate(spec: ModelSpec, frames: Sequence[Frame], findings: list[Finding],
+               seed: str) -> list[Finding]:
+    """The findings at the spec's ``input_unit``, the study's decision last.
+
+    An image's score for a label is its highest probability for it (a classifier's output,
+    or a segmentation's strongest detection or map maximum); a series' or the study's is the
+    spec's ``aggregate`` of its images' scores, decided at the label's threshold. Image-level
+    findings (with their locations) are kept for ``input_unit = "image"``. A study decision
+    is added when the images come from more than one series (for ``study``: always); the
+    images of one series keep their own decisions only. Image findings come first, in output
+    order per image: :func:`~dicom_ai.reporting.capture.heatmap_finding` takes an image's
+    first finding as the one its heat-map explains.
+    """
+    series_of: dict[str, str] = {}
+    for frame in frames:
+        series_of.setdefault(frame.sop_instance_uid, str(frame.dataset.SeriesInstanceUID))
+    images = list(series_of)
+
+    def combined(label: Any, uids: Sequence[str], scope: FindingScope, *key: str) -> Finding:
+        wanted = set(uids)
+        scores: dict[str, float] = {}
+        for f in findings:
+            uid = f.sop_instance_uids[0]
+            if f.label == label.name and uid in wanted:
+                scores[uid] = max(scores.get(uid, 0.0), f.probability)
+        values = list(scores.values())
+        probability = float(max(values) if spec.aggregate == "max" else np.mean(values))
+        return Finding(
+            label=label.name, finding=label.finding, finding_site=label.finding_site,
+            probability=probability, threshold=label.threshold,
+            present=probability >= label.threshold, sop_instance_uids=tuple(uids),
+            tracking_uid=_tracking_uid(seed, scope, *key, label.name), scope=scope,
+        )
+
+    by_series: dict[str, list[str]] = {}
+    for uid in images:
+        by_series.setdefault(series_of[uid], []).append(uid)
+    study: list[Finding] = []
+    if spec.input_unit == "study" or len(by_series) > 1:
+        study = [combined(label, images, "study") for label in spec.outputs]
+    if spec.input_unit == "study":
+        return study
+    if spec.input_unit == "series":
+        return [combined(label, uids, "series", series_uid)
+                for series_uid, uids in by_series.items() for label in spec.outputs] + study
+    return findings + study
 
 
 def _explain(explainer: Any, inputs: NDArray[np.float32], outputs: NDArray[np.float32],
@@ -308,7 +425,8 @@ def _explainer_for(predictor: Predictor) -> Any:
     from dicom_ai.inference.explain import GradCam
 
     try:
-        return GradCam(predictor.model)  # type: ignore[attr-defined]
+        # Fixed colour scale: the map's top is the model's probability (explain.py).
+        return GradCam(predictor.model, scale="probability")  # type: ignore[attr-defined]
     except ValueError as exc:
         LOGGER.warning("no Grad-CAM for %s: %s", predictor.label, exc)
         return None
@@ -406,7 +524,7 @@ class JobRunner:
         queued = (now - job.created_at).total_seconds()
         try:
             with self._heartbeat(job.id):
-                version, findings, results, timings = self._execute(job)
+                version, findings, results, timings, note = self._execute(job)
         except Exception as exc:
             retryable = exc.retryable if isinstance(exc, JobError) else True
             if not isinstance(exc, DicomAIError):
@@ -431,11 +549,15 @@ class JobRunner:
                                    supersedes_job_id=job.supersedes_job_id)
             if not ok:
                 session.rollback()
+            elif note:  # why series were skipped (or all were), in the same transaction
+                session.execute(update(Job).where(Job.id == job.id).values(error=note[:4000]))
         if not ok:
             LOGGER.warning("job %d: lease lost before completion; another worker has it", job.id)
             return "skipped"
-        LOGGER.info("job %d done: %d findings, %d results (commit %.3f s)", job.id,
-                    len(findings), len(results), time.perf_counter() - started)
+        LOGGER.info("job %d done: %d findings, %d results (commit %.3f s)%s", job.id,
+                    len(findings), len(results), time.perf_counter() - started,
+                    "; not applicable, no result sent" if not findings and note else
+                    "; some series skipped" if note else "")
         return "done"
 
     @contextmanager
@@ -469,7 +591,14 @@ class JobRunner:
         raise JobError(f"route {name!r} is no longer configured", retryable=False)
 
     def _execute(self, job: Any) -> tuple[str, list[dict[str, Any]],
-                                          list[jobs.ResultToStore], dict[str, float]]:
+                                          list[jobs.ResultToStore], dict[str, float],
+                                          str | None]:
+        """Analyse the job's series and build its results.
+
+        Returns the model version, finding rows, result files, stage timings and a note for
+        the job row: the series the model skipped and why, or, when it took none, ``"not
+        applicable: ..."`` with no findings and no results (nothing is sent).
+        """
         route = self._route(job.route)
         predictor, explainer = self.models.get(job.model_name)
         series_uids = json.loads(job.series_instance_uids)
@@ -484,8 +613,13 @@ class JobRunner:
         paths = [self.store.absolute(p) for p in relative]
         seed = f"{job.study_instance_uid}/{job.id}/{job.created_at.isoformat()}"
         explain = explainer is not None
-        analysis = analyse(paths, predictor, seed=seed, explain=explain, explainer=explainer,
-                           limits=self.settings.limits)
+        try:
+            analysis = analyse(paths, predictor, seed=seed, explain=explain,
+                               explainer=explainer, limits=self.settings.limits)
+        except OutOfScopeError as exc:
+            LOGGER.info("job %d: %s %s takes none of its %d series; no result", job.id,
+                        predictor.spec.name, predictor.spec.version, len(series_uids))
+            return predictor.spec.version, [], [], {}, str(exc)[:4000]
         started = time.perf_counter()
         results, heatmap_paths = self._build_results(job, route, analysis, seed, previous)
         analysis.timings["report"] = time.perf_counter() - started
@@ -493,7 +627,8 @@ class JobRunner:
                      for ds in analysis.datasets}
         findings = [_finding_row(f, analysis.run, heatmap_paths, series_of)
                     for f in analysis.run.findings]
-        return predictor.spec.version, findings, results, analysis.timings
+        note = "; ".join(analysis.skipped)[:4000] or None
+        return predictor.spec.version, findings, results, analysis.timings, note
 
     def _build_results(self, job: Any, route: Route, analysis: Analysis, seed: str,
                        previous: Sequence[Any]) -> tuple[list[jobs.ResultToStore],
@@ -504,6 +639,7 @@ class JobRunner:
             build_seg,
             build_sr,
         )
+        from dicom_ai.reporting.capture import heatmap_finding
 
         run = analysis.run
         sources = analysis.datasets
@@ -536,11 +672,17 @@ class JobRunner:
         if route.send_heatmap:
             series_uid = result_uid(seed, "sc-series")
             for n, heat in enumerate(run.heatmaps, start=1):
+                explained = heatmap_finding(run, heat)
+                # The map of an absent finding shows where the model looked, not a lesion: a
+                # PACS user would read it as one, so only on request (heatmap_for = "all").
+                if route.heatmap_for == "positive" and not (explained and explained.present):
+                    continue
                 source = next(s for s in sources if s.SOPInstanceUID == heat.sop_instance_uid)
                 with _building("heat-map SC", [source]):
                     sc = build_heatmap_capture(heat, source, run, series_instance_uid=series_uid,
                                                sop_instance_uid=result_uid(seed, "sc", n),
-                                               instance_number=n, software_version=version)
+                                               instance_number=n, software_version=version,
+                                               finding=explained)
                     keep(sc, "heatmap", None, [d.name for d in wanted])
                 heatmap_paths[heat.sop_instance_uid] = results[-1].path
         kinds: list[SRKind] = sorted({d.sr_kind for d in wanted}) or ["comprehensive"]
@@ -573,10 +715,14 @@ def _finding_row(finding: Finding, run: ModelRun, heatmap_paths: dict[str, str],
             geometry["bbox"] = [round(v, 2) for v in location.bbox]
         if location.area_pixels is not None:
             geometry["area_pixels"] = location.area_pixels
-    sop_uid = finding.sop_instance_uids[0]
+    # A series or study decision names no one image: its row has an empty image UID (and,
+    # for the study, an empty series UID); the SR lists all its source images.
+    sop_uid = finding.sop_instance_uids[0] if finding.scope == "image" else ""
+    series_uid = (series_of.get(finding.sop_instance_uids[0], run.series_instance_uid)
+                  if finding.scope != "study" else "")
     return {
         "study_instance_uid": run.study_instance_uid,
-        "series_instance_uid": series_of.get(sop_uid, run.series_instance_uid),
+        "series_instance_uid": series_uid,
         "sop_instance_uid": sop_uid,
         "frame_number": location.frame_number if location is not None else None,
         "model_name": run.model_name,

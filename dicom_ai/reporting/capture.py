@@ -3,11 +3,16 @@
 An RGB image of the source's size, or scaled down to :data:`MAX_CAPTURE_SIDE` pixels on its
 longer side for larger sources (aspect kept, Pixel Spacing scaled to match): the grey image the
 model saw, with the heat-map's colour blended in proportionally to the heat (cold areas stay
-plain grey), and a burned-in banner "NOT FOR DIAGNOSTIC USE - AI heat-map <model> <version>" at
-the top. It joins the source study in a new series and names the source image in the Source
-Image Sequence (C.7.6.1.1.4). The bound keeps a capture of an 8192 x 8192 source at 3 MB instead
-of 200 MB, and the memory to build it small; the map itself comes from a model input of a few
-hundred pixels, so nothing is lost.
+plain grey), and a burned-in banner at the top stating what it is and what the model decided:
+"NOT FOR DIAGNOSTIC USE", "AI heat-map <model> <version>", "<finding> PRESENT|ABSENT
+p=<probability> (threshold <t>)" and a colour legend on a fixed 0..1 scale. The same text is in
+Image Comments (0020,4000), and Burned In Annotation (0028,0301) is YES. The colour scale is
+not normalised per image: the service's heat is Grad-CAM times the model's probability
+(:mod:`dicom_ai.inference.explain`, ``scale="probability"``), so red appears only where the
+model says the finding is present with high probability. It joins the source study in a new
+series and names the source image in the Source Image Sequence (C.7.6.1.1.4). The bound keeps
+a capture of an 8192 x 8192 source at 3 MB instead of 200 MB, and the memory to build it small;
+the map itself comes from a model input of a few hundred pixels, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -21,12 +26,12 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_ai.pipeline.findings import HeatMap, ModelRun
+from dicom_ai.pipeline.findings import Finding, HeatMap, ModelRun
 from dicom_ai.pipeline.preprocessing import fit_shape, resize
 from dicom_ai.reporting.sr import MANUFACTURER, source_header
 
-__all__ = ["MAX_ALPHA", "MAX_CAPTURE_SIDE", "build_heatmap_capture", "capture_shape", "colorize",
-           "heat_colors"]
+__all__ = ["MAX_ALPHA", "MAX_CAPTURE_SIDE", "banner_lines", "build_heatmap_capture",
+           "capture_shape", "colorize", "heat_colors", "heatmap_finding"]
 
 #: Opacity of the colour where the heat is 1; it falls linearly to 0 where the heat is 0.
 MAX_ALPHA = 0.6
@@ -102,28 +107,97 @@ def colorize(display: NDArray[np.floating], values: NDArray[np.floating]) -> NDA
     return np.asarray(np.clip(np.round(blended), 0, 255), dtype=np.uint8)
 
 
+def heatmap_finding(run: ModelRun, heatmap: HeatMap) -> Finding | None:
+    """The finding a heat-map explains: the run's first finding on the heat-map's image.
+
+    The service maps a classifier's first output (the spec's first label) for every image, and
+    :func:`dicom_ai.pipeline.run.analyse` lists each image's findings in output order, so the
+    first finding naming the image is that output's.
+
+    Parameters
+    ----------
+    run : ModelRun
+    heatmap : HeatMap
+
+    Returns
+    -------
+    Finding or None
+        None when the run has no finding on that image.
+    """
+    return next((f for f in run.findings
+                 if f.sop_instance_uids and f.sop_instance_uids[0] == heatmap.sop_instance_uid),
+                None)
+
+
+def banner_lines(run: ModelRun, finding: Finding | None) -> list[str]:
+    """The burned-in banner's text: what the image is, which model, and what it decided.
+
+    Parameters
+    ----------
+    run : ModelRun
+        Model name and version.
+    finding : Finding, optional
+        The explained finding (probability, threshold, decision); None leaves that line out.
+
+    Returns
+    -------
+    list of str
+    """
+    lines = ["NOT FOR DIAGNOSTIC USE", f"AI heat-map {run.model_name} {run.model_version}"]
+    if finding is not None:
+        decision = "PRESENT" if finding.present else "ABSENT"
+        lines.append(f"{finding.finding.meaning} {decision} p={finding.probability:.3f} "
+                     f"(threshold {finding.threshold:.3f})")
+    return lines
+
+
+#: The legend's text: the colour scale is fixed (module docstring), its top is p = 1.
+LEGEND = "colour = Grad-CAM x p, fixed scale 0"
+
+
 def _burn_banner(rgb: NDArray[np.uint8], lines: list[str]) -> NDArray[np.uint8]:
-    """Burn white text on a black bar across the top, shrinking the font until it fits."""
+    """Burn white text and a colour legend on a black bar across the top.
+
+    The font shrinks until every line fits; the last line is the legend, the text
+    :data:`LEGEND`, a colour ramp of the heat-map's scale and "1".
+    """
     image = Image.fromarray(rgb, mode="RGB")
     draw = ImageDraw.Draw(image)
+    draw.fontmode = "1"  # no anti-aliasing: crisp white text, legible however it is scaled
     width, height = image.size
-    layouts = [[" - ".join(lines)], lines]
+    ramp_width = max(16, width // 6)
+    legend_width = ramp_width + 16  # a gap, the ramp, then " 1"
+    layouts = [[" - ".join(lines), LEGEND], [*lines, LEGEND]]
     chosen: tuple[list[str], ImageFont.FreeTypeFont | ImageFont.ImageFont] | None = None
     for size in range(max(8, height // 24), 5, -1):
         font = ImageFont.load_default(size=size)
         for layout in layouts:
-            if all(draw.textlength(text, font=font) <= width - 4 for text in layout):
+            # Un-antialiased text renders up to a few per cent wider than measured: 10% spare.
+            if all(1.1 * draw.textlength(text, font=font) + (legend_width if n == len(layout) - 1
+                                                             else 0) <= width - 4
+                   for n, text in enumerate(layout)):
                 chosen = (layout, font)
                 break
         if chosen:
             break
-    if chosen is None:  # a tiny image: the smallest font, two lines, clipped at the edge
-        chosen = (lines, ImageFont.load_default(size=6))
+    if chosen is None:  # a tiny image: the smallest font, one line each, clipped at the edge
+        chosen = ([*lines, LEGEND], ImageFont.load_default(size=6))
     layout, font = chosen
     line_height = int(draw.textbbox((0, 0), "Ag", font=font)[3]) + 2
     draw.rectangle((0, 0, width, line_height * len(layout) + 2), fill=(0, 0, 0))
     for index, text in enumerate(layout):
         draw.text((2, 1 + index * line_height), text, fill=(255, 255, 255), font=font)
+    # The legend's ramp at the right end of its line, at the colours full opacity would give.
+    top = 1 + (len(layout) - 1) * line_height
+    left = width - legend_width + 4
+    lut = heat_colors()
+    for x in range(ramp_width):
+        if left + x >= width:
+            break
+        colour = lut[round(x * (len(lut) - 1) / max(1, ramp_width - 1))]
+        draw.line((left + x, top + 2, left + x, top + line_height - 3),
+                  fill=(int(colour[0]), int(colour[1]), int(colour[2])))
+    draw.text((left + ramp_width + 3, top), "1", fill=(255, 255, 255), font=font)
     return np.asarray(image, dtype=np.uint8)
 
 
@@ -157,7 +231,8 @@ def _orientation(source: Dataset) -> tuple[str, str] | None:
 def build_heatmap_capture(heatmap: HeatMap, source: Dataset, run: ModelRun, *,
                           series_instance_uid: str, sop_instance_uid: str,
                           series_number: int = 9903, instance_number: int = 1,
-                          software_version: str = "") -> Dataset:
+                          software_version: str = "",
+                          finding: Finding | None = None) -> Dataset:
     """Build the heat-map Secondary Capture of one source image (PS3.3 A.8.1, C.8.6).
 
     Parameters
@@ -176,11 +251,15 @@ def build_heatmap_capture(heatmap: HeatMap, source: Dataset, run: ModelRun, *,
         General Series / General Image numbers.
     software_version : str
         Software Versions (0018,1020) of dicom-ai.
+    finding : Finding, optional
+        The finding the map explains, for the banner's probability and decision; default
+        :func:`heatmap_finding`.
 
     Returns
     -------
     pydicom.dataset.Dataset
-        An RGB Secondary Capture Image with Burned In Annotation "YES", of
+        An RGB Secondary Capture Image with Burned In Annotation "YES" and the banner's text in
+        Image Comments, of
         :func:`capture_shape` of the source (Pixel Spacing scaled when it is smaller).
 
     Raises
@@ -201,9 +280,8 @@ def build_heatmap_capture(heatmap: HeatMap, source: Dataset, run: ModelRun, *,
                              f"are neither the source image's {shape} nor the capture's {matrix}")
     values, display = (array if array.shape == matrix else resize(array, matrix)
                        for array in (heatmap.values, heatmap.display))
-    rgb = _burn_banner(colorize(display, values), [
-        "NOT FOR DIAGNOSTIC USE", f"AI heat-map {run.model_name} {run.model_version}",
-    ])
+    lines = banner_lines(run, finding if finding is not None else heatmap_finding(run, heatmap))
+    rgb = _burn_banner(colorize(display, values), lines)
     orientation = _orientation(header)
     laterality = str(header.get("Laterality", "") or "")
     spacing = header.get("PixelSpacing")
@@ -237,10 +315,13 @@ def build_heatmap_capture(heatmap: HeatMap, source: Dataset, run: ModelRun, *,
     if orientation is None:
         sc.PatientOrientation = ""
     sc.ImageType = ["DERIVED", "SECONDARY"]
-    sc.BurnedInAnnotation = "YES"
+    sc.BurnedInAnnotation = "YES"  # the banner (PS3.3 C.7.6.1.1.7)
+    # The banner's text as an attribute too: readable without OCR (LT, up to 10240 chars).
+    sc.ImageComments = " - ".join(lines)
     scaled = "" if matrix == shape else f", scaled from {shape[0]} x {shape[1]}"
-    sc.DerivationDescription = (f"Heat-map of {run.model_name} {run.model_version} blended over "
-                                f"the source image{scaled}; not for diagnostic use")
+    sc.DerivationDescription = (f"Grad-CAM of {run.model_name} {run.model_version} times its "
+                                f"probability (fixed 0-1 colour scale) blended over the source "
+                                f"image{scaled}; not for diagnostic use")
     # from_ref_dataset copies neither; strict validation wants them (DICOM-NOTES).
     if header.get("BodyPartExamined"):
         sc.BodyPartExamined = header.BodyPartExamined

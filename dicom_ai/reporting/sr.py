@@ -31,7 +31,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
-from pydicom.valuerep import DA, DT, TM, validate_value
+from pydicom.valuerep import DA, DT, TM, format_number_as_ds, validate_value
 
 from dicom_ai.exceptions import ReportError
 from dicom_ai.pipeline.findings import Finding, ModelRun
@@ -134,7 +134,7 @@ def _valid(vr: str, value: object) -> bool:
     """`value` fits the format of `vr` (PS3.5 6.2), as pydicom and highdicom parse it."""
     try:
         validate_value(vr, value, pydicom_config.RAISE)  # raises without logging the value
-        parse = _FORMATTED_VRS[vr]
+        parse = _FORMATTED_VRS.get(vr)
         if parse is not None and value:
             parse(value)
     except (ValueError, TypeError):
@@ -142,15 +142,47 @@ def _valid(vr: str, value: object) -> bool:
     return True
 
 
+def _decimal_string(value: object) -> str | None:
+    """A DS value as a valid DS (PS3.5 6.2: at most 16 characters): itself when valid, the
+    same number re-encoded in 16 characters when it has too many digits, None when it is not
+    a number."""
+    text = str(value)
+    if _valid("DS", text):
+        return text
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return format_number_as_ds(number) if np.isfinite(number) else None
+
+
+def _person_name(value: str) -> str:
+    """A PN value in the form PS3.5 6.2 allows: per component group, trailing ``^`` dropped,
+    components past the fifth joined to the fifth (name suffix) with a space, the group cut
+    at 64 characters (PS3.5 Table 6.2-1). A valid name is returned as it is."""
+    groups = []
+    for group in value.split("="):
+        parts = group.rstrip("^").split("^")
+        if len(parts) > 5:
+            parts = [*parts[:4], " ".join(p for p in parts[4:] if p)]
+        groups.append("^".join(parts)[:64].rstrip("^"))
+    fixed = "=".join(groups)
+    return value if fixed == value.rstrip("^=") or fixed == value else fixed
+
+
 def _sanitise(header: Dataset) -> list[str]:
     """Empty the values highdicom would refuse to copy into a result object; keywords changed.
 
     Vendor quirks seen in sources: a dashed date (``1901-12-31``) or another unparsable DA,
-    DT, TM or AS value, a Patient's Sex outside M/F/O (``U``), or several values in a
-    single-valued person name. highdicom validates what it copies strictly and its error
-    quotes the value, so the copy is fixed first: an invalid formatted value becomes empty
-    (allowed for type 2 and 3 attributes, and what "unknown" is), a single-valued PN keeps its
-    first value. Only top-level attributes are looked at: those are what results copy.
+    DT, TM or AS value, a Patient's Sex outside M/F/O (``U``; lower case is upper-cased), a
+    decimal string with too many digits (``70.12345678901234567``: re-encoded in 16
+    characters; one that is no number is emptied), several values in a single-valued person
+    name (the first kept), or a person name with more than five components or a group
+    over 64 characters (:func:`_person_name`). highdicom validates what it copies strictly
+    and its error quotes the value, and dciodvfy rejects what it lets through, so the copy is
+    fixed first: an invalid formatted value becomes empty (allowed for type 2 and 3
+    attributes, and what "unknown" is); the source files keep their values as received. Only
+    top-level attributes are looked at: those are what results copy.
     """
     changed: list[str] = []
     for elem in header:
@@ -165,11 +197,26 @@ def _sanitise(header: Dataset) -> list[str]:
                 elem.value = ""
                 changed.append(elem.keyword or str(elem.tag))
         elif elem.keyword == "PatientSex" and (multiple or str(value) not in _PATIENT_SEX):
-            elem.value = ""
+            # Lower case ("f") is a known quirk of a valid code; anything else is unknown.
+            upper = "" if multiple else str(value).strip().upper()
+            elem.value = upper if upper in _PATIENT_SEX else ""
             changed.append(elem.keyword)
+        elif elem.VR == "DS":
+            values = list(value) if multiple else [value]
+            fixed = [_decimal_string(v) for v in values]
+            if any(f is None for f in fixed):
+                elem.value = ""
+                changed.append(elem.keyword or str(elem.tag))
+            elif fixed != [str(v) for v in values]:
+                elem.value = fixed if multiple else fixed[0]
+                changed.append(elem.keyword or str(elem.tag))
         elif elem.VR == "PN" and multiple and elem.keyword and dictionary_VM(elem.tag) == "1":
-            elem.value = value[0]
+            first = _person_name(str(value[0]))
+            elem.value = first
             changed.append(elem.keyword)
+        elif elem.VR == "PN" and not multiple and _person_name(str(value)) != str(value):
+            elem.value = _person_name(str(value))
+            changed.append(elem.keyword or str(elem.tag))
     return changed
 
 

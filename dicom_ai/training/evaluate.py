@@ -5,8 +5,10 @@ The images go through :func:`~dicom_ai.training.dataset.load_inputs` (the servin
 figures are those of the service. Classification reports accuracy, precision, recall, specificity,
 F1, ROC AUC with a bootstrap 95% CI, PR AUC, Brier score, expected calibration error, the
 confusion matrix at the spec's threshold and the threshold reaching a target sensitivity;
-segmentation reports Dice and per-lesion detection. With an output folder it writes plots, the
-metrics as JSON and a model card.
+segmentation reports Dice and per-lesion detection. A Keras classifier evaluated on images with
+lesion masks also gets its localisation measured: the hit rates of the heat-map regions the
+service reports, and of the old peak point (:mod:`dicom_ai.training.localisation`), under
+``localisation``. With an output folder it writes plots, the metrics as JSON and a model card.
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from dicom_ai.inference.runtime import load_predictor
+from dicom_ai.inference.runtime import Predictor, load_predictor
 from dicom_ai.inference.spec import ModelSpec
-from dicom_ai.training.dataset import load_inputs, load_masks, read_samples
+from dicom_ai.training.dataset import Sample, load_inputs, load_masks, read_samples
 
-__all__ = ["SYNTHETIC_NOTE", "evaluate_model"]
+__all__ = ["SYNTHETIC_NOTE", "evaluate_model", "localisation"]
 
 SYNTHETIC_NOTE = ("Trained on synthetic phantoms only (dicom-ai synth); not validated on patient "
                   "images and not for clinical use.")
@@ -29,6 +31,57 @@ SYNTHETIC_NOTE = ("Trained on synthetic phantoms only (dicom-ai synth); not vali
 
 def _synthetic_only(spec: ModelSpec) -> bool:
     return "synth" in spec.provenance.training_data.lower()
+
+
+def _mm_per_input_pixel(sample: Sample, spec: ModelSpec) -> float:
+    """Size in mm of one model-input pixel of `sample` (rows; 1 pixel = 1 mm without spacing)."""
+    import pydicom
+
+    header = pydicom.dcmread(sample.path, stop_before_pixels=True)
+    spacing = header.get("PixelSpacing") or header.get("ImagerPixelSpacing")
+    row_mm = float(spacing[0]) if spacing else 1.0
+    return row_mm * int(header.Rows) / int(spec.preprocessing.input_shape[0])
+
+
+def localisation(predictor: Predictor, samples: list[Sample], inputs: Any,
+                 probs: Any) -> dict[str, Any] | None:
+    """Localisation of a Keras classifier's true positives against their lesion masks.
+
+    The maps are the service's (:class:`~dicom_ai.inference.explain.GradCam`,
+    ``scale="probability"``); see :func:`~dicom_ai.training.localisation.localisation_report`.
+
+    Parameters
+    ----------
+    predictor : Predictor
+        The loaded classifier.
+    samples : list of Sample
+        The evaluated images, in the order of `inputs` and `probs`.
+    inputs, probs : numpy.ndarray
+        Model inputs ``(N, H, W, C)`` and outputs ``(N, K)``.
+
+    Returns
+    -------
+    dict or None
+        None when it does not apply: not a Keras classifier, or no positive with a mask.
+    """
+    spec = predictor.spec
+    if spec.task != "classification" or predictor.backend != "keras":
+        return None
+    threshold = spec.outputs[0].threshold
+    positives = [i for i, s in enumerate(samples) if s.label == 1 and s.mask_path is not None]
+    hits = [i for i in positives if float(probs[i, 0]) >= threshold]
+    if not positives:
+        return None
+    from dicom_ai.inference.explain import GradCam
+    from dicom_ai.training.localisation import localisation_report
+
+    explainer = GradCam(predictor.model, scale="probability")  # type: ignore[attr-defined]
+    chosen = [samples[i] for i in hits]
+    maps: list[Any] = list(explainer(np.asarray(inputs)[hits])) if hits else []
+    masks: list[Any] = list(load_masks(chosen, spec.preprocessing)[..., 0]) if hits else []
+    return localisation_report(
+        maps, masks, spec.preprocessing,
+        mm_per_pixel=[_mm_per_input_pixel(s, spec) for s in chosen], positives=len(positives))
 
 
 def evaluate_model(
@@ -65,7 +118,8 @@ def evaluate_model(
     -------
     dict
         The metrics (see :func:`dicom_ai.training.metrics.classification_report`) plus ``model``,
-        ``version``, ``task`` and ``images``.
+        ``version``, ``task`` and ``images``, and ``localisation`` for a Keras classifier
+        evaluated on images with lesion masks (:func:`localisation`).
     """
     import json
 
@@ -86,6 +140,9 @@ def evaluate_model(
         result.update(metrics.classification_report(
             y_true, probs[:, 0], threshold, target_sensitivity=target_sensitivity,
             n_bootstrap=n_bootstrap, seed=seed))
+        located = localisation(predictor, samples, inputs, probs)
+        if located is not None:
+            result["localisation"] = located
     else:
         masks = load_masks(samples, spec.preprocessing)
         result.update(metrics.segmentation_report(
@@ -113,6 +170,7 @@ def evaluate_model(
                           f" detection on {', '.join(spec.modalities) or 'any'} images of "
                           f"{', '.join(spec.body_parts) or 'any body part'}."),
             training_data=spec.provenance.training_data or "not recorded",
-            metrics=result, limitations=limitations,
-            synthetic_only=_synthetic_only(spec), plots=plots)
+            metrics={k: v for k, v in result.items() if k != "localisation"},
+            limitations=limitations, synthetic_only=_synthetic_only(spec), plots=plots,
+            localisation=result.get("localisation"))
     return result

@@ -342,6 +342,37 @@ def _metrics_table(metrics: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _percent(value: Any) -> str:
+    return "n/a" if value is None else f"{100.0 * float(value):.1f}%"
+
+
+def _localisation_section(loc: Mapping[str, Any]) -> list[str]:
+    """The model card's Localisation section: region vs. peak-point hit rates."""
+    distance = loc.get("point_distance_mm_median")
+    longest = loc.get("point_distance_mm_max")
+    rows = [
+        ("True positives with a lesion mask", _cell(loc.get("true_positives"))),
+        ("Region hit rate (box overlaps a lesion)", _percent(loc.get("region_hit_rate"))),
+        ("Peak-point hit rate (peak inside a lesion)", _percent(loc.get("point_hit_rate"))),
+        ("Peak to nearest lesion pixel, median / max",
+         "n/a" if distance is None else f"{distance:.1f} mm / {float(longest or 0.0):.1f} mm"),
+        ("Box area, median share of the image",
+         _percent(loc.get("region_area_fraction_median"))),
+        ("Chance level: the same boxes placed at random",
+         _percent(loc.get("region_hit_rate_random"))),
+    ]
+    return [
+        "## Localisation", "",
+        "Where a present finding is, as the service reports it: the bounding box of the "
+        f"Grad-CAM map's region above {float(loc.get('cut', 0.5)):.0%} of its peak (TID 1410 "
+        "SCOORD POLYLINE), compared with the map's peak as a point (what earlier versions "
+        "reported), on the true positives of the test set against their ground-truth lesion "
+        "masks.", "",
+        "| Measure | Value |", "| --- | --- |",
+        *[f"| {label} | {value} |" for label, value in rows], "",
+    ]
+
+
 def write_model_card(
     out: Path,
     *,
@@ -355,6 +386,7 @@ def write_model_card(
     limitations: Sequence[str],
     synthetic_only: bool,
     plots: Sequence[str] = (),
+    localisation: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a Markdown model card, ``out/model_card.md``.
 
@@ -381,6 +413,9 @@ def write_model_card(
         under Intended use and under Limitations, that it is not for clinical use.
     plots : sequence of str, default ()
         Image paths to embed, best given relative to ``out``.
+    localisation : mapping, optional
+        Heat-map localisation against lesion masks
+        (:func:`~dicom_ai.training.localisation.localisation_report`): a Localisation section.
 
     Returns
     -------
@@ -410,6 +445,8 @@ def write_model_card(
     lines += [f"![{Path(plot).stem.replace('_', ' ')}]({plot})" for plot in plots]
     if plots:
         lines.append("")
+    if localisation:
+        lines += _localisation_section(localisation)
     bullets = [SYNTHETIC_ONLY_NOTICE] if synthetic_only else []
     bullets += list(limitations)
     lines += ["## Limitations", ""]

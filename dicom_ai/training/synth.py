@@ -13,8 +13,11 @@ spherical lesions. Lesions are always brighter than their surroundings; ``diffic
 makes them smaller and fainter.
 
 Everything derives from ``seed``: UIDs (``generate_uid(entropy_srcs=...)``), dates, sizes and
-pixels, so the same arguments give byte-identical files. For volumes the label and lesion
-geometry are per study and repeated on each slice's row; ``mask_path`` is relative to ``out``.
+pixels, so the same arguments give byte-identical files. UIDs also derive from every other
+argument that changes content (study count, positive fraction, difficulty) and from a
+``namespace`` (the demo has its own): two runs that differ in pixels never share a UID. For
+volumes the label and lesion geometry are per study and repeated on each slice's row;
+``mask_path`` is relative to ``out``.
 """
 
 from __future__ import annotations
@@ -130,10 +133,11 @@ class _Image:
     intercept: float
 
 
-def _uid(seed: int, modality: str, *parts: object) -> UID:
+def _uid(seed: int, modality: str, *parts: object, variant: str = "") -> UID:
     # generate_uid hashes the sources concatenated: without a separator ("instance", 1, 14)
     # and ("instance", 11, 4) gave one SOP Instance UID to two slices of different studies.
-    return generate_uid(entropy_srcs=["|".join(["dicom-ai synth", str(seed), modality,
+    # `variant` names everything else that changes the content (see synthesize).
+    return generate_uid(entropy_srcs=["|".join(["dicom-ai synth", str(seed), modality, variant,
                                                 *(str(p) for p in parts)])])
 
 
@@ -532,7 +536,7 @@ def _write(ds: Dataset, arr: NDArray[np.integer], path: Path, codec: tuple[UID, 
 
 def synthesize(out: Path, *, studies: int, seed: int, modality: Modality,
                positive_fraction: float = 0.5, difficulty: float = 0.5,
-               compress: bool = True) -> SynthReport:
+               compress: bool = True, namespace: str = "synth") -> SynthReport:
     """Write ``studies`` synthetic studies of ``modality`` with labels and masks under ``out``.
 
     Parameters
@@ -552,6 +556,11 @@ def synthesize(out: Path, *, studies: int, seed: int, modality: Modality,
     compress : bool
         When false every instance is written Explicit VR Little Endian; pixels, UIDs and
         headers are otherwise identical to the compressed run.
+    namespace : str
+        Part of every UID, with all arguments above that change content (not ``out`` or
+        ``compress``): runs that differ in any of them never share a UID (PS3.5 9.1: a UID
+        names one object). ``dicom-ai demo`` uses its own namespace, so ``synth`` never
+        reproduces the demo's UIDs.
 
     Returns
     -------
@@ -566,6 +575,9 @@ def synthesize(out: Path, *, studies: int, seed: int, modality: Modality,
         raise ValueError("positive_fraction and difficulty must be within [0, 1]")
     out = Path(out)
     (out / "masks").mkdir(parents=True, exist_ok=True)
+    # The label of study i depends on the study count (shuffled flags), its pixels on the
+    # fraction and difficulty: all of them name the run.
+    variant = f"{namespace}|{studies}|{positive_fraction!r}|{difficulty!r}"
     n_positive = round(studies * positive_fraction)
     flags = np.zeros(studies, dtype=bool)
     flags[:n_positive] = True
@@ -583,9 +595,9 @@ def synthesize(out: Path, *, studies: int, seed: int, modality: Modality,
         codec = _CODECS[int(rng.integers(0, len(_CODECS)))]
         if not compress:
             codec = (ExplicitVRLittleEndian, "")
-        study_uid = _uid(seed, modality, "study", index)
-        series_uid = _uid(seed, modality, "series", index)
-        frame_uid = _uid(seed, modality, "frame", index)
+        study_uid = _uid(seed, modality, "study", index, variant=variant)
+        series_uid = _uid(seed, modality, "series", index, variant=variant)
+        frame_uid = _uid(seed, modality, "frame", index, variant=variant)
         header_rng = np.random.default_rng([seed, _MODALITY_INDEX[modality], index, 1])
         mask_path = ""
         if image.mask is not None:
@@ -612,7 +624,7 @@ def synthesize(out: Path, *, studies: int, seed: int, modality: Modality,
         }
         for k, plane in enumerate(planes):
             ds = Dataset()
-            sop_uid = _uid(seed, modality, "instance", index, k)
+            sop_uid = _uid(seed, modality, "instance", index, k, variant=variant)
             ds.SOPClassUID = SOP_CLASSES[modality]
             ds.SOPInstanceUID = sop_uid
             _common(ds, seed=seed, modality=modality, index=index,

@@ -38,7 +38,8 @@ def test_demo_command_returns_an_sr_and_a_heatmap_per_study(tmp_path: Path) -> N
     srs = {str(ds.StudyInstanceUID): ds for ds in received if ds.SOPClassUID in SR_CLASSES}
     heatmaps = [ds for ds in received if ds.SOPClassUID == SC_CLASS]
     assert set(srs) == set(truth)  # one SR per pushed study, filed in that study
-    assert {str(ds.StudyInstanceUID) for ds in heatmaps} == set(truth)
+    # A heat-map for each positive study only (heatmap_for = "positive", the default).
+    assert {str(ds.StudyInstanceUID) for ds in heatmaps} == {s for s, p in truth.items() if p}
     for study, sr in srs.items():
         findings = summarize_sr(sr)
         assert findings, "the SR holds no measurement group"

@@ -76,8 +76,10 @@ def loop_settings(tmp_path: Path, db_url: str, destinations: list[dict[str, Any]
         "api": {"host": "127.0.0.1", "port": 0},
         "destinations": destinations,
         "routes": routes if routes is not None else [
+            # "all": these tests count one SC per study (the positive-only default is tested in
+            # test_heatmap_results).
             {"name": "chest", "match": {"Modality": ["CR", "DX"]}, "model": "chest-nodule",
-             "destinations": names, "send_heatmap": True}],
+             "destinations": names, "send_heatmap": True, "heatmap_for": "all"}],
     }
     for key, values in sections.items():
         base[key] = {**base.get(key, {}), **values}
@@ -216,7 +218,7 @@ def test_results_reach_storescp_and_orthanc_and_match_the_truth(
             assert rows[0].model_name == "chest-nodule"
             assert rows[0].model_version == "1.0.0"
             assert rows[0].heatmap_path is not None
-            assert (rows[0].location_kind == "point") == present
+            assert (rows[0].location_kind == "bbox") == present
         ct_study = str(dcmread(ct[0], stop_before_pixels=True).StudyInstanceUID)
         decisions = jobs.decisions_of_study(session, ct_study)
         assert [d.route for d in decisions] == [None]

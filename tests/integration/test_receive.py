@@ -345,7 +345,7 @@ def test_send_and_studies_commands(service: Service, tmp_path: Path) -> None:
     sent = _cli("send", "--config", str(config), "--to",
                 f"DICOM_AI@127.0.0.1:{port_of(service)}", str(folder))
     assert sent.returncode == 0, sent.stderr
-    assert "success" in sent.stderr
+    assert "success\t6" in sent.stdout  # the summary is on stdout (tab-separated when piped)
     listed = _cli("studies", "--json", "--config", str(config))
     assert listed.returncode == 0, listed.stderr
     studies = json.loads(listed.stdout)
@@ -375,7 +375,7 @@ def test_send_command_to_orthanc(tmp_path: Path, make_settings: Callable[..., Se
         assert len(pacs.rest("/instances")) == 4
     bad = _cli("send", "--config", str(config), "--to", "NOPE@127.0.0.1:1", str(folder))
     assert bad.returncode == 1
-    assert "failure" in bad.stderr
+    assert "failure\t4" in bad.stdout
 
 
 def test_logs_carry_no_patient_data(

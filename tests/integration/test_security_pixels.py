@@ -59,7 +59,7 @@ def _config(tmp_path: Path, db_url: str, port: int, scp_port: int) -> Path:
         '[[destinations]]\nname = "pacs"\nae_title = "STORESCP"\nhost = "127.0.0.1"\n'
         f"port = {scp_port}\n"
         '[[routes]]\nname = "chest"\nmatch = { Modality = ["CR"] }\nmodel = "chest-nodule"\n'
-        'destinations = ["pacs"]\nsend_heatmap = true\n'
+        'destinations = ["pacs"]\nsend_heatmap = true\nheatmap_for = "all"\n'
     )
     return config
 
