@@ -761,7 +761,8 @@ def findings(
              "probability": f.probability, "threshold": f.threshold, "present": f.present,
              "location_kind": f.location_kind,
              "location": json.loads(f.location) if f.location else None,
-             "heatmap_path": f.heatmap_path, "superseded_by_job_id": f.superseded_by_job_id}
+             "heatmap_path": f.heatmap_path, "superseded_by_job_id": f.superseded_by_job_id,
+             "ood_score": f.ood_score, "out_of_distribution": f.out_of_distribution}
             for f in rows]
     if as_json:
         typer.echo(json.dumps({"findings": data, "routing": [
@@ -773,7 +774,8 @@ def findings(
     for f in data:
         table.add_row(str(f["job_id"]), f["sop_instance_uid"] or "(study or series)",
                       f"{f['model']} {f['model_version']}", f["finding"][2],
-                      f"{f['probability']:.3f}", "present" if f["present"] else "absent",
+                      f"{f['probability']:.3f}", ("present" if f["present"] else "absent")
+                      + (" (input outside training data)" if f["out_of_distribution"] else ""),
                       json.dumps(f["location"]) if f["location"] else "")
     _emit(table)
     # Part of the answer (stdout, whole lines): how routing decided, and the state of every

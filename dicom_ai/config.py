@@ -295,6 +295,10 @@ class Route(_Section):
     # Which images get a heat-map SC: those with a positive (present) finding, or all. A map of
     # an absent finding shows where the model looked, not a lesion: only on request.
     heatmap_for: Literal["positive", "all"] = "positive"
+    # A run with an input outside the model's training distribution (dicom_ai.inference.ood):
+    # "send" its results with the flag stated in the SR, "hold" them (stored and visible, not
+    # sent) or "drop" them (no result objects; the flagged findings are kept).
+    ood_policy: Literal["send", "hold", "drop"] = "send"
 
     @field_validator("match")
     @classmethod

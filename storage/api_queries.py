@@ -443,27 +443,29 @@ def metrics_snapshot(session: Session, *, now: datetime) -> MetricsSnapshot:
 
 @dataclass(frozen=True)
 class FinishedJob:
-    """A job that finished, with the model and its stage timings (seconds)."""
+    """A job that finished, with the model, its stage timings (seconds) and its note (the
+    series the model skipped and why; ``jobs.error`` of a done job)."""
 
     id: int
     model_name: str
     finished_at: datetime
     timings: dict[str, float]
+    note: str | None = None
 
 
 def finished_since(session: Session, since: datetime, *, limit: int = 10_000) -> list[FinishedJob]:
     """Jobs done at or after `since` (index on ``finished_at``), oldest first."""
     rows = session.execute(
-        select(Job.id, Job.model_name, Job.finished_at, Job.timings)
+        select(Job.id, Job.model_name, Job.finished_at, Job.timings, Job.error)
         .where(and_(Job.state == "done", Job.finished_at >= since))
         .order_by(Job.finished_at, Job.id).limit(limit)
     ).all()
     found: list[FinishedJob] = []
-    for job_id, model, finished_at, timings in rows:
+    for job_id, model, finished_at, timings, note in rows:
         try:
             parsed = {str(k): float(v) for k, v in json.loads(timings or "{}").items()}
         except (ValueError, TypeError, AttributeError):
             parsed = {}
         if finished_at is not None:
-            found.append(FinishedJob(int(job_id), str(model), finished_at, parsed))
+            found.append(FinishedJob(int(job_id), str(model), finished_at, parsed, note))
     return found

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Integer, and_, func, or_, select, update
 from sqlalchemy.orm import Session as Session  # re-exported for callers' type hints
 
 from storage.models import (
@@ -335,6 +335,29 @@ def list_jobs(session: Session, *, state: str | None = None, limit: int = 100) -
     if state is not None:
         query = query.where(Job.state == state)
     return list(session.scalars(query).all())
+
+
+def ood_counts(session: Session, *, since: datetime) -> dict[str, tuple[int, int]]:
+    """Per model, the images scored for out-of-distribution since `since` and how many were
+    flagged: the input-drift monitor's counts (dicom_ai.inference.ood).
+
+    One row per image and output of an image-level finding (series and study decisions name
+    no image and are not counted again). The ``ix_findings_created`` index (migration 0004)
+    bounds the scan to the window's rows, whatever the table's size.
+
+    Returns
+    -------
+    dict
+        ``model name -> (scored, flagged)``.
+    """
+    flagged = func.sum(func.cast(FindingRecord.out_of_distribution, Integer))
+    rows = session.execute(
+        select(FindingRecord.model_name, func.count(), flagged)
+        .where(FindingRecord.created_at >= since, FindingRecord.ood_score.is_not(None),
+               FindingRecord.sop_instance_uid != "")
+        .group_by(FindingRecord.model_name)
+    ).all()
+    return {str(name): (int(n), int(k or 0)) for name, n, k in rows}
 
 
 def findings_of_study(session: Session, study_instance_uid: str, *,

@@ -293,6 +293,12 @@ class FindingRecord(Base):
     tracking_uid: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     superseded_by_job_id: Mapped[int | None] = mapped_column(Integer)
+    # Out-of-distribution score of the input (the highest of a series or study decision's
+    # images; None when the model has no training statistics) and whether it is above the
+    # model's threshold (dicom_ai.inference.ood).
+    ood_score: Mapped[float | None] = mapped_column(Float)
+    out_of_distribution: Mapped[bool] = mapped_column(Boolean, default=False,
+                                                      server_default=false())
 
 
 class ResultObject(Base):

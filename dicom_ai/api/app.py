@@ -104,6 +104,8 @@ def _finding(f: FindingRecord) -> dict[str, Any]:
         "location": json.loads(f.location) if f.location else None,
         "segment_number": f.segment_number, "heatmap_path": f.heatmap_path,
         "created_at": _iso(f.created_at), "superseded_by_job_id": f.superseded_by_job_id,
+        # The input's distance to the model's training data, and whether it is outside it.
+        "ood_score": f.ood_score, "out_of_distribution": f.out_of_distribution,
     }
 
 

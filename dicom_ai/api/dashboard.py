@@ -2,8 +2,10 @@
 
 Routes (all under ``/dashboard``, so the cookie below is sent to nothing else):
 
-* ``GET /dashboard``: counts, recent studies, recent findings with the source image and the
-  heat-map side by side, failed jobs, failing deliveries, models. The page reloads itself every
+* ``GET /dashboard``: counts, recent studies (next to each job of a study, why its model
+  skipped series: ``not applicable: ...`` when it took none and sent no result), recent
+  findings with the source image and the heat-map side by side, failed jobs, failing
+  deliveries, models. The page reloads itself every
   :data:`REFRESH_SECONDS` (a meta refresh: no scripts at all, and a Content-Security-Policy that
   allows none).
 * ``POST /dashboard/login`` (the sign-in form, ``key=TOKEN`` in the body): checks the API key,
@@ -102,6 +104,7 @@ th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: ta
 .present { color: #a00; font-weight: bold; } .absent { color: #070; }
 .failed, .failing { color: #a00; } .superseded { color: #888; text-decoration: line-through; }
 .err { max-width: 40em; overflow-wrap: anywhere; font-size: .9em; }
+.skip-note { color: #8a5a00; }
 img.thumb { max-width: 160px; max-height: 160px; background: #000; margin-right: 4px; }
 form { display: inline; } .empty { color: #888; font-style: italic; }
 """
@@ -385,6 +388,9 @@ def dashboard_router(settings: Settings, db: Database, *, rerun: Action,
             studies = api_queries.list_studies(session, limit=ROWS, with_patient=show_patient)
             routing = dashboard_queries.routing_of_studies(
                 session, [s.study_instance_uid for s in studies])
+            notes = dashboard_queries.job_notes(
+                session, [d.job_id for ds in routing.values() for d in ds
+                          if d.job_id is not None])
             findings = api_queries.list_findings(session, limit=ROWS)
             failed_jobs = api_queries.list_jobs(session, state="failed", limit=ROWS)
             failing = api_queries.list_outbox(session, failing=True, limit=ROWS)
@@ -397,7 +403,7 @@ def dashboard_router(settings: Settings, db: Database, *, rerun: Action,
         return "".join([
             header,
             "<h2>Counts</h2>", _counts(snap),
-            "<h2>Recent studies</h2>", _studies(studies, routing, show_patient),
+            "<h2>Recent studies</h2>", _studies(studies, routing, notes, show_patient),
             "<h2>Recent findings</h2>", _findings(findings),
             "<h2>Failed jobs</h2>", _failed_jobs(failed_jobs, operator),
             "<h2>Failing deliveries</h2>", _failing(failing, operator),
@@ -539,7 +545,7 @@ def _counts(snap: api_queries.MetricsSnapshot) -> str:
         for label, n, slug in cells) + "</div>"
 
 
-def _routing(decisions: Sequence[Any]) -> str:
+def _routing(decisions: Sequence[Any], notes: Mapping[int, str]) -> str:
     if not decisions:
         return "—"
     parts: list[str] = []
@@ -552,12 +558,23 @@ def _routing(decisions: Sequence[Any]) -> str:
             parts.append(f'<span title="{_e(d.reason)}">unrouted</span>')
         else:
             job = f" → job {d.job_id}" if d.job_id is not None else ""
-            parts.append(f"{_e(d.route)}{job}")
+            parts.append(f"{_e(d.route)}{job}{_job_note(d.job_id, notes)}")
     return "<br>".join(parts)
 
 
+def _job_note(job_id: int | None, notes: Mapping[int, str]) -> str:
+    """Why a done job's model skipped series: ``not applicable: ...`` (no result) or the
+    series it skipped. UIDs and the scope gate's reasons only, never patient data."""
+    note = notes.get(job_id) if job_id is not None else None
+    if not note:
+        return ""
+    kind = "not-applicable" if note.startswith("not applicable: ") else "partly-skipped"
+    shown = note if len(note) <= 500 else note[:499] + "…"
+    return f'<div class="err skip-note {kind}" data-job-id="{job_id}">{_e(shown)}</div>'
+
+
 def _studies(rows: Sequence[api_queries.StudyRow], routing: Mapping[str, Sequence[Any]],
-             show_patient: bool) -> str:
+             notes: Mapping[int, str], show_patient: bool) -> str:
     headers = ["Study", "Date", "Modalities", "Series", "Instances", "State", "Routing",
                "Last received"]
     if show_patient:
@@ -574,7 +591,7 @@ def _studies(rows: Sequence[api_queries.StudyRow], routing: Mapping[str, Sequenc
             f"<td>{_e(_date(s.study_date))}</td><td>{_e(', '.join(s.modalities))}</td>"
             f'<td class="num">{s.series}</td><td class="num">{s.instances}</td>'
             f'<td class="state">{_e(s.state)}</td>'
-            f"<td>{_routing(routing.get(s.study_instance_uid, []))}</td>"
+            f"<td>{_routing(routing.get(s.study_instance_uid, []), notes)}</td>"
             f"<td>{_when(s.last_received_at)}</td></tr>")
     return _table(headers, lines, "No studies yet.", "studies")
 

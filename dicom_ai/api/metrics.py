@@ -7,7 +7,12 @@ Two sources:
   scrape time, so every serve process answers the same. "Instances" is the number in the index
   (a duplicate kept as the first copy is not counted again); "instances rejected" is the
   quarantine by DIMSE status. The inference-latency histogram is built from the stage timings
-  of jobs that finish while this process runs.
+  of jobs that finish while this process runs, and the skip counters from their notes: jobs
+  the model took no series of (not applicable) and series skipped by reason class
+  (:data:`~dicom_ai.pipeline.run.SKIP_REASONS`: never a UID or an attribute value). The
+  input-drift gauges count, per model, the images scored against its training distribution in
+  the last hour and the share of them flagged outside it (:mod:`dicom_ai.inference.ood`), by an
+  indexed query over that hour's findings.
 * :class:`~dicom_ai.network.counters.ReceiverCounters` count what the index cannot tell, as it
   happens in this serve process's receivers: associations (accepted, rejected by reason,
   released, aborted), every C-STORE answer by status (including refusals that leave no file,
@@ -39,7 +44,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from dicom_ai.network.counters import ReceiverCounters
-from storage import api_queries
+from dicom_ai.pipeline.run import SKIP_REASONS, skip_reasons
+from storage import api_queries, jobs
 from storage.db import Database
 
 LOGGER = logging.getLogger(__name__)
@@ -49,6 +55,8 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 
 # Jobs are looked for again this far back, in case one committed late (its finished_at is set
 # before its transaction commits).
 _OVERLAP = timedelta(seconds=120)
+#: The input-drift gauges' window.
+DRIFT_WINDOW = timedelta(hours=1)
 
 METRIC_NAMES = (
     "dicom_ai_database_up",
@@ -65,6 +73,10 @@ METRIC_NAMES = (
     "dicom_ai_outbox_oldest_pending_age_seconds",
     "dicom_ai_store_free_bytes",
     "dicom_ai_inference_seconds",
+    "dicom_ai_ood_scored_last_hour",
+    "dicom_ai_ood_flagged_ratio_last_hour",
+    "dicom_ai_jobs_not_applicable_total",
+    "dicom_ai_series_skipped_total",
     "dicom_ai_associations_total",
     "dicom_ai_association_rejections_total",
     "dicom_ai_associations_active",
@@ -79,7 +91,8 @@ METRIC_NAMES = (
 
 
 class _Latency:
-    """Cumulative inference-latency histograms per model, fed from finished jobs."""
+    """Cumulative inference-latency histograms and skip counts per model, fed from finished
+    jobs (each job once, read by the index on ``finished_at`` over a bounded window)."""
 
     def __init__(self, started: datetime) -> None:
         self.watermark = started
@@ -87,6 +100,9 @@ class _Latency:
         self.seen: dict[int, datetime] = {}
         self.counts: dict[str, list[int]] = {}
         self.sums: dict[str, float] = {}
+        self.models: set[str] = set()
+        self.not_applicable: dict[str, int] = {}
+        self.skipped: dict[tuple[str, str], int] = {}
 
     def feed(self, db: Database) -> None:
         since = max(self.started, self.watermark - _OVERLAP)
@@ -97,6 +113,7 @@ class _Latency:
                 continue
             self.seen[job.id] = job.finished_at
             self.watermark = max(self.watermark, job.finished_at)
+            self._count_skips(job)
             seconds = job.timings.get("inference")
             if seconds is None:
                 continue
@@ -108,6 +125,34 @@ class _Latency:
             self.sums[job.model_name] = self.sums.get(job.model_name, 0.0) + seconds
         horizon = self.watermark - _OVERLAP
         self.seen = {k: v for k, v in self.seen.items() if v >= horizon}
+
+    def _count_skips(self, job: api_queries.FinishedJob) -> None:
+        model = job.model_name
+        self.models.add(model)
+        if job.note and job.note.startswith("not applicable: "):  # no series taken
+            self.not_applicable[model] = self.not_applicable.get(model, 0) + 1
+        for classes in skip_reasons(job.note):
+            for reason in classes:
+                self.skipped[model, reason] = self.skipped.get((model, reason), 0) + 1
+
+    def skip_families(self) -> Iterable[Metric]:
+        """The skip counters; every model seen starts at 0 in every reason class."""
+        jobs = CounterMetricFamily(
+            "dicom_ai_jobs_not_applicable",
+            "Jobs done without a result because the model took none of their series (scope "
+            "gate or preprocessing; the reasons are on the job), by model, for jobs finished "
+            "since this process started", labels=["model"])
+        series = CounterMetricFamily(
+            "dicom_ai_series_skipped",
+            "Series the model skipped (all or some of their images), by model and reason "
+            "class: " + ", ".join(SKIP_REASONS) + "; for jobs finished since this process "
+            "started", labels=["model", "reason"])
+        for model in sorted(self.models):
+            jobs.add_metric([model], self.not_applicable.get(model, 0))
+            for reason in SKIP_REASONS:
+                series.add_metric([model, reason], self.skipped.get((model, reason), 0))
+        yield jobs
+        yield series
 
     def family(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(
@@ -155,6 +200,7 @@ class DatabaseCollector(Collector):
         try:
             with self.db.sessions() as session:
                 snap = api_queries.metrics_snapshot(session, now=now)
+                drift = jobs.ood_counts(session, since=now - DRIFT_WINDOW)
             self._latency.feed(self.db)
         except api_queries.DatabaseError as exc:
             LOGGER.warning("metrics: the database did not answer: %s", exc.__class__.__name__)
@@ -199,6 +245,8 @@ class DatabaseCollector(Collector):
         yield age
         yield from self._disk()
         yield self._latency.family()
+        yield from _drift(drift)
+        yield from self._latency.skip_families()
 
     def _traffic(self) -> Iterable[Metric]:
         """The receivers' counters (process-local, so they answer when the database does not)."""
@@ -252,6 +300,24 @@ class DatabaseCollector(Collector):
         except OSError:
             return
         yield free
+
+
+def _drift(counts: dict[str, tuple[int, int]]) -> Iterable[Metric]:
+    """The input-drift gauges: per model, images scored in the last hour and the share flagged
+    outside its training distribution (absent for a model that scored none)."""
+    scored = GaugeMetricFamily(
+        "dicom_ai_ood_scored_last_hour", "Images scored against the model's training "
+        "distribution in the last hour, by model", labels=["model"])
+    ratio = GaugeMetricFamily(
+        "dicom_ai_ood_flagged_ratio_last_hour", "Share of the last hour's scored images whose "
+        "out-of-distribution score was above the model's threshold (about 0.01 on inputs like "
+        "the training data; a rise is input drift), by model", labels=["model"])
+    for model, (n, flagged) in sorted(counts.items()):
+        scored.add_metric([model], n)
+        if n:
+            ratio.add_metric([model], flagged / n)
+    yield scored
+    yield ratio
 
 
 def _labelled(cls: type[GaugeMetricFamily], name: str, doc: str, label: str,

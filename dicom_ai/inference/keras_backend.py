@@ -20,10 +20,28 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import tensorflow as tf
 
+from dicom_ai.inference.ood import OOD_FILE
 from dicom_ai.inference.runtime import InferenceError, Predictor
 from dicom_ai.inference.spec import ModelSpec, write_spec
 
-__all__ = ["KerasPredictor", "compiled_call", "export_onnx"]
+__all__ = ["KerasPredictor", "compiled_call", "export_onnx", "feature_layer_name",
+           "feature_model"]
+
+
+def feature_layer_name(model: Any) -> str | None:
+    """The layer whose output is the out-of-distribution feature vector, or None.
+
+    The last global pooling layer: the pooled last convolutional features that the classifier
+    head reads (:mod:`dicom_ai.inference.ood`). None for networks without one (a U-Net).
+    """
+    pooling = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
+    names = [layer.name for layer in model.layers if isinstance(layer, pooling)]
+    return names[-1] if names else None
+
+
+def feature_model(model: Any, layer: str) -> Any:
+    """``model`` with a second output: the ``(N, D)`` features of `layer`, in one forward pass."""
+    return keras.Model(model.inputs[0], [model.outputs[0], model.get_layer(layer).output])
 
 
 def compiled_call(model: Any, input_shape: tuple[int, int, int]) -> Any:
@@ -62,10 +80,27 @@ class KerasPredictor(Predictor):
             raise InferenceError(f"{self.label}: the network takes {shape}, the spec says "
                                  f"{spec.input_shape}")
         self._call = compiled_call(self.model, spec.input_shape)
+        # The out-of-distribution features come out of the same call as the probabilities.
+        self._call_both = None
+        if self.ood is not None:
+            try:
+                both = feature_model(self.model, self.ood.layer)
+            except ValueError as exc:
+                raise InferenceError(f"{self.label}: {OOD_FILE} names layer "
+                                     f"{self.ood.layer!r}: {exc}") from exc
+            self._call_both = compiled_call(both, spec.input_shape)
 
     def _run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         out = self._call(tf.convert_to_tensor(batch))
         return np.asarray(out.numpy(), dtype=np.float32)
+
+    def _run_features(self, batch: NDArray[np.float32]) -> tuple[NDArray[np.float32],
+                                                                 NDArray[np.float32]] | None:
+        if self._call_both is None:
+            return None
+        probs, features = self._call_both(tf.convert_to_tensor(batch))
+        return (np.asarray(probs.numpy(), dtype=np.float32),
+                np.asarray(features.numpy(), dtype=np.float32))
 
 
 def export_onnx(folder: Path, out: Path) -> Path:

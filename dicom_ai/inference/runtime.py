@@ -17,9 +17,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from dicom_ai.exceptions import DicomAIError
+from dicom_ai.inference.ood import OOD_FILE, OodStats, read_stats
 from dicom_ai.inference.spec import ModelSpec, read_spec
 
-__all__ = ["Backend", "InferenceError", "Predictor", "load_predictor"]
+__all__ = ["OOD_FILE", "Backend", "InferenceError", "Predictor", "load_predictor"]
 
 Backend = Literal["keras", "onnx"]
 
@@ -45,6 +46,9 @@ class Predictor(ABC):
     load_seconds : float
         Time to load the network and compile the inference function, including one warm-up
         call (so the first real call pays no tracing).
+    ood : OodStats or None
+        The training-input statistics of the folder's ``ood.npz``
+        (:mod:`dicom_ai.inference.ood`); None when it has none.
     """
 
     backend: Backend
@@ -56,6 +60,10 @@ class Predictor(ABC):
         self.spec = spec
         self.batch_size = batch_size
         self.load_seconds = 0.0
+        try:
+            self.ood: OodStats | None = read_stats(folder)
+        except ValueError as exc:
+            raise InferenceError(f"{self.label}: {exc}") from exc
 
     @property
     def label(self) -> str:
@@ -103,12 +111,55 @@ class Predictor(ABC):
                 raise InferenceError(f"{self.label} ({self.backend}) failed: {exc}") from exc
         return np.concatenate(chunks).astype(np.float32, copy=False)
 
+    def predict_with_ood(self, inputs: NDArray[Any]) -> tuple[NDArray[np.float32],
+                                                              NDArray[np.float32] | None]:
+        """Probabilities and out-of-distribution scores, from one forward pass.
+
+        Parameters
+        ----------
+        inputs : numpy.ndarray
+            As for :meth:`predict`.
+
+        Returns
+        -------
+        tuple
+            The probabilities (as :meth:`predict`) and ``(N,)`` Mahalanobis distances of the
+            inputs' features to the training features (:mod:`dicom_ai.inference.ood`), or
+            None when the model has no statistics (or its backend cannot expose features).
+
+        Raises
+        ------
+        InferenceError
+            As for :meth:`predict`.
+        """
+        batch = self._check(inputs)
+        if self.ood is None or batch.shape[0] == 0:
+            return self.predict(batch), None
+        probs, scores = [], []
+        for start in range(0, batch.shape[0], self.batch_size):
+            try:
+                both = self._run_features(batch[start : start + self.batch_size])
+            except Exception as exc:  # the backend's own errors, named
+                raise InferenceError(f"{self.label} ({self.backend}) failed: {exc}") from exc
+            if both is None:
+                return self.predict(batch), None
+            probs.append(both[0])
+            scores.append(self.ood.score(both[1]))
+        return (np.concatenate(probs).astype(np.float32, copy=False),
+                np.concatenate(scores).astype(np.float32, copy=False))
+
     @abstractmethod
     def _run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         """Run one chunk of at most ``batch_size`` inputs."""
 
+    def _run_features(self, batch: NDArray[np.float32]) -> tuple[NDArray[np.float32],
+                                                                 NDArray[np.float32]] | None:
+        """Probabilities and ``(N, D)`` features of one chunk; None where not supported."""
+        return None
+
     def _warm_up(self) -> None:
         self._run(np.zeros((1, *self.spec.input_shape), dtype=np.float32))
+        self._run_features(np.zeros((1, *self.spec.input_shape), dtype=np.float32))
 
 
 def load_predictor(

@@ -91,6 +91,12 @@ class Finding:
         What the decision covers: one image, or a series or the study, aggregated from its
         images' probabilities by the spec's rule (then `sop_instance_uids` lists them all and
         there is no location).
+    ood_score : float, optional
+        Out-of-distribution score of the input (:mod:`dicom_ai.inference.ood`; the highest of
+        the images of a series or study decision); None when the model has no statistics.
+    out_of_distribution : bool
+        The score is above the model's threshold: the input looks unlike the training data,
+        and the decision should not be trusted.
     """
 
     label: str
@@ -103,6 +109,8 @@ class Finding:
     finding_site: CodedConcept | None = None
     location: Location | None = None
     scope: FindingScope = "image"
+    ood_score: float | None = None
+    out_of_distribution: bool = False
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,8 @@ from storage.models import Job
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["Analysis", "JobRunner", "ModelCache", "OutOfScopeError", "analyse", "result_uid"]
+__all__ = ["SKIP_REASONS", "Analysis", "JobRunner", "ModelCache", "OutOfScopeError", "analyse",
+           "result_uid", "skip_reasons"]
 
 # -- the analysis: frames in, a ModelRun out --------------------------------------------------
 @dataclass
@@ -123,7 +124,9 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
     ``input_unit``: per image, plus one study-level decision (the spec's ``aggregate`` of the
     image probabilities) when the images come from more than one series; per series (and the
     study, for several series); or per study. All go into one SR (PS3.16 TID 1500, one TID
-    1501 group each).
+    1501 group each). A model with training statistics (:mod:`dicom_ai.inference.ood`) scores
+    each image in the same forward pass; a finding is flagged out of distribution when its
+    image's score (a series or study decision: any of its images') is above the threshold.
 
     Parameters
     ----------
@@ -215,11 +218,25 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
     timings["preprocess"] = time.perf_counter() - started
 
     started = time.perf_counter()
+    # A model with training statistics scores its inputs in the same forward pass.
+    stats = getattr(predictor, "ood", None)
+    ood_scores: NDArray[np.float32] | None = None
     try:
-        outputs = predictor.predict(inputs)
+        if stats is None:
+            outputs = predictor.predict(inputs)
+        else:
+            outputs, ood_scores = predictor.predict_with_ood(inputs)
     except InferenceError as exc:
         raise JobError(safe_message(exc), retryable=True) from exc
     timings["inference"] = time.perf_counter() - started
+    ood_flags = (stats.flagged(ood_scores) if stats is not None and ood_scores is not None
+                 else None)
+
+    def ood(i: int) -> dict[str, Any]:
+        """Finding fields for frame `i`: its out-of-distribution score and flag."""
+        if ood_scores is None or ood_flags is None:
+            return {}
+        return {"ood_score": float(ood_scores[i]), "out_of_distribution": bool(ood_flags[i])}
 
     started = time.perf_counter()
     findings: list[Finding] = []
@@ -255,6 +272,7 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
                     sop_instance_uids=(frame.sop_instance_uid,), location=location,
                     tracking_uid=_tracking_uid(seed, frame.sop_instance_uid, frame.frame_index,
                                                label.name),
+                    **ood(i),
                 ))
     else:
         segment = 0
@@ -267,7 +285,7 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
                                    min_component_pixels=spec.min_component_pixels)
                 def finding(probability: float, present: bool, n: int,
                             location: Location | None = None,
-                            label: Any = label, frame: Frame = frame) -> Finding:
+                            label: Any = label, frame: Frame = frame, i: int = i) -> Finding:
                     return Finding(
                         label=label.name, finding=label.finding,
                         finding_site=label.finding_site, threshold=label.threshold,
@@ -275,6 +293,7 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
                         probability=probability, present=present, location=location,
                         tracking_uid=_tracking_uid(seed, frame.sop_instance_uid,
                                                    frame.frame_index, label.name, n),
+                        **ood(i),
                     )
 
                 if not found:
@@ -293,6 +312,8 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
         study_instance_uid=str(first.StudyInstanceUID),
         series_instance_uid=str(first.SeriesInstanceUID),
         findings=findings, heatmaps=heatmaps,
+        parameters={"ood_threshold": stats.threshold}
+        if stats is not None and ood_scores is not None else {},
     )
     unique: dict[str, Dataset] = {}
     for frame in frames:
@@ -306,6 +327,58 @@ def _skip_note(series_uid: str, total: int, problems: dict[str, int], *,
     count = sum(problems.values())
     what = "skipped" if count == total else f"{count} of {total} {unit} skipped"
     return f"series {series_uid} {what}: {'; '.join(problems)}"
+
+
+#: Reason classes of a skipped series (:func:`skip_reasons`): one per check of the scope gate
+#: (:meth:`ModelSpec.scope_problem`), the preprocessing's refusal, and anything else. A fixed
+#: set, so a metric labelled with it has bounded cardinality.
+SKIP_REASONS = ("modality", "body_part", "view_position", "photometric", "pixel_spacing",
+                "size", "preprocessing", "other")
+# The texts scope_problem starts its reasons with, and their class.
+_SKIP_PREFIXES = (
+    ("modality ", "modality"), ("body part ", "body_part"), ("view position ", "view_position"),
+    ("photometric interpretation ", "photometric"), ("no pixel spacing", "pixel_spacing"),
+    ("pixel spacing ", "pixel_spacing"), ("image ", "size"),
+)
+
+
+def skip_reasons(note: str | None) -> list[frozenset[str]]:
+    """The reason classes of each skipped series named in a done job's note.
+
+    The note is what :func:`analyse` records (``[not applicable: ]series UID skipped: reason;
+    reason; series UID ...``, see :func:`_skip_note`); each reason maps to one of
+    :data:`SKIP_REASONS` by the start :meth:`ModelSpec.scope_problem` gives it (PS3.3 C.7.3.1
+    Modality and Body Part Examined, C.8.11.5 View Position, C.7.6.3 Photometric
+    Interpretation, Pixel Spacing, Rows/Columns), or ``preprocessing``.
+
+    Parameters
+    ----------
+    note : str or None
+        ``jobs.error`` of a done job.
+
+    Returns
+    -------
+    list of frozenset of str
+        One set of classes per skipped series, in the note's order; empty for no note.
+    """
+    if not note:
+        return []
+    found: list[set[str]] = []
+    for fragment in note.removeprefix("not applicable: ").split("; "):
+        if fragment.startswith("series "):
+            found.append(set())
+            fragment = fragment.partition(": ")[2]
+        if not found:  # not a skip note (nothing else is kept on a done job)
+            return []
+        classes = found[-1]
+        if "preprocessing" in classes:  # a preprocessing line has only such reasons; this
+            continue                    # is one of them or the rest of a library's message
+        if " cannot take it: " in fragment:
+            classes.add("preprocessing")
+            continue
+        kind = next((k for prefix, k in _SKIP_PREFIXES if fragment.startswith(prefix)), None)
+        classes.add(kind or "other")
+    return [frozenset(c) for c in found]
 
 
 def _aggregate(spec: ModelSpec, frames: Sequence[Frame], findings: list[Finding],
@@ -329,6 +402,11 @@ def _aggregate(spec: ModelSpec, frames: Sequence[Frame], findings: list[Finding]
     def combined(label: Any, uids: Sequence[str], scope: FindingScope, *key: str) -> Finding:
         wanted = set(uids)
         scores: dict[str, float] = {}
+        # A decision combines its images: its OOD score is their highest, flagged if any is.
+        ood_scores = [f.ood_score for f in findings if f.label == label.name
+                      and f.sop_instance_uids[0] in wanted and f.ood_score is not None]
+        flagged = any(f.out_of_distribution for f in findings
+                      if f.label == label.name and f.sop_instance_uids[0] in wanted)
         for f in findings:
             uid = f.sop_instance_uids[0]
             if f.label == label.name and uid in wanted:
@@ -340,6 +418,7 @@ def _aggregate(spec: ModelSpec, frames: Sequence[Frame], findings: list[Finding]
             probability=probability, threshold=label.threshold,
             present=probability >= label.threshold, sop_instance_uids=tuple(uids),
             tracking_uid=_tracking_uid(seed, scope, *key, label.name), scope=scope,
+            ood_score=max(ood_scores) if ood_scores else None, out_of_distribution=flagged,
         )
 
     by_series: dict[str, list[str]] = {}
@@ -621,7 +700,18 @@ class JobRunner:
                         predictor.spec.name, predictor.spec.version, len(series_uids))
             return predictor.spec.version, [], [], {}, str(exc)[:4000]
         started = time.perf_counter()
-        results, heatmap_paths = self._build_results(job, route, analysis, seed, previous)
+        flagged = any(f.out_of_distribution for f in analysis.run.findings)
+        if flagged:
+            LOGGER.warning("job %d: input outside the training distribution of %s %s (route "
+                           "%s, ood_policy %s)", job.id, predictor.spec.name,
+                           predictor.spec.version, route.name, route.ood_policy)
+        results: list[jobs.ResultToStore] = []
+        heatmap_paths: dict[str, str] = {}
+        # "drop": the flagged findings are kept, no result object is built.
+        if not (flagged and route.ood_policy == "drop"):
+            results, heatmap_paths = self._build_results(
+                job, route, analysis, seed, previous,
+                hold=flagged and route.ood_policy == "hold")
         analysis.timings["report"] = time.perf_counter() - started
         series_of = {str(ds.SOPInstanceUID): str(ds.SeriesInstanceUID)
                      for ds in analysis.datasets}
@@ -631,8 +721,13 @@ class JobRunner:
         return predictor.spec.version, findings, results, analysis.timings, note
 
     def _build_results(self, job: Any, route: Route, analysis: Analysis, seed: str,
-                       previous: Sequence[Any]) -> tuple[list[jobs.ResultToStore],
-                                                         dict[str, str]]:
+                       previous: Sequence[Any], *, hold: bool = False,
+                       ) -> tuple[list[jobs.ResultToStore], dict[str, str]]:
+        """The result objects of a run, written under ``results/``, with their destinations.
+
+        `hold` (an out-of-distribution input under ``ood_policy = "hold"``): built and stored,
+        listed with the job, sent nowhere.
+        """
         from dicom_ai.reporting import (
             PriorReport,
             build_heatmap_capture,
@@ -646,6 +741,8 @@ class JobRunner:
         folder = self.store.root / "results" / run.study_instance_uid / str(job.id)
         destinations = {d.name: d for d in self.settings.destinations}
         wanted = [destinations[name] for name in route.destinations if name in destinations]
+        if hold:
+            wanted = []
         results: list[jobs.ResultToStore] = []
 
         def keep(ds: Dataset, kind: str, sr_kind: str | None, to: list[str]) -> None:
@@ -739,4 +836,6 @@ def _finding_row(finding: Finding, run: ModelRun, heatmap_paths: dict[str, str],
         "segment_number": location.segment_number if location is not None else None,
         "heatmap_path": heatmap_paths.get(sop_uid),
         "tracking_uid": finding.tracking_uid,
+        "ood_score": finding.ood_score,
+        "out_of_distribution": finding.out_of_distribution,
     }

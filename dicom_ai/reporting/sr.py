@@ -9,7 +9,12 @@ One measurement group per :class:`~dicom_ai.pipeline.findings.Finding`, present 
 
 Each group carries a Tracking Identifier (text and UID), the finding type, the finding site, a
 qualitative evaluation named by the finding and valued Present/Absent, the probability
-(122157, DCM) in UCUM "1", and TID 4019 Algorithm Identification. The observer is the model as a
+(122157, DCM) in UCUM "1", and TID 4019 Algorithm Identification. When the model scored its
+input against its training distribution (:mod:`dicom_ai.inference.ood`), a second qualitative
+evaluation, :data:`OUT_OF_DISTRIBUTION` valued Present or Absent, says whether the input looks
+unlike the training data (Present: the decision should not be trusted); the score and its
+threshold are TID 4019 parameters. No standard code names this, so the concept has a private
+coding scheme (PS3.16 8.2: designators beginning "99"). The observer is the model as a
 device (TID 1004) with a Device Observer UID derived from the model name, so reports of one
 model share an observer across versions and retries. The recipe is DICOM-NOTES' validator-clean
 one: ``dsrdump -v +Pt`` and ``dciodvfy`` pass without warnings.
@@ -47,6 +52,7 @@ from dicom_ai.reporting.codes import (
 
 __all__ = [
     "MANUFACTURER",
+    "OUT_OF_DISTRIBUTION",
     "PriorReport",
     "ReportedFinding",
     "SRKind",
@@ -74,6 +80,10 @@ _PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelDat
 _FORMATTED_VRS = {"DA": DA, "DT": DT, "TM": TM, "AS": None}
 # Patient's Sex (0010,0040), PS3.3 C.7.1.1.1.2: M, F, O, or empty (type 2: unknown).
 _PATIENT_SEX = frozenset({"M", "F", "O", ""})
+
+#: The qualitative evaluation stating whether a finding's input is outside the model's training
+#: distribution (a private code: no standard concept exists).
+OUT_OF_DISTRIBUTION = hd.sr.CodedConcept("OOD", "99DICOMAI", "Input outside training distribution")
 
 # SCT Present is ours; DCM (121053) "Present" is what other producers may write.
 _PRESENT_CODES = (PRESENT, hd.sr.CodedConcept("121053", "DCM", "Present"))
@@ -118,6 +128,9 @@ class ReportedFinding:
         Source images the group references (document order, no duplicates; not the SEG).
     location_kind : {"point", "bbox", "segment"} or None
         TID 1410 POINT / POLYLINE, TID 1411 segment, or None for TID 1501.
+    out_of_distribution : bool or None
+        The :data:`OUT_OF_DISTRIBUTION` evaluation: Present (True), Absent (False), or None
+        when the group has none.
     """
 
     finding: tuple[str, str, str]
@@ -128,6 +141,7 @@ class ReportedFinding:
     algorithm_version: str
     source_sop_instance_uids: tuple[str, ...]
     location_kind: str | None
+    out_of_distribution: bool | None = None
 
 
 def _valid(vr: str, value: object) -> bool:
@@ -296,6 +310,8 @@ def _algorithm(run: ModelRun, finding: Finding) -> hd.sr.AlgorithmIdentification
     parameters = {str(key): value for key, value in run.parameters.items()}
     # The finding's own operating threshold is the one its Present/Absent decision used.
     parameters["threshold"] = finding.threshold
+    if finding.ood_score is not None:
+        parameters["ood_score"] = float(finding.ood_score)
     texts = [f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
              for key, value in sorted(parameters.items())]
     return hd.sr.AlgorithmIdentification(
@@ -321,9 +337,12 @@ def _group(run: ModelRun, finding: Finding, number: int, headers: dict[str, Data
         uid=finding.tracking_uid, identifier=f"{finding.label} #{number}"
     )
     sites = [hd.sr.FindingSite(to_code(finding.finding_site))] if finding.finding_site else None
-    evaluation = hd.sr.QualitativeEvaluation(
+    evaluations = [hd.sr.QualitativeEvaluation(
         name=finding_code, value=PRESENT if finding.present else ABSENT
-    )
+    )]
+    if finding.ood_score is not None:  # the model checked its input against its training data
+        evaluations.append(hd.sr.QualitativeEvaluation(
+            name=OUT_OF_DISTRIBUTION, value=PRESENT if finding.out_of_distribution else ABSENT))
     location = finding.location
     # A ROI group (TID 1410/1411) has no Source Image For Measurement Group: the probability
     # measurement names its source images instead (TID 300 "Source of measurement").
@@ -338,7 +357,7 @@ def _group(run: ModelRun, finding: Finding, number: int, headers: dict[str, Data
     if location is None:
         return hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking, finding_type=finding_code, algorithm_id=algorithm,
-            finding_sites=sites, measurements=[probability], qualitative_evaluations=[evaluation],
+            finding_sites=sites, measurements=[probability], qualitative_evaluations=evaluations,
             source_images=[
                 hd.sr.SourceImageForMeasurementGroup.from_source_image(image)
                 for image in images
@@ -363,7 +382,7 @@ def _group(run: ModelRun, finding: Finding, number: int, headers: dict[str, Data
         )
         return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking, finding_type=finding_code, algorithm_id=algorithm,
-            finding_sites=sites, measurements=[probability], qualitative_evaluations=[evaluation],
+            finding_sites=sites, measurements=[probability], qualitative_evaluations=evaluations,
             referenced_segment=segment,
         )
     if location.kind == "point":
@@ -389,7 +408,7 @@ def _group(run: ModelRun, finding: Finding, number: int, headers: dict[str, Data
     )
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking, finding_type=finding_code, algorithm_id=algorithm,
-        finding_sites=sites, measurements=[probability], qualitative_evaluations=[evaluation],
+        finding_sites=sites, measurements=[probability], qualitative_evaluations=evaluations,
         referenced_region=region,
     )
 
@@ -518,6 +537,7 @@ def _read_group(item: Dataset) -> ReportedFinding:
     measurements = group.get_measurements(name=PROBABILITY)
     if not evaluations or not measurements:
         raise ValueError(f"group {group.tracking_uid} lacks its evaluation or probability")
+    flags = group.get_qualitative_evaluations(name=OUT_OF_DISTRIBUTION)
     texts = {_concept_value(child): str(child.TextValue)
              for child in item.ContentSequence if child.ValueType == "TEXT"}
     sources: dict[str, None] = {}
@@ -533,6 +553,7 @@ def _read_group(item: Dataset) -> ReportedFinding:
         algorithm_version=texts.get(_ALGORITHM_VERSION, ""),
         source_sop_instance_uids=tuple(sources),
         location_kind=location_kind,
+        out_of_distribution=(flags[0].value in _PRESENT_CODES) if flags else None,
     )
 
 

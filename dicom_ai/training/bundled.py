@@ -28,6 +28,11 @@ Steps, every one seeded:
    studies are never looked at): small labelled subsets of the rest are trained from scratch
    and with each of :data:`PROTOCOLS` (full fine-tuning, a frozen-backbone stage then
    everything at a lower rate, the head alone), and scored by validation AUC.
+6. ``ood``: the classifier's out-of-distribution statistics (``ood.npz``,
+   :mod:`dicom_ai.inference.ood`) from its own training split of the seed-1001 studies (the
+   ``classifier`` step writes them too; this step refits them for a bundled folder trained
+   before they existed), validated against the test studies and pydicom's test images
+   (:mod:`dicom_ai.training.ood_check`) into ``report/test/ood.json``.
 
 Both models are evaluated on the test studies through the serving path; metrics, plots and
 model cards go into each model folder's ``report/test`` and the summary.
@@ -190,7 +195,7 @@ def _finish(folder: Path, target: Path, evaluation: dict[str, Any], test_data: s
     return spec
 
 
-STEPS = ("pretrain", "classifier", "segmenter", "curve", "protocol")
+STEPS = ("pretrain", "classifier", "segmenter", "curve", "protocol", "ood")
 
 
 def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
@@ -344,6 +349,17 @@ def build_bundled(work: Path, out: Path, weights_out: Path, recipe: Recipe,
                 {"benchmark": "transfer_protocol", "protocols": PROTOCOLS,
                  "backbone_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
                  "runs": rows, "summary": summary["protocol"]}, indent=2, default=float) + "\n")
+    if "ood" in steps:
+        from dicom_ai.training.ood_check import bundle_ood, validate_ood
+
+        folder = out / CLASSIFIER / VERSION
+        stats = bundle_ood(folder, train_dir)
+        if stats is not None:
+            ood_result = validate_ood(folder, test_dir)
+            (folder / "report" / "test").mkdir(parents=True, exist_ok=True)
+            (folder / "report" / "test" / "ood.json").write_text(
+                json.dumps(ood_result, indent=2, default=float) + "\n")
+            summary["ood"] = ood_result
     summary["seconds"] = round(time.perf_counter() - started, 1)
     summary_path.write_text(json.dumps(summary, indent=2, default=float))
     return summary

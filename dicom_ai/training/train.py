@@ -37,6 +37,7 @@ from numpy.typing import NDArray
 
 from dicom_ai import __version__
 from dicom_ai.exceptions import DicomAIError
+from dicom_ai.inference.ood import OodStats
 from dicom_ai.inference.spec import (
     FINDING_SITE_LUNG,
     NAME_PATTERN,
@@ -448,6 +449,11 @@ def train(options: TrainOptions, *, say: Callable[[str], None] = print) -> Train
         body_parts=sorted({s.body_part for s in samples if s.body_part}),
     )
     write_spec(draft, o.out)
+    if not segmentation:  # the training-input statistics for the out-of-distribution score
+        stats = fit_ood(serving, np.asarray(x_train), np.asarray(x_val), o.out)
+        if stats is not None:
+            say(f"out-of-distribution statistics: {stats.n_fit} training images, threshold "
+                f"{stats.threshold:.1f} (q{stats.quantile:g} of {stats.n_heldout} validation)")
     predictor = load_predictor(o.out)
     probs = predictor.predict(np.asarray(x_val))
     if segmentation:
@@ -507,6 +513,51 @@ def train(options: TrainOptions, *, say: Callable[[str], None] = print) -> Train
                     if k in {"roc_auc", "accuracy", "sensitivity", "specificity", "dice_mean",
                              "fp_per_image"}))
     return TrainResult(o.out, spec, val_metrics, history, elapsed)
+
+
+def fit_ood(model: Any, fit_inputs: NDArray[np.float32], heldout_inputs: NDArray[np.float32],
+            out: Path, *, quantile: float = 0.99, batch_size: int = 64) -> OodStats | None:
+    """Write ``ood.npz`` (:mod:`dicom_ai.inference.ood`) into a model folder.
+
+    The statistics are the pooled last-convolution features of the training inputs; the
+    threshold is the `quantile` of the held-out (validation) inputs' scores.
+
+    Parameters
+    ----------
+    model : keras.Model
+        The trained network.
+    fit_inputs, heldout_inputs : ndarray
+        Preprocessed ``(N, H, W, C)`` training and held-out inputs.
+    out : Path
+        The model folder.
+    quantile : float
+        Threshold quantile of the held-out scores.
+    batch_size : int
+        Inputs per forward pass.
+
+    Returns
+    -------
+    OodStats or None
+        None (and no file) when the network has no pooled feature layer or there are too few
+        images.
+    """
+    from dicom_ai.inference.keras_backend import feature_layer_name, feature_model
+    from dicom_ai.inference.ood import fit_stats, write_stats
+
+    layer = feature_layer_name(model)
+    if layer is None or len(fit_inputs) < 2 or len(heldout_inputs) < 1:
+        return None
+    both = feature_model(model, layer)
+
+    def features(inputs: NDArray[np.float32]) -> NDArray[np.float32]:
+        chunks = [np.asarray(both(inputs[i : i + batch_size], training=False)[1])
+                  for i in range(0, len(inputs), batch_size)]
+        return np.concatenate(chunks)
+
+    stats = fit_stats(features(fit_inputs), features(heldout_inputs), layer=layer,
+                      quantile=quantile)
+    write_stats(stats, out)
+    return stats
 
 
 def _describe_data(samples: list[Sample], data: Path) -> str:
