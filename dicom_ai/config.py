@@ -324,6 +324,9 @@ class WorkerSettings(_Section):
     # A pending job not picked up within this time is handed out again (a lost message).
     redispatch_seconds: Annotated[float, Field(gt=0)] = 60.0
     poll_seconds: Annotated[float, Field(gt=0)] = 1.0
+    # How long a new Celery worker child may take to load the routed models before Celery
+    # gives up on it and SIGKILLs it (Celery's worker_proc_alive_timeout, 4 s by default).
+    model_load_timeout_seconds: Annotated[float, Field(gt=0)] = 120.0
 
 
 class DeliverySettings(_Section):
@@ -333,6 +336,9 @@ class DeliverySettings(_Section):
     retry_max_seconds: Annotated[float, Field(gt=0)] = 60.0
     # A cheap indexed query; with Celery workers nothing wakes the sender, so keep it short.
     poll_seconds: Annotated[float, Field(gt=0)] = 0.25
+    # How long a sender may hold the rows it claimed before another serve process may send
+    # them (this node's own claims are released at once when its serve restarts).
+    claim_seconds: Annotated[float, Field(gt=0)] = 120.0
 
 
 class RetentionSettings(_Section):

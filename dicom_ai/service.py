@@ -19,13 +19,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from typing import Any
 
 from dicom_ai.audit import Auditor
 from dicom_ai.config import Settings
-from dicom_ai.dispatch.delivery import OutboxSender
-from dicom_ai.dispatch.local import LocalPool
+from dicom_ai.dispatch.delivery import OutboxSender, release_previous_claims
+from dicom_ai.dispatch.local import LocalPool, new_incarnation
 from dicom_ai.dispatch.scheduler import Dispatcher, Scheduler
 from dicom_ai.ingest.completion import CompletionEvent, CompletionMonitor, MppsService
 from dicom_ai.ingest.recovery import RecoveryReport, mark_clean_shutdown, recover
@@ -35,6 +36,7 @@ from dicom_ai.network.balancer import ConnectionBalancer, report_closed, serve_h
 from dicom_ai.network.counters import ReceiverCounters
 from dicom_ai.network.scp import Receiver
 from dicom_ai.retention import RetentionRunner
+from storage import jobs
 from storage.db import Database
 from storage.filestore import FileStore
 
@@ -194,6 +196,8 @@ class Service:
     def _start_loop(self, parts: Components) -> None:
         """Scheduler (routing, dispatch), the worker pool or Celery publisher, the outbox."""
         workers = self.settings.workers
+        incarnation = new_incarnation(parts.store.node)
+        self._reclaim(parts, incarnation)
         sender = OutboxSender(self.settings, parts.db)
         dispatcher: Dispatcher | None = None
         if workers.backend == "celery":
@@ -202,7 +206,8 @@ class Service:
             self._celery = CeleryDispatcher(self.settings)
             dispatcher = self._celery
         elif workers.processes > 0 and self.settings.routes:  # no routes: nothing to run
-            self.pool = LocalPool(self.settings, parts.db, on_done=lambda *_: sender.wake())
+            self.pool = LocalPool(self.settings, parts.db, on_done=lambda *_: sender.wake(),
+                                  incarnation=incarnation)
             self.pool.start()
             dispatcher = self.pool
         self._scheduler = Scheduler(self.settings, parts.db, dispatcher)
@@ -215,6 +220,26 @@ class Service:
                     else f"{workers.processes} local process(es)" if self.pool is not None
                     else "none in this process",
                     len(self.settings.routes), len(self.settings.destinations))
+
+    def _reclaim(self, parts: Components, incarnation: str) -> None:
+        """Take back at once what this node's previous ``serve`` held when it died.
+
+        Its workers' job leases (owners ``<node>/<old boot>/...``) end now instead of after
+        ``workers.lease_seconds``, pending jobs it had queued are dispatched again now instead of
+        after ``redispatch_seconds``, and the outbox rows its sender had claimed are released
+        instead of waiting ``delivery.claim_seconds``. Other nodes' and Celery workers' leases
+        are untouched.
+        """
+        node = parts.store.node
+        with parts.db.write_session() as session:
+            running = jobs.release_previous_incarnations(session, node=node,
+                                                         current=incarnation,
+                                                         now=datetime.now(UTC))
+            pending = jobs.redispatch_pending(session)
+        outbox = release_previous_claims(self.settings, parts.db)
+        LOGGER.info("node %s boot %s: reclaimed %d running job(s) of the previous start, "
+                    "%d dispatched pending job(s), %d claimed outbox row(s)", node,
+                    incarnation.rstrip("/").rsplit("/", 1)[-1], running, pending, outbox)
 
     def _start_api(self, parts: Components) -> None:
         """The HTTP API (health, readiness, metrics, data, operator actions) in a thread."""

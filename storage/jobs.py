@@ -215,6 +215,37 @@ def expire_leases(session: Session, owner: str, *, now: datetime) -> int:
     ).rowcount)  # type: ignore[attr-defined]
 
 
+def release_previous_incarnations(session: Session, *, node: str, current: str,
+                                  now: datetime) -> int:
+    """End the leases of this node's previous incarnations (a restarted ``serve``).
+
+    Lease owners of a ``serve`` process's own workers start with ``<node>/<boot id>/``; every
+    running job whose owner starts with ``<node>/`` but not with `current` (this start's
+    prefix) was held by a process that died with the previous ``serve``, so it is handed out
+    again at once instead of after its lease. Other nodes' jobs, and Celery workers' (whose
+    owners have no ``<node>/`` prefix), keep their leases.
+    """
+    return int(session.execute(
+        update(Job).where(Job.state == RUNNING,
+                          Job.lease_owner.startswith(f"{node}/", autoescape=True),
+                          ~Job.lease_owner.startswith(current, autoescape=True))
+        .values(lease_expires_at=now - timedelta(seconds=1), dispatched_at=None)
+    ).rowcount)  # type: ignore[attr-defined]
+
+
+def redispatch_pending(session: Session) -> int:
+    """Forget every pending job's dispatch, so the scheduler hands them out now.
+
+    Used at start: a local pool's queue died with the previous process, and waiting
+    ``redispatch_seconds`` for it is pointless. A job queued elsewhere as well (a broker, another
+    node) is harmless: only one claim wins.
+    """
+    return int(session.execute(
+        update(Job).where(Job.state == PENDING, Job.dispatched_at.is_not(None))
+        .values(dispatched_at=None)
+    ).rowcount)  # type: ignore[attr-defined]
+
+
 def extend_lease(session: Session, job_id: int, *, owner: str, until: datetime) -> bool:
     """Push a running job's lease forward; False if the lease is no longer ours."""
     return bool(session.execute(
@@ -420,6 +451,23 @@ def claim_outbox(session: Session, *, now: datetime, lease_seconds: float,
                               result.sop_instance_uid, item.attempts,
                               result.study_instance_uid))
     return taken
+
+
+def release_outbox_claims(session: Session, outbox_ids: Sequence[int], *,
+                          lease: datetime) -> int:
+    """Release rows a dead sender claimed, so they are sent now instead of after the claim.
+
+    `lease` is the claim's expiry, recorded by that sender: a row whose lease differs was
+    claimed again since (by another sender after the claim expired) and keeps its claim.
+    """
+    if not outbox_ids:
+        return 0
+    return int(session.execute(
+        update(OutboxItem).where(OutboxItem.id.in_(list(outbox_ids)),
+                                 OutboxItem.state == PENDING,
+                                 OutboxItem.lease_expires_at == lease)
+        .values(lease_expires_at=None)
+    ).rowcount)  # type: ignore[attr-defined]
 
 
 def mark_sent(session: Session, outbox_id: int, *, now: datetime, detail: str) -> None:

@@ -7,7 +7,10 @@ acknowledged after the task ran (``acks_late``) and re-queued when a worker proc
 job when its lease expires or it stays pending too long.
 
 Each worker process keeps one :class:`~dicom_ai.pipeline.run.JobRunner` (and so its models)
-for its whole life.
+for its whole life. A prefork child loads its models in ``worker_process_init``, before it
+reports itself up to the parent; Celery kills a child that is not up within
+``worker_proc_alive_timeout`` (4 s by default, less than a TensorFlow model takes to load), so
+that limit is set from ``workers.model_load_timeout_seconds``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ def make_app(settings: Settings) -> Celery:
     Parameters
     ----------
     settings : Settings
-        ``workers.broker_url`` (``redis://...`` or ``amqp://...``) and ``workers.queue``.
+        ``workers.broker_url`` (``redis://...`` or ``amqp://...``), ``workers.queue`` and
+        ``workers.model_load_timeout_seconds`` (how long a child may take to load its models).
 
     Returns
     -------
@@ -51,6 +55,9 @@ def make_app(settings: Settings) -> Celery:
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
+        # A child signals "up" only after worker_process_init (where it loads its models);
+        # Celery's 4 s default would SIGKILL any child whose models load slower, forever.
+        worker_proc_alive_timeout=settings.workers.model_load_timeout_seconds,
         # Redis re-delivers an unacknowledged message after this; a lease is the backstop.
         broker_transport_options={"visibility_timeout": max(3600.0,
                                                             settings.workers.lease_seconds * 2)},

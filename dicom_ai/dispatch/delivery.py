@@ -7,27 +7,61 @@ association, and marks each row sent or schedules the next attempt
 (``retry_initial_seconds`` doubling up to ``retry_max_seconds``). A row is never given up: a
 destination down for hours receives everything once it is back, and a restart in between loses
 nothing because the rows, not memory, hold the work.
+
+The claim lasts ``delivery.claim_seconds`` for other serve processes; the sender records what
+it holds in ``state/<node>.outbox-claims.json`` under the store root, so the next start of the
+same node releases a killed predecessor's claims at once (:func:`release_previous_claims`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from dicom_ai.audit import Auditor, entry
 from dicom_ai.config import Settings
 from dicom_ai.network.scu import FileToSend, Peer, inspect, send_files
 from storage import jobs
 from storage.db import Database
+from storage.filestore import default_node
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["OutboxSender", "retry_delay"]
+__all__ = ["OutboxSender", "claims_file", "release_previous_claims", "retry_delay"]
 
-# How long a sender may hold claimed rows before another sender may take them.
-CLAIM_SECONDS = 120.0
+
+def claims_file(settings: Settings) -> Path:
+    """Where this node's sender records the outbox rows it holds (one sender per node)."""
+    node = settings.storage.node or default_node()
+    return settings.storage.root / "state" / f"{node}.outbox-claims.json"
+
+
+def release_previous_claims(settings: Settings, db: Database) -> int:
+    """Release the rows this node's previous sender held when it died; returns how many.
+
+    Called at start, before the sender runs. Only rows whose claim still carries the recorded
+    expiry are released (another sender may have claimed them since theirs expired).
+    """
+    path = claims_file(settings)
+    try:
+        record = json.loads(path.read_text())
+        ids = [int(i) for i in record["ids"]]
+        lease = datetime.fromisoformat(record["lease"])
+    except FileNotFoundError:
+        return 0
+    except (ValueError, KeyError, TypeError):  # a torn write: the claims then simply expire
+        LOGGER.warning("unreadable outbox claims file %s; its claims expire on their own", path)
+        path.unlink(missing_ok=True)
+        return 0
+    with db.write_session() as session:
+        released = jobs.release_outbox_claims(session, ids, lease=lease)
+    path.unlink(missing_ok=True)
+    return released
 
 
 def retry_delay(attempts: int, initial: float, maximum: float) -> float:
@@ -54,6 +88,18 @@ class OutboxSender:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._claims = claims_file(settings)
+
+    def _record_claims(self, claimed: list[jobs.Delivery], lease: datetime) -> None:
+        """Write what we hold (after the claim committed) for the next start of this node."""
+        try:
+            self._claims.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self._claims.with_suffix(".tmp")
+            temporary.write_text(json.dumps(
+                {"ids": [item.outbox_id for item in claimed], "lease": lease.isoformat()}))
+            os.replace(temporary, self._claims)  # never a torn file; no fsync: a hint only
+        except OSError:  # e.g. a full disk: the claims then expire after claim_seconds
+            LOGGER.warning("cannot record outbox claims in %s", self._claims, exc_info=True)
 
     def wake(self, *_: object) -> None:
         """Send now rather than at the next poll."""
@@ -62,10 +108,20 @@ class OutboxSender:
     def send_due(self, now: datetime | None = None) -> int:
         """Send every due row once; returns how many were delivered."""
         now = now or datetime.now(UTC)
+        claim_seconds = self.settings.delivery.claim_seconds
         with self.db.write_session() as session:
-            claimed = jobs.claim_outbox(session, now=now, lease_seconds=CLAIM_SECONDS)
+            claimed = jobs.claim_outbox(session, now=now, lease_seconds=claim_seconds)
         if not claimed:
             return 0
+        # The expiry claim_outbox wrote: it identifies this claim for release_previous_claims.
+        self._record_claims(claimed, now + timedelta(seconds=claim_seconds))
+        try:
+            return self._deliver(claimed)
+        finally:
+            self._claims.unlink(missing_ok=True)
+
+    def _deliver(self, claimed: list[jobs.Delivery]) -> int:
+        """Send claimed rows per destination and record each outcome."""
         by_destination: dict[str, list[jobs.Delivery]] = defaultdict(list)
         for item in claimed:
             by_destination[item.destination].append(item)

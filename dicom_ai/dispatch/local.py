@@ -15,7 +15,6 @@ import multiprocessing.queues
 import os
 import queue
 import signal
-import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -26,10 +25,21 @@ from dicom_ai.config import Settings
 from dicom_ai.logs import setup_logging
 from storage import jobs
 from storage.db import Database
+from storage.filestore import default_node
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["LocalPool"]
+__all__ = ["LocalPool", "new_incarnation"]
+
+
+def new_incarnation(node: str) -> str:
+    """The lease-owner prefix of one ``serve`` start: ``<node>/<boot id>/``.
+
+    The pool workers' job leases start with it, so the next start of the same node can tell
+    its dead predecessor's leases (same node, another boot id) from live ones and end them at
+    once (:func:`storage.jobs.release_previous_incarnations`). Node ids never hold ``/``.
+    """
+    return f"{node}/{uuid.uuid4().hex[:12]}/"
 
 
 def _worker_main(settings_data: dict[str, Any], owner: str,
@@ -67,13 +77,19 @@ class LocalPool:
     on_done : callable, optional
         Called in the serve process with ``(job_id, outcome)`` after each job (e.g. to wake
         the outbox sender at once instead of at its next poll).
+    incarnation : str, optional
+        The serve start's lease-owner prefix (:func:`new_incarnation`); default a new one for
+        ``storage.node``.
     """
 
     def __init__(self, settings: Settings, db: Database,
-                 on_done: Callable[[int, str], None] | None = None) -> None:
+                 on_done: Callable[[int, str], None] | None = None,
+                 incarnation: str | None = None) -> None:
         self.settings = settings
         self.db = db
         self.on_done = on_done
+        self.incarnation = incarnation or new_incarnation(
+            settings.storage.node or default_node())
         self._ctx = mp.get_context("spawn")
         self._queue: mp.queues.Queue[int | None] = self._ctx.Queue()
         self._done: mp.queues.Queue[tuple[int, str]] = self._ctx.Queue()
@@ -83,7 +99,7 @@ class LocalPool:
         self._supervisor: threading.Thread | None = None
 
     def _spawn(self, slot: int) -> tuple[mp.process.BaseProcess, str]:
-        owner = f"{socket.gethostname()}:{os.getpid()}:pool-{slot}:{uuid.uuid4().hex[:6]}"
+        owner = f"{self.incarnation}pool-{slot}/{os.getpid()}-{uuid.uuid4().hex[:6]}"
         process = self._ctx.Process(
             target=_worker_main,
             args=(self.settings.model_dump(mode="json"), owner, self._queue, self._done),
