@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -98,6 +98,20 @@ def handle_store(event: evt.Event, ingestor: Ingestor,
     return status
 
 
+def host_allowed(address: str, networks: Sequence[ipaddress.IPv4Network
+                                                   | ipaddress.IPv6Network]) -> bool:
+    """True if `address` is in one of `networks` (an IPv4-mapped IPv6 address as IPv4: on a
+    dual-stack listener, ``host = "::"``, IPv4 callers arrive as ``::ffff:a.b.c.d``)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        candidates.append(ip.ipv4_mapped)
+    return any(c in n for c in candidates for n in networks)
+
+
 def handle_requested(event: evt.Event, allowed: list[str],
                      audit: AssociationAudit | None = None,
                      counters: ReceiverCounters | None = None) -> None:
@@ -117,11 +131,7 @@ def handle_requested(event: evt.Event, allowed: list[str],
     if not allowed:
         return
     address = str(event.assoc.requestor.address)
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        ip = None
-    if ip is not None and any(ip in ipaddress.ip_network(n, strict=False) for n in allowed):
+    if host_allowed(address, [ipaddress.ip_network(n, strict=False) for n in allowed]):
         return
     primitive = event.assoc.requestor.primitive
     calling = str(primitive.calling_ae_title).strip() if primitive is not None else ""

@@ -55,7 +55,7 @@ from dicom_ai.network.contexts import (
     PATIENT_ROOT_MOVE,
     VERIFICATION,
 )
-from dicom_ai.network.handlers import AssociationAudit
+from dicom_ai.network.handlers import AssociationAudit, host_allowed
 from dicom_ai.network.scu import MAX_CONTEXTS, client_ssl_context
 from storage import query
 from storage.db import Database
@@ -224,19 +224,6 @@ def _key_names(identifier: Dataset) -> list[str]:
     return sorted(names)[:_AUDIT_KEYS]
 
 
-def _host_allowed(address: str, networks: Sequence[ipaddress.IPv4Network
-                                                   | ipaddress.IPv6Network]) -> bool:
-    """True if `address` is in one of `networks` (an IPv4-mapped IPv6 address as IPv4)."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        candidates.append(ip.ipv4_mapped)
-    return any(c in n for c in candidates for n in networks)
-
-
 def _parse(identifier: Dataset, sop_class: str) -> _Request:
     """Check the level against the model and turn the keys into conditions.
 
@@ -388,7 +375,7 @@ class QueryRetrieveSCP:
         """
         if str(event.assoc.requestor.ae_title).strip() not in self._callers:
             return "calling AE title not allowed"
-        if self._networks and not _host_allowed(str(event.assoc.requestor.address),
+        if self._networks and not host_allowed(str(event.assoc.requestor.address),
                                                 self._networks):
             return "host not allowed"
         return None

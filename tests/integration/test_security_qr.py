@@ -19,7 +19,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from dicom_ai.config import Settings
-from dicom_ai.network.qr import _host_allowed
+from dicom_ai.network.handlers import host_allowed
 from dicom_ai.service import Service
 from storage import audit
 from storage.db import Database
@@ -175,13 +175,13 @@ def test_only_allowed_callers_from_allowed_hosts_query(
 def test_allowed_hosts_match_addresses_and_networks() -> None:
     """An IPv4 peer seen on a dual-stack socket (``::ffff:a.b.c.d``) matches IPv4 entries."""
     networks = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "192.168.1.7/32", "fd00::/8")]
-    assert _host_allowed("10.1.2.3", networks)
-    assert _host_allowed("::ffff:10.1.2.3", networks)
-    assert _host_allowed("192.168.1.7", networks)
-    assert _host_allowed("fd00::1%eth0", networks)
-    assert not _host_allowed("192.168.1.8", networks)
-    assert not _host_allowed("::1", networks)
-    assert not _host_allowed("not an address", networks)
+    assert host_allowed("10.1.2.3", networks)
+    assert host_allowed("::ffff:10.1.2.3", networks)
+    assert host_allowed("192.168.1.7", networks)
+    assert host_allowed("fd00::1%eth0", networks)
+    assert not host_allowed("192.168.1.8", networks)
+    assert not host_allowed("::1", networks)
+    assert not host_allowed("not an address", networks)
 
 
 def _allowed(tmp_path: Path, make_settings: Callable[..., Settings],
