@@ -166,6 +166,10 @@ class StorageSettings(_Section):
     root: Path = Path("data")
     database_url: str | None = None
     min_free_bytes: Annotated[int, Field(ge=0)] = 1_000_000_000
+    # Results (SR, SEG, heat-map SC) have a watermark of their own, below the ingest one: when
+    # ingest refuses new images (min_free_bytes) the studies already acknowledged still get
+    # their results. Below it a job waits (no attempt used) and /ready is false.
+    results_min_free_bytes: Annotated[int, Field(ge=0)] = 200_000_000
     duplicates: Literal["keep-first", "replace"] = "keep-first"
     # Our own results (SR, SEG, heat-map SC) coming back, e.g. a PACS auto-forwarding a study:
     # never routed and never re-opening a study either way; "store" indexes them (visible in
@@ -239,6 +243,10 @@ class Destination(_Section):
     tls: bool = False
     # Comprehensive SR is accepted most widely; Comprehensive 3D SR is IHE AIR's object.
     sr_kind: SRKind = "comprehensive"
+    # Ask the destination to commit what it received (Storage Commitment Push Model, PS3.4
+    # annex J): a result counts as delivered only once the destination's N-EVENT-REPORT says
+    # it is committed; objects it reports failed, or never reports, are sent again.
+    storage_commitment: bool = False
 
 
 class Source(_Section):
@@ -327,6 +335,9 @@ class WorkerSettings(_Section):
     # How long a new Celery worker child may take to load the routed models before Celery
     # gives up on it and SIGKILLs it (Celery's worker_proc_alive_timeout, 4 s by default).
     model_load_timeout_seconds: Annotated[float, Field(gt=0)] = 120.0
+    # A job that meets a full disk or an unavailable index waits (state "waiting", no attempt
+    # used) and is tried again this often until the resource is back.
+    resource_wait_seconds: Annotated[float, Field(gt=0)] = 10.0
 
 
 class DeliverySettings(_Section):
@@ -339,6 +350,9 @@ class DeliverySettings(_Section):
     # How long a sender may hold the rows it claimed before another serve process may send
     # them (this node's own claims are released at once when its serve restarts).
     claim_seconds: Annotated[float, Field(gt=0)] = 120.0
+    # Storage Commitment: objects sent to a destination with storage_commitment = true and not
+    # reported committed (or failed) within this time are sent again, same SOP Instance UIDs.
+    commitment_timeout_seconds: Annotated[float, Field(gt=0)] = 600.0
 
 
 class RetentionSettings(_Section):

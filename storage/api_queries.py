@@ -21,6 +21,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from storage.models import (
+    COMMITTED,
     PENDING,
     SENT,
     Batch,
@@ -331,7 +332,8 @@ def resend_result(session: Session, result_id: int, destinations: Sequence[str],
     """
     changed = int(session.execute(
         update(OutboxItem).where(OutboxItem.result_id == result_id)
-        .values(state=PENDING, next_attempt_at=now, sent_at=None)
+        .values(state=PENDING, next_attempt_at=now, sent_at=None, commit_transaction_uid=None,
+                commit_requested_at=None, committed_at=None)
     ).rowcount)  # type: ignore[attr-defined]
     result = session.get(ResultObject, result_id)
     if result is None:
@@ -394,6 +396,10 @@ class MetricsSnapshot:
     sent: dict[tuple[str, str], int] = field(default_factory=dict)
     pending: dict[tuple[str, str], int] = field(default_factory=dict)
     failing: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Storage Commitment: committed rows, and sent rows whose report is outstanding (in
+    # neither `sent` nor `pending`); `sent` counts every delivered row (committed included).
+    committed: dict[tuple[str, str], int] = field(default_factory=dict)
+    awaiting: dict[tuple[str, str], int] = field(default_factory=dict)
     # destination -> creation time of its oldest pending row
     oldest_pending: dict[str, datetime] = field(default_factory=dict)
 
@@ -421,16 +427,22 @@ def metrics_snapshot(session: Session, *, now: datetime) -> MetricsSnapshot:
         select(func.count(Job.id)).where(Job.state == PENDING, Job.not_before <= now)) or 0)
     snap.batches_by_state = {str(s): int(n) for s, n in session.execute(
         select(Batch.state, func.count(Batch.id)).group_by(Batch.state)).all()}
-    for destination, kind, state, failing, n in session.execute(
+    for destination, kind, state, failing, requested, n in session.execute(
         select(OutboxItem.destination, ResultObject.kind, OutboxItem.state,
-               OutboxItem.last_error.is_not(None), func.count(OutboxItem.id))
+               OutboxItem.last_error.is_not(None), OutboxItem.commit_requested_at.is_not(None),
+               func.count(OutboxItem.id))
         .join(ResultObject, OutboxItem.result_id == ResultObject.id)
         .group_by(OutboxItem.destination, ResultObject.kind, OutboxItem.state,
-                  OutboxItem.last_error.is_not(None))
+                  OutboxItem.last_error.is_not(None),
+                  OutboxItem.commit_requested_at.is_not(None))
     ).all():
         key = (str(destination), str(kind))
-        if state == SENT:
+        if state == SENT and requested:
+            snap.awaiting[key] = snap.awaiting.get(key, 0) + int(n)
+        elif state in (SENT, COMMITTED):
             snap.sent[key] = snap.sent.get(key, 0) + int(n)
+            if state == COMMITTED:
+                snap.committed[key] = snap.committed.get(key, 0) + int(n)
         else:
             snap.pending[key] = snap.pending.get(key, 0) + int(n)
             if failing:

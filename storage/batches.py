@@ -18,13 +18,12 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from storage import outbox as outbox_rows
 from storage.models import (
     COMPLETE,
     DONE,
     FAILED,
-    PENDING,
-    RUNNING,
-    SENT,
+    UNFINISHED,
     Batch,
     BatchStudy,
     Event,
@@ -166,7 +165,7 @@ def request_routing(session: Session, study_instance_uid: str, now: datetime) ->
         return False
     busy = session.scalar(select(Job.id).where(
         Job.study_instance_uid == study_instance_uid,
-        Job.state.in_([PENDING, RUNNING])).limit(1))
+        Job.state.in_(UNFINISHED)).limit(1))
     waiting = session.scalar(select(Event.id).where(
         Event.study_instance_uid == study_instance_uid, Event.kind == STUDY_COMPLETE,
         Event.consumed_at.is_(None)).limit(1))
@@ -309,14 +308,15 @@ def _fill_processing(session: Session, items: Sequence[StudyProgress],
                   .where(FindingRecord.job_id.in_(job_ids)).group_by(FindingRecord.job_id)
               ).all()}
     deliveries: dict[int, tuple[int, int]] = {}
-    for job_id, state, count in session.execute(
-        select(ResultObject.job_id, OutboxItem.state, func.count(OutboxItem.id))
+    for job_id, is_delivered, count in session.execute(
+        select(ResultObject.job_id, outbox_rows.delivered(), func.count(OutboxItem.id))
         .join(ResultObject, OutboxItem.result_id == ResultObject.id)
         .where(ResultObject.job_id.in_(job_ids), ResultObject.kind == "sr")
-        .group_by(ResultObject.job_id, OutboxItem.state)
+        .group_by(ResultObject.job_id, outbox_rows.delivered())
     ).all():
+        # Delivered: committed, or sent to a destination without storage commitment.
         sent, pending = deliveries.get(job_id, (0, 0))
-        deliveries[job_id] = ((sent + int(count), pending) if state == SENT
+        deliveries[job_id] = ((sent + int(count), pending) if is_delivered
                               else (sent, pending + int(count)))
     for uid, job_id in latest_ids.items():
         for item in by_uid[uid]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.elements import TextClause
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: The newest migration's revision (a test holds it equal to the migrations folder's head).
-HEAD_REVISION = "0008"
+HEAD_REVISION = "0009"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -118,6 +119,85 @@ def schema_revision(engine: Engine) -> str | None:
             return None
         revision = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
     return None if revision is None else str(revision)
+
+
+# -- resource errors: a wait, not an attempt ---------------------------------------------------
+# sqlite3 messages of a database that is full, or cannot be reached or written for now.
+_SQLITE_FULL = ("database or disk is full",)
+_SQLITE_UNAVAILABLE = ("disk i/o error", "unable to open database file", "database is locked")
+# PostgreSQL SQLSTATE classes (appendix A of its manual): 08 connection exception, 53
+# insufficient resources (53100 disk full), 57P01-57P03 shutdown / cannot connect now, 58 system
+# error (58030 I/O error).
+_PG_FULL = ("53100",)
+_PG_UNAVAILABLE_PREFIXES = ("08", "53", "57P01", "57P02", "57P03", "58")
+
+
+def is_resource_error(exc: BaseException) -> str | None:
+    """Why `exc` means the index is full or unavailable for now, or None when it does not.
+
+    Such an error is a wait, not a failed attempt (design convention 15): the same statement
+    works once the disk has room again or the server is back. Integrity, programming and data
+    errors are not resource errors (trying again cannot help).
+
+    Parameters
+    ----------
+    exc : BaseException
+        Any exception; its cause and context chain is searched too. SQLAlchemy's
+        ``OperationalError``, ``InterfaceError``, ``DisconnectionError`` and pool timeouts, and
+        the bare ``sqlite3`` and ``psycopg`` errors of :meth:`Database.raw_write`, are
+        recognised.
+
+    Returns
+    -------
+    str or None
+        ``"index database full (...)"`` or ``"index database unavailable (...)"`` with the
+        driver's fixed text or SQLSTATE in brackets (never a statement or a value), or None.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen and len(seen) < 16:
+        seen.add(id(current))
+        reason = _resource_reason(current)
+        if reason is not None:
+            return reason
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _resource_reason(exc: BaseException) -> str | None:
+    if isinstance(exc, (sa_exc.DisconnectionError, sa_exc.TimeoutError)):
+        return f"index database unavailable ({type(exc).__name__})"
+    orig: BaseException | None = exc
+    wrapped = False
+    if isinstance(exc, sa_exc.DBAPIError):
+        wrapped = True
+        orig = exc.orig
+        if exc.connection_invalidated:
+            return "index database unavailable (connection lost)"
+    elif not type(exc).__module__.startswith(("sqlite3", "psycopg")):
+        return None
+    driver = type(orig).__module__.split(".")[0] if orig is not None else ""
+    name = type(orig).__name__ if orig is not None else type(exc).__name__
+    if driver == "sqlite3":
+        text_ = str(orig).strip().lower()
+        if any(text_.startswith(m) for m in _SQLITE_FULL):
+            return "index database full (database or disk is full)"
+        if any(text_.startswith(m) for m in _SQLITE_UNAVAILABLE):
+            return f"index database unavailable ({text_.split(chr(10))[0][:80]})"
+        return None
+    if driver == "psycopg":
+        sqlstate = getattr(orig, "sqlstate", None)
+        if sqlstate in _PG_FULL:
+            return f"index database full (SQLSTATE {sqlstate})"
+        if sqlstate and str(sqlstate).startswith(_PG_UNAVAILABLE_PREFIXES):
+            return f"index database unavailable (SQLSTATE {sqlstate})"
+        # No SQLSTATE: the client could not connect or lost the connection.
+        if sqlstate is None and name in ("OperationalError", "InterfaceError"):
+            return f"index database unavailable ({name})"
+        return None
+    if wrapped and isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+        return f"index database unavailable ({type(exc).__name__})"  # another driver
+    return None
 
 
 SessionFactory = sessionmaker[Session]

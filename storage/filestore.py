@@ -266,18 +266,26 @@ class FileStore:
         record = {"reason": reason, "quarantined_at": now.isoformat(), **details}
         sidecar = folder / f"{name}.json"
         tmp = folder / f".{name}.json.tmp"
-        tmp.write_text(json.dumps(record, indent=2, default=str))
-        fsync_file(tmp)
-        if source.exists():
-            fsync_file(source)
-            try:
-                os.replace(source, target)
-            except OSError:  # another filesystem: copy then delete
-                shutil.copyfile(source, target)
-                source.unlink()
-        else:
-            target.touch()
-        os.replace(tmp, sidecar)
+        try:
+            tmp.write_text(json.dumps(record, indent=2, default=str))
+            fsync_file(tmp)
+            if source.exists():
+                fsync_file(source)
+                try:
+                    os.replace(source, target)
+                except OSError:  # another filesystem: copy then delete
+                    shutil.copyfile(source, target)
+                    source.unlink()
+            else:
+                target.touch()
+            os.replace(tmp, sidecar)
+        except OSError:
+            # A full disk (ENOSPC) must not leave a partial record or copy behind; the source
+            # stays where it was (the receiver's incoming file is deleted after the answer).
+            tmp.unlink(missing_ok=True)
+            if source.exists():
+                target.unlink(missing_ok=True)
+            raise
         fsync_dir(folder)
         return target
 

@@ -5,7 +5,8 @@ receivers, dispatchers and workers may share one database:
 
 * an event is routed once (:func:`take_event`);
 * a job is claimed by one worker at a time (:func:`claim_job`, a lease that expires when its
-  worker dies) and completed at most once (:func:`complete_job` checks the lease is still ours
+  worker dies), waits without using an attempt when a resource is exhausted (:func:`wait_job`),
+  and is completed at most once (:func:`complete_job` checks the lease is still ours
   and writes findings, results and outbox rows in the same transaction, keyed on the job id);
 * an outbox row is sent by one sender at a time (:func:`claim_outbox`), and stays pending with a
   growing delay until the destination accepts it: nothing is dropped.
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, and_, func, or_, select, update
+from sqlalchemy import Integer, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session as Session  # re-exported for callers' type hints
 
 from storage.models import (
@@ -28,6 +29,7 @@ from storage.models import (
     PENDING,
     RUNNING,
     SENT,
+    WAITING,
     Event,
     FindingRecord,
     Instance,
@@ -122,7 +124,7 @@ def create_job(session: Session, *, study_instance_uid: str, series_instance_uid
     """
     session.execute(
         update(Job).where(Job.study_instance_uid == study_instance_uid, Job.route == route,
-                          Job.state == PENDING, Job.attempts == 0)
+                          Job.state.in_([PENDING, WAITING]), Job.attempts == 0)
         .values(state=FAILED, error="superseded before it ran (more images arrived)",
                 finished_at=now)
     )
@@ -154,14 +156,15 @@ def due_jobs(session: Session, *, now: datetime, redispatch_after: float,
              limit: int = 500) -> list[int]:
     """Jobs to hand to a dispatcher now, marked dispatched.
 
-    Pending jobs that are due and were not dispatched within ``redispatch_after`` seconds (a
-    lost broker message or a restarted service), and running jobs whose lease expired (a
-    killed worker). Handing a job out twice is harmless: only one claim wins.
+    Pending and waiting jobs that are due (a waiting job after ``resource_wait_seconds``) and
+    were not dispatched within ``redispatch_after`` seconds (a lost broker message or a
+    restarted service), and running jobs whose lease expired (a killed worker). Handing a job
+    out twice is harmless: only one claim wins.
     """
     stale = now - timedelta(seconds=redispatch_after)
     ids = list(session.scalars(
         select(Job.id).where(or_(
-            and_(Job.state == PENDING, Job.not_before <= now,
+            and_(Job.state.in_([PENDING, WAITING]), Job.not_before <= now,
                  or_(Job.dispatched_at.is_(None), Job.dispatched_at <= stale)),
             # Once per expiry: a job handed out after its lease expired is not handed out again
             # until a claim renews the lease (and it expires again).
@@ -183,9 +186,10 @@ def claim_job(session: Session, job_id: int, *, owner: str, lease_seconds: float
               now: datetime) -> Job | None:
     """Take a job for `owner` if it is due and nobody holds a live lease on it.
 
-    A running job whose lease expired counts as a failed attempt of its dead worker: when
-    that used up its attempts, the job becomes failed instead of running again (a poison job
-    that kills workers stops).
+    A waiting job (:func:`wait_job`) is claimed like a pending one once it is due. A running
+    job whose lease expired counts as a failed attempt of its dead worker: when that used up
+    its attempts, the job becomes failed instead of running again (a poison job that kills
+    workers stops).
     """
     lease = now + timedelta(seconds=lease_seconds)
     session.execute(
@@ -197,7 +201,7 @@ def claim_job(session: Session, job_id: int, *, owner: str, lease_seconds: float
     )
     claimed = session.execute(
         update(Job).where(Job.id == job_id, or_(
-            and_(Job.state == PENDING, Job.not_before <= now),
+            and_(Job.state.in_([PENDING, WAITING]), Job.not_before <= now),
             and_(Job.state == RUNNING, Job.lease_expires_at < now),
         )).values(state=RUNNING, lease_owner=owner, lease_expires_at=lease,
                   attempts=Job.attempts + 1, started_at=now)
@@ -234,14 +238,14 @@ def release_previous_incarnations(session: Session, *, node: str, current: str,
 
 
 def redispatch_pending(session: Session) -> int:
-    """Forget every pending job's dispatch, so the scheduler hands them out now.
+    """Forget every pending (or waiting) job's dispatch, so the scheduler hands them out when due.
 
     Used at start: a local pool's queue died with the previous process, and waiting
     ``redispatch_seconds`` for it is pointless. A job queued elsewhere as well (a broker, another
     node) is harmless: only one claim wins.
     """
     return int(session.execute(
-        update(Job).where(Job.state == PENDING, Job.dispatched_at.is_not(None))
+        update(Job).where(Job.state.in_([PENDING, WAITING]), Job.dispatched_at.is_not(None))
         .values(dispatched_at=None)
     ).rowcount)  # type: ignore[attr-defined]
 
@@ -277,6 +281,43 @@ def fail_job(session: Session, job_id: int, *, owner: str, error: str, retryable
     else:  # exponential backoff per attempt
         job.not_before = now + timedelta(seconds=backoff_seconds * 2 ** (job.attempts - 1))
     return job.state
+
+
+def wait_job(session: Session, job_id: int, *, owner: str, reason: str,
+             retry_seconds: float, now: datetime) -> str | None:
+    """A resource is exhausted (full disk, index unavailable): the job waits, no attempt used.
+
+    The attempt the claim counted is given back, the lease released, and the job is due again
+    after `retry_seconds` (:func:`due_jobs`, :func:`claim_job` take waiting jobs like pending
+    ones); however often it waits, it never becomes failed for it (design convention 15).
+
+    Parameters
+    ----------
+    session : Session
+        A write session.
+    job_id : int
+        The job.
+    owner : str
+        The lease owner that claimed it.
+    reason : str
+        Why it waits, for the job's ``error`` (``"waiting: ..."``); no patient value.
+    retry_seconds : float
+        ``workers.resource_wait_seconds``.
+    now : datetime
+        The current time.
+
+    Returns
+    -------
+    str or None
+        ``"waiting"``, or None when the lease was no longer ours (nothing changed).
+    """
+    changed = session.execute(
+        update(Job).where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == owner)
+        .values(state=WAITING, error=reason[:4000], lease_owner=None, lease_expires_at=None,
+                dispatched_at=None, not_before=now + timedelta(seconds=retry_seconds),
+                attempts=case((Job.attempts > 0, Job.attempts - 1), else_=0))
+    ).rowcount  # type: ignore[attr-defined]
+    return WAITING if changed else None
 
 
 @dataclass
@@ -474,7 +515,9 @@ def mark_sent(session: Session, outbox_id: int, *, now: datetime, detail: str) -
     """The destination accepted the object (success or warning status)."""
     session.execute(
         update(OutboxItem).where(OutboxItem.id == outbox_id)
-        .values(state=SENT, sent_at=now, lease_expires_at=None, last_error=detail or None)
+        .values(state=SENT, sent_at=now, lease_expires_at=None, last_error=detail or None,
+                # a destination without storage commitment: delivered as sent (storage.outbox)
+                commit_transaction_uid=None, commit_requested_at=None, committed_at=None)
     )
 
 

@@ -197,8 +197,17 @@ PENDING = "pending"
 RUNNING = "running"
 DONE = "done"
 FAILED = "failed"
+# A job that met a full disk or an unavailable index: no attempt used, due again after
+# ``workers.resource_wait_seconds`` (its ``error`` says why it waits).
+WAITING = "waiting"
+# A job in one of these states will still run: its study is busy (retention keeps it, a
+# re-route waits for it).
+UNFINISHED = (PENDING, RUNNING, WAITING)
 # Outbox states: PENDING until the destination answered success (or a warning); never dropped.
 SENT = "sent"
+# For a destination with storage_commitment: SENT rows await the destination's N-EVENT-REPORT
+# (PS3.4 J.3.3); COMMITTED once it reported the object committed (only then delivered).
+COMMITTED = "committed"
 
 
 class RoutingDecision(Base):
@@ -326,6 +335,10 @@ class OutboxItem(Base):
     __table_args__ = (
         UniqueConstraint("result_id", "destination"),
         Index("ix_outbox_due", "state", "next_attempt_at"),
+        # Storage Commitment: reports find their rows by transaction; the sender's timeout
+        # sweep finds SENT rows whose commitment was requested long ago.
+        Index("ix_outbox_commit_transaction", "commit_transaction_uid"),
+        Index("ix_outbox_commit_due", "state", "commit_requested_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -339,6 +352,10 @@ class OutboxItem(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Storage Commitment (PS3.4 annex J) of the last send, for storage_commitment destinations.
+    commit_transaction_uid: Mapped[str | None] = mapped_column(String(64))
+    commit_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    committed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 # -- batch query/retrieve ---------------------------------------------------------------------

@@ -6,7 +6,8 @@ finished:
 * it is ``complete`` and its last completion was routed (no unconsumed ``study.complete``
   event) with at least one routing decision (an "unrouted" decision counts: nothing to do);
 * none of its jobs is ``pending`` or ``running`` (done, or failed for good);
-* every outbox row of its jobs is ``sent``.
+* every outbox row of its jobs is delivered (``sent``; ``committed`` for a destination with
+  storage commitment: see :mod:`storage.outbox`).
 
 It was delivered at the newest of its routing decisions, its jobs' finish times and its outbox
 rows' send times. Results of a job (result objects, their outbox rows, findings) expire by the
@@ -28,13 +29,12 @@ from typing import Any, TypeVar
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, aliased
 
+from storage import outbox as outbox_rows
 from storage.models import (
     COMPLETE,
     DONE,
     FAILED,
-    PENDING,
-    RUNNING,
-    SENT,
+    UNFINISHED,
     Event,
     FindingRecord,
     Instance,
@@ -117,9 +117,9 @@ def delivered_studies(session: Session, *,
     """
     uid = Study.study_instance_uid
     decided = select(RoutingDecision.id).where(RoutingDecision.study_instance_uid == uid)
-    busy = select(Job.id).where(Job.study_instance_uid == uid, Job.state.in_((PENDING, RUNNING)))
+    busy = select(Job.id).where(Job.study_instance_uid == uid, Job.state.in_(UNFINISHED))
     unsent = (select(OutboxItem.id).join(Job, OutboxItem.job_id == Job.id)
-              .where(Job.study_instance_uid == uid, OutboxItem.state != SENT))
+              .where(Job.study_instance_uid == uid, ~outbox_rows.delivered()))
     unrouted = select(Event.id).where(Event.study_instance_uid == uid,
                                       Event.kind == STUDY_COMPLETE, Event.consumed_at.is_(None))
     query = (
@@ -164,7 +164,8 @@ def _delivered_at(session: Session, uids: Sequence[str]) -> dict[str, datetime]:
             .group_by(Job.study_instance_uid)
         ).all())
         keep(session.execute(
-            select(Job.study_instance_uid, func.max(OutboxItem.sent_at))
+            select(Job.study_instance_uid,
+                   func.max(func.coalesce(OutboxItem.committed_at, OutboxItem.sent_at)))
             .join(Job, OutboxItem.job_id == Job.id)
             .where(Job.study_instance_uid.in_(chunk))
             .group_by(Job.study_instance_uid)
@@ -251,8 +252,9 @@ def expired_results(session: Session, *, cutoff: datetime,
     age = func.coalesce(Job.finished_at, Job.created_at)
     other = aliased(Job)
     busy = select(other.id).where(other.study_instance_uid == Job.study_instance_uid,
-                                  other.state.in_((PENDING, RUNNING)))
-    unsent = select(OutboxItem.id).where(OutboxItem.job_id == Job.id, OutboxItem.state != SENT)
+                                  other.state.in_(UNFINISHED))
+    # Never an object not yet delivered (a commitment destination: not yet committed).
+    unsent = select(OutboxItem.id).where(OutboxItem.job_id == Job.id, ~outbox_rows.delivered())
     has_results = select(ResultObject.id).where(ResultObject.job_id == Job.id)
     has_findings = select(FindingRecord.id).where(FindingRecord.job_id == Job.id)
     query = (

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -413,3 +413,33 @@ class PeakGrowth:
         return f"{self.growth / mib:.0f} MiB (" + ", ".join(
             f"{'root' if p == self.pid else p}: {g / mib:.0f}"
             for p, g in self.by_process.items()) + ")"
+
+
+# -- a small filesystem -----------------------------------------------------------------------
+@contextlib.contextmanager
+def small_filesystem(mount_point: Path, size: int, inodes: int | None = None) -> Iterator[Path]:
+    """A tmpfs of `size` bytes (and `inodes` inodes) at `mount_point`, unmounted on exit.
+
+    Mounting needs root: where it is refused, the test is skipped with the reason (a failure
+    under ``DICOM_AI_REQUIRE_PEERS``). Enter it before the service that uses it, so it is
+    unmounted after the service stopped.
+    """
+    from tests.conftest import missing
+
+    mount_point.mkdir(parents=True, exist_ok=True)
+    options = f"size={size},mode=0700" + (f",nr_inodes={inodes}" if inodes else "")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        missing(f"cannot mount a tmpfs (needs root): {result.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run(["umount", str(mount_point)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on `path`'s filesystem."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize

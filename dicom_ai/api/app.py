@@ -35,7 +35,7 @@ from dicom_ai.network.counters import ReceiverCounters
 from storage import api_queries, apikeys, audit, batches
 from storage import jobs as job_rows
 from storage.db import Database
-from storage.models import FindingRecord, Job, OutboxItem, ResultObject
+from storage.models import COMMITTED, SENT, FindingRecord, Job, OutboxItem, ResultObject
 
 LOGGER = logging.getLogger(__name__)
 
@@ -109,12 +109,26 @@ def _finding(f: FindingRecord) -> dict[str, Any]:
     }
 
 
+def delivery_state(item: OutboxItem) -> str:
+    """Per object: ``committed``; ``sent`` (delivered, no commitment asked); ``awaiting``
+    (sent, commitment report outstanding); ``failed`` (pending after a failed attempt, or a
+    commitment failure); ``pending``."""
+    if item.state == COMMITTED:
+        return "committed"
+    if item.state == SENT:
+        return "awaiting" if item.commit_requested_at is not None else "sent"
+    return "failed" if item.last_error is not None and item.attempts > 0 else "pending"
+
+
 def _outbox(item: OutboxItem, result: ResultObject | None = None) -> dict[str, Any]:
     data: dict[str, Any] = {
         "id": item.id, "result_id": item.result_id, "job_id": item.job_id,
         "destination": item.destination, "state": item.state, "attempts": item.attempts,
         "next_attempt_at": _iso(item.next_attempt_at), "last_error": item.last_error,
         "created_at": _iso(item.created_at), "sent_at": _iso(item.sent_at),
+        # Storage Commitment (destinations with storage_commitment = true): see delivery_state.
+        "delivery": delivery_state(item), "committed_at": _iso(item.committed_at),
+        "commit_requested_at": _iso(item.commit_requested_at),
     }
     if result is not None:
         data["kind"] = result.kind
@@ -193,7 +207,17 @@ def default_checks(settings: Settings, db: Database) -> dict[str, Check]:
             raise RuntimeError(f"{free} bytes free, below storage.min_free_bytes")
         return f"{free} bytes free"
 
-    return {"database": database, "store": store}
+    def results() -> str:
+        # Below its watermark jobs wait (no attempt used) instead of writing results.
+        from dicom_ai.resources import results_space_problem
+
+        problem = results_space_problem(root=settings.storage.root,
+                                        min_free_bytes=settings.storage.results_min_free_bytes)
+        if problem is not None:
+            raise RuntimeError(f"results cannot be written, jobs wait: {problem}")
+        return "writable"
+
+    return {"database": database, "store": store, "results": results}
 
 
 def create_app(settings: Settings, db: Database, *,
@@ -227,7 +251,8 @@ def create_app(settings: Settings, db: Database, *,
                   description="Studies, jobs, findings and results of a dicom-ai service. "
                   "Data endpoints need an API key (`dicom-ai apikeys create`).")
     all_checks = {**default_checks(settings, db), **(checks or {})}
-    registry = make_registry(db, settings.storage.root, counters)
+    registry = make_registry(db, settings.storage.root, counters,
+                             results_min_free_bytes=settings.storage.results_min_free_bytes)
     read = Depends(Authenticator(db))
     operator = Depends(Authenticator(db, operator=True))
     show_patient = settings.api.show_patient_names
@@ -321,7 +346,7 @@ def create_app(settings: Settings, db: Database, *,
 
     @app.get("/api/jobs", tags=["data"], dependencies=[read])
     def jobs(limit: Limit = 50, after: After = None, order: OrderParam = "desc",
-             state: Literal["pending", "running", "done", "failed"] | None = None,
+             state: Literal["pending", "waiting", "running", "done", "failed"] | None = None,
              model: str | None = None, route: str | None = None,
              study_instance_uid: str | None = None) -> dict[str, Any]:
         """Jobs: state, attempts, last error, stage timings."""
@@ -365,7 +390,7 @@ def create_app(settings: Settings, db: Database, *,
 
     @app.get("/api/outbox", tags=["data"], dependencies=[read])
     def outbox(limit: Limit = 50, after: After = None, order: OrderParam = "desc",
-               state: Literal["pending", "sent"] | None = None,
+               state: Literal["pending", "sent", "committed"] | None = None,
                destination: str | None = None, job_id: JobFilter = None,
                failing: Annotated[bool, Query(
                    description="Only pending deliveries whose last attempt failed.")] = False,

@@ -533,11 +533,15 @@ def _counts(snap: api_queries.MetricsSnapshot) -> str:
         ("jobs pending", jobs.get("pending", 0), "jobs-pending"),
         ("jobs due now", snap.jobs_due, "jobs-due"),
         ("jobs running", jobs.get("running", 0), "jobs-running"),
+        ("jobs waiting (disk or index)", jobs.get("waiting", 0), "jobs-waiting"),
         ("jobs done", jobs.get("done", 0), "jobs-done"),
         ("jobs failed", jobs.get("failed", 0), "jobs-failed"),
         ("deliveries pending", sum(snap.pending.values()), "outbox-pending"),
         ("deliveries failing", sum(snap.failing.values()), "outbox-failing"),
         ("results sent", sum(snap.sent.values()), "outbox-sent"),
+        # Storage Commitment destinations: delivered only once committed.
+        ("results committed", sum(snap.committed.values()), "outbox-committed"),
+        ("awaiting commitment", sum(snap.awaiting.values()), "outbox-awaiting"),
         ("instances refused", sum(snap.rejected_by_status.values()), "refused"),
     ]
     return '<div class="counts" id="counts">' + "".join(

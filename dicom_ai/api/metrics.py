@@ -70,8 +70,11 @@ METRIC_NAMES = (
     "dicom_ai_results_sent_total",
     "dicom_ai_results_pending",
     "dicom_ai_results_failing",
+    "dicom_ai_results_committed",
+    "dicom_ai_results_awaiting_commitment",
     "dicom_ai_outbox_oldest_pending_age_seconds",
     "dicom_ai_store_free_bytes",
+    "dicom_ai_results_writable",
     "dicom_ai_inference_seconds",
     "dicom_ai_ood_scored_last_hour",
     "dicom_ai_ood_flagged_ratio_last_hour",
@@ -177,13 +180,17 @@ class DatabaseCollector(Collector):
         The store, for its free space.
     counters : ReceiverCounters, optional
         This process's DIMSE traffic counters (none: those metrics are left out).
+    results_min_free_bytes : int
+        ``storage.results_min_free_bytes``, for ``dicom_ai_results_writable``.
     """
 
     def __init__(self, db: Database, store_root: Path,
-                 counters: ReceiverCounters | None = None) -> None:
+                 counters: ReceiverCounters | None = None, *,
+                 results_min_free_bytes: int = 0) -> None:
         self.db = db
         self.store_root = store_root
         self.counters = counters
+        self.results_min_free_bytes = results_min_free_bytes
         self._lock = threading.Lock()
         self._latency = _Latency(datetime.now(UTC))
 
@@ -232,6 +239,14 @@ class DatabaseCollector(Collector):
              "delivery, by destination and kind", snap.pending),
             (GaugeMetricFamily, "dicom_ai_results_failing", "Pending result objects whose "
              "last delivery attempt failed, by destination and kind", snap.failing),
+            # Storage Commitment (PS3.4 annex J): rows in the index, so gauges (retention
+            # deletes old rows); committed ones are also counted in results_sent.
+            (GaugeMetricFamily, "dicom_ai_results_committed", "Result objects the "
+             "destination reported committed (storage commitment), by destination and kind",
+             snap.committed),
+            (GaugeMetricFamily, "dicom_ai_results_awaiting_commitment", "Result objects sent "
+             "whose storage commitment report is outstanding, by destination and kind",
+             snap.awaiting),
         ):
             family = cls(name, doc, labels=["destination", "kind"])
             for (destination, kind), n in sorted(values.items()):
@@ -300,6 +315,14 @@ class DatabaseCollector(Collector):
         except OSError:
             return
         yield free
+        from dicom_ai.resources import results_space_problem
+
+        # 0 while jobs wait for room for their results (the reason is on /ready and the jobs).
+        yield GaugeMetricFamily(
+            "dicom_ai_results_writable", "1 if results can be written now (store writable, "
+            "free space at or above storage.results_min_free_bytes), else 0: jobs then wait",
+            value=0 if results_space_problem(self.store_root,
+                                             self.results_min_free_bytes) else 1)
 
 
 def _drift(counts: dict[str, tuple[int, int]]) -> Iterable[Metric]:
@@ -329,8 +352,10 @@ def _labelled(cls: type[GaugeMetricFamily], name: str, doc: str, label: str,
 
 
 def make_registry(db: Database, store_root: Path,
-                  counters: ReceiverCounters | None = None) -> CollectorRegistry:
+                  counters: ReceiverCounters | None = None, *,
+                  results_min_free_bytes: int = 0) -> CollectorRegistry:
     """A registry of its own (one per app, so tests can run several) with our collector."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DatabaseCollector(db, store_root, counters))
+    registry.register(DatabaseCollector(db, store_root, counters,
+                                        results_min_free_bytes=results_min_free_bytes))
     return registry

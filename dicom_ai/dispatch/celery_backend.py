@@ -6,6 +6,10 @@ acknowledged after the task ran (``acks_late``) and re-queued when a worker proc
 (``task_reject_on_worker_lost``); if a message is lost anyway, the schedulers re-dispatch the
 job when its lease expires or it stays pending too long.
 
+A job that meets a full disk or an unavailable index returns ``"waiting"``: a successful task
+for Celery (never a Celery failure or retry); the job row is due again after
+``workers.resource_wait_seconds`` and the schedulers publish it again then, like any due job.
+
 Each worker process keeps one :class:`~dicom_ai.pipeline.run.JobRunner` (and so its models)
 for its whole life. A prefork child loads its models in ``worker_process_init``, before it
 reports itself up to the parent; Celery kills a child that is not up within

@@ -8,6 +8,15 @@ association, and marks each row sent or schedules the next attempt
 destination down for hours receives everything once it is back, and a restart in between loses
 nothing because the rows, not memory, hold the work.
 
+A destination with ``storage_commitment = true`` must also confirm what it stored (PS3.4
+annex J): after an association's C-STOREs the sender records the rows ``sent`` with a new
+Transaction UID and requests commitment on that association (:class:`~dicom_ai.network.scu.
+Commitment`). The rows count as delivered once the destination's N-EVENT-REPORT (same
+association, or a new one to any of our receivers: :class:`~dicom_ai.network.handlers.
+CommitmentReports`) says committed; objects reported failed go back to pending at once, and
+rows with no report within ``delivery.commitment_timeout_seconds`` are swept back to pending at
+each poll (:func:`storage.outbox.expire_commitments`): the same file, the same SOP Instance UID.
+
 The claim lasts ``delivery.claim_seconds`` for other serve processes; the sender records what
 it holds in ``state/<node>.outbox-claims.json`` under the store root, so the next start of the
 same node releases a killed predecessor's claims at once (:func:`release_previous_claims`).
@@ -25,8 +34,10 @@ from pathlib import Path
 
 from dicom_ai.audit import Auditor, entry
 from dicom_ai.config import Settings
-from dicom_ai.network.scu import FileToSend, Peer, inspect, send_files
+from dicom_ai.network.handlers import CommitmentReports
+from dicom_ai.network.scu import Commitment, FileToSend, Peer, SendReport, inspect, send_files
 from storage import jobs
+from storage import outbox as outbox_rows
 from storage.db import Database
 from storage.filestore import default_node
 
@@ -89,6 +100,7 @@ class OutboxSender:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._claims = claims_file(settings)
+        self.commitment_reports = CommitmentReports(db, settings.destinations, self.auditor)
 
     def _record_claims(self, claimed: list[jobs.Delivery], lease: datetime) -> None:
         """Write what we hold (after the claim committed) for the next start of this node."""
@@ -109,6 +121,7 @@ class OutboxSender:
         """Send every due row once; returns how many were delivered."""
         now = now or datetime.now(UTC)
         claim_seconds = self.settings.delivery.claim_seconds
+        self.expire_commitments(now)
         with self.db.write_session() as session:
             claimed = jobs.claim_outbox(session, now=now, lease_seconds=claim_seconds)
         if not claimed:
@@ -120,6 +133,16 @@ class OutboxSender:
         finally:
             self._claims.unlink(missing_ok=True)
 
+    def expire_commitments(self, now: datetime) -> int:
+        """Rows sent with commitment requested and no report in time go back to pending."""
+        timeout = self.settings.delivery.commitment_timeout_seconds
+        with self.db.write_session() as session:
+            expired = outbox_rows.expire_commitments(session, now=now, timeout_seconds=timeout)
+        if expired:
+            LOGGER.warning("%d result(s) had no storage commitment report within %g s; "
+                           "sending them again", expired, timeout)
+        return expired
+
     def _deliver(self, claimed: list[jobs.Delivery]) -> int:
         """Send claimed rows per destination and record each outcome."""
         by_destination: dict[str, list[jobs.Delivery]] = defaultdict(list)
@@ -128,19 +151,25 @@ class OutboxSender:
         delivered = 0
         peers = {d.name: Peer(d.ae_title, d.host, d.port, d.tls)
                  for d in self.settings.destinations}
+        committing = {d.name for d in self.settings.destinations if d.storage_commitment}
         policy = self.settings.delivery
         for name, items in by_destination.items():
             outcome: dict[int, tuple[bool, str]] = {}
+            recorded: set[int] = set()  # rows already marked sent, awaiting commitment
             peer = peers.get(name)
+            report: SendReport | None = None
             if peer is None:
                 outcome = {i.outbox_id: (False, f"destination {name!r} is not configured")
                            for i in items}
             else:
-                outcome = self._send(peer, items)
+                outcome, report = self._send(peer, items, commit=name in committing,
+                                             recorded=recorded)
             with self.db.write_session() as session:
                 for item in items:
                     ok, detail = outcome[item.outbox_id]
-                    if ok:
+                    if item.outbox_id in recorded:
+                        delivered += 1
+                    elif ok:
                         jobs.mark_sent(session, item.outbox_id, now=datetime.now(UTC),
                                        detail=detail)
                         delivered += 1
@@ -157,7 +186,35 @@ class OutboxSender:
             else:
                 LOGGER.info("delivered %d result(s) to %s", len(items), name)
             self._audit(name, peer, items, outcome)
+            if report is not None and peer is not None:
+                self._commitment_outcomes(peer, items, report)
         return delivered
+
+    def _commitment_outcomes(self, peer: Peer, items: list[jobs.Delivery],
+                             report: SendReport) -> None:
+        """After the send: a failed N-ACTION retries its rows; a same-association report counts."""
+        policy = self.settings.delivery
+        attempts = max((item.attempts for item in items), default=1)
+        for request in report.commitments:
+            if request.error is not None:
+                delay = retry_delay(attempts, policy.retry_initial_seconds,
+                                    policy.retry_max_seconds)
+                with self.db.write_session() as session:
+                    outbox_rows.abandon_commitment(session, request.transaction_uid,
+                                                   now=datetime.now(UTC), error=request.error,
+                                                   delay_seconds=delay)
+                LOGGER.warning("storage commitment of %d result(s) at %s not requested; "
+                               "retrying: %s", len(request.files), peer.ae_title, request.error)
+            elif request.report is not None:
+                LOGGER.info("storage commitment report for transaction %s came on the same "
+                            "association after %.3f s", request.transaction_uid,
+                            request.seconds_to_report or 0.0)
+                self.commitment_reports.apply(request.report, calling=peer.ae_title,
+                                              peer=peer.host)
+            else:
+                LOGGER.info("storage commitment of %d result(s) requested from %s "
+                            "(transaction %s)", len(request.files), peer.ae_title,
+                            request.transaction_uid)
 
     def _audit(self, name: str, peer: Peer | None, items: list[jobs.Delivery],
                outcome: dict[int, tuple[bool, str]]) -> None:
@@ -176,7 +233,12 @@ class OutboxSender:
                           "sop_instances": len(sop_uids), "failed": failed[study]})
             for study, sop_uids in sent.items()])
 
-    def _send(self, peer: Peer, items: list[jobs.Delivery]) -> dict[int, tuple[bool, str]]:
+    def _send(self, peer: Peer, items: list[jobs.Delivery], *, commit: bool = False,
+              recorded: set[int] | None = None,
+              ) -> tuple[dict[int, tuple[bool, str]], SendReport | None]:
+        """C-STORE the rows' files; with `commit`, request Storage Commitment of what each
+        association stored (those rows are marked sent, awaiting it, and added to
+        `recorded`, before the request goes out)."""
         files: list[FileToSend] = []
         outcome: dict[int, tuple[bool, str]] = {}
         by_path: dict[str, int] = {}
@@ -191,17 +253,34 @@ class OutboxSender:
                 continue
             files.append(found)
             by_path[str(path)] = item.outbox_id
+        report: SendReport | None = None
         if files:
-            report = send_files(files, peer, self.settings.dicom)
+            commitment: Commitment | None = None
+            if commit:
+                def begin(transaction_uid: str, stored: list[FileToSend]) -> None:
+                    ids = [by_path[str(f.path)] for f in stored]
+                    with self.db.write_session() as session:
+                        outbox_rows.await_commitment(session, ids,
+                                                     transaction_uid=transaction_uid,
+                                                     now=datetime.now(UTC))
+                    if recorded is not None:
+                        recorded.update(ids)
+
+                commitment = Commitment(begin)
+            report = send_files(files, peer, self.settings.dicom, commitment=commitment)
             failures = dict(report.failures)
             for path_text, outbox_id in by_path.items():
                 if path_text in failures:
                     outcome[outbox_id] = (False, failures[path_text])
                 else:
                     outcome[outbox_id] = (True, "")
-        return outcome
+        return outcome, report
 
     def _loop(self) -> None:
+        from dicom_ai.resources import Outage
+
+        # The index may be full or unavailable for a while: keep polling, log the outage once.
+        outage = Outage(LOGGER, "outbox run")
         while not self._stop.is_set():
             self._wake.wait(self.settings.delivery.poll_seconds)
             self._wake.clear()
@@ -209,8 +288,10 @@ class OutboxSender:
                 break
             try:
                 self.send_due()
-            except Exception:  # the database may be briefly unavailable: next poll retries
-                LOGGER.exception("outbox run failed; retrying")
+            except Exception as exc:
+                outage.failed(exc)
+            else:
+                outage.ok()
 
     def start(self) -> None:
         """Poll every ``delivery.poll_seconds`` in a daemon thread."""

@@ -6,8 +6,12 @@
    series of the study against ``[[routes]]``, records each decision (a series that matches no
    route is recorded as unrouted: visible, never silently dropped) and creates one job per
    matching route covering the matching series;
-2. hands due jobs to the dispatcher: new ones, retries whose delay has passed, pending ones not
-   picked up in time, and running ones whose worker's lease expired.
+2. hands due jobs to the dispatcher: new ones, retries whose delay has passed, waiting ones
+   (a full disk or an unavailable index) every ``workers.resource_wait_seconds``, pending ones
+   not picked up in time, and running ones whose worker's lease expired.
+
+The two steps fail independently (an event that cannot be routed does not hold up dispatch),
+and an index outage is logged once, not at every poll: the loop keeps polling until it is back.
 
 The dispatcher only carries job ids; the job rows are the truth.
 """
@@ -23,6 +27,7 @@ from typing import Protocol
 
 from dicom_ai.config import Settings
 from dicom_ai.exceptions import ConfigError, safe_message
+from dicom_ai.resources import Outage
 from dicom_ai.routing import evaluate_file
 from storage import batches, jobs
 from storage.db import Database
@@ -161,15 +166,22 @@ class Scheduler:
         return due
 
     def _loop(self) -> None:
+        routing = Outage(LOGGER, "routing completed studies")
+        dispatching = Outage(LOGGER, "dispatching due jobs")
         while not self._stop.is_set():
             self._wake.wait(self.settings.workers.poll_seconds)
             self._wake.clear()
             if self._stop.is_set():
                 break
-            try:
-                self.tick()
-            except Exception:  # the database may be briefly unavailable: next tick retries
-                LOGGER.exception("scheduler tick failed; retrying")
+            # Each step on its own: a full or unavailable index (or one event that cannot be
+            # routed) must not stop the other; the next poll retries.
+            for outage, step in ((routing, self.route_pending), (dispatching, self.dispatch_due)):
+                try:
+                    step()
+                except Exception as exc:
+                    outage.failed(exc)
+                else:
+                    outage.ok()
 
     def start(self) -> None:
         """Tick every ``workers.poll_seconds`` (and on :meth:`wake`) in a daemon thread."""

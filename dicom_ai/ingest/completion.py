@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pydicom.dataset import Dataset
 
 from dicom_ai.config import CompletionSettings
+from dicom_ai.resources import Outage
 from storage import repository
 from storage.db import Database
 
@@ -111,11 +112,15 @@ class CompletionMonitor:
         return events
 
     def _loop(self) -> None:
+        # The index may be full or unavailable for a while: keep polling, log the outage once.
+        outage = Outage(LOGGER, "completion check")
         while not self._stop.wait(self.settings.poll_seconds):
             try:
                 self.run_once()
-            except Exception:  # the database may be briefly unavailable: retry next tick
-                LOGGER.exception("completion check failed; retrying")
+            except Exception as exc:
+                outage.failed(exc)
+            else:
+                outage.ok()
 
     def start(self) -> None:
         """Run :meth:`run_once` every ``poll_seconds`` in a daemon thread."""

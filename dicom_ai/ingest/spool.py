@@ -18,6 +18,7 @@ kept (``"drop"``); either way nothing routes it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,7 @@ from storage.filestore import FileStore, fsync_dir, fsync_file
 LOGGER = logging.getLogger(__name__)
 SUCCESS = 0x0000
 RECONCILE_MARKER = "RECONCILE_NEEDED"
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 #: Manufacturer (0008,0070) of every object dicom-ai writes (``dicom_ai.reporting.sr``'s
 #: MANUFACTURER; a unit test holds them equal: the receiver does not import highdicom).
@@ -287,7 +289,11 @@ class Ingestor:
                 final = self.store.commit(received.path, relative, synced=True, replace=True,
                                           sync_dir=False)
         except OSError as exc:
-            LOGGER.error("cannot store %s: %s", sop_uid, exc)
+            # A full disk or quota (ENOSPC, EDQUOT: the fsync, a new folder, the rename) is an
+            # operating condition, answered "retry later"; other errors are faults.
+            LOGGER.log(logging.WARNING if exc.errno in _NO_SPACE else logging.ERROR,
+                       "cannot store %s: %s; received file removed, answered 0x%04X",
+                       sop_uid, exc, OUT_OF_RESOURCES)
             received.path.unlink(missing_ok=True)
             return OUT_OF_RESOURCES
         except Exception:

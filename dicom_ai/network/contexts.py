@@ -27,6 +27,10 @@ VERIFICATION = "1.2.840.10008.1.1"
 """Verification SOP Class (PS3.4 annex A)."""
 MODALITY_PERFORMED_PROCEDURE_STEP = "1.2.840.10008.3.1.2.3.3"
 """Modality Performed Procedure Step SOP Class (PS3.4 annex F.7)."""
+STORAGE_COMMITMENT_PUSH_MODEL = "1.2.840.10008.1.20.1"
+"""Storage Commitment Push Model SOP Class (PS3.4 annex J)."""
+STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE = "1.2.840.10008.1.20.1.1"
+"""Its well-known SOP Instance (PS3.4 J.3.5)."""
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
 PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
 PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
@@ -136,8 +140,15 @@ def register_storage_classes(uids: Sequence[str]) -> None:
                                StorageServiceClass)
 
 
-def scp_contexts(extra_storage_classes: Sequence[str] = ()) -> list[PresentationContext]:
+def scp_contexts(extra_storage_classes: Sequence[str] = (), *,
+                 storage_commitment: bool = False) -> list[PresentationContext]:
     """The contexts the receiver supports: Verification, MPPS, Q/R, every storage SOP class.
+
+    With `storage_commitment` (some destination has ``storage_commitment = true``), also the
+    Storage Commitment Push Model, for the N-EVENT-REPORT a destination sends on a new
+    association (PS3.4 J.3.3): it is the association requestor but the SCP of the SOP class,
+    so it may propose role selection (PS3.7 D.3.3.4); either proposal is accepted. Closed by
+    default: without such a destination the context is refused.
 
     Storage contexts accept both roles: without role selection the caller stays the SCU (a
     plain C-STORE); a C-GET caller proposes the SCP role for them (PS3.7 D.3.3.4) and receives
@@ -162,6 +173,10 @@ def scp_contexts(extra_storage_classes: Sequence[str] = ()) -> list[Presentation
     contexts: list[PresentationContext] = [_acceptor_context(build_context(VERIFICATION))]
     contexts.append(_acceptor_context(build_context(MODALITY_PERFORMED_PROCEDURE_STEP)))
     contexts.extend(_acceptor_context(build_context(uid)) for uid in QUERY_RETRIEVE_SOP_CLASSES)
+    if storage_commitment:
+        commitment = _acceptor_context(build_context(STORAGE_COMMITMENT_PUSH_MODEL))
+        commitment.scu_role, commitment.scp_role = True, True  # as the destination proposes
+        contexts.append(commitment)
     # pynetdicom validates each transfer syntax UID by regular expression as it is added: for
     # every syntax of every storage class that was 13 000 checks and a tenth of the receiver's
     # start-up. The list is validated once here and every storage context gets its own copy.

@@ -14,20 +14,28 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import events as evt
-from pynetdicom.dimse_primitives import C_STORE, N_CREATE, N_SET
+from pynetdicom.dimse_primitives import C_STORE, N_CREATE, N_EVENT_REPORT, N_SET
 
 from dicom_ai.audit import AuditEntry, Auditor, entry
+from dicom_ai.config import Destination
 from dicom_ai.ingest.completion import MppsService
 from dicom_ai.ingest.index import CANNOT_UNDERSTAND
 from dicom_ai.ingest.spool import Ingestor, Received
-from dicom_ai.network.contexts import MODALITY_PERFORMED_PROCEDURE_STEP
+from dicom_ai.network.contexts import (
+    MODALITY_PERFORMED_PROCEDURE_STEP,
+    STORAGE_COMMITMENT_PUSH_MODEL,
+    STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
+)
 from dicom_ai.network.counters import ReceiverCounters, context_refusal_reason
+from dicom_ai.network.scu import CommitmentReport, parse_commitment_report
 from storage import audit as audit_rows
+from storage import outbox as outbox_rows
 from storage.db import Database
 
 LOGGER = logging.getLogger(__name__)
@@ -404,3 +412,106 @@ class AssociationAudit:
             self._tallies.clear()
         for tally in left:
             self._finish(tally, "closed")
+
+
+# -- Storage Commitment reports ---------------------------------------------------------------
+# Named answers to an N-EVENT-REPORT we refuse (PS3.7 C.4, PS3.4 J.3.3).
+UNKNOWN_TRANSACTION = PROCESSING_FAILURE  # no result of ours awaits this Transaction UID
+NOT_AUTHORISED = 0x0124  # the caller is not the AE the transaction's objects were sent to
+NO_SUCH_EVENT_TYPE = 0x0113
+NO_SUCH_SOP_INSTANCE = 0x0112
+MISSING_ATTRIBUTE = 0x0120
+
+
+class CommitmentReports:
+    """Applies Storage Commitment N-EVENT-REPORTs (PS3.4 J.3.3) to the outbox.
+
+    A report counts only for a Transaction UID one of our senders issued (it is in the
+    outbox) and only from the AE title of that transaction's destination; anything else is
+    answered with a named failure status, logged, and changes nothing. The outcome is written
+    to the database, so whichever receiver of a deployment the destination calls can take it.
+
+    Parameters
+    ----------
+    db : Database
+        The index (the outbox).
+    destinations : sequence of Destination
+        ``[[destinations]]``: the AE title each transaction's report must come from.
+    auditor : Auditor
+        Writes one ``results.committed`` row per study.
+    """
+
+    def __init__(self, db: Database, destinations: Sequence[Destination],
+                 auditor: Auditor) -> None:
+        self.db = db
+        self.ae_titles = {d.name: d.ae_title.strip() for d in destinations}
+        self.auditor = auditor
+
+    def apply(self, report: CommitmentReport, *, calling: str, peer: str) -> int:
+        """Record `report` from `calling` (AE title) at `peer`; returns the DIMSE status."""
+        now = datetime.now(UTC)
+        with self.db.write_session() as session:
+            found = outbox_rows.transaction(session, report.transaction_uid)
+            if found is None:
+                LOGGER.warning("storage commitment report from %s (%s) for unknown transaction "
+                               "%s refused", _printable(calling), peer,
+                               _printable(report.transaction_uid))
+                return UNKNOWN_TRANSACTION
+            expected = self.ae_titles.get(found.destination)
+            if expected is None or calling.strip() != expected:
+                LOGGER.warning("storage commitment report for transaction %s came from %s (%s), "
+                               "not from destination %s: refused",
+                               _printable(report.transaction_uid),
+                               _printable(calling), peer, found.destination)
+                return NOT_AUTHORISED
+            outcome = outbox_rows.record_report(
+                session, found, committed=[uid for _, uid in report.committed],
+                failed=[(uid, reason) for _, uid, reason in report.failed], now=now)
+        LOGGER.info("storage commitment transaction %s from %s: %d committed, %d failed "
+                    "(sent again), %d not ours or already reported", report.transaction_uid,
+                    found.destination, outcome.committed_count, outcome.failed_count,
+                    outcome.unknown)
+        studies = dict.fromkeys([*outcome.committed, *outcome.failed])
+        self.auditor.submit([
+            entry("dicom", calling, "results.committed", peer=peer,
+                  study_instance_uid=study or None, uids=outcome.committed.get(study, []),
+                  detail={"destination": found.destination, "ae_title": calling,
+                          "transaction_uid": report.transaction_uid,
+                          "committed": len(outcome.committed.get(study, [])),
+                          "failed": len(outcome.failed.get(study, []))})
+            for study in studies])
+        return SUCCESS
+
+
+def handle_n_event_report(event: evt.Event,
+                          reports: CommitmentReports) -> tuple[int, Dataset | None]:
+    """N-EVENT-REPORT of the Storage Commitment Push Model (PS3.4 J.3.3) on a new association.
+
+    Parameters
+    ----------
+    event : pynetdicom.events.Event
+        The EVT_N_EVENT_REPORT event.
+    reports : CommitmentReports
+        Checks the transaction and the caller, and records the outcome.
+
+    Returns
+    -------
+    tuple of (int, None)
+        SUCCESS, or the named failure status of a refused report.
+    """
+    request = cast(N_EVENT_REPORT, event.request)
+    calling, peer = _calling_ae(event), str(event.assoc.requestor.address)
+    if str(request.AffectedSOPClassUID or "") != STORAGE_COMMITMENT_PUSH_MODEL:
+        return NO_SUCH_SOP_CLASS, None
+    if str(request.AffectedSOPInstanceUID or "") != STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE:
+        LOGGER.warning("storage commitment report from %s names SOP instance %s: refused",
+                       _printable(calling), _printable(request.AffectedSOPInstanceUID))
+        return NO_SUCH_SOP_INSTANCE, None
+    try:
+        report = parse_commitment_report(int(request.EventTypeID or 0),
+                                         event.event_information)
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        LOGGER.warning("storage commitment report from %s (%s) refused: %s",
+                       _printable(calling), peer, exc)
+        return (NO_SUCH_EVENT_TYPE if "event type" in str(exc) else MISSING_ATTRIBUTE), None
+    return reports.apply(report, calling=calling, peer=peer), None

@@ -40,7 +40,7 @@ from dicom_ai.config import DicomSettings
 from dicom_ai.exceptions import NetworkError
 from dicom_ai.ingest.spool import Ingestor
 from dicom_ai.network.contexts import STORAGE_SOP_CLASSES
-from dicom_ai.network.handlers import handle_store
+from dicom_ai.network.scp import guard_receive, handle_store
 from dicom_ai.network.scu import Peer, _associate
 from dicom_ai.network.tuning import install as tune_pynetdicom
 
@@ -233,6 +233,7 @@ def get_study(peer: Peer, settings: DicomSettings, study_instance_uid: str,
     handlers: list[Any] = [(evt.EVT_C_STORE, handle_store, [ingestor])]
     try:
         assoc = _associate(ae, peer, settings, ext_neg=roles, evt_handlers=handlers)
+        guard_receive(assoc)  # a full disk is answered 0xA700, as on our own receiver
         try:
             return _final(peer, "C-GET", assoc.send_c_get(
                 _study_identifier(study_instance_uid),

@@ -1,4 +1,5 @@
-"""The receiver: a pynetdicom application entity answering C-ECHO, C-STORE, MPPS and Q/R.
+"""The receiver: a pynetdicom application entity answering C-ECHO, C-STORE, MPPS and Q/R,
+and the Storage Commitment reports of destinations that ask for commitment.
 
 One :class:`Receiver` serves associations in one process: either from its own listening
 socket, or, in a receiver pool, from connections the serve process hands over (see
@@ -7,7 +8,12 @@ socket, or, in a receiver pool, from connections the serve process hands over (s
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import inspect
 import logging
+import os
 import socket
 import ssl
 import tempfile
@@ -16,15 +22,20 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+import pynetdicom
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config
 from pynetdicom import events as evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import C_STORE_RQ, DIMSEMessage
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_ai.audit import Auditor
 from dicom_ai.config import Destination, DicomSettings, QueryRetrieveSettings
 from dicom_ai.ingest.completion import MppsService
+from dicom_ai.ingest.index import OUT_OF_RESOURCES
 from dicom_ai.ingest.spool import Ingestor
 from dicom_ai.network import handlers
 from dicom_ai.network.balancer import Address, HostLimit
@@ -36,6 +47,180 @@ from dicom_ai.network.tuning import install as tune_pynetdicom
 LOGGER = logging.getLogger(__name__)
 
 tune_pynetdicom()  # event-driven association threads, cached UID checks: see tuning.py
+
+
+#: Errors that mean "no room": answered 0xA700 (Refused: Out of resources, PS3.4 B.2.3).
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+#: SHA-256 of the pynetdicom functions the spool guard relies on (``DIMSEMessage.decode_msg``
+#: writes each fragment to the file, ``DIMSEServiceProvider.receive_primitive`` feeds it): a
+#: test fails when they change, so the guard is re-checked against a new pynetdicom.
+SPOOL_GUARD_UPSTREAM = {
+    "decode_msg": "f51c777e841a76beeaadfe3015bd4f4a68387229a72f13f3a3b7846d01d72284",
+    "receive_primitive": "5f99c86b14a15cefa87d914cda3591ec4d636d4c53a982e945ec9c1828c6e43f",
+}
+
+
+def upstream_digest(function: Callable[..., Any]) -> str:
+    """SHA-256 of a function's source (what :data:`SPOOL_GUARD_UPSTREAM` records)."""
+    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
+
+
+class _SpoolFile:
+    """The file pynetdicom streams one received dataset into, failing softly.
+
+    pynetdicom (3.0.4, chunked receive) writes each P-DATA fragment in its DUL thread, outside
+    any handler: an ``OSError`` there (ENOSPC, EDQUOT, EIO) escapes the DUL's state machine,
+    which kills the DUL thread without an A-ABORT (issue 19: a fault run saw the sender wait
+    for its timeout; here the connection was dropped unanswered) and leaves the partial file
+    in ``incoming/``, holding the space until the next start. Wrapped in this, the first
+    failed write closes and deletes the partial file and
+    every later fragment of the message is read and dropped, so the request completes and the
+    C-STORE handler answers it (:func:`receive_error`).
+    """
+
+    def __init__(self, raw: Any, name: str) -> None:
+        self._raw = raw
+        self.name = name  # pynetdicom unlinks this after the handler (gone already: ignored)
+        self.error: OSError | None = None
+
+    @property
+    def file(self) -> _SpoolFile:
+        """What pynetdicom flushes after each fragment (``NamedTemporaryFile.file``)."""
+        return self
+
+    def write(self, data: bytes) -> int:
+        if self.error is None:
+            try:
+                return int(self._raw.write(data))
+            except OSError as exc:
+                self.fail(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._raw.flush()
+            except OSError as exc:
+                self.fail(exc)
+
+    def close(self) -> None:
+        if self._raw is not None:
+            raw, self._raw = self._raw, None
+            raw.close()
+
+    def fail(self, exc: OSError) -> None:
+        """Give up on this dataset: remove what was written; drop the rest as it arrives."""
+        self.error = exc
+        if self._raw is not None:
+            raw, self._raw = self._raw, None
+            with contextlib.suppress(OSError):  # its buffer cannot be written either
+                raw.close()
+        if self.name:
+            with contextlib.suppress(OSError):
+                os.unlink(self.name)
+
+
+class _SpoolGuardDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, each received dataset file wrapped in :class:`_SpoolFile`.
+
+    Installed per accepted association (:class:`_RequestHandler`, switch
+    ``_Server.guard_spool_writes``; pynetdicom 3.0 only). A P-DATA primitive of several PDVs
+    is fed one PDV at a time, so a failure creating the file (on the command's last fragment)
+    cannot lose the data fragments that follow it in the same primitive. No upstream issue
+    found; the upstream change would be catching ``OSError`` around the file writes of
+    ``DIMSEMessage.decode_msg`` (chunked receive came with pynetdicom PR 526).
+    """
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        """Process one P-DATA primitive (see the class docstring)."""
+        items = primitive.presentation_data_value_list
+        if len(items) <= 1:
+            self._receive_one(primitive)
+            return
+        for item in items:
+            single = P_DATA()
+            single.presentation_data_value_list = [item]
+            self._receive_one(single)
+
+    def _receive_one(self, primitive: P_DATA) -> None:
+        try:
+            super().receive_primitive(primitive)
+        except OSError as exc:  # creating the file or writing its file meta
+            if not isinstance(self.message, C_STORE_RQ):
+                raise
+            _spool_of(self.message).fail(exc)
+            return
+        message = self.message
+        if message is not None and message._data_set_file is not None:
+            _spool_of(message)
+
+
+def _spool_of(message: DIMSEMessage) -> _SpoolFile:
+    """The message's dataset file, wrapped in a :class:`_SpoolFile` (once)."""
+    current: Any = message._data_set_file
+    if isinstance(current, _SpoolFile):
+        return current
+    path = message._data_set_path
+    spool = _SpoolFile(current, str(path) if isinstance(path, os.PathLike) else "")
+    message._data_set_file = spool  # type: ignore[assignment]
+    return spool
+
+
+def guard_receive(assoc: Association) -> None:
+    """Answer a C-STORE whose dataset cannot be written (a full disk) with 0xA700 on `assoc`.
+
+    For associations we request and receive on (C-GET); the server's own associations get
+    the same guard from ``_Server``. Call before the first C-STORE can arrive; pynetdicom 3.0
+    only (the guard reads its private spool attributes), a no-op elsewhere.
+    """
+    if pynetdicom.__version__.startswith("3.0."):
+        assoc.dimse.__class__ = _SpoolGuardDIMSE
+
+
+def receive_error(event: evt.Event) -> OSError | None:
+    """The error that stopped writing this C-STORE request's dataset to disk, if any."""
+    spool = getattr(event.request, "_dataset_file", None)
+    return spool.error if isinstance(spool, _SpoolFile) else None
+
+
+def handle_store(event: evt.Event, ingestor: Ingestor,
+                 audit: handlers.AssociationAudit | None = None,
+                 counters: ReceiverCounters | None = None) -> int:
+    """C-STORE (PS3.4 B.2.2): 0xA700 if the dataset could not be written, else the handler's.
+
+    Parameters
+    ----------
+    event : pynetdicom.events.Event
+        The EVT_C_STORE event.
+    ingestor : Ingestor
+        Passed to :func:`dicom_ai.network.handlers.handle_store`.
+    audit : AssociationAudit, optional
+        Counts the store for the association's audit rows.
+    counters : ReceiverCounters, optional
+        Counts the answer.
+
+    Returns
+    -------
+    int
+        ``0xA700`` (Refused: Out of resources; the partial file is already deleted) when
+        writing the received dataset failed, else what ``handlers.handle_store`` answers.
+    """
+    error = receive_error(event)
+    if error is None:
+        return handlers.handle_store(event, ingestor, audit, counters)
+    uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+    # A full disk or quota is an operating condition; any other write error (EIO) is a fault.
+    LOGGER.log(
+        logging.WARNING if error.errno in _NO_SPACE else logging.ERROR,
+        "%s while receiving %s from %s: partial file removed, answered 0x%04X (out of "
+        "resources)", errno.errorcode.get(error.errno or 0, "write error"), uid,
+        event.assoc.requestor.ae_title, OUT_OF_RESOURCES)
+    if audit is not None:
+        audit.stored(event, uid, OUT_OF_RESOURCES)
+    if counters is not None:
+        counters.store(OUT_OF_RESOURCES, 0)
+    return OUT_OF_RESOURCES
 
 
 class _Server(ThreadedAssociationServer):
@@ -53,6 +238,9 @@ class _Server(ThreadedAssociationServer):
 
     handshake_timeout: float = 10.0
     host_limit: HostLimit | None = None
+    # Received datasets that cannot be written (a full disk) are answered, not hung on
+    # (_SpoolGuardDIMSE); pynetdicom 3.0 only.
+    guard_spool_writes: bool = pynetdicom.__version__.startswith("3.0.")
     counters: ReceiverCounters | None = None
     # Called with the remote host (as given to process_request) when a connection ended.
     on_connection_ended: Callable[[str], None] | None = None
@@ -154,6 +342,9 @@ class _RequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         server = cast(_Server, self.server)
+        if server.guard_spool_writes:
+            # The provider the association made, its queues kept; only receive_primitive differs.
+            assoc.dimse.__class__ = _SpoolGuardDIMSE
         address = self.client_address
         run = assoc.run
 
@@ -236,6 +427,17 @@ class Receiver:
         self.qr = QueryRetrieveSCP(ingestor.store, ingestor.db, settings, destinations,
                                    audit=self.audit, access=self.query_retrieve,
                                    max_inflated_bytes=ingestor.max_inflated_bytes)
+        # Storage Commitment reports (PS3.4 J.3.3) are accepted only when some destination
+        # asks for commitment (closed by default), and only from that destination's AE title.
+        self.storage_commitment = any(d.storage_commitment for d in destinations)
+        allowed = {a.strip() for a in settings.allowed_calling_aets}
+        unheard = [d.ae_title for d in destinations if d.storage_commitment and allowed
+                   and d.ae_title.strip() not in allowed]
+        if unheard:  # their reports would be rejected with the association
+            LOGGER.warning("destination(s) %s ask for storage commitment but are not in "
+                           "[dicom] allowed_calling_aets: their reports will be refused",
+                           ", ".join(unheard))
+        self.commitment = handlers.CommitmentReports(ingestor.db, destinations, self.auditor)
 
     def _make_ae(self) -> AE:
         ae = AE(ae_title=self.settings.ae_title)
@@ -243,7 +445,8 @@ class Receiver:
         # 158 ms of start-up, now 4 ms)
         # and not the `supported_contexts` setter (it drops the roles).
         ae._supported_contexts = supported_contexts(
-            scp_contexts(self.settings.extra_storage_classes))
+            scp_contexts(self.settings.extra_storage_classes,
+                         storage_commitment=self.storage_commitment))
         ae.maximum_associations = self.settings.max_associations
         ae.maximum_pdu_size = self.settings.maximum_pdu_size
         ae.network_timeout = self.settings.network_timeout
@@ -261,9 +464,12 @@ class Receiver:
 
     def _handlers(self) -> list[Any]:
         audit, counters = self.audit, self.counters
+        commitment: list[Any] = [(evt.EVT_N_EVENT_REPORT, handlers.handle_n_event_report,
+                                  [self.commitment])] if self.storage_commitment else []
         return [
+            *commitment,
             (evt.EVT_C_ECHO, self._counted("echo", handlers.handle_echo)),
-            (evt.EVT_C_STORE, handlers.handle_store, [self.ingestor, audit, counters]),
+            (evt.EVT_C_STORE, handle_store, [self.ingestor, audit, counters]),
             (evt.EVT_N_CREATE, self._counted("mpps", handlers.handle_n_create), [self.mpps]),
             (evt.EVT_N_SET, self._counted("mpps", handlers.handle_n_set), [self.mpps]),
             (evt.EVT_C_FIND, self._counted("find", self.qr.handle_find)),

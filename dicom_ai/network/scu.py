@@ -4,6 +4,11 @@ Each file is sent as it is stored, in its own transfer syntax, straight from dis
 streams a file path without decoding it). The contexts proposed are the (SOP class, transfer
 syntax) pairs of the files; more than 128 pairs are spread over several associations.
 
+With a :class:`Commitment`, the objects each association stored are then named in a Storage
+Commitment Push Model N-ACTION on that association (PS3.4 J.3.2); a destination that answers
+with its N-EVENT-REPORT on the same association (J.3.3) is heard for ``report_wait`` seconds,
+others report on a new association to our receiver.
+
 The C-STORE request names the dataset's SOP Class and Instance UIDs, as dcmtk does: a file
 whose meta header says otherwise (PS3.10 7.1 requires them equal; some of pydicom's test files
 and real exports differ) is sent through a temporary copy with its meta header corrected, the
@@ -20,6 +25,7 @@ import socket
 import ssl
 import tempfile
 import threading
+import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -27,19 +33,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_file_meta_info, read_partial
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, build_context
+from pynetdicom import events as evt
 from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
 
 from dicom_ai.config import DicomSettings, Settings, validate_ae_title
 from dicom_ai.exceptions import ConfigError, NetworkError
-from dicom_ai.network.contexts import VERIFICATION
+from dicom_ai.network.contexts import (
+    STORAGE_COMMITMENT_PUSH_MODEL,
+    STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
+    VERIFICATION,
+)
 from dicom_ai.network.tuning import install as tune_pynetdicom
 
 LOGGER = logging.getLogger(__name__)
@@ -214,6 +225,77 @@ class FileToSend:
     meta_differs: bool = False
 
 
+# -- Storage Commitment Push Model (PS3.4 annex J) ---------------------------------------------
+#: N-ACTION Action Type ID "Request Storage Commitment" (PS3.4 J.3.2.1).
+REQUEST_COMMITMENT = 1
+#: N-EVENT-REPORT Event Type IDs (PS3.4 J.3.3.1): all committed; some failed.
+COMMITTED_ALL, COMMITTED_SOME_FAILED = 1, 2
+
+
+@dataclass(frozen=True)
+class CommitmentReport:
+    """An N-EVENT-REPORT of the Storage Commitment Push Model, parsed (PS3.4 J.3.3.1)."""
+
+    transaction_uid: str
+    event_type: int
+    committed: list[tuple[str, str]]  # (SOP Class UID, SOP Instance UID)
+    failed: list[tuple[str, str, int]]  # (SOP Class UID, SOP Instance UID, Failure Reason)
+
+
+def commitment_request(transaction_uid: str, files: Iterable[FileToSend]) -> Dataset:
+    """The N-ACTION Action Information: Transaction UID and Referenced SOP Sequence."""
+    ds = Dataset()
+    ds.TransactionUID = transaction_uid
+    references = []
+    for item in files:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = item.sop_class_uid
+        ref.ReferencedSOPInstanceUID = item.sop_instance_uid
+        references.append(ref)
+    ds.ReferencedSOPSequence = references
+    return ds
+
+
+def parse_commitment_report(event_type: int, ds: Dataset | None) -> CommitmentReport:
+    """Read an N-EVENT-REPORT's Event Information; ValueError if it is not a valid one."""
+    if event_type not in (COMMITTED_ALL, COMMITTED_SOME_FAILED):
+        raise ValueError(f"event type {event_type} is not a storage commitment result")
+    if ds is None or not str(ds.get("TransactionUID", "") or ""):
+        raise ValueError("no Transaction UID")
+    committed = [(str(r.get("ReferencedSOPClassUID", "")),
+                  str(r.get("ReferencedSOPInstanceUID", "")))
+                 for r in ds.get("ReferencedSOPSequence", None) or []]
+    failed = [(str(r.get("ReferencedSOPClassUID", "")), str(r.get("ReferencedSOPInstanceUID", "")),
+               int(r.get("FailureReason", 0x0110) or 0x0110))
+              for r in ds.get("FailedSOPSequence", None) or []]
+    return CommitmentReport(str(ds.TransactionUID), event_type, committed, failed)
+
+
+@dataclass
+class Commitment:
+    """Ask the destination to commit what each association stored.
+
+    ``begin`` is called with a new Transaction UID and the files an association stored (success
+    or warning) before the N-ACTION goes out, to record them (the report may reach another
+    receiver first); if it raises, no N-ACTION is sent. ``report_wait`` is how long to stay on
+    the association for an N-EVENT-REPORT sent on it.
+    """
+
+    begin: Callable[[str, list[FileToSend]], None]
+    report_wait: float = 0.5
+
+
+@dataclass
+class CommitmentRequest:
+    """One N-ACTION sent (or not): its transaction, the files named, and what came back."""
+
+    transaction_uid: str
+    files: list[FileToSend]
+    error: str | None = None  # the N-ACTION failed (not sent, refused, no answer)
+    report: CommitmentReport | None = None  # an N-EVENT-REPORT on the same association
+    seconds_to_report: float | None = None
+
+
 @dataclass
 class SendReport:
     """Outcome of a send: counts by category and the files that did not succeed."""
@@ -221,6 +303,7 @@ class SendReport:
     sent: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    commitments: list[CommitmentRequest] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -309,6 +392,7 @@ def send_files(
     peer: Peer,
     settings: DicomSettings,
     progress: Callable[[FileToSend, str], None] | None = None,
+    commitment: Commitment | None = None,
 ) -> SendReport:
     """C-STORE `files` to `peer`, each in its own transfer syntax.
 
@@ -322,29 +406,39 @@ def send_files(
         Our AE title and TLS material.
     progress : callable, optional
         Called after each file with the file and its status text (e.g. ``"0x0000"``).
+    commitment : Commitment, optional
+        Request Storage Commitment of what each association stored (PS3.4 J.3.2).
 
     Returns
     -------
     SendReport
-        Counts by status; the report lists every file that failed and why.
+        Counts by status; the report lists every file that failed and why, and the
+        commitment requests made.
     """
     # Stream each file's dataset bytes as stored (no decode and re-encode, little memory).
     _config.STORE_SEND_CHUNKED_DATASET = True
     report = SendReport()
     pairs = sorted({(f.sop_class_uid, f.transfer_syntax_uid) for f in files})
-    for start in range(0, len(pairs), MAX_CONTEXTS):
-        batch = set(pairs[start : start + MAX_CONTEXTS])
+    per_association = MAX_CONTEXTS - (1 if commitment is not None else 0)
+    for start in range(0, len(pairs), per_association):
+        batch = set(pairs[start : start + per_association])
         ae = AE(ae_title=settings.ae_title)
         ae.maximum_pdu_size = 0
         ae.requested_contexts = [build_context(c, [t]) for c, t in sorted(batch)]
+        listener = _ReportListener()
+        options: dict[str, Any] = {}
+        if commitment is not None:
+            ae.add_requested_context(STORAGE_COMMITMENT_PUSH_MODEL)
+            options["evt_handlers"] = [(evt.EVT_N_EVENT_REPORT, listener.handle)]
         chunk = [f for f in files if (f.sop_class_uid, f.transfer_syntax_uid) in batch]
         try:
-            assoc = _associate(ae, peer, settings)
+            assoc = _associate(ae, peer, settings, **options)
         except NetworkError as exc:
             for item in chunk:
                 _record(report, item, "failure", str(exc), progress)
             continue
         try:
+            failed_before = len(report.failures)
             for item in chunk:
                 if not assoc.is_established:
                     _record(report, item, "failure", "association lost", progress)
@@ -360,10 +454,78 @@ def send_files(
                     continue
                 code = int(rsp.Status)
                 _record(report, item, status_category(code), f"0x{code:04X}", progress)
+            if commitment is not None:
+                failed = {path for path, _ in report.failures[failed_before:]}
+                stored = [item for item in chunk if str(item.path) not in failed]
+                if stored:
+                    report.commitments.append(
+                        _request_commitment(assoc, stored, commitment, listener))
         finally:
             if assoc.is_established:
                 assoc.release()
     return report
+
+
+class _ReportListener:
+    """Takes an N-EVENT-REPORT the destination sends on our own association (PS3.4 J.3.3)."""
+
+    def __init__(self) -> None:
+        self.expected: str | None = None
+        self.report: CommitmentReport | None = None
+        self.arrived = threading.Event()
+
+    def handle(self, event: evt.Event) -> tuple[int, Dataset | None]:
+        """EVT_N_EVENT_REPORT on the requestor side: only the transaction just requested."""
+        request = event.request
+        try:
+            parsed = parse_commitment_report(int(getattr(request, "EventTypeID", 0) or 0),
+                                             event.event_information)
+        except (ValueError, TypeError, AttributeError) as exc:
+            LOGGER.warning("storage commitment report on our association refused: %s", exc)
+            return 0x0113 if "event type" in str(exc) else 0x0120, None
+        if parsed.transaction_uid != self.expected or self.arrived.is_set():
+            LOGGER.warning("storage commitment report for transaction %.64r on our association "
+                           "refused: not the one requested", parsed.transaction_uid)
+            return 0x0110, None
+        self.report = parsed
+        self.arrived.set()
+        return 0x0000, None
+
+
+def _request_commitment(assoc: Association, stored: list[FileToSend], commitment: Commitment,
+                        listener: _ReportListener) -> CommitmentRequest:
+    """N-ACTION "Request Storage Commitment" for `stored`, then a short wait for a report."""
+    transaction_uid = str(generate_uid())
+    request = CommitmentRequest(transaction_uid, stored)
+    try:
+        commitment.begin(transaction_uid, stored)
+    except Exception as exc:  # e.g. the index is down: nothing requested, the sender retries
+        request.error = f"cannot record the commitment transaction: {type(exc).__name__}"
+        LOGGER.warning("storage commitment not requested: %s", request.error)
+        return request
+    listener.expected = transaction_uid
+    if not assoc.is_established:
+        request.error = "association lost before the storage commitment request"
+        return request
+    started = time.monotonic()
+    try:
+        status, _ = assoc.send_n_action(commitment_request(transaction_uid, stored),
+                                        REQUEST_COMMITMENT, STORAGE_COMMITMENT_PUSH_MODEL,
+                                        STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE)
+    except (ValueError, AttributeError, RuntimeError) as exc:  # context refused
+        request.error = f"storage commitment request not sent: {exc}"
+        return request
+    if "Status" not in status:
+        request.error = "no storage commitment response (timeout or abort)"
+        return request
+    code = int(status.Status)
+    if status_category(code) == "failure":
+        request.error = f"storage commitment request refused: 0x{code:04X}"
+        return request
+    if listener.arrived.wait(commitment.report_wait):
+        request.report = listener.report
+        request.seconds_to_report = time.monotonic() - started
+    return request
 
 
 def _send_one(assoc: Association, item: FileToSend) -> Any:

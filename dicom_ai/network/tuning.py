@@ -162,7 +162,7 @@ def install() -> None:
                         and self.to_user_queue.empty()):
                     # The connection ended before an A-ASSOCIATE-RQ: without this the acceptor's
                     # thread (a slot of maximum_associations) waits for one until acse_timeout.
-                    self.to_user_queue.put(None)  # type: ignore[arg-type]  # its "no request"
+                    self.to_user_queue.put(cast(Any, None))  # its "no request"
                 # The association reactor checks whether its DUL thread is still alive.
                 _wake_association(assoc)
 

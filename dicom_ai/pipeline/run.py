@@ -3,6 +3,11 @@
     claim (lease) -> load frames -> preprocess -> inference (+ Grad-CAM) -> findings
       -> SR / SEG / heat-map SC files -> findings, results and outbox rows (one transaction)
 
+A full disk (below ``storage.results_min_free_bytes``, ``ENOSPC``, ``EDQUOT``) or an unavailable
+index is not a failed attempt: the job waits (state ``waiting``, its attempt given back) and is
+due again after ``workers.resource_wait_seconds``; the results watermark is checked before the
+model runs. Writing the job's outcome to an unavailable index is retried until it is back.
+
 :class:`JobRunner` is what both dispatch backends call with a job id: the local pool's worker
 processes and Celery tasks. It keeps models loaded between jobs. Everything a job writes is
 keyed on the job: result UIDs derive from the job, files are overwritten by a retry, and
@@ -19,12 +24,12 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -38,6 +43,7 @@ from dicom_ai.exceptions import (
     ConfigError,
     DicomAIError,
     JobError,
+    OutOfSpaceError,
     ReportError,
     safe_message,
 )
@@ -60,15 +66,29 @@ from dicom_ai.pipeline.preprocessing import (
     preprocess_frame,
     unit_image,
 )
+from dicom_ai.resources import results_space_problem, space_problem
 from storage import jobs
-from storage.db import Database
+from storage.db import Database, is_resource_error
 from storage.filestore import fsync_dir, fsync_file
 from storage.models import Job
 
 LOGGER = logging.getLogger(__name__)
 
-__all__ = ["SKIP_REASONS", "Analysis", "JobRunner", "ModelCache", "OutOfScopeError", "analyse",
-           "result_uid", "skip_reasons"]
+__all__ = ["SKIP_REASONS", "WAIT_PREFIX", "Analysis", "JobRunner", "ModelCache",
+           "OutOfScopeError", "analyse", "resource_problem", "result_uid", "skip_reasons"]
+
+#: How the ``error`` of a waiting job starts (the rest says which resource, no patient value).
+WAIT_PREFIX = "waiting: "
+_T = TypeVar("_T")
+
+
+def resource_problem(exc: BaseException) -> str | None:
+    """Why `exc` is an exhausted resource (a wait, not an attempt), or None.
+
+    A full disk (:func:`dicom_ai.resources.space_problem`) or a full or unavailable index
+    (:func:`storage.db.is_resource_error`), anywhere in the exception's chain.
+    """
+    return space_problem(exc) or is_resource_error(exc)
 
 # -- the analysis: frames in, a ModelRun out --------------------------------------------------
 @dataclass
@@ -452,6 +472,15 @@ def _explain(explainer: Any, inputs: NDArray[np.float32], outputs: NDArray[np.fl
     return maps
 
 
+# The start of a wait reason of the results watermark (dicom_ai.resources).
+_WATERMARK = "results store below "
+
+
+def _kind(reason: str) -> str:
+    """A wait reason without its details (free bytes, SQLSTATE): the same outage, or not."""
+    return reason.split(" (")[0]
+
+
 # -- models kept loaded ----------------------------------------------------------------------
 class ModelCache:
     """Loaded predictors (and their Grad-CAM) by name and version, kept for the process' life.
@@ -518,12 +547,20 @@ def result_uid(job_seed: str, *parts: object) -> str:
 
 
 def _write_atomic(ds: Dataset, path: Path) -> None:
-    """Write a DICOM file whole or not at all (tmp, fsync, rename, fsync the folder)."""
+    """Write a DICOM file whole or not at all (tmp, fsync, rename, fsync the folder).
+
+    A failed write (e.g. ``ENOSPC``) removes its temporary file: a job waiting for space must
+    not fill the disk further with every try.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    fsync_file(tmp)
-    os.replace(tmp, path)
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -583,45 +620,72 @@ class JobRunner:
             LOGGER.exception("warming up the report builders failed")
 
     def run(self, job_id: int) -> str:
-        """Claim job `job_id` and run it to done or a recorded failure.
+        """Claim job `job_id` and run it to done, a recorded failure, or a wait.
 
         Returns
         -------
         str
-            ``"done"``, ``"pending"`` (will be retried), ``"failed"``, or ``"skipped"`` when
-            the job was not claimable (done already, or another worker holds it).
+            ``"done"``, ``"pending"`` (will be retried), ``"failed"``, ``"waiting"`` (a
+            resource is exhausted: no attempt used, due again after
+            ``workers.resource_wait_seconds``), or ``"skipped"`` when the job was not
+            claimable (done already, or another worker holds it) or the lease was lost.
         """
         now = datetime.now(UTC)
-        with self.db.write_session() as session:
+
+        def claim(session: jobs.Session) -> Any:
             job = jobs.claim_job(session, job_id, owner=self.owner,
                                  lease_seconds=self.settings.workers.lease_seconds, now=now)
-            if job is None:
-                return "skipped"
-            session.expunge(job)
+            if job is not None:
+                session.expunge(job)
+            return job
+
+        job = self._write(job_id, "claiming it", claim)
+        if job is None:
+            return "skipped"
+        waited = job.error[len(WAIT_PREFIX):] if (job.error or "").startswith(WAIT_PREFIX) \
+            else None
         LOGGER.info("job %d (%s, model %s) attempt %d", job.id, job.route, job.model_name,
                     job.attempts)
         queued = (now - job.created_at).total_seconds()
         try:
+            # Cheap, and before the model: a job that cannot write its results waits unrun.
+            problem = results_space_problem(self.store.root,
+                                            self.settings.storage.results_min_free_bytes)
+            if problem is not None:
+                raise OutOfSpaceError(problem)
+            if waited is not None and waited.startswith(_WATERMARK):
+                LOGGER.info("job %d resumes (it waited: %s)", job.id, waited)
+            elif waited is not None:  # whether the disk or index is back shows at the end
+                LOGGER.debug("job %d tries again (it waited: %s)", job.id, waited)
             with self._heartbeat(job.id):
                 version, findings, results, timings, note = self._execute(job)
         except Exception as exc:
+            reason = resource_problem(exc)
+            if reason is not None:
+                return self._wait(job, reason, waited)
             retryable = exc.retryable if isinstance(exc, JobError) else True
             if not isinstance(exc, DicomAIError):
                 LOGGER.exception("job %d crashed", job.id)
             # Library messages may quote attribute values (highdicom: "Unable to convert
             # '1901-12-31' to 'DA' object"): jobs.error, the API and the log get the safe form.
             message = safe_message(exc)
-            with self.db.write_session() as session:
-                state = jobs.fail_job(
+
+            def fail(session: jobs.Session) -> str | None:
+                return jobs.fail_job(
                     session, job.id, owner=self.owner, error=message, retryable=retryable,
                     backoff_seconds=self.settings.workers.retry_backoff_seconds,
                     now=datetime.now(UTC))
+
+            state = self._write(job.id, "recording its failure", fail)
             LOGGER.warning("job %d attempt %d failed (%s): %s", job.id, job.attempts,
                            state or "lease lost", message)
             return state or "skipped"
         timings = {"queue": queued, **timings}
         started = time.perf_counter()
-        with self.db.write_session() as session:
+
+        def complete(session: jobs.Session) -> bool:
+            # The result files are written already (their UIDs derive from the job): a retry
+            # after an index outage records the same files.
             ok = jobs.complete_job(session, job.id, owner=self.owner, model_version=version,
                                    findings=findings, results=results, timings=timings,
                                    now=datetime.now(UTC),
@@ -630,14 +694,75 @@ class JobRunner:
                 session.rollback()
             elif note:  # why series were skipped (or all were), in the same transaction
                 session.execute(update(Job).where(Job.id == job.id).values(error=note[:4000]))
+            return ok
+
+        ok = self._write(job.id, "recording its results", complete)
         if not ok:
             LOGGER.warning("job %d: lease lost before completion; another worker has it", job.id)
             return "skipped"
-        LOGGER.info("job %d done: %d findings, %d results (commit %.3f s)%s", job.id,
+        LOGGER.info("job %d done: %d findings, %d results (commit %.3f s)%s%s", job.id,
                     len(findings), len(results), time.perf_counter() - started,
                     "; not applicable, no result sent" if not findings and note else
-                    "; some series skipped" if note else "")
+                    "; some series skipped" if note else "",
+                    f"; resumed after waiting ({waited})" if waited is not None else "")
         return "done"
+
+    def _wait(self, job: Any, reason: str, waited: str | None) -> str:
+        """Record that `job` waits for a resource (no attempt used); returns its outcome."""
+        retry = self.settings.workers.resource_wait_seconds
+        outage = [False]
+
+        def wait(session: jobs.Session) -> str | None:
+            # If recording the wait itself had to wait for the index, the resource may well be
+            # back: due at once rather than after another resource_wait_seconds.
+            return jobs.wait_job(session, job.id, owner=self.owner,
+                                 reason=f"{WAIT_PREFIX}{reason}",
+                                 retry_seconds=0.0 if outage[0] else retry,
+                                 now=datetime.now(UTC))
+
+        state = self._write(job.id, "recording that it waits", wait,
+                            on_retry=lambda: outage.__setitem__(0, True))
+        if state is None:
+            LOGGER.warning("job %d: lease lost while it met an exhausted resource (%s)",
+                           job.id, reason)
+            return "skipped"
+        if waited is not None and _kind(waited) == _kind(reason):
+            LOGGER.debug("job %d still waiting: %s", job.id, reason)
+        else:
+            LOGGER.warning("job %d waits, no attempt used (tried again every %g s): %s",
+                           job.id, retry, reason)
+        return state
+
+    def _write(self, job_id: int, what: str, work: Callable[[jobs.Session], _T], *,
+               on_retry: Callable[[], None] | None = None) -> _T:
+        """Run `work` in a write session, retrying while the index is full or unavailable.
+
+        The delay grows from 0.5 s to ``workers.resource_wait_seconds``; the outage is logged
+        once, and its end. Any other error is raised.
+        """
+        delay = 0.5
+        since: float | None = None
+        while True:
+            try:
+                with self.db.write_session() as session:
+                    done = work(session)
+            except Exception as exc:
+                reason = is_resource_error(exc)
+                if reason is None:
+                    raise
+                if since is None:
+                    since = time.monotonic()
+                    LOGGER.warning("job %d: %s while %s; retrying until it is back", job_id,
+                                   reason, what)
+                if on_retry is not None:
+                    on_retry()
+                time.sleep(delay)
+                delay = min(delay * 2, self.settings.workers.resource_wait_seconds)
+                continue
+            if since is not None:
+                LOGGER.info("job %d: the index is back after %.1f s (%s)", job_id,
+                            time.monotonic() - since, what)
+            return done
 
     @contextmanager
     def _heartbeat(self, job_id: int) -> Iterator[None]:
@@ -738,6 +863,11 @@ class JobRunner:
 
         run = analysis.run
         sources = analysis.datasets
+        # Checked again before writing (the model ran meanwhile); ENOSPC is the backstop.
+        problem = results_space_problem(self.store.root,
+                                        self.settings.storage.results_min_free_bytes)
+        if problem is not None:
+            raise OutOfSpaceError(problem)
         folder = self.store.root / "results" / run.study_instance_uid / str(job.id)
         destinations = {d.name: d for d in self.settings.destinations}
         wanted = [destinations[name] for name in route.destinations if name in destinations]
