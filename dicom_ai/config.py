@@ -121,6 +121,10 @@ class DicomSettings(_Section):
     # Storage SOP classes accepted beyond every standard one (retired included): private or
     # unknown classes, e.g. a vendor's raw data. Others are refused at negotiation (counted).
     extra_storage_classes: list[UIDValue] = Field(default_factory=list)
+    # Install dicom-ai's pynetdicom tuning (dicom_ai.network.tuning: event-driven association
+    # threads, cached UID checks, bounded PDU reads) in the processes that talk DICOM. Only on
+    # the pynetdicom version it was tested with; false runs stock pynetdicom.
+    tune_network: bool = True
 
     @model_validator(mode="after")
     def _tls_pair(self) -> DicomSettings:
