@@ -33,8 +33,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from dicom_ai.pipeline.loading import decode
-from dicom_ai.pipeline.preprocessing import PreprocessingSpec, preprocess_frame
+from dicom_ai.pipeline.preprocessing import preprocess_frame
 from dicom_ai.training.synth import synthesize
+from dicom_ai.values import PreprocessingSpec
 from tests.peers import make_ct_series
 
 #: The overhead preprocessing may add over decoding.

@@ -89,7 +89,8 @@ def run_demo(work: Path, *, studies: int = 4, seed: int = 7, timeout: float = 30
     with (source / "labels.csv").open() as fh:
         for row in csv.DictReader(fh):
             truth[row["StudyInstanceUID"]] = row["label"] == "1"
-    pacs = StandInPacs(work / "pacs")
+    # The stand-in follows dicom.tune_network as the service does.
+    pacs = StandInPacs(work / "pacs", tune_network=load_settings(None).dicom.tune_network)
     pacs_host, pacs_port = pacs.start()
     settings = load_settings(
         None,

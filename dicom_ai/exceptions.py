@@ -8,6 +8,7 @@
     │   ├── InvalidUIDError    a UID that is not DICOM UID syntax (never becomes a path)
     │   └── OutOfSpaceError    free space below ``storage.min_free_bytes``
     ├── IngestError            a received instance is refused; carries its DIMSE status
+    ├── DicomReadError         a stored or given file is not readable DICOM (names the file)
     ├── NetworkError           association refused, aborted or timed out as a requestor
     ├── JobError               a job cannot run; says whether a retry could help
     └── ReportError            a result object (SR, SEG, SC) cannot be built (also a ValueError)
@@ -74,6 +75,10 @@ class IngestError(DicomAIError):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+class DicomReadError(DicomAIError):
+    """A file that should be DICOM cannot be read as DICOM (names the file, never a value)."""
 
 
 class NetworkError(DicomAIError):

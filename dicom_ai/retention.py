@@ -27,7 +27,6 @@ study that would be routed and processed again, sending its results twice.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -36,6 +35,7 @@ from typing import Any, Literal
 
 from dicom_ai.audit import Auditor, entry
 from dicom_ai.config import RetentionSettings, Settings
+from dicom_ai.periodic import PeriodicWorker
 from storage import retention as rows
 from storage.db import Database
 from storage.filestore import FileStore, fsync_dir
@@ -57,19 +57,6 @@ class StudyRemoval:
 
 
 @dataclass(frozen=True)
-class ResultsRemoval:
-    """One job whose results and findings go."""
-
-    job_id: int
-    study_instance_uid: str
-    finished_at: datetime
-    results: int
-    findings: int
-    outbox: int
-    paths: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class RetentionPlan:
     """What a retention policy removes (or, returned by :func:`apply`, removed).
 
@@ -79,7 +66,7 @@ class RetentionPlan:
         The moment ages were measured from.
     studies : tuple of StudyRemoval
         Studies whose instances go, oldest delivered first.
-    jobs : tuple of ResultsRemoval
+    jobs : tuple of storage.retention.ExpiredResults
         Jobs whose results and findings go, oldest first.
     store_bytes : int
         The instance store's size before.
@@ -93,7 +80,7 @@ class RetentionPlan:
 
     now: datetime
     studies: tuple[StudyRemoval, ...] = ()
-    jobs: tuple[ResultsRemoval, ...] = ()
+    jobs: tuple[rows.ExpiredResults, ...] = ()
     store_bytes: int = 0
     max_store_bytes: int | None = None
     cap_met: bool = True
@@ -214,9 +201,7 @@ def plan(db: Database, policy: RetentionSettings, *, now: datetime | None = None
         waiting = {s.study_instance_uid for s in delivered} - set(chosen)
         expired = [e for e in expired if e.study_instance_uid not in waiting]
     studies = sorted(chosen.values(), key=lambda s: (s.delivered_at, s.study_instance_uid))
-    jobs = [ResultsRemoval(e.job_id, e.study_instance_uid, e.finished_at, e.results,
-                           e.findings, e.outbox, e.paths) for e in expired]
-    return RetentionPlan(now=now, studies=tuple(studies), jobs=tuple(jobs), store_bytes=total,
+    return RetentionPlan(now=now, studies=tuple(studies), jobs=tuple(expired), store_bytes=total,
                          max_store_bytes=policy.max_store_bytes, cap_met=cap_met)
 
 
@@ -258,7 +243,7 @@ def apply(plan: RetentionPlan, store: FileStore, db: Database, *,
         if done is not None:
             removed_studies.append(done)
             _audit(db, [done], [])
-    removed_jobs: list[ResultsRemoval] = []
+    removed_jobs: list[rows.ExpiredResults] = []
     for job in plan.jobs:
         if stop():
             break
@@ -271,7 +256,7 @@ def apply(plan: RetentionPlan, store: FileStore, db: Database, *,
                          cap_met=plan.cap_met, dry_run=False)
 
 
-def _audit(db: Database, studies: Sequence[StudyRemoval], jobs: Sequence[ResultsRemoval]
+def _audit(db: Database, studies: Sequence[StudyRemoval], jobs: Sequence[rows.ExpiredResults]
            ) -> None:
     """One ``purge.applied`` row per study whose instances went and per job whose results
     went (never raises)."""
@@ -307,8 +292,8 @@ def _remove_study(item: StudyRemoval, store: FileStore, db: Database) -> StudyRe
                         item.reason)
 
 
-def _remove_results(job: ResultsRemoval, store: FileStore, db: Database
-                    ) -> ResultsRemoval | None:
+def _remove_results(job: rows.ExpiredResults, store: FileStore, db: Database
+                    ) -> rows.ExpiredResults | None:
     with db.sessions() as session:
         still = rows.expired_results(session, cutoff=job.finished_at, job_ids=[job.job_id])
     if not still:
@@ -320,7 +305,7 @@ def _remove_results(job: ResultsRemoval, store: FileStore, db: Database
         deleted = rows.delete_results(session, [job.job_id])
     LOGGER.info("retention: removed %d result object(s) and %d finding(s) of job %d (study %s)",
                 deleted.results, deleted.findings, job.job_id, job.study_instance_uid)
-    return ResultsRemoval(job.job_id, job.study_instance_uid, current.finished_at,
+    return rows.ExpiredResults(job.job_id, job.study_instance_uid, current.finished_at,
                           deleted.results, deleted.findings, deleted.outbox, current.paths)
 
 
@@ -379,7 +364,7 @@ def _prune(folder: Path, base: Path) -> None:
     fsync_dir(folder)
 
 
-class RetentionRunner:
+class RetentionRunner(PeriodicWorker):
     """Applies ``[retention]`` at start and every ``interval_seconds`` in a daemon thread.
 
     Parameters
@@ -396,13 +381,15 @@ class RetentionRunner:
         self.policy = settings.retention
         self.store = store
         self.db = db
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # The database may be briefly unavailable: the next run retries, the outage logged once.
+        super().__init__("retention", LOGGER, [("retention run", self.run_once)],
+                         interval=self.policy.interval_seconds, join_timeout=60,
+                         run_first=True)
 
     def run_once(self, now: datetime | None = None) -> RetentionPlan:
         """Plan and apply the policy once; returns what was removed."""
         removed = apply(plan(self.db, self.policy, now=now), self.store, self.db,
-                        should_stop=self._stop.is_set)
+                        should_stop=lambda: self.stopping)
         if not removed.empty:
             LOGGER.info("retention removed the instances of %d stud(ies) (%d instances, %d "
                         "bytes), %d result object(s) and %d finding(s)", len(removed.studies),
@@ -410,29 +397,16 @@ class RetentionRunner:
                         removed.findings)
         return removed
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # the database may be briefly unavailable: the next run retries
-                LOGGER.exception("retention run failed; retrying in %.0f s",
-                                 self.policy.interval_seconds)
-            if self._stop.wait(self.policy.interval_seconds):
-                break
-
     def start(self) -> None:
         """Run now, then every ``interval_seconds``."""
-        self._thread = threading.Thread(target=self._loop, name="retention", daemon=True)
-        self._thread.start()
+        super().start()
         LOGGER.info("retention: instances_days=%s results_days=%s max_store_bytes=%s, every "
                     "%.0f s", self.policy.instances_days, self.policy.results_days,
                     self.policy.max_store_bytes, self.policy.interval_seconds)
 
     def stop(self) -> None:
         """Stop after the study or job being deleted, and wait for the thread."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
+        super().stop()
 
 
 def describe(removed: RetentionPlan) -> Sequence[str]:

@@ -28,7 +28,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from dicom_ai.exceptions import ConfigError
+from dicom_ai.exceptions import DicomReadError, safe_message
 from storage.query import wildcard_match
 
 __all__ = [
@@ -176,12 +176,13 @@ def evaluate_file(routes: Sequence[tuple[str, MatchSpec]], path: Path,
 
     Raises
     ------
-    ConfigError
+    DicomReadError
         The file is not readable DICOM.
     """
     try:
         ds = dcmread(path, stop_before_pixels=True)
     except Exception as exc:  # pydicom raises several types for non-DICOM input
-        raise ConfigError(f"{path}: not a readable DICOM file ({exc})") from None
+        raise DicomReadError(f"{path}: not a readable DICOM file ({safe_message(exc)})") \
+            from None
     keys = {k for _, match in routes for k in match}
     return evaluate(routes, header_values(ds, keys, calling_ae_titles))

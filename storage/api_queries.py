@@ -6,6 +6,10 @@ indexes at the end of :mod:`storage.models`), so a page is one index range scan 
 table size; aggregates (instance counts) are computed for the rows of the page only. Nothing
 here counts or sorts a whole table, except :func:`metrics_snapshot`, which runs once per
 Prometheus scrape.
+
+One reader per question: the job and batch lists live with their aggregate
+(:func:`storage.jobs.list_jobs`, :func:`storage.batches.list_batches`) and are re-exported
+here for the API's callers; the CLI and the API call the same readers.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, TypeVarTuple
+from typing import Any
 
 from sqlalchemy import Select, and_, func, select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from storage.batches import list_batches as list_batches
+from storage.jobs import list_jobs as list_jobs
 from storage.models import (
     COMMITTED,
     PENDING,
@@ -33,29 +39,16 @@ from storage.models import (
     Patient,
     QuarantineRecord,
     ResultObject,
-    RoutingDecision,
     Series,
     Study,
 )
+from storage.paging import MAX_ID as MAX_ID
+from storage.paging import MAX_LIMIT as MAX_LIMIT
+from storage.paging import Order as Order
+from storage.paging import keyset as _keyset
 
 #: Raised when the database cannot be reached; the API answers 503 for it.
 DatabaseError = OperationalError
-Order = Literal["asc", "desc"]
-MAX_LIMIT = 500
-#: The largest row id: ids are INTEGER columns (32-bit on PostgreSQL, 64-bit on SQLite), so a
-#: larger id or cursor cannot exist; the API refuses it (422) before it reaches the database,
-#: where it would raise (integer out of range, or OverflowError in the SQLite driver).
-MAX_ID = 2**31 - 1
-_Ts = TypeVarTuple("_Ts")
-
-
-def _keyset(query: Select[*_Ts], column: Any, after: int | None, limit: int,
-            order: Order) -> Select[*_Ts]:
-    """Apply the cursor, the order and the limit (clamped to 1..MAX_LIMIT)."""
-    if after is not None:
-        query = query.where(column > after if order == "asc" else column < after)
-    query = query.order_by(column.asc() if order == "asc" else column.desc())
-    return query.limit(max(1, min(limit, MAX_LIMIT)))
 
 
 def ping(session: Session) -> None:
@@ -226,32 +219,7 @@ def list_series(session: Session, *, after: int | None = None, limit: int = 50,
                       s.completed_at, counts.get(s.id, 0)) for s, uid in rows]
 
 
-def decisions_of_study(session: Session, study_instance_uid: str) -> list[RoutingDecision]:
-    """Routing decisions of a study, oldest first (indexed by study UID)."""
-    return list(session.scalars(
-        select(RoutingDecision).where(RoutingDecision.study_instance_uid == study_instance_uid)
-        .order_by(RoutingDecision.id)
-    ).all())
-
-
 # -- jobs, findings, results, outbox ---------------------------------------------------------
-def list_jobs(session: Session, *, after: int | None = None, limit: int = 50,
-              order: Order = "desc", state: str | None = None, model_name: str | None = None,
-              route: str | None = None,
-              study_instance_uid: str | None = None) -> list[Job]:
-    """Jobs, one page, filtered by state, model, route or study."""
-    query = select(Job)
-    if state is not None:
-        query = query.where(Job.state == state)
-    if model_name is not None:
-        query = query.where(Job.model_name == model_name)
-    if route is not None:
-        query = query.where(Job.route == route)
-    if study_instance_uid is not None:
-        query = query.where(Job.study_instance_uid == study_instance_uid)
-    return list(session.scalars(_keyset(query, Job.id, after, limit, order)).all())
-
-
 def list_findings(session: Session, *, after: int | None = None, limit: int = 50,
                   order: Order = "desc", model_name: str | None = None,
                   present: bool | None = None, since: datetime | None = None,
@@ -279,19 +247,31 @@ def list_findings(session: Session, *, after: int | None = None, limit: int = 50
     return list(session.scalars(_keyset(query, FindingRecord.id, after, limit, order)).all())
 
 
-def results_of_job(session: Session, job_id: int) -> list[tuple[ResultObject, list[OutboxItem]]]:
-    """A job's result objects, each with its outbox rows."""
-    results = list(session.scalars(
-        select(ResultObject).where(ResultObject.job_id == job_id).order_by(ResultObject.id)
-    ).all())
-    rows = session.scalars(
-        select(OutboxItem).where(OutboxItem.result_id.in_([r.id for r in results]))
+def deliveries_of_results(session: Session,
+                          result_ids: Sequence[int]) -> dict[int, list[OutboxItem]]:
+    """The outbox rows of each result object (oldest first), by result id.
+
+    Parameters
+    ----------
+    session : Session
+        An open session.
+    result_ids : sequence of int
+        Result object ids (e.g. those of :func:`storage.jobs.results_of_job`).
+
+    Returns
+    -------
+    dict
+        ``result id -> outbox rows``; every id given is a key.
+    """
+    by_result: dict[int, list[OutboxItem]] = {int(r): [] for r in result_ids}
+    if not by_result:
+        return by_result
+    for item in session.scalars(
+        select(OutboxItem).where(OutboxItem.result_id.in_(list(by_result)))
         .order_by(OutboxItem.id)
-    ).all() if results else []
-    by_result: dict[int, list[OutboxItem]] = {r.id: [] for r in results}
-    for item in rows:
+    ).all():
         by_result[item.result_id].append(item)
-    return [(r, by_result[r.id]) for r in results]
+    return by_result
 
 
 def list_outbox(session: Session, *, after: int | None = None, limit: int = 50,
@@ -362,15 +342,6 @@ def retry_delivery(session: Session, outbox_id: int, *, now: datetime) -> Outbox
 
 
 # -- batches ----------------------------------------------------------------------------------
-def list_batches(session: Session, *, after: int | None = None, limit: int = 50,
-                 order: Order = "desc", state: str | None = None) -> list[Batch]:
-    """Batches, one page."""
-    query = select(Batch)
-    if state is not None:
-        query = query.where(Batch.state == state)
-    return list(session.scalars(_keyset(query, Batch.id, after, limit, order)).all())
-
-
 def batch_study_counts(session: Session, batch_id: int) -> dict[str, int]:
     """A batch's studies by retrieve state (``found``, ``retrieved``, ``failed``)."""
     rows = session.execute(

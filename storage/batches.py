@@ -36,6 +36,7 @@ from storage.models import (
     Series,
     Study,
 )
+from storage.paging import Order, keyset
 from storage.repository import STUDY_COMPLETE
 
 #: A batch an operator cancelled (API or CLI): runners stop, resume refuses it.
@@ -62,9 +63,13 @@ def get_batch(session: Session, batch_id: int) -> Batch | None:
     return session.get(Batch, batch_id)
 
 
-def list_batches(session: Session, limit: int = 50) -> list[Batch]:
-    """The newest batches first."""
-    return list(session.scalars(select(Batch).order_by(Batch.id.desc()).limit(limit)).all())
+def list_batches(session: Session, *, after: int | None = None, limit: int = 50,
+                 order: Order = "desc", state: str | None = None) -> list[Batch]:
+    """Batches, one keyset page (:mod:`storage.paging`); ``desc`` is newest first."""
+    query = select(Batch)
+    if state is not None:
+        query = query.where(Batch.state == state)
+    return list(session.scalars(keyset(query, Batch.id, after, limit, order)).all())
 
 
 def set_state(session: Session, batch_id: int, state: str, now: datetime, *,

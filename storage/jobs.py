@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -40,6 +40,7 @@ from storage.models import (
     Series,
     Study,
 )
+from storage.paging import Order, keyset
 
 
 # -- routing ----------------------------------------------------------------------------------
@@ -334,11 +335,45 @@ class ResultToStore:
     destinations: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class FindingToStore:
+    """One finding of a worker's run, as the columns of :class:`storage.models.FindingRecord`.
+
+    A series or study decision names no one image (empty `sop_instance_uid`; a study one no
+    series either); `location` is the geometry as JSON (point, bbox, area), or None.
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    frame_number: int | None
+    model_name: str
+    model_version: str
+    label: str
+    code_value: str
+    code_scheme: str
+    code_meaning: str
+    probability: float
+    threshold: float
+    present: bool
+    location_kind: str | None
+    location: str | None
+    segment_number: int | None
+    heatmap_path: str | None
+    tracking_uid: str
+    ood_score: float | None
+    out_of_distribution: bool
+
+
 def complete_job(session: Session, job_id: int, *, owner: str, model_version: str,
-                 findings: Sequence[dict[str, Any]], results: Sequence[ResultToStore],
+                 findings: Sequence[FindingToStore | dict[str, Any]],
+                 results: Sequence[ResultToStore],
                  timings: dict[str, float], now: datetime,
-                 supersedes_job_id: int | None = None) -> bool:
+                 supersedes_job_id: int | None = None, note: str | None = None) -> bool:
     """Finish a job: findings, result objects and outbox rows, all or nothing.
+
+    `note` (why series were skipped, or ``"not applicable: ..."``) becomes the job's ``error``
+    text, which a completed job otherwise has cleared.
 
     The job's findings become the current ones of its study and route: every earlier job's
     findings are marked superseded by it. If a newer job of the same study and route
@@ -351,8 +386,8 @@ def complete_job(session: Session, job_id: int, *, owner: str, model_version: st
     done = session.execute(
         update(Job).where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == owner)
         .values(state=DONE, finished_at=now, lease_owner=None, lease_expires_at=None,
-                error=None, model_version=model_version, timings=json.dumps(timings),
-                supersedes_job_id=supersedes_job_id)
+                error=note[:4000] if note else None, model_version=model_version,
+                timings=json.dumps(timings), supersedes_job_id=supersedes_job_id)
     ).rowcount  # type: ignore[attr-defined]
     if not done:
         return False
@@ -360,7 +395,8 @@ def complete_job(session: Session, job_id: int, *, owner: str, model_version: st
     assert job is not None
     newer = latest_done_job(session, job.study_instance_uid, job.route, after=job_id)
     superseded_by = newer.id if newer is not None else None
-    for ordinal, values in enumerate(findings):
+    for ordinal, finding in enumerate(findings):
+        values = asdict(finding) if isinstance(finding, FindingToStore) else finding
         session.add(FindingRecord(job_id=job_id, ordinal=ordinal, created_at=now,
                                   superseded_by_job_id=superseded_by, **values))
     for item in results:
@@ -401,12 +437,39 @@ def job(session: Session, job_id: int) -> Job | None:
     return session.get(Job, job_id)
 
 
-def list_jobs(session: Session, *, state: str | None = None, limit: int = 100) -> list[Job]:
-    """The newest jobs first, optionally of one state."""
-    query = select(Job).order_by(Job.id.desc()).limit(limit)
+def list_jobs(session: Session, *, after: int | None = None, limit: int = 50,
+              order: Order = "desc", state: str | None = None, model_name: str | None = None,
+              route: str | None = None,
+              study_instance_uid: str | None = None) -> list[Job]:
+    """Jobs, one keyset page (:mod:`storage.paging`), filtered by state, model, route or study.
+
+    Parameters
+    ----------
+    session : Session
+        An open session.
+    after : int, optional
+        The last id of the previous page.
+    limit : int
+        Page size (1-500).
+    order : {"asc", "desc"}
+        By id; ``desc`` (the default) is newest first.
+    state, model_name, route, study_instance_uid : str, optional
+        Equality filters.
+
+    Returns
+    -------
+    list of Job
+    """
+    query = select(Job)
     if state is not None:
         query = query.where(Job.state == state)
-    return list(session.scalars(query).all())
+    if model_name is not None:
+        query = query.where(Job.model_name == model_name)
+    if route is not None:
+        query = query.where(Job.route == route)
+    if study_instance_uid is not None:
+        query = query.where(Job.study_instance_uid == study_instance_uid)
+    return list(session.scalars(keyset(query, Job.id, after, limit, order)).all())
 
 
 def ood_counts(session: Session, *, since: datetime) -> dict[str, tuple[int, int]]:

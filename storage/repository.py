@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
@@ -285,59 +285,6 @@ def add_quarantine(
             created_at=now,
         )
     )
-
-
-# -- listing ----------------------------------------------------------------------------------
-@dataclass
-class StudySummary:
-    """One study as ``dicom-ai studies`` shows it."""
-
-    study_instance_uid: str
-    accession_number: str
-    study_date: str
-    state: str
-    instances: int
-    series: int
-    modalities: list[str] = field(default_factory=list)
-    first_received_at: datetime | None = None
-    last_received_at: datetime | None = None
-    completed_at: datetime | None = None
-    completion_reason: str | None = None
-
-
-def list_studies(session: Session) -> list[StudySummary]:
-    """Every study with its counts and modalities, most recently received first."""
-    counts = (
-        select(Series.study_pk, func.count(Instance.id).label("n"))
-        .join(Instance, Instance.series_pk == Series.id)
-        .group_by(Series.study_pk)
-        .subquery()
-    )
-    rows = session.execute(
-        select(Study, func.coalesce(counts.c.n, 0))
-        .outerjoin(counts, counts.c.study_pk == Study.id)
-        .order_by(Study.last_received_at.desc(), Study.id.desc())
-    ).all()
-    series_rows = session.execute(select(Series.study_pk, Series.modality)).all()
-    by_study: dict[int, list[str]] = {}
-    for study_pk, modality in series_rows:
-        by_study.setdefault(study_pk, []).append(modality)
-    return [
-        StudySummary(
-            study_instance_uid=study.study_instance_uid,
-            accession_number=study.accession_number,
-            study_date=study.study_date,
-            state=study.state,
-            instances=int(n),
-            series=len(by_study.get(study.id, [])),
-            modalities=sorted({m for m in by_study.get(study.id, []) if m}),
-            first_received_at=study.first_received_at,
-            last_received_at=study.last_received_at,
-            completed_at=study.completed_at,
-            completion_reason=study.completion_reason,
-        )
-        for study, n in rows
-    ]
 
 
 # -- completion -------------------------------------------------------------------------------

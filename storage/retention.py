@@ -69,7 +69,11 @@ class DeliveredStudy:
 
 @dataclass(frozen=True)
 class ExpiredResults:
-    """The results of one finished, fully delivered job older than the cut-off."""
+    """The results of one finished, fully delivered job older than the cut-off.
+
+    Also what a retention plan lists per job, and (with the counts found when deleting) what
+    :func:`dicom_ai.retention.apply` reports removed.
+    """
 
     job_id: int
     study_instance_uid: str

@@ -3,6 +3,10 @@
 ``DICOM_AI_REQUIRE_PEERS=1`` (set by ``.ci/run``) turns every "peer missing" skip into a
 failure, so CI always exercises dcmtk, Orthanc, dicom3tools and PostgreSQL.
 
+``DICOM_AI_DICOM__TUNE_NETWORK=false`` runs the suite on stock pynetdicom: every service,
+receiver and requestor the tests start reads ``[dicom] tune_network`` from the environment
+(:data:`TUNE_NETWORK`), and the tests of the tuning itself skip.
+
 Every log record of the session (all loggers, from DEBUG, with exception text) is also appended
 to ``<basetemp>/session-records.log``; ``tests/zz_privacy`` runs last and greps it, with every
 other ``*.log`` the tests' services wrote under the basetemp, for the test patients' names and
@@ -79,6 +83,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # A receiver thread may log after pytest closed the captured stream its handler writes to;
 # the record still reaches the session log below, only the stale stream is gone.
 logging.raiseExceptions = False
+
+#: ``[dicom] tune_network`` of this run (``DICOM_AI_DICOM__TUNE_NETWORK``; default true).
+TUNE_NETWORK = Settings().dicom.tune_network
+
+
+def needs_tuning(what: str) -> pytest.MarkDecorator:
+    """Skip a test of a property only dicom-ai's pynetdicom tuning gives, when it is off."""
+    return pytest.mark.skipif(not TUNE_NETWORK, reason=f"{what} comes from the pynetdicom tuning "
+                              "(dicom_ai.network.tuning), off: DICOM_AI_DICOM__TUNE_NETWORK=false")
 
 PG_SERVER = os.environ.get("DICOM_AI_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432")
 REQUIRE_PEERS = os.environ.get("DICOM_AI_REQUIRE_PEERS") == "1"

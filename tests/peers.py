@@ -2,7 +2,7 @@
 
 Every peer listens on a free loopback port and keeps its files under a folder the caller owns.
 dcmtk and Orthanc need ``TCP_NODELAY=1`` on loopback or Nagle's algorithm costs 20-40x
-(DICOM-NOTES), so every process started here gets it.
+(docs/notes.md), so every process started here gets it.
 """
 
 from __future__ import annotations

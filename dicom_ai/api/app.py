@@ -8,6 +8,8 @@ Lists are keyset-paginated: ``?limit=N`` (1-500, default 50) and ``?after=ID`` w
 Ids in paths and queries are 1..:data:`storage.api_queries.MAX_ID` (the range of the id
 columns): anything else answers 422 before the database is asked.
 Patient names, IDs and birth dates are never returned unless ``api.show_patient_names``.
+Every object answered is a model of :mod:`dicom_ai.views` (the ``response_model``), the same
+the CLI's ``--json`` prints.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -32,10 +34,34 @@ from dicom_ai.api.metrics import make_registry
 from dicom_ai.audit import Auditor
 from dicom_ai.config import Settings
 from dicom_ai.network.counters import ReceiverCounters
+from dicom_ai.views import (
+    AuditEntryView,
+    BatchDetailView,
+    BatchView,
+    DeliveryView,
+    FindingView,
+    JobDetailView,
+    JobView,
+    OutboxRowView,
+    Page,
+    SeriesView,
+    StudyDetailView,
+    StudyView,
+    audit_view,
+    batch_view,
+    delivery_view,
+    finding_view,
+    job_view,
+    outbox_view,
+    page,
+    result_view,
+    routing_view,
+    series_view,
+    study_view,
+)
 from storage import api_queries, apikeys, audit, batches
 from storage import jobs as job_rows
 from storage.db import Database
-from storage.models import COMMITTED, SENT, FindingRecord, Job, OutboxItem, ResultObject
 
 LOGGER = logging.getLogger(__name__)
 
@@ -64,118 +90,10 @@ _DA_RANGE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
 FINISHED_BATCH_STATES = ("done", "cancelled")
 
 
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
-def _page(items: Sequence[dict[str, Any]], limit: int) -> dict[str, Any]:
-    return {"items": list(items),
-            "next_after": items[-1]["id"] if len(items) == limit and items else None}
-
-
 def _aware(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
-
-
-def _job(job: Job) -> dict[str, Any]:
-    return {
-        "id": job.id, "study_instance_uid": job.study_instance_uid,
-        "series_instance_uids": json.loads(job.series_instance_uids or "[]"),
-        "route": job.route, "model": job.model_name, "model_version": job.model_version,
-        "state": job.state, "attempts": job.attempts, "max_attempts": job.max_attempts,
-        "error": job.error, "supersedes_job_id": job.supersedes_job_id,
-        "timings": json.loads(job.timings or "{}"), "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
-    }
-
-
-def _finding(f: FindingRecord) -> dict[str, Any]:
-    return {
-        "id": f.id, "job_id": f.job_id, "study_instance_uid": f.study_instance_uid,
-        "series_instance_uid": f.series_instance_uid, "sop_instance_uid": f.sop_instance_uid,
-        "frame_number": f.frame_number, "model": f.model_name, "model_version": f.model_version,
-        "label": f.label, "finding": {"code_value": f.code_value, "code_scheme": f.code_scheme,
-                                      "code_meaning": f.code_meaning},
-        "probability": f.probability, "threshold": f.threshold,
-        "decision": "present" if f.present else "absent",
-        "location_kind": f.location_kind,
-        "location": json.loads(f.location) if f.location else None,
-        "segment_number": f.segment_number, "heatmap_path": f.heatmap_path,
-        "created_at": _iso(f.created_at), "superseded_by_job_id": f.superseded_by_job_id,
-        # The input's distance to the model's training data, and whether it is outside it.
-        "ood_score": f.ood_score, "out_of_distribution": f.out_of_distribution,
-    }
-
-
-def delivery_state(item: OutboxItem) -> str:
-    """Per object: ``committed``; ``sent`` (delivered, no commitment asked); ``awaiting``
-    (sent, commitment report outstanding); ``failed`` (pending after a failed attempt, or a
-    commitment failure); ``pending``."""
-    if item.state == COMMITTED:
-        return "committed"
-    if item.state == SENT:
-        return "awaiting" if item.commit_requested_at is not None else "sent"
-    return "failed" if item.last_error is not None and item.attempts > 0 else "pending"
-
-
-def _outbox(item: OutboxItem, result: ResultObject | None = None) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "id": item.id, "result_id": item.result_id, "job_id": item.job_id,
-        "destination": item.destination, "state": item.state, "attempts": item.attempts,
-        "next_attempt_at": _iso(item.next_attempt_at), "last_error": item.last_error,
-        "created_at": _iso(item.created_at), "sent_at": _iso(item.sent_at),
-        # Storage Commitment (destinations with storage_commitment = true): see delivery_state.
-        "delivery": delivery_state(item), "committed_at": _iso(item.committed_at),
-        "commit_requested_at": _iso(item.commit_requested_at),
-    }
-    if result is not None:
-        data["kind"] = result.kind
-        data["sop_instance_uid"] = result.sop_instance_uid
-    return data
-
-
-def _result(result: ResultObject, outbox: Sequence[OutboxItem]) -> dict[str, Any]:
-    return {"id": result.id, "kind": result.kind, "sr_kind": result.sr_kind,
-            "series_instance_uid": result.series_instance_uid,
-            "sop_instance_uid": result.sop_instance_uid, "sop_class_uid": result.sop_class_uid,
-            "created_at": _iso(result.created_at),
-            "deliveries": [_outbox(item) for item in outbox]}
-
-
-def _study(row: api_queries.StudyRow) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "id": row.id, "study_instance_uid": row.study_instance_uid,
-        "accession_number": row.accession_number, "study_id": row.study_id,
-        "study_date": row.study_date, "study_time": row.study_time,
-        "study_description": row.study_description, "state": row.state,
-        "series": row.series, "instances": row.instances, "modalities": row.modalities,
-        "first_received_at": _iso(row.first_received_at),
-        "last_received_at": _iso(row.last_received_at),
-        "completed_at": _iso(row.completed_at), "completion_reason": row.completion_reason,
-        "completion_count": row.completion_count,
-    }
-    if row.patient is not None:  # only with api.show_patient_names
-        data["patient"] = row.patient
-    return data
-
-
-def _series(row: api_queries.SeriesRow) -> dict[str, Any]:
-    return {"id": row.id, "series_instance_uid": row.series_instance_uid,
-            "study_instance_uid": row.study_instance_uid, "modality": row.modality,
-            "body_part_examined": row.body_part_examined,
-            "series_description": row.series_description, "series_number": row.series_number,
-            "state": row.state, "instances": row.instances,
-            "last_received_at": _iso(row.last_received_at),
-            "completed_at": _iso(row.completed_at)}
-
-
-def _batch(batch: Any) -> dict[str, Any]:
-    return {"id": batch.id, "kind": batch.kind, "source": batch.source, "route": batch.route,
-            "query": json.loads(batch.query or "{}"), "state": batch.state,
-            "error": batch.error, "created_at": _iso(batch.created_at),
-            "updated_at": _iso(batch.updated_at), "found_at": _iso(batch.found_at)}
 
 
 def _study_dates(text: str | None) -> tuple[str | None, str | None]:
@@ -247,7 +165,9 @@ def create_app(settings: Settings, db: Database, *,
     FastAPI
         The application; run it with :class:`dicom_ai.api.server.ApiServer`.
     """
-    app = FastAPI(title="dicom-ai", version=__version__,
+    # One schema per view model (dicom_ai.views): the serialisation-mode schema of a model with
+    # a wrap serializer (StudyView drops an absent patient) would be empty.
+    app = FastAPI(title="dicom-ai", version=__version__, separate_input_output_schemas=False,
                   description="Studies, jobs, findings and results of a dicom-ai service. "
                   "Data endpoints need an API key (`dicom-ai apikeys create`).")
     all_checks = {**default_checks(settings, db), **(checks or {})}
@@ -300,7 +220,8 @@ def create_app(settings: Settings, db: Database, *,
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     # -- data (read key) ----------------------------------------------------------------------
-    @app.get("/api/studies", tags=["data"], dependencies=[read])
+    @app.get("/api/studies", tags=["data"], dependencies=[read],
+             response_model=Page[StudyView])
     def studies(limit: Limit = 50, after: After = None, order: OrderParam = "desc",
                 state: Literal["receiving", "complete"] | None = None,
                 study_date: Annotated[str | None, Query(
@@ -313,10 +234,11 @@ def create_app(settings: Settings, db: Database, *,
                 session, after=after, limit=limit, order=order, state=state,
                 study_date_from=low, study_date_to=high, accession_number=accession_number,
                 with_patient=show_patient)
-        return _page([_study(r) for r in rows], limit)
+        return page([study_view(r) for r in rows], limit)
 
-    @app.get("/api/studies/{study_instance_uid}", tags=["data"], dependencies=[read])
-    def study(study_instance_uid: str) -> dict[str, Any]:
+    @app.get("/api/studies/{study_instance_uid}", tags=["data"], dependencies=[read],
+             response_model=StudyDetailView)
+    def study(study_instance_uid: str) -> StudyDetailView:
         """One study: counts, series, jobs and routing decisions."""
         with db.sessions() as session:
             row = api_queries.get_study(session, study_instance_uid, with_patient=show_patient)
@@ -324,16 +246,16 @@ def create_app(settings: Settings, db: Database, *,
                 raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such study")
             series = api_queries.list_series(session, study_instance_uid=study_instance_uid,
                                              limit=api_queries.MAX_LIMIT, order="asc")
-            jobs = api_queries.list_jobs(session, study_instance_uid=study_instance_uid,
-                                         limit=api_queries.MAX_LIMIT)
-            decisions = api_queries.decisions_of_study(session, study_instance_uid)
-        return {**_study(row), "series_list": [_series(s) for s in series],
-                "jobs": [_job(j) for j in jobs],
-                "routing": [{"series_instance_uid": d.series_instance_uid, "route": d.route,
-                             "job_id": d.job_id, "reason": d.reason,
-                             "created_at": _iso(d.created_at)} for d in decisions]}
+            jobs = job_rows.list_jobs(session, study_instance_uid=study_instance_uid,
+                                      limit=api_queries.MAX_LIMIT)
+            decisions = job_rows.decisions_of_study(session, study_instance_uid)
+            return StudyDetailView(**dict(study_view(row)),
+                                   series_list=[series_view(s) for s in series],
+                                   jobs=[job_view(j) for j in jobs],
+                                   routing=[routing_view(d) for d in decisions])
 
-    @app.get("/api/series", tags=["data"], dependencies=[read])
+    @app.get("/api/series", tags=["data"], dependencies=[read],
+             response_model=Page[SeriesView])
     def series(limit: Limit = 50, after: After = None, order: OrderParam = "desc",
                study_instance_uid: str | None = None,
                modality: str | None = None) -> dict[str, Any]:
@@ -342,31 +264,35 @@ def create_app(settings: Settings, db: Database, *,
             rows = api_queries.list_series(session, after=after, limit=limit, order=order,
                                            study_instance_uid=study_instance_uid,
                                            modality=modality)
-        return _page([_series(r) for r in rows], limit)
+        return page([series_view(r) for r in rows], limit)
 
-    @app.get("/api/jobs", tags=["data"], dependencies=[read])
+    @app.get("/api/jobs", tags=["data"], dependencies=[read], response_model=Page[JobView])
     def jobs(limit: Limit = 50, after: After = None, order: OrderParam = "desc",
              state: Literal["pending", "waiting", "running", "done", "failed"] | None = None,
              model: str | None = None, route: str | None = None,
              study_instance_uid: str | None = None) -> dict[str, Any]:
         """Jobs: state, attempts, last error, stage timings."""
         with db.sessions() as session:
-            rows = api_queries.list_jobs(session, after=after, limit=limit, order=order,
-                                         state=state, model_name=model, route=route,
-                                         study_instance_uid=study_instance_uid)
-        return _page([_job(j) for j in rows], limit)
+            rows = job_rows.list_jobs(session, after=after, limit=limit, order=order,
+                                      state=state, model_name=model, route=route,
+                                      study_instance_uid=study_instance_uid)
+            return page([job_view(j) for j in rows], limit)
 
-    @app.get("/api/jobs/{job_id}", tags=["data"], dependencies=[read])
-    def job(job_id: RowId) -> dict[str, Any]:
+    @app.get("/api/jobs/{job_id}", tags=["data"], dependencies=[read],
+             response_model=JobDetailView)
+    def job(job_id: RowId) -> JobDetailView:
         """One job with its result objects and their deliveries."""
         with db.sessions() as session:
             row = job_rows.job(session, job_id)
             if row is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such job")
-            results = api_queries.results_of_job(session, job_id)
-        return {**_job(row), "results": [_result(r, items) for r, items in results]}
+            results = job_rows.results_of_job(session, job_id)
+            deliveries = api_queries.deliveries_of_results(session, [r.id for r in results])
+            return JobDetailView(**dict(job_view(row)),
+                                 results=[result_view(r, deliveries[r.id]) for r in results])
 
-    @app.get("/api/findings", tags=["data"], dependencies=[read])
+    @app.get("/api/findings", tags=["data"], dependencies=[read],
+             response_model=Page[FindingView])
     def findings(limit: Limit = 50, after: After = None, order: OrderParam = "desc",
                  model: str | None = None,
                  decision: Literal["present", "absent"] | None = None,
@@ -386,9 +312,10 @@ def create_app(settings: Settings, db: Database, *,
                 present=None if decision is None else decision == "present",
                 since=_aware(since), until=_aware(until),
                 study_instance_uid=study_instance_uid, job_id=job_id, current_only=current)
-        return _page([_finding(f) for f in rows], limit)
+            return page([finding_view(f) for f in rows], limit)
 
-    @app.get("/api/outbox", tags=["data"], dependencies=[read])
+    @app.get("/api/outbox", tags=["data"], dependencies=[read],
+             response_model=Page[OutboxRowView])
     def outbox(limit: Limit = 50, after: After = None, order: OrderParam = "desc",
                state: Literal["pending", "sent", "committed"] | None = None,
                destination: str | None = None, job_id: JobFilter = None,
@@ -400,7 +327,7 @@ def create_app(settings: Settings, db: Database, *,
             rows = api_queries.list_outbox(session, after=after, limit=limit, order=order,
                                            state=state, destination=destination,
                                            job_id=job_id, failing=failing)
-        return _page([_outbox(item, result) for item, result in rows], limit)
+            return page([outbox_view(item, result) for item, result in rows], limit)
 
     @app.get("/api/models", tags=["data"], dependencies=[read])
     def models() -> dict[str, Any]:
@@ -420,26 +347,29 @@ def create_app(settings: Settings, db: Database, *,
         """The configured ``[[destinations]]``."""
         return {"items": [d.model_dump(mode="json") for d in settings.destinations]}
 
-    @app.get("/api/batches", tags=["data"], dependencies=[read])
+    @app.get("/api/batches", tags=["data"], dependencies=[read],
+             response_model=Page[BatchView])
     def list_batches(limit: Limit = 50, after: After = None, order: OrderParam = "desc",
                      state: str | None = None) -> dict[str, Any]:
         """Query/retrieve batches."""
         with db.sessions() as session:
-            rows = api_queries.list_batches(session, after=after, limit=limit, order=order,
-                                            state=state)
-        return _page([_batch(b) for b in rows], limit)
+            rows = batches.list_batches(session, after=after, limit=limit, order=order,
+                                        state=state)
+            return page([batch_view(b) for b in rows], limit)
 
-    @app.get("/api/batches/{batch_id}", tags=["data"], dependencies=[read])
-    def batch(batch_id: RowId) -> dict[str, Any]:
+    @app.get("/api/batches/{batch_id}", tags=["data"], dependencies=[read],
+             response_model=BatchDetailView)
+    def batch(batch_id: RowId) -> BatchDetailView:
         """One batch with its studies counted by retrieve state."""
         with db.sessions() as session:
             row = batches.get_batch(session, batch_id)
             if row is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such batch")
             counts = api_queries.batch_study_counts(session, batch_id)
-        return {**_batch(row), "studies": counts}
+            return BatchDetailView(**dict(batch_view(row)), studies=counts)
 
-    @app.get("/api/audit", tags=["data"], dependencies=[read])
+    @app.get("/api/audit", tags=["data"], dependencies=[read],
+             response_model=Page[AuditEntryView])
     def audit_events(limit: Limit = 50, after: After = None, order: OrderParam = "desc",
                      action: Annotated[str | None, Query(
                          description="An action (`query.find`) or, ending in `.`, a prefix "
@@ -453,7 +383,7 @@ def create_app(settings: Settings, db: Database, *,
             rows = audit.list_events(session, after=after, limit=limit, order=order,
                                      action=action, study_instance_uid=study_instance_uid,
                                      since=_aware(since))
-        return _page([r.to_dict() for r in rows], limit)
+        return page([audit_view(r) for r in rows], limit)
 
     # -- operator actions ---------------------------------------------------------------------
     cross_site = [Depends(same_origin)]
@@ -477,12 +407,12 @@ def create_app(settings: Settings, db: Database, *,
                 series_instance_uids=json.loads(old.series_instance_uids or "[]"),
                 route=old.route, model_name=route.model,
                 max_attempts=settings.workers.max_attempts, event_id=None, now=now)
-            created = _job(new)
-        LOGGER.info("API key %d: job %d re-run as job %d", key.id, job_id, created["id"])
-        audited(peer, key, "job.rerun", study_instance_uid=created["study_instance_uid"],
-                job_id=job_id, new_job_id=created["id"], route=created["route"])
+            created = job_view(new)
+        LOGGER.info("API key %d: job %d re-run as job %d", key.id, job_id, created.id)
+        audited(peer, key, "job.rerun", study_instance_uid=created.study_instance_uid,
+                job_id=job_id, new_job_id=created.id, route=created.route)
         wake_jobs()
-        return {"job": created, "rerun_of": job_id}
+        return {"job": created.model_dump(mode="json"), "rerun_of": job_id}
 
     @app.post("/api/results/{result_id}/resend", tags=["actions"], dependencies=cross_site)
     def resend(result_id: RowId, key: apikeys.ApiKeyInfo = operator,
@@ -509,7 +439,8 @@ def create_app(settings: Settings, db: Database, *,
         wake_outbox()
         return {"result_id": result_id, "deliveries_queued": count}
 
-    @app.post("/api/outbox/{outbox_id}/retry", tags=["actions"], dependencies=cross_site)
+    @app.post("/api/outbox/{outbox_id}/retry", tags=["actions"], dependencies=cross_site,
+              response_model=DeliveryView)
     def retry(outbox_id: RowId, key: apikeys.ApiKeyInfo = operator,
               peer: ClientHost = None) -> dict[str, Any]:
         """Retry a pending (failing) delivery now instead of after its backoff."""
@@ -522,17 +453,17 @@ def create_app(settings: Settings, db: Database, *,
                 raise HTTPException(status.HTTP_409_CONFLICT,
                                     detail="already delivered; use POST "
                                     f"/api/results/{item.result_id}/resend to send it again")
-            data = _outbox(item)
+            data = delivery_view(item)
         LOGGER.info("API key %d: delivery %d retried now", key.id, outbox_id)
         audited(peer, key, "delivery.retry", outbox_id=outbox_id,
-                result_id=data["result_id"], job_id=data["job_id"],
-                destination=data["destination"])
+                result_id=data.result_id, job_id=data.job_id, destination=data.destination)
         wake_outbox()
-        return data
+        return data.model_dump(mode="json")
 
-    @app.post("/api/batches/{batch_id}/cancel", tags=["actions"], dependencies=cross_site)
+    @app.post("/api/batches/{batch_id}/cancel", tags=["actions"], dependencies=cross_site,
+              response_model=BatchView)
     def cancel(batch_id: RowId, key: apikeys.ApiKeyInfo = operator,
-               peer: ClientHost = None) -> dict[str, Any]:
+               peer: ClientHost = None) -> BatchView:
         """Cancel a batch (state ``cancelled``); studies already retrieved stay."""
         now = datetime.now(UTC)
         with db.write_session() as session:
@@ -548,7 +479,7 @@ def create_app(settings: Settings, db: Database, *,
         with db.sessions() as session:
             updated = batches.get_batch(session, batch_id)
             assert updated is not None
-            return _batch(updated)
+            return batch_view(updated)
 
     # -- the web dashboard (its buttons are the two actions above) ------------------------------
     app.include_router(dashboard_router(settings, db, rerun=rerun, retry=retry))

@@ -1,5 +1,9 @@
 """The web dashboard: one server-rendered HTML page, its thumbnails and its two buttons.
 
+The pages are Jinja2 templates in ``dicom_ai/api/templates/`` (package data), rendered with
+autoescape: a value from the index (a route name, an error, a patient name) is text, never
+markup.
+
 Routes (all under ``/dashboard``, so the cookie below is sent to nothing else):
 
 * ``GET /dashboard``: counts, recent studies (next to each job of a study, why its model
@@ -33,16 +37,17 @@ are on the page only with ``api.show_patient_names``.
 from __future__ import annotations
 
 import hashlib
-import html
 import io
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs
 
+import jinja2
 import numpy as np
 import pydicom
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
@@ -61,7 +66,7 @@ from dicom_ai.pipeline.loading import DEFER_BYTES, decode
 from dicom_ai.pipeline.preprocessing import unit_image
 from storage import api_queries, apikeys, dashboard_queries
 from storage.db import Database
-from storage.models import ROLE_OPERATOR, FindingRecord, Job, OutboxItem, ResultObject
+from storage.models import ROLE_OPERATOR
 from storage.repository import find_instance_path
 
 __all__ = ["COOKIE_NAME", "MAX_FORM_BYTES", "REFRESH_SECONDS", "THUMBNAIL_PX", "Action",
@@ -87,27 +92,11 @@ RowId = Annotated[int, PathParam(ge=1, le=api_queries.MAX_ID, description="A row
 #: HTTPException 404/409. The key and the address go to the audit trail as the API's do.
 Action = Callable[[int, apikeys.ApiKeyInfo, str | None], Mapping[str, Any]]
 
-_e = html.escape
-
-_STYLE = """
-body { font: 14px/1.4 system-ui, sans-serif; margin: 1em 2em; color: #222; }
-h1 { font-size: 1.4em; margin: 0 0 .2em; } h2 { font-size: 1.1em; margin: 1.4em 0 .4em; }
-.meta { color: #666; font-size: .9em; }
-.notice { background: #eef6ee; border: 1px solid #9c9; padding: .4em .8em; }
-.notice.bad { background: #fbeeee; border-color: #c99; }
-.counts { display: flex; flex-wrap: wrap; gap: .6em; }
-.count { border: 1px solid #ccc; border-radius: 4px; padding: .3em .8em; min-width: 7em; }
-.count b { display: block; font-size: 1.4em; }
-table { border-collapse: collapse; } th, td { padding: .25em .6em; text-align: left;
-  vertical-align: top; border-bottom: 1px solid #e4e4e4; }
-th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.present { color: #a00; font-weight: bold; } .absent { color: #070; }
-.failed, .failing { color: #a00; } .superseded { color: #888; text-decoration: line-through; }
-.err { max-width: 40em; overflow-wrap: anywhere; font-size: .9em; }
-.skip-note { color: #8a5a00; }
-img.thumb { max-width: 160px; max-height: 160px; background: #000; margin-right: 4px; }
-form { display: inline; } .empty { color: #888; font-style: italic; }
-"""
+#: The page templates (``dicom_ai/api/templates``, package data): every value is escaped
+#: unless marked safe, and an undefined name is an error, not an empty string.
+_TEMPLATES = jinja2.Environment(
+    loader=jinja2.PackageLoader("dicom_ai.api", "templates"),
+    autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
 
 # No scripts, no frames, images and forms only from here. The referrer goes to this origin
 # only: with "no-referrer" a browser without Fetch Metadata would post "Origin: null", which
@@ -131,56 +120,32 @@ def _date(da: str) -> str:
     return f"{da[:4]}-{da[4:6]}-{da[6:8]}" if len(da) == 8 and da.isdigit() else (da or "—")
 
 
-def _short_uid(uid: str) -> str:
-    """A UID cut to its start and end (the full UID is in the element's title)."""
-    text = uid if len(uid) <= 24 else f"{uid[:10]}…{uid[-10:]}"
-    return f'<span class="uid" title="{_e(uid)}">{_e(text)}</span>'
-
-
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.3g}"
 
 
-def _table(headers: Sequence[str], rows: Sequence[str], empty: str, table_id: str) -> str:
-    if not rows:
-        return f'<p class="empty" id="{table_id}">{_e(empty)}</p>'
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>' \
-           f'{"".join(rows)}</tbody></table>'
+_TEMPLATES.filters["when"] = _when
 
 
-def _document(title: str, body: str, *, refresh: bool = False) -> str:
-    meta = f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}; url=dashboard">' \
-        if refresh else ""
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{meta}'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_e(title)}</title><style>{_STYLE}</style></head>"
-            f"<body>{body}</body></html>")
-
-
-def _page(title: str, body: str, code: int = 200, *, refresh: bool = False,
-          headers: Mapping[str, str] | None = None) -> HTMLResponse:
-    return HTMLResponse(_document(title, body, refresh=refresh), status_code=code,
-                        headers={**_HTML_HEADERS, **(headers or {})})
+def _page(template: str, title: str, code: int = 200, *, refresh: bool = False,
+          headers: Mapping[str, str] | None = None, **context: Any) -> HTMLResponse:
+    """Render one of the templates as the answer (with the security headers)."""
+    text = _TEMPLATES.get_template(template).render(
+        title=title, refresh_seconds=REFRESH_SECONDS if refresh else None, **context)
+    return HTMLResponse(text, status_code=code, headers={**_HTML_HEADERS, **(headers or {})})
 
 
 def _login_page(request: Request, reason: str,
                 code: int = status.HTTP_401_UNAUTHORIZED) -> HTMLResponse:
     """The sign-in form (a POST of the key, never a key in the address)."""
-    body = (f"<h1>dicom-ai dashboard</h1><p>{_e(reason)}</p>"
-            f'<form method="post" action="{_e(_base(request))}/login" id="sign-in">'
-            '<label>API key <input type="password" name="key" id="key" required '
-            'autocomplete="current-password" size="50"></label> '
-            '<button type="submit">Sign in</button></form>'
-            "<p>The key is then kept in a cookie of this browser until it closes or you sign "
-            "out. Make a key with <code>dicom-ai apikeys create NAME --role read</code> (or "
-            "<code>--role operator</code> for the Re-run and Retry buttons).</p>")
     headers = {"WWW-Authenticate": "Bearer"} if code == status.HTTP_401_UNAUTHORIZED else {}
-    return _page("dicom-ai dashboard: sign in", body, code, headers=headers)
+    return _page("login.html", "dicom-ai dashboard: sign in", code, headers=headers,
+                 reason=reason, base=_base(request))
 
 
-def _refused(text: str, code: int = status.HTTP_403_FORBIDDEN) -> HTMLResponse:
-    return _page("dicom-ai dashboard", f"<h1>Refused</h1><p>{_e(text)}</p>", code)
+def _refused(text: str, code: int = status.HTTP_403_FORBIDDEN, *,
+             back: str | None = None) -> HTMLResponse:
+    return _page("refused.html", "dicom-ai dashboard", code, reason=text, back=back)
 
 
 def _base(request: Request) -> str:
@@ -336,7 +301,8 @@ def dashboard_router(settings: Settings, db: Database, *, rerun: Action,
                       if "key" in request.query_params else "This page needs an API key.")
             return _login_page(request, reason)
         notice = _notice(done, failed, target, new, code)
-        return _page("dicom-ai dashboard", render_body(viewer_key, notice), refresh=True)
+        return _page("dashboard.html", "dicom-ai dashboard", refresh=True,
+                     **page_context(viewer_key, notice))
 
     # -- signing in and out (POST forms of this origin only) ----------------------------------
     @router.post("/dashboard/login", response_class=RedirectResponse,
@@ -380,9 +346,9 @@ def dashboard_router(settings: Settings, db: Database, *, rerun: Action,
                                samesite="strict", secure=request.url.scheme == "https")
         return response
 
-    def render_body(viewer_key: apikeys.ApiKeyInfo, notice: str) -> str:
+    def page_context(viewer_key: apikeys.ApiKeyInfo, notice: Notice | None) -> dict[str, Any]:
+        """What ``dashboard.html`` shows, read in one session."""
         now = datetime.now(UTC)
-        operator = viewer_key.role == ROLE_OPERATOR
         with db.sessions() as session:
             snap = api_queries.metrics_snapshot(session, now=now)
             studies = api_queries.list_studies(session, limit=ROWS, with_patient=show_patient)
@@ -394,21 +360,17 @@ def dashboard_router(settings: Settings, db: Database, *, rerun: Action,
             findings = api_queries.list_findings(session, limit=ROWS)
             failed_jobs = api_queries.list_jobs(session, state="failed", limit=ROWS)
             failing = api_queries.list_outbox(session, failing=True, limit=ROWS)
-        role = "operator" if operator else "read-only"
-        header = (f"<h1>dicom-ai dashboard</h1><div class=\"meta\">dicom-ai {_e(__version__)} · "
-                  f"{_when(now)} · reloads every {REFRESH_SECONDS} s · key "
-                  f"<b>{_e(viewer_key.name)}</b> ({role}) · "
-                  '<form method="post" action="dashboard/logout"><button type="submit" '
-                  f'id="sign-out">Sign out</button></form></div>{notice}')
-        return "".join([
-            header,
-            "<h2>Counts</h2>", _counts(snap),
-            "<h2>Recent studies</h2>", _studies(studies, routing, notes, show_patient),
-            "<h2>Recent findings</h2>", _findings(findings),
-            "<h2>Failed jobs</h2>", _failed_jobs(failed_jobs, operator),
-            "<h2>Failing deliveries</h2>", _failing(failing, operator),
-            "<h2>Models</h2>", _models(settings),
-        ])
+        models, models_error = _models(settings)
+        return {
+            "version": __version__, "now": _when(now), "key_name": viewer_key.name,
+            "operator": viewer_key.role == ROLE_OPERATOR,
+            "role": "operator" if viewer_key.role == ROLE_OPERATOR else "read-only",
+            "notice": notice, "counts": _counts(snap), "show_patient": show_patient,
+            "studies": [_study(s, routing.get(s.study_instance_uid, []), notes)
+                        for s in studies],
+            "findings": findings, "failed_jobs": failed_jobs, "failing": failing,
+            "models": models, "models_error": models_error,
+        }
 
     # -- thumbnails -----------------------------------------------------------------------------
     @router.get("/dashboard/thumbnails/{kind}/{finding_id}.png", response_class=Response,
@@ -463,9 +425,7 @@ def dashboard_router(settings: Settings, db: Database, *, rerun: Action,
             return _login_page(request, "This action needs an API key.")
         if key.role != ROLE_OPERATOR:
             LOGGER.info("API key %d (%s) refused a dashboard action", key.id, key.prefix)
-            return _page("dicom-ai dashboard", "<h1>Refused</h1><p>This action needs an "
-                         'operator key. <a href="../../../dashboard">Back</a></p>',
-                         status.HTTP_403_FORBIDDEN)
+            return _refused("This action needs an operator key.", back="../../../dashboard")
         base = _base(request)
         try:
             peer = request.client.host if request.client is not None else None
@@ -506,27 +466,34 @@ _FAILURES = {
 }
 
 
+@dataclass(frozen=True)
+class Notice:
+    """The outcome of a button shown at the top of the page."""
+
+    text: str
+    bad: bool = False
+
+
 def _notice(done: str | None, failed: str | None, target: int | None, new: int | None,
-            code: int | None) -> str:
+            code: int | None) -> Notice | None:
     """The outcome of a button, from the redirect's query (numbers and fixed words only)."""
     if target is None:
-        return ""
+        return None
     if done == "rerun":
-        text = f"Job {target} is re-run" + (f" as job {new}." if new is not None else ".")
-    elif done == "retry":
-        text = f"Delivery {target} is tried now."
-    elif failed is not None:
+        return Notice(f"Job {target} is re-run" + (f" as job {new}." if new is not None else "."))
+    if done == "retry":
+        return Notice(f"Delivery {target} is tried now.")
+    if failed is not None:
         text = _FAILURES.get((failed, code or 0), "{action} {id} failed (HTTP {code}).").format(
             id=target, action=failed.capitalize(), code=code)
-        return f'<p class="notice bad" role="status">{_e(text)}</p>'
-    else:
-        return ""
-    return f'<p class="notice" role="status">{_e(text)}</p>'
+        return Notice(text, bad=True)
+    return None
 
 
-def _counts(snap: api_queries.MetricsSnapshot) -> str:
+def _counts(snap: api_queries.MetricsSnapshot) -> list[tuple[str, int, str]]:
+    """The count boxes: (label, number, id slug)."""
     studies, jobs = snap.studies_by_state, snap.jobs_by_state
-    cells = [
+    return [
         ("studies receiving", studies.get("receiving", 0), "studies-receiving"),
         ("studies complete", studies.get("complete", 0), "studies-complete"),
         ("instances", snap.instances, "instances"),
@@ -544,139 +511,57 @@ def _counts(snap: api_queries.MetricsSnapshot) -> str:
         ("awaiting commitment", sum(snap.awaiting.values()), "outbox-awaiting"),
         ("instances refused", sum(snap.rejected_by_status.values()), "refused"),
     ]
-    return '<div class="counts" id="counts">' + "".join(
-        f'<div class="count" id="count-{slug}"><b>{n}</b>{_e(label)}</div>'
-        for label, n, slug in cells) + "</div>"
 
 
-def _routing(decisions: Sequence[Any], notes: Mapping[int, str]) -> str:
-    if not decisions:
-        return "—"
-    parts: list[str] = []
+def _routing(decisions: Sequence[Any], notes: Mapping[int, str]) -> list[dict[str, Any]]:
+    """A study's routing cell: one part per (route, job), in decision order."""
+    parts: list[dict[str, Any]] = []
     seen: set[tuple[str | None, int | None]] = set()
     for d in decisions:
         if (d.route, d.job_id) in seen:
             continue
         seen.add((d.route, d.job_id))
-        if d.route is None:
-            parts.append(f'<span title="{_e(d.reason)}">unrouted</span>')
-        else:
-            job = f" → job {d.job_id}" if d.job_id is not None else ""
-            parts.append(f"{_e(d.route)}{job}{_job_note(d.job_id, notes)}")
-    return "<br>".join(parts)
+        note = notes.get(d.job_id) if d.job_id is not None and d.route is not None else None
+        # Why a done job's model skipped series: "not applicable: ..." (no result) or the
+        # series it skipped. UIDs and the scope gate's reasons only, never patient data.
+        parts.append({
+            "route": d.route, "job_id": d.job_id, "reason": d.reason,
+            "note": (note if len(note) <= 500 else note[:499] + "…") if note else None,
+            "note_kind": ("not-applicable" if note and note.startswith("not applicable: ")
+                          else "partly-skipped"),
+        })
+    return parts
 
 
-def _job_note(job_id: int | None, notes: Mapping[int, str]) -> str:
-    """Why a done job's model skipped series: ``not applicable: ...`` (no result) or the
-    series it skipped. UIDs and the scope gate's reasons only, never patient data."""
-    note = notes.get(job_id) if job_id is not None else None
-    if not note:
-        return ""
-    kind = "not-applicable" if note.startswith("not applicable: ") else "partly-skipped"
-    shown = note if len(note) <= 500 else note[:499] + "…"
-    return f'<div class="err skip-note {kind}" data-job-id="{job_id}">{_e(shown)}</div>'
+def _study(s: api_queries.StudyRow, decisions: Sequence[Any], notes: Mapping[int, str]
+           ) -> dict[str, Any]:
+    """One row of the recent studies (patient fields only where the query returned them)."""
+    patient = s.patient or {}
+    return {
+        "uid": s.study_instance_uid, "date": _date(s.study_date),
+        "patient_name": patient.get("PatientName", ""), "patient_id": patient.get("PatientID", ""),
+        "modalities": ", ".join(s.modalities), "series": s.series, "instances": s.instances,
+        "state": s.state, "routing": _routing(decisions, notes),
+        "last_received": _when(s.last_received_at),
+    }
 
 
-def _studies(rows: Sequence[api_queries.StudyRow], routing: Mapping[str, Sequence[Any]],
-             notes: Mapping[int, str], show_patient: bool) -> str:
-    headers = ["Study", "Date", "Modalities", "Series", "Instances", "State", "Routing",
-               "Last received"]
-    if show_patient:
-        headers[1:1] = ["Patient", "Patient ID"]
-    lines = []
-    for s in rows:
-        patient = ""
-        if show_patient and s.patient is not None:
-            patient = (f"<td>{_e(s.patient.get('PatientName', ''))}</td>"
-                       f"<td>{_e(s.patient.get('PatientID', ''))}</td>")
-        lines.append(
-            f'<tr data-study-uid="{_e(s.study_instance_uid)}">'
-            f"<td>{_short_uid(s.study_instance_uid)}</td>{patient}"
-            f"<td>{_e(_date(s.study_date))}</td><td>{_e(', '.join(s.modalities))}</td>"
-            f'<td class="num">{s.series}</td><td class="num">{s.instances}</td>'
-            f'<td class="state">{_e(s.state)}</td>'
-            f"<td>{_routing(routing.get(s.study_instance_uid, []), notes)}</td>"
-            f"<td>{_when(s.last_received_at)}</td></tr>")
-    return _table(headers, lines, "No studies yet.", "studies")
-
-
-def _findings(rows: Sequence[FindingRecord]) -> str:
-    lines = []
-    for f in rows:
-        images = "—"
-        if f.heatmap_path:
-            images = (f'<img class="thumb source" alt="source image" '
-                      f'src="dashboard/thumbnails/source/{f.id}.png">'
-                      f'<img class="thumb heatmap" alt="heat-map" '
-                      f'src="dashboard/thumbnails/heatmap/{f.id}.png">')
-        decision = "present" if f.present else "absent"
-        superseded = (f' <span class="superseded" title="superseded by job '
-                      f'{f.superseded_by_job_id}">superseded</span>'
-                      if f.superseded_by_job_id is not None else "")
-        lines.append(
-            f'<tr data-finding-id="{f.id}" data-study-uid="{_e(f.study_instance_uid)}">'
-            f"<td>{_short_uid(f.study_instance_uid)}</td>"
-            f"<td>{_e(f.model_name)} {_e(f.model_version)}</td>"
-            f"<td>{_e(f.code_meaning)}</td>"
-            f'<td class="num probability">{f.probability:.3f}</td>'
-            f'<td class="num">{f.threshold:.3f}</td>'
-            f'<td class="decision {decision}">{decision}{superseded}</td>'
-            f"<td>{images}</td><td>job {f.job_id}<br>{_when(f.created_at)}</td></tr>")
-    return _table(["Study", "Model", "Finding", "Probability", "Threshold", "Decision",
-                   "Source and heat-map", "Job, time"], lines, "No findings yet.", "findings")
-
-
-def _button(action: str, label: str, operator: bool) -> str:
-    if not operator:
-        return f'<button type="button" disabled title="needs an operator key">{label}</button>'
-    return f'<form method="post" action="{action}"><button type="submit">{label}</button></form>'
-
-
-def _failed_jobs(rows: Sequence[Job], operator: bool) -> str:
-    lines = [
-        f'<tr data-job-id="{j.id}"><td class="num">{j.id}</td>'
-        f"<td>{_short_uid(j.study_instance_uid)}</td><td>{_e(j.route)}</td>"
-        f"<td>{_e(j.model_name)} {_e(j.model_version or '')}</td>"
-        f'<td class="num">{j.attempts}/{j.max_attempts}</td>'
-        f'<td class="err failed">{_e((j.error or "")[:500])}</td>'
-        f"<td>{_when(j.finished_at)}</td>"
-        f"<td>{_button(f'dashboard/jobs/{j.id}/rerun', 'Re-run', operator)}</td></tr>"
-        for j in rows]
-    return _table(["Job", "Study", "Route", "Model", "Attempts", "Error", "Failed at", ""],
-                  lines, "No failed jobs.", "failed-jobs")
-
-
-def _failing(rows: Sequence[tuple[OutboxItem, ResultObject]], operator: bool) -> str:
-    lines = [
-        f'<tr data-outbox-id="{item.id}"><td class="num">{item.id}</td>'
-        f'<td class="num">{item.job_id}</td><td>{_e(result.kind)}</td>'
-        f"<td>{_e(item.destination)}</td><td class=\"num\">{item.attempts}</td>"
-        f'<td class="err failing">{_e((item.last_error or "")[:500])}</td>'
-        f"<td>{_when(item.next_attempt_at)}</td>"
-        f"<td>{_button(f'dashboard/outbox/{item.id}/retry', 'Retry', operator)}</td></tr>"
-        for item, result in rows]
-    return _table(["Delivery", "Job", "Object", "Destination", "Attempts", "Last error",
-                   "Next attempt", ""], lines, "No failing deliveries.", "failing-deliveries")
-
-
-def _models(settings: Settings) -> str:
+def _models(settings: Settings) -> tuple[list[dict[str, Any]], str | None]:
+    """The registry's models, or the reason it cannot be read."""
     try:
         entries = Registry(settings.storage.root / "models").entries()
     except ConfigError as exc:
-        return f'<p class="err failed">The model registry cannot be read: {_e(str(exc))}</p>'
-    lines = []
+        return [], str(exc)
+    rows = []
     for entry in entries:
         spec = entry.spec
         metrics = spec.provenance.metrics
         ordered = sorted(metrics, key=lambda k: (k != "roc_auc", k))
-        shown = ", ".join(f"{_e(k)} {_number(metrics[k])}" for k in ordered)
-        where = "bundled" if entry.bundled else "registered"
-        lines.append(
-            f'<tr data-model="{_e(spec.name)}" data-version="{_e(spec.version)}">'
-            f"<td>{_e(spec.name)}</td><td>{_e(spec.version)}</td>"
-            f"<td>{'active' if entry.active else ''}</td><td>{_e(spec.task)}</td>"
-            f"<td>{_e(', '.join(spec.modalities) or 'any')}</td><td>{where}</td>"
-            f'<td class="metrics">{shown or "—"}</td>'
-            f"<td>{_e(spec.provenance.training_data)}</td></tr>")
-    return _table(["Model", "Version", "State", "Task", "Modalities", "Origin",
-                   "Evaluation metrics", "Training data"], lines, "No models.", "models")
+        rows.append({
+            "name": spec.name, "version": spec.version, "active": entry.active,
+            "task": spec.task, "modalities": ", ".join(spec.modalities) or "any",
+            "origin": "bundled" if entry.bundled else "registered",
+            "metrics": ", ".join(f"{k} {_number(metrics[k])}" for k in ordered),
+            "training_data": spec.provenance.training_data,
+        })
+    return rows, None

@@ -9,7 +9,7 @@ Two sources:
   quarantine by DIMSE status. The inference-latency histogram is built from the stage timings
   of jobs that finish while this process runs, and the skip counters from their notes: jobs
   the model took no series of (not applicable) and series skipped by reason class
-  (:data:`~dicom_ai.pipeline.run.SKIP_REASONS`: never a UID or an attribute value). The
+  (:data:`~dicom_ai.runner.analysis.SKIP_REASONS`: never a UID or an attribute value). The
   input-drift gauges count, per model, the images scored against its training distribution in
   the last hour and the share of them flagged outside it (:mod:`dicom_ai.inference.ood`), by an
   indexed query over that hour's findings.
@@ -44,7 +44,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from dicom_ai.network.counters import ReceiverCounters
-from dicom_ai.pipeline.run import SKIP_REASONS, skip_reasons
+from dicom_ai.runner.analysis import SKIP_REASONS, skip_reasons
 from storage import api_queries, jobs
 from storage.db import Database
 

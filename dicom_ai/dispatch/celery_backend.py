@@ -10,7 +10,7 @@ A job that meets a full disk or an unavailable index returns ``"waiting"``: a su
 for Celery (never a Celery failure or retry); the job row is due again after
 ``workers.resource_wait_seconds`` and the schedulers publish it again then, like any due job.
 
-Each worker process keeps one :class:`~dicom_ai.pipeline.run.JobRunner` (and so its models)
+Each worker process keeps one :class:`~dicom_ai.runner.run.JobRunner` (and so its models)
 for its whole life. A prefork child loads its models in ``worker_process_init``, before it
 reports itself up to the parent; Celery kills a child that is not up within
 ``worker_proc_alive_timeout`` (4 s by default, less than a TensorFlow model takes to load), so
@@ -72,7 +72,7 @@ def make_app(settings: Settings) -> Celery:
     def runner() -> Any:
         with lock:
             if "runner" not in state:
-                from dicom_ai.pipeline.run import JobRunner
+                from dicom_ai.runner.run import JobRunner
 
                 state["runner"] = JobRunner(settings)
                 state["runner"].preload(sorted({r.model for r in settings.routes}))

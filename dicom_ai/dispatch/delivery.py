@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,6 +35,7 @@ from dicom_ai.audit import Auditor, entry
 from dicom_ai.config import Settings
 from dicom_ai.network.handlers import CommitmentReports
 from dicom_ai.network.scu import Commitment, FileToSend, Peer, SendReport, inspect, send_files
+from dicom_ai.periodic import PeriodicWorker
 from storage import jobs
 from storage import outbox as outbox_rows
 from storage.db import Database
@@ -80,8 +80,9 @@ def retry_delay(attempts: int, initial: float, maximum: float) -> float:
     return float(min(maximum, initial * 2 ** max(0, attempts - 1)))
 
 
-class OutboxSender:
-    """Drains the outbox on a polling thread.
+class OutboxSender(PeriodicWorker):
+    """Drains the outbox on a polling thread (every ``delivery.poll_seconds``, and on
+    :meth:`wake`; :meth:`stop` lets a send in progress finish first).
 
     Parameters
     ----------
@@ -96,11 +97,11 @@ class OutboxSender:
         self.db = db
         self.store = settings.storage.file_store()
         self.auditor = Auditor(db)
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._claims = claims_file(settings)
         self.commitment_reports = CommitmentReports(db, settings.destinations, self.auditor)
+        # The index may be full or unavailable for a while: keep polling, log the outage once.
+        super().__init__("outbox", LOGGER, [("outbox run", self.send_due)],
+                         interval=settings.delivery.poll_seconds, join_timeout=60)
 
     def _record_claims(self, claimed: list[jobs.Delivery], lease: datetime) -> None:
         """Write what we hold (after the claim committed) for the next start of this node."""
@@ -112,10 +113,6 @@ class OutboxSender:
             os.replace(temporary, self._claims)  # never a torn file; no fsync: a hint only
         except OSError:  # e.g. a full disk: the claims then expire after claim_seconds
             LOGGER.warning("cannot record outbox claims in %s", self._claims, exc_info=True)
-
-    def wake(self, *_: object) -> None:
-        """Send now rather than at the next poll."""
-        self._wake.set()
 
     def send_due(self, now: datetime | None = None) -> int:
         """Send every due row once; returns how many were delivered."""
@@ -275,33 +272,3 @@ class OutboxSender:
                 else:
                     outcome[outbox_id] = (True, "")
         return outcome, report
-
-    def _loop(self) -> None:
-        from dicom_ai.resources import Outage
-
-        # The index may be full or unavailable for a while: keep polling, log the outage once.
-        outage = Outage(LOGGER, "outbox run")
-        while not self._stop.is_set():
-            self._wake.wait(self.settings.delivery.poll_seconds)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            try:
-                self.send_due()
-            except Exception as exc:
-                outage.failed(exc)
-            else:
-                outage.ok()
-
-    def start(self) -> None:
-        """Poll every ``delivery.poll_seconds`` in a daemon thread."""
-        self._thread = threading.Thread(target=self._loop, name="outbox", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop polling (a send in progress finishes first)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
-

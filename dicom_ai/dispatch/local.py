@@ -1,7 +1,7 @@
 """The embedded default: a supervised pool of worker processes inside ``dicom-ai serve``.
 
 Each worker is a separate (spawned) process that imports TensorFlow, keeps its models loaded
-and runs :class:`~dicom_ai.pipeline.run.JobRunner` on the job ids it takes from a queue. The
+and runs :class:`~dicom_ai.runner.run.JobRunner` on the job ids it takes from a queue. The
 serve process never imports TensorFlow, so a model that crashes its process cannot take the
 receiver down: the pool notices the dead worker, ends its lease at once (its job becomes due
 again, counted as a failed attempt) and starts a new one.
@@ -16,6 +16,7 @@ import os
 import queue
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -42,14 +43,35 @@ def new_incarnation(node: str) -> str:
     return f"{node}/{uuid.uuid4().hex[:12]}/"
 
 
+def _exit_with_parent(period: float = 1.0) -> None:
+    """End this worker within `period` seconds once the process that started it is gone.
+
+    After ``kill -9`` of ``serve`` its workers would live on as orphans, running (and
+    finishing, with stale leases) jobs the next start has already handed out again. Checks
+    the parent pid (portable, unlike ``PR_SET_PDEATHSIG``) on a daemon thread.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(period)
+            if os.getppid() != parent:
+                LOGGER.warning("worker %d: its serve process %d is gone; exiting", os.getpid(),
+                               parent)
+                os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def _worker_main(settings_data: dict[str, Any], owner: str,
                  job_queue: mp.queues.Queue[int | None],
                  done_queue: mp.queues.Queue[tuple[int, str]]) -> None:
     """Entry point of one pool worker (spawned: imports afresh, TensorFlow only here)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool decides when to stop
+    _exit_with_parent()
     settings = Settings.model_validate(settings_data)
     setup_logging(settings.logging)
-    from dicom_ai.pipeline.run import JobRunner
+    from dicom_ai.runner.run import JobRunner
 
     runner = JobRunner(settings, owner=owner)
     runner.preload(sorted({r.model for r in settings.routes}))

@@ -19,15 +19,14 @@ The dispatcher only carries job ids; the job rows are the truth.
 from __future__ import annotations
 
 import logging
-import threading
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
 from dicom_ai.config import Settings
-from dicom_ai.exceptions import ConfigError, safe_message
-from dicom_ai.resources import Outage
+from dicom_ai.exceptions import DicomReadError, safe_message
+from dicom_ai.periodic import PeriodicWorker
 from dicom_ai.routing import evaluate_file
 from storage import batches, jobs
 from storage.db import Database
@@ -45,7 +44,7 @@ class Dispatcher(Protocol):
         """Hand jobs to workers; the same id twice is harmless (one claim wins)."""
 
 
-class Scheduler:
+class Scheduler(PeriodicWorker):
     """Routes completion events into jobs and dispatches due jobs, on a polling thread.
 
     Parameters
@@ -64,14 +63,14 @@ class Scheduler:
         self.db = db
         self.store = settings.storage.file_store()
         self.dispatcher = dispatcher
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.on_routed: Callable[[int], None] | None = None
-
-    def wake(self, *_: object) -> None:
-        """Run a tick now (e.g. right after a completion event), not at the next poll."""
-        self._wake.set()
+        # Each step on its own: a full or unavailable index (or one event that cannot be
+        # routed) must not stop the other; the next poll retries. wake() (e.g. right after a
+        # completion event) runs a tick now rather than at the next poll.
+        super().__init__("scheduler", LOGGER,
+                         [("routing completed studies", self.route_pending),
+                          ("dispatching due jobs", self.dispatch_due)],
+                         interval=settings.workers.poll_seconds)
 
     def tick(self, now: datetime | None = None) -> list[int]:
         """Route pending events and dispatch due jobs once; returns the job ids dispatched."""
@@ -113,7 +112,7 @@ class Scheduler:
             try:
                 results = evaluate_file(routes, self.store.absolute(series.first_path),
                                         series.calling_ae_titles)
-            except ConfigError as exc:
+            except DicomReadError as exc:
                 jobs.record_decision(session, event_id=event_id, study_instance_uid=study_uid,
                                      series_instance_uid=series.series_instance_uid,
                                      route=None, job_id=None, reason=safe_message(exc),
@@ -164,33 +163,3 @@ class Scheduler:
                     jobs.undispatch(session, due)
                 return []
         return due
-
-    def _loop(self) -> None:
-        routing = Outage(LOGGER, "routing completed studies")
-        dispatching = Outage(LOGGER, "dispatching due jobs")
-        while not self._stop.is_set():
-            self._wake.wait(self.settings.workers.poll_seconds)
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            # Each step on its own: a full or unavailable index (or one event that cannot be
-            # routed) must not stop the other; the next poll retries.
-            for outage, step in ((routing, self.route_pending), (dispatching, self.dispatch_due)):
-                try:
-                    step()
-                except Exception as exc:
-                    outage.failed(exc)
-                else:
-                    outage.ok()
-
-    def start(self) -> None:
-        """Tick every ``workers.poll_seconds`` (and on :meth:`wake`) in a daemon thread."""
-        self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread and wait for it."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)

@@ -41,12 +41,52 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import tensorflow as tf
 
-from dicom_ai.training.architectures import last_conv_layer_name
-
-__all__ = ["GradCam", "HeatScale", "gradcam"]
+__all__ = ["GradCam", "HeatScale", "gradcam", "last_conv_layer_name"]
 
 #: How a map is scaled: per-image peak, or times the output's probability (module docstring).
 HeatScale = Literal["peak", "probability"]
+
+
+_GLOBAL_POOLING = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
+_SPATIAL_POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
+
+
+def last_conv_layer_name(model: Any) -> str:
+    """The layer Grad-CAM should explain: the last one with a 4D output before global pooling.
+
+    Spatial pooling layers (and the input) are skipped, so the heat-map keeps the resolution of
+    the convolution that feeds them.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A convolutional network (classifier or U-Net).
+
+    Returns
+    -------
+    str
+        The layer name.
+
+    Raises
+    ------
+    ValueError
+        No layer with a 4D output.
+    """
+    name: str | None = None
+    before_pooling: str | None = None
+    for layer in model.layers:
+        if isinstance(layer, _GLOBAL_POOLING):
+            # The *last* global pooling feeds the head (EfficientNet's squeeze-and-excitation
+            # blocks pool globally too, much earlier).
+            before_pooling = name
+        elif isinstance(layer, (keras.layers.InputLayer, *_SPATIAL_POOLING)):
+            continue
+        elif len(layer.output.shape) == 4:
+            name = layer.name
+    name = before_pooling or name
+    if name is None:
+        raise ValueError(f"model {model.name!r} has no layer with a 4D (N, H, W, C) output")
+    return name
 
 
 class GradCam:
@@ -208,7 +248,7 @@ def gradcam(
     output_index : int
         Which output (finding) to explain.
     layer_name : str, optional
-        The layer to explain; default :func:`~dicom_ai.training.architectures.last_conv_layer_name`.
+        The layer to explain; default :func:`last_conv_layer_name`.
     scale : {"peak", "probability"}
         Per-image peak scaling (default) or that times the output's probability.
 

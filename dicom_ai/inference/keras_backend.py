@@ -1,6 +1,6 @@
 """The Keras backend: a ``.keras`` network served through a compiled ``tf.function``.
 
-``model.predict`` pays a heavy per-call overhead (DICOM-NOTES: 42 ms vs 4 ms per image at batch 1
+``model.predict`` pays a heavy per-call overhead (docs/notes.md: 42 ms vs 4 ms per image at batch 1
 for the seed CNN on this machine), so the model is called inside a ``tf.function`` with a fixed
 input signature ``(None, H, W, C)`` float32: one trace at load, no retracing for any batch size.
 This module and :mod:`dicom_ai.inference.explain` are where serving imports TensorFlow.

@@ -19,7 +19,8 @@ import numpy as np
 from numpy.typing import NDArray
 from skimage import measure
 
-from dicom_ai.pipeline.preprocessing import PreprocessingSpec, resize
+from dicom_ai.pipeline.preprocessing import resize
+from dicom_ai.values import PreprocessingSpec
 
 __all__ = ["Detection", "HeatRegion", "detections", "heat_region", "point_to_image",
            "to_image_space"]

@@ -4,10 +4,13 @@
 loaded; :meth:`Predictor.predict` takes a batch of preprocessed inputs (exactly what
 :func:`dicom_ai.pipeline.preview.model_inputs` produces, the same function training uses) and
 returns probabilities. Backends are imported lazily, so reading specs never loads TensorFlow.
+They are looked up by name in :data:`BACKENDS` (module and class), not imported here: the
+backends import this module for :class:`Predictor`, and the arrow must point one way only.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -20,9 +23,14 @@ from dicom_ai.exceptions import DicomAIError
 from dicom_ai.inference.ood import OOD_FILE, OodStats, read_stats
 from dicom_ai.inference.spec import ModelSpec, read_spec
 
-__all__ = ["OOD_FILE", "Backend", "InferenceError", "Predictor", "load_predictor"]
+__all__ = ["BACKENDS", "OOD_FILE", "Backend", "InferenceError", "Predictor", "load_predictor"]
 
 Backend = Literal["keras", "onnx"]
+#: Each backend's module and Predictor class, imported on first use by :func:`load_predictor`.
+BACKENDS: dict[str, tuple[str, str]] = {
+    "keras": ("dicom_ai.inference.keras_backend", "KerasPredictor"),
+    "onnx": ("dicom_ai.inference.onnx_backend", "OnnxPredictor"),
+}
 
 
 class InferenceError(DicomAIError):
@@ -197,14 +205,9 @@ def load_predictor(
     started = time.perf_counter()
     predictor: Predictor
     try:
-        if wanted == "keras":
-            from dicom_ai.inference.keras_backend import KerasPredictor
-
-            predictor = KerasPredictor(folder, spec, batch_size)
-        else:
-            from dicom_ai.inference.onnx_backend import OnnxPredictor
-
-            predictor = OnnxPredictor(folder, spec, batch_size)
+        module, name = BACKENDS[wanted]
+        predictor_class: type[Predictor] = getattr(importlib.import_module(module), name)
+        predictor = predictor_class(folder, spec, batch_size)
         predictor._warm_up()
     except InferenceError:
         raise

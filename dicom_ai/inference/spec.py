@@ -8,7 +8,7 @@ A model is a folder::
         report/          optional: training report, evaluation plots, model card
 
 The spec carries the preprocessing the model was trained with (the imaging stage's
-:class:`~dicom_ai.pipeline.preprocessing.PreprocessingSpec`, applied identically when serving),
+:class:`~dicom_ai.values.PreprocessingSpec`, applied identically when serving),
 the coded meaning of each output for the Structured Report (finding and finding site codes), the
 operating threshold chosen on validation data, where the model applies (modalities, body parts)
 and its provenance (training data, date, metrics, code version). This module imports neither
@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dicom_ai.exceptions import ConfigError
-from dicom_ai.pipeline.preprocessing import PreprocessingSpec
+from dicom_ai.values import CodedConcept, PreprocessingSpec
 
 __all__ = [
     "FINDING_SITE_LUNG",
@@ -35,7 +35,6 @@ __all__ = [
     "NODULE",
     "SPEC_FILE",
     "Aggregate",
-    "CodedConcept",
     "InputUnit",
     "ModelSpec",
     "ModelSpecError",
@@ -63,26 +62,6 @@ VERSION_PATTERN = r"^[0-9]+(\.[0-9]+){0,2}([-+][0-9A-Za-z.-]+)?$"
 
 class ModelSpecError(ConfigError):
     """A model folder or spec is missing, unreadable or invalid; the message names the key."""
-
-
-class CodedConcept(BaseModel):
-    """A coded concept as a DICOM Code Sequence item carries it (PS3.3 8.8).
-
-    Attributes
-    ----------
-    value : str
-        Code Value (0008,0100), e.g. ``"27925004"``.
-    scheme : str
-        Coding Scheme Designator (0008,0102), e.g. ``"SCT"`` (SNOMED CT) or ``"DCM"``.
-    meaning : str
-        Code Meaning (0008,0104), e.g. ``"Nodule"``.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    value: Annotated[str, Field(min_length=1, max_length=64)]
-    scheme: Annotated[str, Field(min_length=1, max_length=16)]
-    meaning: Annotated[str, Field(min_length=1, max_length=64)]
 
 
 #: SNOMED CT "Nodule" (morphologic abnormality).

@@ -16,7 +16,6 @@ after completion re-opens its study, which then completes (and is announced) aga
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,7 +23,8 @@ from datetime import UTC, datetime
 from pydicom.dataset import Dataset
 
 from dicom_ai.config import CompletionSettings
-from dicom_ai.resources import Outage
+from dicom_ai.dimse_status import Status
+from dicom_ai.periodic import PeriodicWorker
 from storage import repository
 from storage.db import Database
 
@@ -34,13 +34,6 @@ LOGGER = logging.getLogger(__name__)
 IN_PROGRESS = "IN PROGRESS"
 COMPLETED = "COMPLETED"
 DISCONTINUED = "DISCONTINUED"
-
-# DIMSE statuses of PS3.7 annex C used by the MPPS SCP.
-SUCCESS = 0x0000
-INVALID_ATTRIBUTE_VALUE = 0x0106
-PROCESSING_FAILURE = 0x0110
-DUPLICATE_SOP_INSTANCE = 0x0111
-NO_SUCH_OBJECT_INSTANCE = 0x0112
 
 
 @dataclass(frozen=True)
@@ -55,8 +48,9 @@ class CompletionEvent:
     created_at: datetime
 
 
-class CompletionMonitor:
-    """Polls the index and completes what is due; one per serve process is enough.
+class CompletionMonitor(PeriodicWorker):
+    """Polls the index every ``poll_seconds`` and completes what is due; one per serve
+    process is enough.
 
     Several monitors (several receiver hosts) may run against one database: completion is a
     conditional update, so each completion is announced once.
@@ -80,8 +74,9 @@ class CompletionMonitor:
         self.db = db
         self.settings = settings
         self.on_event = on_event
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # The index may be full or unavailable for a while: keep polling, log the outage once.
+        super().__init__("completion", LOGGER, [("completion check", self.run_once)],
+                         interval=settings.poll_seconds)
 
     def run_once(self, now: datetime | None = None) -> list[CompletionEvent]:
         """Complete everything due at `now` and return the events emitted."""
@@ -110,28 +105,6 @@ class CompletionMonitor:
                 except Exception:  # a consumer bug must not stop completion
                     LOGGER.exception("completion consumer failed on event %d", event.id)
         return events
-
-    def _loop(self) -> None:
-        # The index may be full or unavailable for a while: keep polling, log the outage once.
-        outage = Outage(LOGGER, "completion check")
-        while not self._stop.wait(self.settings.poll_seconds):
-            try:
-                self.run_once()
-            except Exception as exc:
-                outage.failed(exc)
-            else:
-                outage.ok()
-
-    def start(self) -> None:
-        """Run :meth:`run_once` every ``poll_seconds`` in a daemon thread."""
-        self._thread = threading.Thread(target=self._loop, name="completion", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread and wait for it."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
 
 
 def referenced_instances(ds: Dataset) -> list[str]:
@@ -177,7 +150,7 @@ class MppsService:
         """
         status = str(ds.get("PerformedProcedureStepStatus", "") or "")
         if status != IN_PROGRESS:
-            return INVALID_ATTRIBUTE_VALUE
+            return Status.INVALID_ATTRIBUTE_VALUE
         with self.db.write_session() as session:
             created = repository.upsert_mpps(
                 session,
@@ -189,7 +162,7 @@ class MppsService:
                 create=True,
             )
         LOGGER.info("MPPS %s created (%s)", sop_instance_uid, status)
-        return SUCCESS if created else DUPLICATE_SOP_INSTANCE
+        return Status.SUCCESS if created else Status.DUPLICATE_SOP_INSTANCE
 
     def set(self, sop_instance_uid: str, ds: Dataset) -> int:
         """Handle an N-SET: update a step still IN PROGRESS (PS3.4 F.7.2.2).
@@ -202,13 +175,13 @@ class MppsService:
         status = ds.get("PerformedProcedureStepStatus")
         status = str(status) if status else None
         if status not in (None, IN_PROGRESS, COMPLETED, DISCONTINUED):
-            return INVALID_ATTRIBUTE_VALUE
+            return Status.INVALID_ATTRIBUTE_VALUE
         with self.db.write_session() as session:
             current = repository.mpps_status(session, sop_instance_uid)
             if current is None:
-                return NO_SUCH_OBJECT_INSTANCE
+                return Status.NO_SUCH_OBJECT_INSTANCE
             if current != IN_PROGRESS:
-                return PROCESSING_FAILURE  # a final step may not be modified
+                return Status.PROCESSING_FAILURE  # a final step may not be modified
             refs = referenced_instances(ds) if "PerformedSeriesSequence" in ds else None
             repository.upsert_mpps(
                 session,
@@ -220,4 +193,4 @@ class MppsService:
                 create=False,
             )
         LOGGER.info("MPPS %s set (%s)", sop_instance_uid, status or "no status change")
-        return SUCCESS
+        return Status.SUCCESS

@@ -19,20 +19,42 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
+from dicom_ai.dimse_status import Status
 from dicom_ai.exceptions import IngestError, InvalidUIDError, safe_message
 from dicom_ai.ingest import deflate
 from dicom_ai.ingest.scan import Deflated, NeedsFullParse, Scan, Truncated, scan, scan_dataset
 from storage.filestore import validate_uid
+from storage.models import Instance, Patient, Series, Study
 from storage.repository import InstanceRecord
 
 LOGGER = logging.getLogger(__name__)
 
-# DIMSE statuses of PS3.4 annex B.2.3 (C-STORE) used when refusing an instance.
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _column_sizes() -> dict[str, int]:
+    """The declared length of every string column of the index's DICOM tables, by name.
+
+    The fields of :class:`~storage.repository.InstanceRecord` are named after these columns;
+    reading the lengths from the models keeps one declaration of each size.
+    """
+    sizes: dict[str, int] = {}
+    for model in (Patient, Study, Series, Instance):
+        for column in model.__table__.columns:
+            length = getattr(column.type, "length", None)
+            if isinstance(length, int):
+                sizes.setdefault(column.name, length)
+    return sizes
+
+
+#: Column sizes values are clipped to (tolerant reading: vendors break VR length rules).
+FIELD_SIZES = _column_sizes()
+
+
+def _clip(field: str, value: str) -> str:
+    """`value` cut to the declared size of the index column `field`."""
+    return value[:FIELD_SIZES[field]]
+
 #: Values longer than this stay on disk when pydicom parses an inflated dataset.
 _DEFER_BYTES = 1024 * 1024
 
@@ -43,7 +65,7 @@ def _refuse_inflate(exc: Exception) -> IngestError:
     0xC000 ("cannot understand"), not 0xA700 ("out of resources"): the size is a property of
     the object, not a passing shortage, so a sender retrying an A7xx would only send it again.
     """
-    return IngestError(CANNOT_UNDERSTAND, f"deflated dataset refused: {safe_message(exc)}")
+    return IngestError(Status.CANNOT_UNDERSTAND, f"deflated dataset refused: {safe_message(exc)}")
 
 
 def read_dataset(path: Path, *,
@@ -76,14 +98,14 @@ def read_dataset(path: Path, *,
     except deflate.InflateError as exc:
         raise _refuse_inflate(exc) from None
     except OSError as exc:
-        raise IngestError(CANNOT_UNDERSTAND,
+        raise IngestError(Status.CANNOT_UNDERSTAND,
                           f"dataset cannot be read: {safe_message(exc)}") from None
     try:
         # Elements stay raw until accessed: parsing is a walk over element headers, which is
         # what detects a structurally broken dataset without converting every value.
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
-        raise IngestError(CANNOT_UNDERSTAND,
+        raise IngestError(Status.CANNOT_UNDERSTAND,
                           f"dataset cannot be parsed: {safe_message(exc)}") from None
     _check_lengths(ds)
     return ds
@@ -105,31 +127,19 @@ def _check_lengths(ds: Dataset, size: int | None = None) -> None:
             got = len(raw.value or b"")
         if got != raw.length:
             raise IngestError(
-                CANNOT_UNDERSTAND,
+                Status.CANNOT_UNDERSTAND,
                 f"element {raw.tag} is truncated: {got} of {raw.length} declared bytes",
             )
 
 
-# The index fields, by keyword, with the column size each is clipped to (0: an integer).
-_FIELDS: dict[str, int] = {
-    "PatientID": 64,
-    "IssuerOfPatientID": 64,
-    "PatientName": 324,
-    "PatientBirthDate": 8,
-    "PatientSex": 16,
-    "AccessionNumber": 16,
-    "StudyID": 16,
-    "StudyDate": 8,
-    "StudyTime": 32,
-    "StudyDescription": 64,
-    "ReferringPhysicianName": 324,
-    "Modality": 16,
-    "BodyPartExamined": 64,
-    "SeriesDescription": 64,
-    "SeriesNumber": 0,
-    "SeriesDate": 8,
-    "InstanceNumber": 0,
-}
+# The index fields read from a header, by keyword (text ones are clipped to their column size,
+# FIELD_SIZES, by _record).
+_FIELDS = (
+    "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
+    "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "StudyDescription",
+    "ReferringPhysicianName", "Modality", "BodyPartExamined", "SeriesDescription",
+    "SeriesNumber", "SeriesDate", "InstanceNumber",
+)
 _UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 _WANTED = frozenset(int(Tag(keyword)) for keyword in (*_FIELDS, *_UIDS))
 
@@ -171,15 +181,15 @@ def _record(get: Callable[[str], str], transfer_syntax: str, *, sop_class_uid: s
         sop_uid = validate_uid(get("SOPInstanceUID") or None, "SOPInstanceUID")
         sop_class = validate_uid(get("SOPClassUID") or None, "SOPClassUID")
     except InvalidUIDError as exc:
-        raise IngestError(DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from None
+        raise IngestError(Status.DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)) from None
     if sop_class != sop_class_uid:
         raise IngestError(
-            DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
             f"dataset SOPClassUID {sop_class} differs from the request's {sop_class_uid}",
         )
     if sop_uid != sop_instance_uid:
         raise IngestError(
-            DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
             f"dataset SOPInstanceUID {sop_uid} differs from the request's {sop_instance_uid}",
         )
     values = {keyword: get(keyword) for keyword in _FIELDS}
@@ -188,23 +198,24 @@ def _record(get: Callable[[str], str], transfer_syntax: str, *, sop_class_uid: s
         series_instance_uid=series_uid,
         sop_instance_uid=sop_uid,
         sop_class_uid=sop_class,
-        transfer_syntax_uid=transfer_syntax[:64],
-        patient_id=values["PatientID"][:64],
-        issuer_of_patient_id=values["IssuerOfPatientID"][:64],
-        patient_name=values["PatientName"][:324],
-        patient_birth_date=values["PatientBirthDate"][:8],
-        patient_sex=values["PatientSex"][:16],
-        accession_number=values["AccessionNumber"][:16],
-        study_id=values["StudyID"][:16],
-        study_date=values["StudyDate"][:8],
-        study_time=values["StudyTime"][:32],
-        study_description=values["StudyDescription"][:64],
-        referring_physician_name=values["ReferringPhysicianName"][:324],
-        modality=values["Modality"][:16],
-        body_part_examined=values["BodyPartExamined"][:64],
-        series_description=values["SeriesDescription"][:64],
+        transfer_syntax_uid=_clip("transfer_syntax_uid", transfer_syntax),
+        patient_id=_clip("patient_id", values["PatientID"]),
+        issuer_of_patient_id=_clip("issuer_of_patient_id", values["IssuerOfPatientID"]),
+        patient_name=_clip("patient_name", values["PatientName"]),
+        patient_birth_date=_clip("patient_birth_date", values["PatientBirthDate"]),
+        patient_sex=_clip("patient_sex", values["PatientSex"]),
+        accession_number=_clip("accession_number", values["AccessionNumber"]),
+        study_id=_clip("study_id", values["StudyID"]),
+        study_date=_clip("study_date", values["StudyDate"]),
+        study_time=_clip("study_time", values["StudyTime"]),
+        study_description=_clip("study_description", values["StudyDescription"]),
+        referring_physician_name=_clip("referring_physician_name",
+                                       values["ReferringPhysicianName"]),
+        modality=_clip("modality", values["Modality"]),
+        body_part_examined=_clip("body_part_examined", values["BodyPartExamined"]),
+        series_description=_clip("series_description", values["SeriesDescription"]),
         series_number=_integer(values["SeriesNumber"]),
-        series_date=values["SeriesDate"][:8],
+        series_date=_clip("series_date", values["SeriesDate"]),
         instance_number=_integer(values["InstanceNumber"]),
     )
 
@@ -232,14 +243,14 @@ def _pydicom_inflated(inflated: BinaryIO, size: int) -> Dataset:
         ds = pydicom.filereader.read_dataset(inflated, is_implicit_VR=False,
                                              is_little_endian=True, defer_size=_DEFER_BYTES)
     except (InvalidDicomError, ValueError, EOFError, OSError, KeyError, TypeError) as exc:
-        raise IngestError(CANNOT_UNDERSTAND,
+        raise IngestError(Status.CANNOT_UNDERSTAND,
                           f"dataset cannot be parsed: {safe_message(exc)}") from None
     _check_lengths(ds, size)
     for tag in _WANTED:
         raw = ds.get_item(tag) if tag in ds else None
         if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
             # The index reads this value; nothing it keeps is anywhere near this long.
-            raise IngestError(CANNOT_UNDERSTAND,
+            raise IngestError(Status.CANNOT_UNDERSTAND,
                               f"element {raw.tag} is {raw.length} bytes long")
     return ds
 
@@ -274,7 +285,7 @@ def _deflated_record(path: Path, offset: int, max_inflated_bytes: int, directory
                 return _record(get, transfer_syntax, sop_class_uid=request[0],
                                sop_instance_uid=request[1])
             except Truncated as exc:
-                raise IngestError(CANNOT_UNDERSTAND,
+                raise IngestError(Status.CANNOT_UNDERSTAND,
                                   f"dataset is truncated: {safe_message(exc)}") from None
             except NeedsFullParse:
                 inflated.seek(0)
@@ -321,7 +332,7 @@ def parse_received(path: Path, *, sop_class_uid: str, sop_instance_uid: str,
         return _record(_scan_text(found), found.transfer_syntax_uid,
                        sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid)
     except Truncated as exc:
-        raise IngestError(CANNOT_UNDERSTAND,
+        raise IngestError(Status.CANNOT_UNDERSTAND,
                           f"dataset is truncated: {safe_message(exc)}") from None
     except Deflated as deflated:
         # The temporary inflated copy goes next to the received file (the store's disk).
@@ -360,7 +371,7 @@ def read_stored_record(path: Path, *,
     except deflate.InflateError:
         transfer_syntax, offset = "", 0  # not Part 10 as this reader sees it: pydicom decides
     except OSError as exc:
-        raise IngestError(CANNOT_UNDERSTAND,
+        raise IngestError(Status.CANNOT_UNDERSTAND,
                           f"dataset cannot be read: {safe_message(exc)}") from None
     if transfer_syntax == deflate.DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         return _deflated_record(path, offset, max_inflated_bytes, workdir or path.parent, None)

@@ -27,19 +27,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dicom_ai.config import LimitsSettings, StorageSettings
+from dicom_ai.dimse_status import Status
 from dicom_ai.exceptions import IngestError, OutOfSpaceError, safe_message
-from dicom_ai.ingest.index import (
-    CANNOT_UNDERSTAND,
-    OUT_OF_RESOURCES,
-    parse_received,
-)
+from dicom_ai.ingest.index import parse_received
 from dicom_ai.ingest.scan import NeedsFullParse, Truncated, scan
 from storage import repository
 from storage.db import Database
 from storage.filestore import FileStore, fsync_dir, fsync_file
 
 LOGGER = logging.getLogger(__name__)
-SUCCESS = 0x0000
 RECONCILE_MARKER = "RECONCILE_NEEDED"
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -197,7 +193,7 @@ class Ingestor:
             LOGGER.error("refusing %s from %s: %s", received.sop_instance_uid,
                          received.calling_ae_title, exc)
             received.path.unlink(missing_ok=True)
-            return OUT_OF_RESOURCES
+            return Status.OUT_OF_RESOURCES
         # The file's fsync (I/O, GIL released) overlaps the header parse (CPU).
         flushed = self._io.submit(fsync_file, received.path)
         try:
@@ -217,22 +213,22 @@ class Ingestor:
         except Exception as exc:  # anything unforeseen in parsing: refuse and keep the file
             LOGGER.exception("unexpected error reading %s", received.sop_instance_uid)
             _settle(flushed)
-            self._quarantine(received, CANNOT_UNDERSTAND,
+            self._quarantine(received, Status.CANNOT_UNDERSTAND,
                              f"unexpected error: {safe_message(exc)}")
-            return CANNOT_UNDERSTAND
+            return Status.CANNOT_UNDERSTAND
         try:
             own = self.is_own_result(received.path, record)
         except Exception:
             LOGGER.exception("index unavailable while checking %s", record.sop_instance_uid)
             _settle(flushed)
             received.path.unlink(missing_ok=True)
-            return OUT_OF_RESOURCES
+            return Status.OUT_OF_RESOURCES
         if own and self.drop_own_results:
             _settle(flushed)
             received.path.unlink(missing_ok=True)
             LOGGER.info("own result %s from %s dropped (own_results = drop)",
                         record.sop_instance_uid, received.calling_ae_title)
-            return SUCCESS
+            return Status.SUCCESS
         if own:
             LOGGER.info("own result %s from %s: stored, not routed", record.sop_instance_uid,
                         received.calling_ae_title)
@@ -285,7 +281,7 @@ class Ingestor:
                 if self._known_path(sop_uid) is not None:
                     received.path.unlink(missing_ok=True)
                     _log_duplicate(received)
-                    return SUCCESS
+                    return Status.SUCCESS
                 final = self.store.commit(received.path, relative, synced=True, replace=True,
                                           sync_dir=False)
         except OSError as exc:
@@ -293,13 +289,13 @@ class Ingestor:
             # operating condition, answered "retry later"; other errors are faults.
             LOGGER.log(logging.WARNING if exc.errno in _NO_SPACE else logging.ERROR,
                        "cannot store %s: %s; received file removed, answered 0x%04X",
-                       sop_uid, exc, OUT_OF_RESOURCES)
+                       sop_uid, exc, Status.OUT_OF_RESOURCES)
             received.path.unlink(missing_ok=True)
-            return OUT_OF_RESOURCES
+            return Status.OUT_OF_RESOURCES
         except Exception:
             LOGGER.exception("index unavailable while storing %s", sop_uid)
             received.path.unlink(missing_ok=True)
-            return OUT_OF_RESOURCES
+            return Status.OUT_OF_RESOURCES
         # The file is in place (and its data durable); its directory entry is flushed while the
         # index row is written, and the answer waits for both.
         dir_synced = self._io.submit(fsync_dir, final.parent)
@@ -318,13 +314,13 @@ class Ingestor:
             LOGGER.exception("cannot index %s (file kept at %s)", sop_uid, final)
             _settle(dir_synced)
             request_reconcile(self.store)
-            return OUT_OF_RESOURCES
+            return Status.OUT_OF_RESOURCES
         try:
             dir_synced.result()
         except OSError as exc:
             LOGGER.error("cannot flush the directory of %s: %s", sop_uid, exc)
             request_reconcile(self.store)
-            return OUT_OF_RESOURCES
+            return Status.OUT_OF_RESOURCES
         if result.obsolete_path:
             self.store.remove(result.obsolete_path)
         if result.outcome is repository.IndexOutcome.DUPLICATE_KEPT:
@@ -332,7 +328,7 @@ class Ingestor:
         else:
             LOGGER.debug("stored %s (%s) from %s", sop_uid, result.outcome.value,
                          received.calling_ae_title)
-        return SUCCESS
+        return Status.SUCCESS
 
     def _index(
         self,

@@ -1,8 +1,6 @@
 """Presentation contexts the receiver accepts and the sender proposes.
 
-As an acceptor pynetdicom picks, per proposed context, the first transfer syntax of its own list
-that the requestor offered: the order below is our preference. Uncompressed syntaxes come first;
-every compressed syntax is also accepted and stored exactly as sent (never transcoded).
+The transfer syntaxes and their order of preference are :mod:`dicom_ai.transfer_syntaxes`.
 """
 
 from __future__ import annotations
@@ -11,47 +9,46 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
-from pydicom.uid import (
-    UID,
-    AllTransferSyntaxes,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+from pydicom.uid import UID
 from pynetdicom import AllStoragePresentationContexts, build_context, sop_class
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityPerformedProcedureStep,
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StorageCommitmentPushModel,
+    StorageCommitmentPushModelInstance,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 
-VERIFICATION = "1.2.840.10008.1.1"
+from dicom_ai import transfer_syntaxes
+
+# pynetdicom's names (pynetdicom.sop_class) for the SOP classes we serve or ask for.
+VERIFICATION: str = Verification
 """Verification SOP Class (PS3.4 annex A)."""
-MODALITY_PERFORMED_PROCEDURE_STEP = "1.2.840.10008.3.1.2.3.3"
+MODALITY_PERFORMED_PROCEDURE_STEP: str = ModalityPerformedProcedureStep
 """Modality Performed Procedure Step SOP Class (PS3.4 annex F.7)."""
-STORAGE_COMMITMENT_PUSH_MODEL = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_PUSH_MODEL: str = StorageCommitmentPushModel
 """Storage Commitment Push Model SOP Class (PS3.4 annex J)."""
-STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE = "1.2.840.10008.1.20.1.1"
+STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE: str = StorageCommitmentPushModelInstance
 """Its well-known SOP Instance (PS3.4 J.3.5)."""
-PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
-PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
-PATIENT_ROOT_GET = "1.2.840.10008.5.1.4.1.2.1.3"
-STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
-STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+PATIENT_ROOT_FIND: str = PatientRootQueryRetrieveInformationModelFind
+PATIENT_ROOT_MOVE: str = PatientRootQueryRetrieveInformationModelMove
+PATIENT_ROOT_GET: str = PatientRootQueryRetrieveInformationModelGet
+STUDY_ROOT_FIND: str = StudyRootQueryRetrieveInformationModelFind
+STUDY_ROOT_MOVE: str = StudyRootQueryRetrieveInformationModelMove
+STUDY_ROOT_GET: str = StudyRootQueryRetrieveInformationModelGet
 QUERY_RETRIEVE_SOP_CLASSES = [PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET,
                               STUDY_ROOT_FIND, STUDY_ROOT_MOVE, STUDY_ROOT_GET]
 """Patient Root and Study Root Query/Retrieve FIND/MOVE/GET (PS3.4 C.6.1, C.6.2)."""
 
-_UNCOMPRESSED: list[str] = [
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-]
-
-ACCEPTED_TRANSFER_SYNTAXES: list[str] = _UNCOMPRESSED + [
-    str(ts) for ts in AllTransferSyntaxes if ts not in _UNCOMPRESSED
-]
-"""Every transfer syntax pydicom knows, uncompressed first."""
+ACCEPTED_TRANSFER_SYNTAXES: list[str] = list(transfer_syntaxes.ACCEPTED)
+"""Every transfer syntax pydicom knows, uncompressed first (:data:`transfer_syntaxes.ACCEPTED`)."""
 
 RETIRED_AND_OTHER_STORAGE_SOP_CLASSES: tuple[str, ...] = (
     # Storage SOP classes of the standard (PS3.4 B.5, PS3.6 annex A) that pynetdicom's

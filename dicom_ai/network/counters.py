@@ -15,6 +15,8 @@ import multiprocessing as mp
 import threading
 from typing import Any
 
+from dicom_ai.dimse_status import Status
+
 __all__ = ["ASSOCIATION_OUTCOMES", "CONNECTION_EVENTS", "CONTEXT_REFUSALS", "REFUSAL_REASONS",
            "REJECT_REASONS", "REQUESTS", "STORE_STATUSES", "ReceiverCounters",
            "context_refusal_reason"]
@@ -116,7 +118,7 @@ class ReceiverCounters:
         label = f"0x{status:04X}"
         self._add("store", label if label in STORE_STATUSES else "other")
         self._add("request", "store")
-        if status == 0:
+        if status == Status.SUCCESS:
             self._add("bytes", "", size)
 
     def request(self, service: str) -> None:

@@ -24,8 +24,8 @@ from pynetdicom.dimse_primitives import C_STORE, N_CREATE, N_EVENT_REPORT, N_SET
 
 from dicom_ai.audit import AuditEntry, Auditor, entry
 from dicom_ai.config import Destination
+from dicom_ai.dimse_status import Status
 from dicom_ai.ingest.completion import MppsService
-from dicom_ai.ingest.index import CANNOT_UNDERSTAND
 from dicom_ai.ingest.spool import Ingestor, Received
 from dicom_ai.network.contexts import (
     MODALITY_PERFORMED_PROCEDURE_STEP,
@@ -40,9 +40,6 @@ from storage.db import Database
 
 LOGGER = logging.getLogger(__name__)
 
-SUCCESS = 0x0000
-PROCESSING_FAILURE = 0x0110
-NO_SUCH_SOP_CLASS = 0x0118
 
 # A-ASSOCIATE-RJ: rejected-permanent (1), service-user (1), calling AE title not recognised (3).
 _REJECT_PERMANENT, _SERVICE_USER, _CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03
@@ -56,7 +53,7 @@ def _calling_ae(event: evt.Event) -> str:
 
 def handle_echo(event: evt.Event) -> int:
     """C-ECHO (PS3.7 9.1.5): always success."""
-    return SUCCESS
+    return Status.SUCCESS
 
 
 def handle_store(event: evt.Event, ingestor: Ingestor,
@@ -85,7 +82,7 @@ def handle_store(event: evt.Event, ingestor: Ingestor,
         path = Path(event.dataset_path)
     except AttributeError:
         LOGGER.error("chunked receive is off: cannot store without a dataset file")
-        return CANNOT_UNDERSTAND
+        return Status.CANNOT_UNDERSTAND
     sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
     try:  # before ingest moves the file
         size = path.stat().st_size if counters is not None else 0
@@ -245,23 +242,23 @@ def handle_n_create(event: evt.Event, mpps: MppsService) -> tuple[int, Dataset |
     """N-CREATE of a Modality Performed Procedure Step (PS3.4 F.7.2.1)."""
     request = cast(N_CREATE, event.request)
     if request.AffectedSOPClassUID != MODALITY_PERFORMED_PROCEDURE_STEP:
-        return NO_SUCH_SOP_CLASS, None
+        return Status.NO_SUCH_SOP_CLASS, None
     sop_uid = request.AffectedSOPInstanceUID
     if not sop_uid:  # the SCU may leave the UID to the SCP; we require it to track the step
-        return PROCESSING_FAILURE, None
+        return Status.PROCESSING_FAILURE, None
     ds = event.attribute_list
     status = mpps.create(str(sop_uid), ds)
-    return status, (ds if status == SUCCESS else None)
+    return status, (ds if status == Status.SUCCESS else None)
 
 
 def handle_n_set(event: evt.Event, mpps: MppsService) -> tuple[int, Dataset | None]:
     """N-SET of a Modality Performed Procedure Step (PS3.4 F.7.2.2)."""
     request = cast(N_SET, event.request)
     if request.RequestedSOPClassUID != MODALITY_PERFORMED_PROCEDURE_STEP:
-        return NO_SUCH_SOP_CLASS, None
+        return Status.NO_SUCH_SOP_CLASS, None
     ds = event.modification_list
     status = mpps.set(str(request.RequestedSOPInstanceUID), ds)
-    return status, (ds if status == SUCCESS else None)
+    return status, (ds if status == Status.SUCCESS else None)
 
 
 # -- audit ------------------------------------------------------------------------------------
@@ -339,7 +336,7 @@ class AssociationAudit:
         tally = self._tally(event)
         if tally is None:
             return
-        if status != SUCCESS:
+        if status != Status.SUCCESS:
             tally.refused += 1
             return
         tally.stored += 1
@@ -415,12 +412,10 @@ class AssociationAudit:
 
 
 # -- Storage Commitment reports ---------------------------------------------------------------
-# Named answers to an N-EVENT-REPORT we refuse (PS3.7 C.4, PS3.4 J.3.3).
-UNKNOWN_TRANSACTION = PROCESSING_FAILURE  # no result of ours awaits this Transaction UID
-NOT_AUTHORISED = 0x0124  # the caller is not the AE the transaction's objects were sent to
-NO_SUCH_EVENT_TYPE = 0x0113
-NO_SUCH_SOP_INSTANCE = 0x0112
-MISSING_ATTRIBUTE = 0x0120
+# Answers to an N-EVENT-REPORT we refuse (PS3.7 C.4, PS3.4 J.3.3): Status.UNKNOWN_TRANSACTION
+# (no result of ours awaits this Transaction UID), NOT_AUTHORISED (the caller is not the AE the
+# transaction's objects were sent to), NO_SUCH_EVENT_TYPE, NO_SUCH_SOP_INSTANCE,
+# MISSING_ATTRIBUTE.
 
 
 class CommitmentReports:
@@ -456,14 +451,14 @@ class CommitmentReports:
                 LOGGER.warning("storage commitment report from %s (%s) for unknown transaction "
                                "%s refused", _printable(calling), peer,
                                _printable(report.transaction_uid))
-                return UNKNOWN_TRANSACTION
+                return Status.UNKNOWN_TRANSACTION
             expected = self.ae_titles.get(found.destination)
             if expected is None or calling.strip() != expected:
                 LOGGER.warning("storage commitment report for transaction %s came from %s (%s), "
                                "not from destination %s: refused",
                                _printable(report.transaction_uid),
                                _printable(calling), peer, found.destination)
-                return NOT_AUTHORISED
+                return Status.NOT_AUTHORISED
             outcome = outbox_rows.record_report(
                 session, found, committed=[uid for _, uid in report.committed],
                 failed=[(uid, reason) for _, uid, reason in report.failed], now=now)
@@ -480,7 +475,7 @@ class CommitmentReports:
                           "committed": len(outcome.committed.get(study, [])),
                           "failed": len(outcome.failed.get(study, []))})
             for study in studies])
-        return SUCCESS
+        return Status.SUCCESS
 
 
 def handle_n_event_report(event: evt.Event,
@@ -497,21 +492,22 @@ def handle_n_event_report(event: evt.Event,
     Returns
     -------
     tuple of (int, None)
-        SUCCESS, or the named failure status of a refused report.
+        Status.SUCCESS, or the named failure status of a refused report.
     """
     request = cast(N_EVENT_REPORT, event.request)
     calling, peer = _calling_ae(event), str(event.assoc.requestor.address)
     if str(request.AffectedSOPClassUID or "") != STORAGE_COMMITMENT_PUSH_MODEL:
-        return NO_SUCH_SOP_CLASS, None
+        return Status.NO_SUCH_SOP_CLASS, None
     if str(request.AffectedSOPInstanceUID or "") != STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE:
         LOGGER.warning("storage commitment report from %s names SOP instance %s: refused",
                        _printable(calling), _printable(request.AffectedSOPInstanceUID))
-        return NO_SUCH_SOP_INSTANCE, None
+        return Status.NO_SUCH_SOP_INSTANCE, None
     try:
         report = parse_commitment_report(int(request.EventTypeID or 0),
                                          event.event_information)
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         LOGGER.warning("storage commitment report from %s (%s) refused: %s",
                        _printable(calling), peer, exc)
-        return (NO_SUCH_EVENT_TYPE if "event type" in str(exc) else MISSING_ATTRIBUTE), None
+        return (Status.NO_SUCH_EVENT_TYPE if "event type" in str(exc)
+                else Status.MISSING_ATTRIBUTE), None
     return reports.apply(report, calling=calling, peer=peer), None

@@ -37,17 +37,15 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
-from pydicom.uid import (
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-)
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import build_context
 from pynetdicom import events as evt
 from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.presentation import PresentationContext
 
+from dicom_ai import transfer_syntaxes
 from dicom_ai.config import Destination, DicomSettings, QueryRetrieveSettings
+from dicom_ai.dimse_status import Status
 from dicom_ai.ingest.deflate import DEFAULT_MAX_INFLATED_BYTES, dcmread_bounded
 from dicom_ai.network.contexts import (
     PATIENT_ROOT_FIND,
@@ -63,24 +61,12 @@ from storage.filestore import FileStore
 
 LOGGER = logging.getLogger(__name__)
 
-# Statuses of PS3.4 C.4.1.1.4 (C-FIND), C.4.2.1.5 (C-MOVE) and C.4.3.1.4 (C-GET).
-SUCCESS = 0x0000
-PENDING = 0xFF00
-PENDING_OPTIONAL_KEYS_UNSUPPORTED = 0xFF01
-CANCEL = 0xFE00
-MOVE_DESTINATION_UNKNOWN = 0xA801
-IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-UNABLE_TO_PROCESS = 0xC000
-# PS3.7 annex C general status "Refused: Not Authorized" (pynetdicom accepts it for any DIMSE).
-NOT_AUTHORISED = 0x0124
-
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 _DEPTH = {level: i for i, level in enumerate(LEVELS)}
 # The unique key of each level (PS3.4 C.6.1.1 / C.6.2.1).
 UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
                "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
 _PATIENT_ROOT = {PATIENT_ROOT_FIND, PATIENT_ROOT_MOVE, PATIENT_ROOT_GET}
-_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 
 # Return keys answered from the index (beyond the matching keys of storage.query.ATTRIBUTES),
 # with the level they belong to.
@@ -145,10 +131,10 @@ def _level(identifier: Dataset, sop_class: str) -> tuple[str, bool]:
     patient_root = sop_class in _PATIENT_ROOT
     level = str(identifier.get("QueryRetrieveLevel", "") or "").strip().upper()
     if level not in LEVELS:
-        raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        raise _RefusedError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
                             f"unsupported QueryRetrieveLevel {level[:16]!r}")
     if level == "PATIENT" and not patient_root:
-        raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        raise _RefusedError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
                             "PATIENT level is not part of the Study Root model")
     return level, patient_root
 
@@ -187,25 +173,25 @@ def _retrieve_conditions(identifier: Dataset, sop_class: str
             "sequence" if elem.VR == "SQ" else _text(elem.value).strip(" \x00"))
         if keyword not in unique:
             if text and keyword in below:
-                raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+                raise _RefusedError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
                                     f"{_key_name(elem)}: a unique key below the level of a "
                                     f"{level} retrieve")
             continue  # not used for selection (a copied C-FIND key, a Study Root PatientID)
         if not text:
             continue  # universal on a key above the level: as if absent; checked below
         if "*" in text or "?" in text:
-            raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+            raise _RefusedError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
                                 f"{keyword}: wildcard in a unique key")
         vr = query.ATTRIBUTES[keyword][1]
         if "\\" in text and (keyword != UNIQUE_KEYS[level] or vr != "ui"):
-            raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+            raise _RefusedError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
                                 f"{keyword}: more than one value (only the UIDs of the "
                                 "retrieve level may be a list)")
         condition = query.parse_condition(vr, text)
         if condition is not None:
             conditions[keyword] = condition
     if UNIQUE_KEYS[level] not in conditions:
-        raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+        raise _RefusedError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
                             f"no {UNIQUE_KEYS[level]} for a {level} retrieve")
     return level, conditions
 
@@ -255,7 +241,7 @@ def _parse(identifier: Dataset, sop_class: str) -> _Request:
             condition = query.parse_condition(vr, _text(elem.value))
         except query.QueryValueError:
             # The reason is logged and audited: no value (a birth date, a study date) in it.
-            raise _RefusedError(IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
+            raise _RefusedError(Status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
                                 f"{keyword}: not a valid {vr.upper()} value") from None
         if condition is not None:
             conditions[keyword] = condition
@@ -404,8 +390,8 @@ class QueryRetrieveSCP:
         calling = str(event.assoc.requestor.ae_title).strip()
         refusal = self.refusal(event)
         if refusal is not None:
-            self._refused(event, "C-FIND", "query.find", refusal, NOT_AUTHORISED)
-            yield NOT_AUTHORISED, None
+            self._refused(event, "C-FIND", "query.find", refusal, Status.NOT_AUTHORISED)
+            yield Status.NOT_AUTHORISED, None
             return
         try:
             identifier = event.identifier
@@ -420,17 +406,17 @@ class QueryRetrieveSCP:
             return
         except Exception as exc:  # the index or a file failed: answer a status, never crash
             LOGGER.error("C-FIND from %s failed: %s", calling, type(exc).__name__)
-            self._audit(event, "query.find", [], status=f"0x{UNABLE_TO_PROCESS:04X}")
-            yield UNABLE_TO_PROCESS, None
+            self._audit(event, "query.find", [], status=f"0x{Status.UNABLE_TO_PROCESS:04X}")
+            yield Status.UNABLE_TO_PROCESS, None
             return
         LOGGER.info("C-FIND %s from %s: %d match(es)", request.level, calling, len(answers))
         self._audit(event, "query.find", [str(a.get("StudyInstanceUID", "")) for a in answers],
                     level=request.level, matches=len(answers), status="0x0000")
-        status = PENDING_OPTIONAL_KEYS_UNSUPPORTED if request.unsupported else PENDING
+        status = Status.PENDING_OPTIONAL_KEYS_UNSUPPORTED if request.unsupported else Status.PENDING
         for answer in answers:
             if event.is_cancelled:
                 LOGGER.info("C-FIND from %s cancelled", calling)
-                yield CANCEL, None
+                yield Status.CANCEL, None
                 return
             yield status, answer
 
@@ -529,7 +515,7 @@ class QueryRetrieveSCP:
         for match in matches:
             if event.is_cancelled:
                 LOGGER.info("%s cancelled", what)
-                yield CANCEL, None
+                yield Status.CANCEL, None
                 return
             ds: Dataset
             path = self.store.absolute(match.path)
@@ -544,7 +530,7 @@ class QueryRetrieveSCP:
                 ds = Dataset()
                 ds.SOPClassUID = match.sop_class_uid
                 ds.SOPInstanceUID = match.sop_instance_uid
-            yield PENDING, ds
+            yield Status.PENDING, ds
 
     def _transfer_syntax(self, match: query.InstanceMatch) -> str:
         if match.transfer_syntax_uid:
@@ -566,8 +552,8 @@ class QueryRetrieveSCP:
                            len(pairs), MAX_CONTEXTS)
         contexts = []
         for sop_class, syntax in pairs[:MAX_CONTEXTS]:
-            syntaxes = [syntax] + ([s for s in _UNCOMPRESSED if s != syntax]
-                                   if syntax in _UNCOMPRESSED else [])
+            syntaxes = [syntax] + ([s for s in transfer_syntaxes.NATIVE if s != syntax]
+                                   if syntax in transfer_syntaxes.NATIVE else [])
             contexts.append(build_context(sop_class, syntaxes))
         return contexts
 
@@ -589,7 +575,8 @@ class QueryRetrieveSCP:
         if refusal is not None:
             # Checked before the destination (a refused caller learns none); any status but
             # 0xA801 would need the sub-association to the destination opened first.
-            self._refused(event, "C-MOVE", "retrieve.move", refusal, MOVE_DESTINATION_UNKNOWN)
+            self._refused(event, "C-MOVE", "retrieve.move", refusal,
+                          Status.MOVE_DESTINATION_UNKNOWN)
             yield None, None
             return
         request = cast(C_MOVE, event.request)
@@ -598,7 +585,7 @@ class QueryRetrieveSCP:
         if destination is None:
             LOGGER.warning("C-MOVE from %s to unknown destination %r", calling, target[:16])
             self._audit(event, "retrieve.move", [], destination=target[:16],
-                        status=f"0x{MOVE_DESTINATION_UNKNOWN:04X}")
+                        status=f"0x{Status.MOVE_DESTINATION_UNKNOWN:04X}")
             yield None, None
             return
         failure: int | None = None
@@ -612,7 +599,7 @@ class QueryRetrieveSCP:
             failure, reason = exc.status, {"reason": exc.reason}
         except Exception as exc:  # the index or a file failed: answer a status, never crash
             LOGGER.error("C-MOVE from %s failed: %s", calling, type(exc).__name__)
-            failure = UNABLE_TO_PROCESS
+            failure = Status.UNABLE_TO_PROCESS
         # With nothing to send (a failure to report), Verification keeps the association valid.
         options: dict[str, Any] = {"contexts": self._move_contexts(matches)
                                    or [build_context(VERIFICATION)]}
@@ -630,7 +617,7 @@ class QueryRetrieveSCP:
         # 0xFF00: accepted, the sub-operations follow (pynetdicom sends the final status).
         self._audit(event, "retrieve.move", [m.study.study_instance_uid for m in matches],
                     destination=target, destination_host=destination.host,
-                    suboperations=len(matches), status=f"0x{PENDING:04X}")
+                    suboperations=len(matches), status=f"0x{Status.PENDING:04X}")
         yield len(matches)
         yield from self._datasets(event, matches, f"C-MOVE to {target}")
 
@@ -650,10 +637,10 @@ class QueryRetrieveSCP:
         calling = str(event.assoc.requestor.ae_title).strip()
         refusal = self.refusal(event)
         if refusal is not None:
-            self._refused(event, "C-GET", "retrieve.get", refusal, NOT_AUTHORISED)
+            self._refused(event, "C-GET", "retrieve.get", refusal, Status.NOT_AUTHORISED)
             # pynetdicom answers a failure only once a sub-operation is announced.
             yield 1
-            yield NOT_AUTHORISED, None
+            yield Status.NOT_AUTHORISED, None
             return
         try:
             matches = self._to_retrieve(event)
@@ -667,12 +654,12 @@ class QueryRetrieveSCP:
             return
         except Exception as exc:  # the index or a file failed: answer a status, never crash
             LOGGER.error("C-GET from %s failed: %s", calling, type(exc).__name__)
-            self._audit(event, "retrieve.get", [], status=f"0x{UNABLE_TO_PROCESS:04X}")
+            self._audit(event, "retrieve.get", [], status=f"0x{Status.UNABLE_TO_PROCESS:04X}")
             yield 1
-            yield UNABLE_TO_PROCESS, None
+            yield Status.UNABLE_TO_PROCESS, None
             return
         LOGGER.info("C-GET from %s: %d instance(s)", calling, len(matches))
         self._audit(event, "retrieve.get", [m.study.study_instance_uid for m in matches],
-                    suboperations=len(matches), status=f"0x{PENDING:04X}")
+                    suboperations=len(matches), status=f"0x{Status.PENDING:04X}")
         yield len(matches)
         yield from self._datasets(event, matches, f"C-GET from {calling}")

@@ -9,70 +9,63 @@ status. C-GET receives the instances on the same association and hands each one 
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import (
-    JPEG2000,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 from pynetdicom import AE, _config, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    DigitalMammographyXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    EnhancedCTImageStorage,
+    EnhancedMRImageStorage,
+    MRImageStorage,
+    NuclearMedicineImageStorage,
+    PositronEmissionTomographyImageStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
+    UltrasoundImageStorage,
+    XRayAngiographicImageStorage,
 )
+from pynetdicom.status import STATUS_CANCEL, STATUS_PENDING, code_to_category
 
+from dicom_ai import transfer_syntaxes
 from dicom_ai.config import DicomSettings
+from dicom_ai.dimse_status import Status
 from dicom_ai.exceptions import NetworkError
 from dicom_ai.ingest.spool import Ingestor
 from dicom_ai.network.contexts import STORAGE_SOP_CLASSES
 from dicom_ai.network.scp import guard_receive, handle_store
 from dicom_ai.network.scu import Peer, _associate
-from dicom_ai.network.tuning import install as tune_pynetdicom
 
 LOGGER = logging.getLogger(__name__)
 
-tune_pynetdicom()  # event-driven association threads, cached UID checks: see tuning.py
-
 __all__ = ["FindResult", "RetrieveResult", "find", "get_study", "move_study"]
 
-PENDING = (0xFF00, 0xFF01)
-MATCHING_TERMINATED = 0xFE00  # PS3.4 C.4.1.1.4: matching terminated (cancel, or a limit)
 # A C-GET proposes one context per storage class it wants to receive, and a requestor may
 # propose at most 128: the classes an imaging archive sends for AI work come first.
-_GET_CLASSES_FIRST = (
-    "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1",
-    "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.4",
-    "1.2.840.10008.5.1.4.1.1.4.1", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.33",
-    "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.66.4",
-    "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.12.1", "1.2.840.10008.5.1.4.1.1.6.1",
-    "1.2.840.10008.5.1.4.1.1.128", "1.2.840.10008.5.1.4.1.1.20",
+_GET_CLASSES_FIRST: tuple[str, ...] = (
+    ComputedRadiographyImageStorage, DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing, CTImageStorage, EnhancedCTImageStorage,
+    MRImageStorage, EnhancedMRImageStorage, SecondaryCaptureImageStorage,
+    ComprehensiveSRStorage, Comprehensive3DSRStorage, SegmentationStorage,
+    DigitalMammographyXRayImageStorageForPresentation, XRayAngiographicImageStorage,
+    UltrasoundImageStorage, PositronEmissionTomographyImageStorage,
+    NuclearMedicineImageStorage,
 )
 
 
-#: What a C-GET offers to receive: uncompressed, then the lossless and lossy syntaxes archives
-#: store most. Offering all ~35 syntaxes for 127 classes makes a ~150 kB association request
-#: that costs the archive and us a quarter of a second per study; an archive holding another
-#: syntax transcodes or reports a failed sub-operation.
-GET_TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless,
-    RLELossless, JPEGLosslessSV1, JPEGLossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEG2000,
-    JPEGLSNearLossless, DeflatedExplicitVRLittleEndian,
-]
+#: What a C-GET offers to receive (:data:`dicom_ai.transfer_syntaxes.RETRIEVE`).
+GET_TRANSFER_SYNTAXES = list(transfer_syntaxes.RETRIEVE)
 
 
 def _status(rsp: Dataset | None) -> int | None:
@@ -123,12 +116,13 @@ def find(peer: Peer, settings: DicomSettings, identifier: Dataset) -> FindResult
             status = _status(rsp)
             if status is None:
                 raise NetworkError(f"C-FIND to {peer.ae_title}: no response (timeout or abort)")
-            if status in PENDING:
+            category = code_to_category(status)
+            if category == STATUS_PENDING:
                 if found is not None:
                     result.matches.append(found)
-            elif status == MATCHING_TERMINATED:
+            elif category == STATUS_CANCEL:  # PS3.4 C.4.1.1.4: matching terminated (a limit)
                 result.truncated = True
-            elif status != 0x0000:
+            elif status != Status.SUCCESS:
                 raise NetworkError(f"C-FIND to {peer.ae_title} failed with status "
                                    f"0x{status:04X}")
     finally:
@@ -153,7 +147,7 @@ class RetrieveResult:
     @property
     def ok(self) -> bool:
         """Every sub-operation succeeded (or finished with a warning)."""
-        return self.status == 0x0000 and self.failed == 0
+        return self.status == Status.SUCCESS and self.failed == 0
 
 
 def _final(peer: Peer, what: str, responses: Iterator[tuple[Dataset, Dataset | None]]
@@ -227,13 +221,14 @@ def get_study(peer: Peer, settings: DicomSettings, study_instance_uid: str,
     for sop_class in ordered[:127]:  # 128 contexts at most, one is the GET model's
         ae.add_requested_context(sop_class, GET_TRANSFER_SYNTAXES)
         roles.append(build_role(sop_class, scp_role=True))
-    previous = (_config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir)
+    previous = _config.STORE_RECV_CHUNKED_DATASET
     _config.STORE_RECV_CHUNKED_DATASET = True  # stream to incoming/, accepting is a rename
-    tempfile.tempdir = str(ingestor.store.incoming)
     handlers: list[Any] = [(evt.EVT_C_STORE, handle_store, [ingestor])]
     try:
         assoc = _associate(ae, peer, settings, ext_neg=roles, evt_handlers=handlers)
-        guard_receive(assoc)  # a full disk is answered 0xA700, as on our own receiver
+        # Into incoming/ (this association only); a full disk is answered 0xA700, as on our
+        # own receiver.
+        guard_receive(assoc, ingestor.store.incoming)
         try:
             return _final(peer, "C-GET", assoc.send_c_get(
                 _study_identifier(study_instance_uid),
@@ -242,5 +237,5 @@ def get_study(peer: Peer, settings: DicomSettings, study_instance_uid: str,
             if assoc.is_established:
                 assoc.release()
     finally:
-        _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = previous
+        _config.STORE_RECV_CHUNKED_DATASET = previous
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
-import inspect
 import logging
 import os
 import socket
@@ -25,6 +23,7 @@ from typing import Any, cast
 import pynetdicom
 from pydicom import config as pydicom_config
 from pynetdicom import AE, _config
+from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import events as evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -34,8 +33,8 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from dicom_ai.audit import Auditor
 from dicom_ai.config import Destination, DicomSettings, QueryRetrieveSettings
+from dicom_ai.dimse_status import Status
 from dicom_ai.ingest.completion import MppsService
-from dicom_ai.ingest.index import OUT_OF_RESOURCES
 from dicom_ai.ingest.spool import Ingestor
 from dicom_ai.network import handlers
 from dicom_ai.network.balancer import Address, HostLimit
@@ -43,27 +42,56 @@ from dicom_ai.network.contexts import scp_contexts, supported_contexts
 from dicom_ai.network.counters import ReceiverCounters
 from dicom_ai.network.qr import QueryRetrieveSCP
 from dicom_ai.network.tuning import install as tune_pynetdicom
+from dicom_ai.network.tuning import upstream_digest
 
 LOGGER = logging.getLogger(__name__)
 
-tune_pynetdicom()  # event-driven association threads, cached UID checks: see tuning.py
-
+__all__ = ["SPOOL_GUARD_UPSTREAM", "Receiver", "guard_receive", "handle_store", "receive_error",
+           "server_ssl_context", "upstream_digest"]
 
 #: Errors that mean "no room": answered 0xA700 (Refused: Out of resources, PS3.4 B.2.3).
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
+#: The spool guard reads pynetdicom 3.0's private spool attributes: on that version only.
+_SPOOL_GUARD = pynetdicom.__version__.startswith("3.0.")
+
 #: SHA-256 of the pynetdicom functions the spool guard relies on (``DIMSEMessage.decode_msg``
-#: writes each fragment to the file, ``DIMSEServiceProvider.receive_primitive`` feeds it): a
-#: test fails when they change, so the guard is re-checked against a new pynetdicom.
+#: creates the file by the name ``NamedTemporaryFile`` and writes each fragment to it,
+#: ``DIMSEServiceProvider.receive_primitive`` feeds it), as :func:`upstream_digest` computes
+#: it: a test fails when they change, so the guard is re-checked against a new pynetdicom.
 SPOOL_GUARD_UPSTREAM = {
     "decode_msg": "f51c777e841a76beeaadfe3015bd4f4a68387229a72f13f3a3b7846d01d72284",
     "receive_primitive": "5f99c86b14a15cefa87d914cda3591ec4d636d4c53a982e945ec9c1828c6e43f",
 }
 
+# The folder the dataset being decoded on this thread (an association's DUL thread) streams
+# into; set by _SpoolGuardDIMSE around each primitive, read by _spool_file.
+_receiving = threading.local()
+_hook_lock = threading.Lock()
 
-def upstream_digest(function: Callable[..., Any]) -> str:
-    """SHA-256 of a function's source (what :data:`SPOOL_GUARD_UPSTREAM` records)."""
-    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
+
+def _spool_file(*args: Any, **kwargs: Any) -> Any:
+    """``tempfile.NamedTemporaryFile``, in the receiving association's folder when it has one.
+
+    pynetdicom (3.0.4, chunked receive, PR 526) creates each received dataset's file with
+    ``NamedTemporaryFile`` in the process's temporary directory; no setting names another (a
+    ``STORE_RECV_CHUNKED_DATASET_PATH`` was discussed in PR 526's review, not merged). This
+    stands in for that one name in ``pynetdicom.dimse_messages`` (:func:`_hook_spool_files`),
+    so each association's files go to its own folder (the store's incoming/, where accepting
+    one is a rename) without changing ``tempfile.tempdir`` for the whole process. The upstream
+    change would be a directory argument per association (an ``Association`` attribute).
+    """
+    folder = getattr(_receiving, "folder", None)
+    if folder is not None:
+        kwargs.setdefault("dir", folder)
+    return tempfile.NamedTemporaryFile(*args, **kwargs)
+
+
+def _hook_spool_files() -> None:
+    """Let :func:`_spool_file` create pynetdicom's received-dataset files (idempotent)."""
+    with _hook_lock:
+        if _dimse_messages.NamedTemporaryFile is not _spool_file:  # type: ignore[attr-defined]
+            _dimse_messages.NamedTemporaryFile = _spool_file  # type: ignore[attr-defined]
 
 
 class _SpoolFile:
@@ -129,19 +157,28 @@ class _SpoolGuardDIMSE(DIMSEServiceProvider):
     is fed one PDV at a time, so a failure creating the file (on the command's last fragment)
     cannot lose the data fragments that follow it in the same primitive. No upstream issue
     found; the upstream change would be catching ``OSError`` around the file writes of
-    ``DIMSEMessage.decode_msg`` (chunked receive came with pynetdicom PR 526).
+    ``DIMSEMessage.decode_msg`` (chunked receive came with pynetdicom PR 526). With
+    :attr:`spool_folder` set, the association's received datasets are created in that folder
+    (:func:`_spool_file`).
     """
+
+    #: Where this association's received datasets are streamed (None: the temporary directory).
+    spool_folder: str | None = None
 
     def receive_primitive(self, primitive: P_DATA) -> None:
         """Process one P-DATA primitive (see the class docstring)."""
-        items = primitive.presentation_data_value_list
-        if len(items) <= 1:
-            self._receive_one(primitive)
-            return
-        for item in items:
-            single = P_DATA()
-            single.presentation_data_value_list = [item]
-            self._receive_one(single)
+        _receiving.folder = self.spool_folder
+        try:
+            items = primitive.presentation_data_value_list
+            if len(items) <= 1:
+                self._receive_one(primitive)
+                return
+            for item in items:
+                single = P_DATA()
+                single.presentation_data_value_list = [item]
+                self._receive_one(single)
+        finally:
+            _receiving.folder = None
 
     def _receive_one(self, primitive: P_DATA) -> None:
         try:
@@ -167,15 +204,27 @@ def _spool_of(message: DIMSEMessage) -> _SpoolFile:
     return spool
 
 
-def guard_receive(assoc: Association) -> None:
+def guard_receive(assoc: Association, folder: str | os.PathLike[str] | None = None) -> None:
     """Answer a C-STORE whose dataset cannot be written (a full disk) with 0xA700 on `assoc`.
 
     For associations we request and receive on (C-GET); the server's own associations get
     the same guard from ``_Server``. Call before the first C-STORE can arrive; pynetdicom 3.0
-    only (the guard reads its private spool attributes), a no-op elsewhere.
+    only (the guard reads its private spool attributes), a no-op elsewhere. With `folder`,
+    the datasets received on `assoc` are streamed into it (with chunked receive on).
     """
-    if pynetdicom.__version__.startswith("3.0."):
-        assoc.dimse.__class__ = _SpoolGuardDIMSE
+    if _SPOOL_GUARD:
+        _guard(assoc, None if folder is None else os.fspath(folder))
+    elif folder is not None:
+        LOGGER.warning("pynetdicom %s: received datasets are streamed to the temporary "
+                       "directory, not %s", pynetdicom.__version__, folder)
+
+
+def _guard(assoc: Association, folder: str | None) -> None:
+    """Swap :class:`_SpoolGuardDIMSE` in as `assoc`'s provider (its queues kept)."""
+    if folder is not None:
+        _hook_spool_files()
+    assoc.dimse.__class__ = _SpoolGuardDIMSE
+    cast(_SpoolGuardDIMSE, assoc.dimse).spool_folder = folder
 
 
 def receive_error(event: evt.Event) -> OSError | None:
@@ -215,12 +264,12 @@ def handle_store(event: evt.Event, ingestor: Ingestor,
         logging.WARNING if error.errno in _NO_SPACE else logging.ERROR,
         "%s while receiving %s from %s: partial file removed, answered 0x%04X (out of "
         "resources)", errno.errorcode.get(error.errno or 0, "write error"), uid,
-        event.assoc.requestor.ae_title, OUT_OF_RESOURCES)
+        event.assoc.requestor.ae_title, Status.OUT_OF_RESOURCES)
     if audit is not None:
-        audit.stored(event, uid, OUT_OF_RESOURCES)
+        audit.stored(event, uid, Status.OUT_OF_RESOURCES)
     if counters is not None:
-        counters.store(OUT_OF_RESOURCES, 0)
-    return OUT_OF_RESOURCES
+        counters.store(Status.OUT_OF_RESOURCES, 0)
+    return Status.OUT_OF_RESOURCES
 
 
 class _Server(ThreadedAssociationServer):
@@ -240,7 +289,9 @@ class _Server(ThreadedAssociationServer):
     host_limit: HostLimit | None = None
     # Received datasets that cannot be written (a full disk) are answered, not hung on
     # (_SpoolGuardDIMSE); pynetdicom 3.0 only.
-    guard_spool_writes: bool = pynetdicom.__version__.startswith("3.0.")
+    guard_spool_writes: bool = _SPOOL_GUARD
+    # Where received datasets are streamed (the store's incoming/); None: the temp directory.
+    spool_folder: str | None = None
     counters: ReceiverCounters | None = None
     # Called with the remote host (as given to process_request) when a connection ended.
     on_connection_ended: Callable[[str], None] | None = None
@@ -344,7 +395,7 @@ class _RequestHandler(RequestHandler):
         server = cast(_Server, self.server)
         if server.guard_spool_writes:
             # The provider the association made, its queues kept; only receive_primitive differs.
-            assoc.dimse.__class__ = _SpoolGuardDIMSE
+            _guard(assoc, server.spool_folder)
         address = self.client_address
         run = assoc.run
 
@@ -420,7 +471,6 @@ class Receiver:
         self.handed = handed
         self.on_connection_closed = on_connection_closed
         self._server: _Server | None = None
-        self._previous_tempdir: str | None = None
         # Audit rows are written by the auditor's own thread, never on an association's.
         self.auditor = Auditor(ingestor.db)
         self.audit = handlers.AssociationAudit(self.auditor, ingestor.db)
@@ -517,16 +567,21 @@ class Receiver:
         tuple of (str, int)
             The bound address and port (useful when the configured port is 0).
         """
-        # Stream each dataset to a file in the store's incoming/ folder, so accepting it is a
-        # rename on the same filesystem (see DICOM-NOTES: pynetdicom deletes what we leave).
+        # Event-driven association threads, cached UID checks, bounded PDU reads (tuning.py);
+        # in each receiver process, the pool's children included (they call start too).
+        tune_pynetdicom(self.settings.tune_network)
+        # Stream each dataset to a file in the store's incoming/ folder (the server's
+        # spool_folder, below), so accepting it is a rename on the same filesystem (see
+        # docs/notes.md: pynetdicom deletes what we leave). pynetdicom's own switch, read per
+        # message; process-wide, as every receiving path of ours wants it.
         _config.STORE_RECV_CHUNKED_DATASET = True
         # Q/R identifiers hold patient names and IDs: pynetdicom must not log them.
         _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
         # We validate what we use ourselves; pydicom's per-value regex checks on read only
-        # cost time on the ingest path (and log vendor quirks we tolerate anyway).
+        # cost time on the ingest path (and log vendor quirks we tolerate anyway). Process-wide
+        # because pydicom has no per-read seam: dcmread takes no validation argument and
+        # reading_validation_mode is only read from the global settings object (pydicom 3.0).
         pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
-        self._previous_tempdir = tempfile.tempdir
-        tempfile.tempdir = str(self.ingestor.store.incoming)
         ae = self._make_ae()
         # In a pool the balancer listens; this server's own socket is an unused loopback one.
         address = ("127.0.0.1", 0) if self.handed else (self.settings.host, self.settings.port)
@@ -539,6 +594,10 @@ class Receiver:
             request_handler=_RequestHandler,
         ))
         server.handshake_timeout = self.settings.association_request_timeout
+        server.spool_folder = str(self.ingestor.store.incoming)
+        if not server.guard_spool_writes:  # the folder is set through the guard's provider
+            LOGGER.warning("pynetdicom %s: received datasets are streamed to the temporary "
+                           "directory, not the store's incoming/", pynetdicom.__version__)
         server.counters = self.counters
         server.on_connection_ended = self.on_connection_closed
         if not self.handed:  # in a pool the balancer holds each host to its limit
@@ -572,6 +631,5 @@ class Receiver:
                                assoc.requestor.ae_title)
                 assoc.abort()
             self._server = None
-            tempfile.tempdir = self._previous_tempdir
         self.audit.close()
         self.auditor.close()

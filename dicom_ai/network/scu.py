@@ -43,8 +43,10 @@ from pynetdicom import AE, _config, build_context
 from pynetdicom import events as evt
 from pynetdicom.association import Association
 from pynetdicom.dsutils import split_dataset
+from pynetdicom.status import STATUS_SUCCESS, STATUS_UNKNOWN, STATUS_WARNING, code_to_category
 
 from dicom_ai.config import DicomSettings, Settings, validate_ae_title
+from dicom_ai.dimse_status import Status
 from dicom_ai.exceptions import ConfigError, NetworkError
 from dicom_ai.network.contexts import (
     STORAGE_COMMITMENT_PUSH_MODEL,
@@ -54,8 +56,6 @@ from dicom_ai.network.contexts import (
 from dicom_ai.network.tuning import install as tune_pynetdicom
 
 LOGGER = logging.getLogger(__name__)
-
-tune_pynetdicom()  # event-driven association threads, cached UID checks: see tuning.py
 
 MAX_CONTEXTS = 128  # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1..255
 
@@ -176,6 +176,8 @@ def _associate(ae: AE, peer: Peer, settings: DicomSettings, **options: Any) -> A
     """Associate with `peer` (TLS when it says so, TCP_NODELAY); `options` go to pynetdicom
     (e.g. ``ext_neg`` role selection and ``evt_handlers`` for C-GET)."""
     tls_args = (client_ssl_context(settings), peer.host) if peer.tls else None
+    # Event-driven association threads, cached UID checks, bounded PDU reads (tuning.py).
+    tune_pynetdicom(settings.tune_network)
     _CONNECT_FAILURES.reporting.add(ae)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args,
                          **options)
@@ -379,10 +381,15 @@ def _corrected_copy(item: FileToSend, folder: Path) -> Path:
 
 
 def status_category(status: int) -> str:
-    """PS3.7 annex C categories of a DIMSE status."""
-    if status == 0x0000:
+    """A C-STORE or N-ACTION answer as ``success``, ``warning`` or ``failure`` (PS3.7 annex C).
+
+    pynetdicom's ``code_to_category`` decides; every category but success and warning
+    (pending, cancel, unknown) is a failure for a request that expects one final answer.
+    """
+    category = code_to_category(status) if status >= 0 else STATUS_UNKNOWN
+    if category == STATUS_SUCCESS:
         return "success"
-    if status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF:
+    if category == STATUS_WARNING:
         return "warning"
     return "failure"
 
@@ -482,14 +489,15 @@ class _ReportListener:
                                              event.event_information)
         except (ValueError, TypeError, AttributeError) as exc:
             LOGGER.warning("storage commitment report on our association refused: %s", exc)
-            return 0x0113 if "event type" in str(exc) else 0x0120, None
+            return (Status.NO_SUCH_EVENT_TYPE if "event type" in str(exc)
+                    else Status.MISSING_ATTRIBUTE), None
         if parsed.transaction_uid != self.expected or self.arrived.is_set():
             LOGGER.warning("storage commitment report for transaction %.64r on our association "
                            "refused: not the one requested", parsed.transaction_uid)
-            return 0x0110, None
+            return Status.UNKNOWN_TRANSACTION, None
         self.report = parsed
         self.arrived.set()
-        return 0x0000, None
+        return Status.SUCCESS, None
 
 
 def _request_commitment(assoc: Association, stored: list[FileToSend], commitment: Commitment,

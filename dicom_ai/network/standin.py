@@ -13,17 +13,14 @@ from pathlib import Path
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
+from dicom_ai.dimse_status import Status
 from dicom_ai.network.contexts import scp_contexts, supported_contexts
 from dicom_ai.network.tuning import install as tune_pynetdicom
 
 LOGGER = logging.getLogger(__name__)
 
-tune_pynetdicom()  # event-driven association threads, cached UID checks: see tuning.py
-
 __all__ = ["StandInPacs"]
 
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
 
 
 class StandInPacs:
@@ -39,11 +36,14 @@ class StandInPacs:
         Address to listen on.
     port : int
         0 picks a free port (see :attr:`address` after :meth:`start`).
+    tune_network : bool
+        ``[dicom] tune_network``: install :mod:`dicom_ai.network.tuning` on :meth:`start`.
     """
 
     def __init__(self, folder: Path, *, ae_title: str = "STANDIN_PACS",
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 host: str = "127.0.0.1", port: int = 0, tune_network: bool = True) -> None:
         self.folder = folder
+        self.tune_network = tune_network
         self.ae_title = ae_title
         self.host = host
         self.port = port
@@ -61,12 +61,13 @@ class StandInPacs:
             tmp.replace(path)
         except OSError:
             LOGGER.exception("stand-in PACS cannot write")
-            return OUT_OF_RESOURCES
-        return SUCCESS
+            return Status.OUT_OF_RESOURCES
+        return Status.SUCCESS
 
     def start(self) -> tuple[str, int]:
         """Listen; returns ``(host, port)``."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        tune_pynetdicom(self.tune_network)  # event-driven association threads: see tuning.py
         ae = AE(ae_title=self.ae_title)
         # As the receiver: the validated table as is (the setter revalidates every UID and
         # drops roles).

@@ -39,12 +39,36 @@ C-STORE it streams to disk, pynetdicom builds the file meta information as a pyd
 writes it through pydicom's file writer: a tenth of the receiving threads' Python time per
 instance, for seven elements. :func:`install` encodes those bytes directly (the same bytes: a
 test compares them with pydicom's).
+
+Nothing is changed on import: the entry points that talk DICOM (the receiver's start, the
+requestor's associations in :mod:`~dicom_ai.network.scu`, the demo's stand-in PACS) call
+:func:`install` with ``[dicom] tune_network``; it does nothing when that is false, nor, with
+one warning, on a pynetdicom version other than :data:`TESTED_VERSIONS`. Each patch, the
+upstream report it answers, and the upstream function it depends on (whose source is pinned
+in :data:`UPSTREAM_DIGESTS`, so a test fails when pynetdicom changes it):
+
+- reactor sleeps replaced by event-driven waits (``Association._run_reactor``,
+  ``DULServiceProvider.run_reactor``): pynetdicom issues 60 and 650 / PR 651 and PR 139 (the
+  loops' 1 ms sleeps; upstream change: wait on a condition and on ``select`` instead);
+- the pause checkpoint (``Association._run_reactor``, ``release``, ``send_c_*``): pynetdicom
+  issue 875 (upstream change: the reactor withdraws its "paused" before it goes on);
+- ``set_uid``, ``_config.VALIDATORS["UI"/"AE"]`` and ``UID.is_valid`` remembered: pynetdicom
+  issues 16 and 59 (negotiation cost; upstream change: an ``lru_cache`` on ``set_uid``);
+- ``AssociationSocket.recv`` reading into one buffer, PDU limits and deadlines around
+  ``DULServiceProvider._read_pdu_data``: no upstream issue found (nearest: issue 653, PDUs
+  split across reads; upstream change: ``recv_into`` and a length check after the header);
+- an acceptor whose connection closed before its A-ASSOCIATE-RQ ended at once
+  (``DULServiceProvider.run_reactor``): no upstream issue found;
+- the file meta of a streamed C-STORE encoded directly (``DIMSEMessage.decode_msg``'s
+  ``create_file_meta`` and ``write_file_meta_info``): no upstream issue found.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import inspect
 import logging
 import queue
 import select
@@ -76,8 +100,9 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.transport import AssociationSocket
 
-__all__ = ["MAX_ASSOCIATION_PDU", "READ_STEP", "encode_file_meta", "install", "installed",
-           "set_pdu_limits"]
+__all__ = ["MAX_ASSOCIATION_PDU", "READ_STEP", "TESTED_VERSIONS", "UPSTREAM", "UPSTREAM_DIGESTS",
+           "encode_file_meta", "install", "installed", "is_tested_version", "set_pdu_limits",
+           "upstream_digest"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -109,12 +134,50 @@ _ARTIM_STATES = ("Sta1", "Sta2", "Sta13")
 _PDU_READ = "_dicom_ai_pdu_read"  # AssociationSocket: the _PduRead of the PDU being read
 _PDATA_LIMIT = "_dicom_ai_pdata_limit"  # AssociationSocket: our maximum P-DATA-TF length
 
+#: pynetdicom versions (prefixes) the tuning was written for and tested with.
+TESTED_VERSIONS = ("3.0.",)
+
 _lock = threading.Lock()
 _installed = False
+_refused = False  # an untested pynetdicom was reported (once per process)
 _pdu_limits = True
-# The upstream functions install() replaces (tests compare ours with them).
+#: The upstream functions the tuning replaces, wraps or depends on, as pynetdicom defines them
+#: (captured on import, before any :func:`install`; tests compare ours with some of them).
 UPSTREAM: dict[str, Callable[..., Any]] = {
-    "recv": AssociationSocket.recv, "read_pdu_data": DULServiceProvider._read_pdu_data}
+    "recv": AssociationSocket.recv,
+    "read_pdu_data": DULServiceProvider._read_pdu_data,
+    "dul_run_reactor": DULServiceProvider.run_reactor,
+    "association_init": Association.__init__,
+    "association_run_reactor": Association._run_reactor,
+    "association_release": Association.release,
+    "send_c_echo": Association.send_c_echo,
+    "set_uid": _utils.set_uid,
+    "decode_msg": _dimse_messages.DIMSEMessage.decode_msg,
+}
+#: SHA-256 of each :data:`UPSTREAM` function's source in pynetdicom 3.0.4 (see
+#: :func:`upstream_digest`): a test fails when one changes, so its patch is re-checked.
+UPSTREAM_DIGESTS = {
+    "recv": "6bc20a33b1b7cfe76d4ad4407ca242563bc6206fde4b4e1cf7a2fbb1f11d621d",
+    "read_pdu_data": "19f2d4e38c13c83586365d93dd5cd96a0c7c665cb37251054b3e1f246e9f431b",
+    "dul_run_reactor": "e3a10eb3a0931e4854af33b9496e92d9679522aca26b0e04da8967559b9e2803",
+    "association_init": "eb07516b8009ad8fa338201dea39578380fbf9f2c59fa5e368e20250eb97c4ea",
+    "association_run_reactor":
+        "f28838c5559e462a563750cfc9f3790027f4bb7e2223baf42c9f5d682c359dee",
+    "association_release": "c7d713502b77d70284320ac20245444b78f49a9d37b6a351d38e18344edaae43",
+    "send_c_echo": "664d0e9b0ab20c53dc5acc3b71c25efb7124ba2d9636b95fcac0fce9ef2f2089",
+    "set_uid": "f917a8035170f79262606ce81ff903350ae59d272c75d6d15684d9dcde3d178b",
+    "decode_msg": "f51c777e841a76beeaadfe3015bd4f4a68387229a72f13f3a3b7846d01d72284",
+}
+
+
+def upstream_digest(function: Callable[..., Any]) -> str:
+    """SHA-256 of a function's source (what :data:`UPSTREAM_DIGESTS` records)."""
+    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
+
+
+def is_tested_version(version: str | None = None) -> bool:
+    """Whether `version` (default: the installed pynetdicom's) is a tested one."""
+    return (version or pynetdicom.__version__).startswith(TESTED_VERSIONS)
 
 
 def installed() -> bool:
@@ -122,19 +185,41 @@ def installed() -> bool:
     return _installed
 
 
-def install() -> None:
+def install(enabled: bool = True) -> bool:
     """Apply the tuning of this module's docstring to pynetdicom, process-wide (idempotent).
 
     Event-driven waits for both reactor threads and a race-free pause checkpoint, remembered UID
     conversions and checks, PDUs read with ``recv_into`` in bounded steps and checked against
-    our limits (:func:`set_pdu_limits`; pynetdicom 3.0 only), an acceptor whose connection
-    closed before its A-ASSOCIATE-RQ ended at once, file meta encoded directly; for every
-    association of the process, acceptor and requestor alike, created after the call.
+    our limits (:func:`set_pdu_limits`), an acceptor whose connection closed before its
+    A-ASSOCIATE-RQ ended at once, file meta encoded directly; for every association of the
+    process, acceptor and requestor alike, created after the call.
+
+    Parameters
+    ----------
+    enabled : bool
+        ``[dicom] tune_network``: false leaves pynetdicom as it is (a tuning installed earlier
+        in the process stays: it cannot be taken back).
+
+    Returns
+    -------
+    bool
+        Whether the tuning is installed in this process after the call. On a pynetdicom
+        version not in :data:`TESTED_VERSIONS` nothing is installed, with one warning per
+        process.
     """
-    global _installed
+    global _installed, _refused
+    if not enabled:
+        return _installed
     with _lock:
         if _installed:
-            return
+            return True
+        if not is_tested_version():
+            if not _refused:
+                _refused = True
+                LOGGER.warning("pynetdicom %s: network tuning not installed (tested with %s); "
+                               "running stock pynetdicom", pynetdicom.__version__,
+                               ", ".join(f"{v}x" for v in TESTED_VERSIONS))
+            return False
         dul_code = DULServiceProvider.run_reactor.__code__
         association_code = Association._run_reactor.__code__
         _association.time = _SleepHook(association_code, _association_wait)  # type: ignore[attr-defined,assignment]
@@ -178,15 +263,13 @@ def install() -> None:
                 module.set_uid = cached_set_uid  # type: ignore[attr-defined]
         _presentation.UID = _CheckedUID  # type: ignore[attr-defined]
         AssociationSocket.recv = _recv_bounded  # type: ignore[method-assign]
-        if pynetdicom.__version__.startswith("3.0."):
-            DULServiceProvider._read_pdu_data = _pdu_read(  # type: ignore[method-assign,assignment]
-                DULServiceProvider._read_pdu_data)
-        else:  # the PDU checks rely on how 3.0's _read_pdu_data calls recv (header, then body)
-            LOGGER.warning("pynetdicom %s: PDU length limits and read deadlines not installed "
-                           "(written for 3.0)", pynetdicom.__version__)
+        # The PDU checks rely on how 3.0's _read_pdu_data calls recv (header, then body).
+        DULServiceProvider._read_pdu_data = _pdu_read(  # type: ignore[method-assign,assignment]
+            DULServiceProvider._read_pdu_data)
         _dimse_messages.create_file_meta = _FileMeta  # type: ignore[attr-defined,assignment]
         _dimse_messages.write_file_meta_info = _write_file_meta  # type: ignore[attr-defined]
         _installed = True
+        return True
 
 
 class _FileMeta(NamedTuple):

@@ -23,11 +23,10 @@ frame would otherwise take several full-size float copies); smaller frames are d
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_color_lut, convert_color_space
@@ -36,13 +35,10 @@ from pydicom.pixels.processing import apply_voi_lut as _pydicom_voi_lut
 from scipy import sparse
 
 from dicom_ai.exceptions import DicomAIError
+from dicom_ai.values import NormalizationMode, PreprocessingSpec
 
 __all__ = [
-    "WINDOW_PRESETS",
-    "NormalizationMode",
     "PreprocessingError",
-    "PreprocessingSpec",
-    "Window",
     "apply_modality_lut",
     "apply_voi",
     "fit_shape",
@@ -60,17 +56,6 @@ __all__ = [
 ]
 
 FloatArray = NDArray[np.floating[Any]]
-NormalizationMode = Literal["minmax", "zscore", "imagenet"]
-WindowPreset = Literal["lung", "soft-tissue", "bone", "brain"]
-
-#: Named windows as (center, width) in Hounsfield units.
-WINDOW_PRESETS: dict[str, tuple[float, float]] = {
-    "lung": (-600.0, 1500.0),
-    "soft-tissue": (40.0, 400.0),
-    "bone": (400.0, 1800.0),
-    "brain": (40.0, 80.0),
-}
-
 #: ImageNet per-channel statistics of 0..1 RGB images.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -663,71 +648,7 @@ def luminance(rgb: NDArray[Any]) -> NDArray[np.floating[Any]]:
     return out
 
 
-# -- the spec and the chain -----------------------------------------------------------------------
-class Window(BaseModel):
-    """An explicit VOI window in modality units (PS3.3 C.11.2.1.2)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    center: float
-    width: Annotated[float, Field(ge=1.0)]
-
-
-class PreprocessingSpec(BaseModel):
-    """What a model expects as input; validated on construction.
-
-    Attributes
-    ----------
-    input_shape : tuple of int
-        ``(height, width)``, each at least 8.
-    channels : {1, 3}
-        Channels of the model input.
-    window : Window or str, optional
-        An explicit ``{center, width}`` or a preset name (see :data:`WINDOW_PRESETS`); by default
-        the dataset's own VOI.
-    keep_aspect : bool
-        Keep the aspect ratio when resizing (pad the rest with 0).
-    normalization : {'minmax', 'zscore', 'imagenet'}
-        The final intensity normalisation (``imagenet`` needs 3 channels).
-    min_input_size : int
-        Images whose rows or columns are fewer are refused.
-    target_spacing : tuple of float, optional
-        Voxel spacing (mm) volumes are resampled to.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    input_shape: tuple[Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)]]
-    channels: Literal[1, 3] = 3
-    window: Window | WindowPreset | None = None
-    keep_aspect: bool = False
-    normalization: NormalizationMode = "minmax"
-    min_input_size: Annotated[int, Field(ge=1)] = 32
-    target_spacing: (
-        tuple[
-            Annotated[float, Field(gt=0)],
-            Annotated[float, Field(gt=0)],
-            Annotated[float, Field(gt=0)],
-        ]
-        | None
-    ) = None
-
-    @model_validator(mode="after")
-    def _imagenet_needs_rgb(self) -> PreprocessingSpec:
-        if self.normalization == "imagenet" and self.channels != 3:
-            raise ValueError("normalization 'imagenet' needs channels = 3")
-        return self
-
-    @property
-    def window_values(self) -> tuple[float, float] | None:
-        """The window as ``(center, width)``, resolving a preset; ``None`` for the dataset's."""
-        if self.window is None:
-            return None
-        if isinstance(self.window, Window):
-            return (self.window.center, self.window.width)
-        return WINDOW_PRESETS[self.window]
-
-
+# -- the chain (its spec is dicom_ai.values.PreprocessingSpec) ----------------------------------
 def _check_input(arr: NDArray[Any], ds: Dataset, spec: PreprocessingSpec) -> str:
     """Refuse what a model cannot take; return the photometric interpretation."""
     if not any(keyword in ds for keyword in _PIXEL_DATA_KEYWORDS):

@@ -1,6 +1,6 @@
 """Preview what a model would receive: a preprocessing spec applied to a file or series, as a PNG.
 
-* :func:`load_spec` -- a :class:`~dicom_ai.pipeline.preprocessing.PreprocessingSpec` from a TOML or
+* :func:`load_spec` -- a :class:`~dicom_ai.values.PreprocessingSpec` from a TOML or
   JSON file (a ``[preprocessing]`` table, or the bare spec).
 * :func:`model_inputs` -- the model input arrays of one file or series, and the steps applied, in
   words.
@@ -37,15 +37,13 @@ from dicom_ai.pipeline.loading import LoadError, Volume, load_frames, load_volum
 from dicom_ai.pipeline.preprocessing import (
     COLOUR_INTERPRETATIONS,
     GREY_INTERPRETATIONS,
-    WINDOW_PRESETS,
     PreprocessingError,
-    PreprocessingSpec,
-    Window,
     apply_modality_lut,
     mask_bits_stored,
     preprocess_frame,
     resample_volume,
 )
+from dicom_ai.values import WINDOW_PRESETS, PreprocessingSpec, Window
 
 __all__ = ["SpecError", "load_spec", "model_inputs", "preview", "write_preview"]
 

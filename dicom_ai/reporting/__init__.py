@@ -1,6 +1,6 @@
 """Result objects of a model run: TID 1500 SR, SEG and heat-map Secondary Capture.
 
-Builders take a :class:`~dicom_ai.pipeline.findings.ModelRun` plus the source image headers (pixel
+Builders take a :class:`~dicom_ai.values.ModelRun` plus the source image headers (pixel
 data not needed) and return pydicom datasets built with highdicom that pass ``dsrdump -v +Pt`` and
 ``dciodvfy``; :func:`summarize_sr` reads an SR back.
 """

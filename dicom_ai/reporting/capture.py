@@ -26,9 +26,9 @@ from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_ai.pipeline.findings import Finding, HeatMap, ModelRun
 from dicom_ai.pipeline.preprocessing import fit_shape, resize
 from dicom_ai.reporting.sr import MANUFACTURER, source_header
+from dicom_ai.values import Finding, HeatMap, ModelRun
 
 __all__ = ["MAX_ALPHA", "MAX_CAPTURE_SIDE", "banner_lines", "build_heatmap_capture",
            "capture_shape", "colorize", "heat_colors", "heatmap_finding"]
@@ -111,7 +111,7 @@ def heatmap_finding(run: ModelRun, heatmap: HeatMap) -> Finding | None:
     """The finding a heat-map explains: the run's first finding on the heat-map's image.
 
     The service maps a classifier's first output (the spec's first label) for every image, and
-    :func:`dicom_ai.pipeline.run.analyse` lists each image's findings in output order, so the
+    :func:`dicom_ai.runner.analysis.analyse` lists each image's findings in output order, so the
     first finding naming the image is that output's.
 
     Parameters
@@ -322,7 +322,7 @@ def build_heatmap_capture(heatmap: HeatMap, source: Dataset, run: ModelRun, *,
     sc.DerivationDescription = (f"Grad-CAM of {run.model_name} {run.model_version} times its "
                                 f"probability (fixed 0-1 colour scale) blended over the source "
                                 f"image{scaled}; not for diagnostic use")
-    # from_ref_dataset copies neither; strict validation wants them (DICOM-NOTES).
+    # from_ref_dataset copies neither; strict validation wants them (docs/notes.md).
     if header.get("BodyPartExamined"):
         sc.BodyPartExamined = header.BodyPartExamined
     item = Dataset()

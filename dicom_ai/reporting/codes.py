@@ -10,7 +10,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from dicom_ai.inference.spec import CodedConcept
+from dicom_ai.values import CodedConcept
 
 __all__ = [
     "ABSENT",

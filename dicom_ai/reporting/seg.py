@@ -16,9 +16,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_ai.exceptions import ReportError
-from dicom_ai.pipeline.findings import Finding, ModelRun
 from dicom_ai.reporting.codes import ALGORITHM_FAMILY, MORPHOLOGICALLY_ABNORMAL_STRUCTURE, to_code
 from dicom_ai.reporting.sr import MANUFACTURER, source_header
+from dicom_ai.values import Finding, ModelRun
 
 __all__ = ["build_seg", "segment_findings"]
 
@@ -138,6 +138,6 @@ def build_seg(run: ModelRun, sources: Sequence[Dataset], *, series_instance_uid:
         item.DimensionOrganizationUID = dimension_uid
     if "FrameOfReferenceUID" not in images[0]:
         # Without a frame of reference (CR, DX) the General Image module's Patient Orientation
-        # is type 2C and highdicom leaves it out (DICOM-NOTES); take the source's, else empty.
+        # is type 2C and highdicom leaves it out (docs/notes.md); take the source's, else empty.
         seg.PatientOrientation = images[0].get("PatientOrientation") or ""
     return seg

@@ -1,6 +1,6 @@
 """TID 1500 Measurement Report SR of one model run, and reading one back (PS3.16 TID 1500).
 
-One measurement group per :class:`~dicom_ai.pipeline.findings.Finding`, present or absent:
+One measurement group per :class:`~dicom_ai.values.Finding`, present or absent:
 
 * no location: TID 1501 (image-level classification) with Source Image For Measurement Group;
 * ``point`` / ``bbox``: TID 1410 planar ROI, an SCOORD POINT or closed POLYLINE on the image;
@@ -16,7 +16,7 @@ unlike the training data (Present: the decision should not be trusted); the scor
 threshold are TID 4019 parameters. No standard code names this, so the concept has a private
 coding scheme (PS3.16 8.2: designators beginning "99"). The observer is the model as a
 device (TID 1004) with a Device Observer UID derived from the model name, so reports of one
-model share an observer across versions and retries. The recipe is DICOM-NOTES' validator-clean
+model share an observer across versions and retries. The recipe is docs/notes.md's validator-clean
 one: ``dsrdump -v +Pt`` and ``dciodvfy`` pass without warnings.
 """
 
@@ -39,7 +39,6 @@ from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, DT, TM, format_number_as_ds, validate_value
 
 from dicom_ai.exceptions import ReportError
-from dicom_ai.pipeline.findings import Finding, ModelRun
 from dicom_ai.reporting.codes import (
     ABSENT,
     NO_UNITS,
@@ -49,6 +48,7 @@ from dicom_ai.reporting.codes import (
     procedure_reported,
     to_code,
 )
+from dicom_ai.values import Finding, ModelRun
 
 __all__ = [
     "MANUFACTURER",
@@ -69,7 +69,7 @@ SRKind = Literal["comprehensive", "comprehensive3d"]
 MANUFACTURER = "dicom-ai"
 
 # Type 2 attributes (PS3.3 C.7.1.1 Patient, C.7.2.1 General Study) highdicom reads from the
-# first source by attribute access: an absent one raises AttributeError (DICOM-NOTES).
+# first source by attribute access: an absent one raises AttributeError (docs/notes.md).
 _TYPE2_DEFAULTS = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
     "StudyDate", "StudyTime", "ReferringPhysicianName",
@@ -371,7 +371,7 @@ def _group(run: ModelRun, finding: Finding, number: int, headers: dict[str, Data
         if location.segment_number is None:
             raise ReportError(f"finding {finding.tracking_uid} has no segment number")
         # Built by hand: ReferencedSegment.from_segmentation crashes on a one-frame SEG
-        # (DICOM-NOTES).
+        # (docs/notes.md).
         segment = hd.sr.ReferencedSegment(
             sop_class_uid=str(segmentation.SOPClassUID),
             sop_instance_uid=str(segmentation.SOPInstanceUID),

@@ -48,7 +48,6 @@ __all__ = [
     "build_backbone",
     "build_classifier",
     "build_unet",
-    "last_conv_layer_name",
     "set_backbone_trainable",
 ]
 
@@ -75,8 +74,6 @@ BN_MOMENTUM = 0.9
 #: logit(0.01): the U-Net's initial per-pixel lesion probability.
 UNET_PRIOR_BIAS = -4.595
 
-_GLOBAL_POOLING = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D)
-_SPATIAL_POOLING = (keras.layers.MaxPooling2D, keras.layers.AveragePooling2D)
 
 
 def _check_arch(arch: str) -> None:
@@ -350,44 +347,6 @@ def set_backbone_trainable(
         if isinstance(layer, keras.layers.BatchNormalization) and not train_batch_norm:
             continue
         layer.trainable = True
-
-
-def last_conv_layer_name(model: Any) -> str:
-    """The layer Grad-CAM should explain: the last one with a 4D output before global pooling.
-
-    Spatial pooling layers (and the input) are skipped, so the heat-map keeps the resolution of
-    the convolution that feeds them.
-
-    Parameters
-    ----------
-    model : keras.Model
-        A convolutional network (classifier or U-Net).
-
-    Returns
-    -------
-    str
-        The layer name.
-
-    Raises
-    ------
-    ValueError
-        No layer with a 4D output.
-    """
-    name: str | None = None
-    before_pooling: str | None = None
-    for layer in model.layers:
-        if isinstance(layer, _GLOBAL_POOLING):
-            # The *last* global pooling feeds the head (EfficientNet's squeeze-and-excitation
-            # blocks pool globally too, much earlier).
-            before_pooling = name
-        elif isinstance(layer, (keras.layers.InputLayer, *_SPATIAL_POOLING)):
-            continue
-        elif len(layer.output.shape) == 4:
-            name = layer.name
-    name = before_pooling or name
-    if name is None:
-        raise ValueError(f"model {model.name!r} has no layer with a 4D (N, H, W, C) output")
-    return name
 
 
 def build_unet(

@@ -27,8 +27,9 @@ from numpy.typing import NDArray
 from pydicom.errors import InvalidDicomError
 
 from dicom_ai.exceptions import DicomAIError
-from dicom_ai.pipeline.preprocessing import PreprocessingSpec, resize
+from dicom_ai.pipeline.preprocessing import resize
 from dicom_ai.pipeline.preview import model_inputs
+from dicom_ai.values import PreprocessingSpec
 
 __all__ = [
     "DatasetError",

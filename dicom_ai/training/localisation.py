@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from dicom_ai.inference.postprocess import heat_region
-from dicom_ai.pipeline.preprocessing import PreprocessingSpec
+from dicom_ai.values import PreprocessingSpec
 
 __all__ = ["localisation_report"]
 

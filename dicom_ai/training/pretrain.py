@@ -34,9 +34,9 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from dicom_ai.pipeline.preprocessing import PreprocessingSpec
 from dicom_ai.training.dataset import load_inputs, read_samples
 from dicom_ai.training.synth import synthesize
+from dicom_ai.values import PreprocessingSpec
 
 __all__ = ["SOURCE_SEED_OFFSET", "Pretext", "blob_targets", "corrupt", "pretrain_backbone",
            "pretraining_report"]

@@ -42,13 +42,11 @@ from dicom_ai.inference.spec import (
     FINDING_SITE_LUNG,
     NAME_PATTERN,
     NODULE,
-    CodedConcept,
     ModelSpec,
     OutputLabel,
     Provenance,
     write_spec,
 )
-from dicom_ai.pipeline.preprocessing import PreprocessingSpec
 from dicom_ai.training.augment import AugmentationSpec
 from dicom_ai.training.dataset import (
     Sample,
@@ -57,6 +55,7 @@ from dicom_ai.training.dataset import (
     read_samples,
     split_by_patient,
 )
+from dicom_ai.values import CodedConcept, PreprocessingSpec
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -40,7 +40,7 @@ from tests.peers import ENV, REPO, StoreSCP, port_open, settings_toml, wait_unti
 
 LOAD_SECONDS = 10.0
 
-# Wraps load_predictor before dicom_ai.pipeline.run imports it (in the child, on first use).
+# Wraps load_predictor before dicom_ai.runner.run imports it (in the child, on first use).
 LAUNCHER = f"""
 import runpy, sys, time
 

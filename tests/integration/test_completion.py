@@ -19,7 +19,7 @@ from sqlalchemy import select
 from dicom_ai.config import Settings
 from dicom_ai.ingest.completion import CompletionEvent
 from dicom_ai.service import Service
-from storage import jobs, repository
+from storage import api_queries, jobs, repository
 from storage.db import Database
 from storage.models import COMPLETE, RECEIVING, Event, Study
 from tests.integration.test_receive import port_of, send_paths
@@ -58,10 +58,11 @@ def open_index(settings: Settings) -> Iterator[Database]:
         db.dispose()
 
 
-def study(db: Database, study_uid: str) -> repository.StudySummary:
+def study(db: Database, study_uid: str) -> api_queries.StudyRow:
     """The index's summary of one study (it must exist)."""
     with db.sessions() as session:
-        found = [s for s in repository.list_studies(session) if s.study_instance_uid == study_uid]
+        found = [s for s in api_queries.list_studies(session, limit=api_queries.MAX_LIMIT)
+                 if s.study_instance_uid == study_uid]
     assert len(found) == 1, f"study {study_uid} not indexed"
     return found[0]
 

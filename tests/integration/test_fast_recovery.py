@@ -29,7 +29,15 @@ from tests.integration.test_loop import (  # noqa: F401  (cr_studies is a fixtur
     loop_settings,
     received,
 )
-from tests.peers import DicomAIServe, StoreSCP, free_port, settings_toml, storescu, wait_until
+from tests.peers import (
+    DicomAIServe,
+    StoreSCP,
+    free_port,
+    process_tree,
+    settings_toml,
+    storescu,
+    wait_until,
+)
 
 # Far below the 120 s claim of the old code: from the restart to the result at the PACS.
 SEND_LIMIT = 15.0
@@ -47,6 +55,28 @@ def _poll_db(db_url: str, check: Callable[[jobs.Session], object]) -> Callable[[
         finally:
             db.dispose()
     return poll
+
+
+def _pool_workers(pid: int) -> list[int]:
+    """The worker processes (multiprocessing spawn children) of the serve process `pid`."""
+    found = []
+    for child in process_tree(pid)[1:]:
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in command:
+            found.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie nobody reaped, as an orphan's may be here, has ended)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _job_handed_out(session: jobs.Session) -> str | None:
@@ -97,7 +127,13 @@ def test_serve_killed_with_a_job_and_a_send_in_flight_recovers_in_seconds(
         assert storescu(port, study, calling="MODALITY").returncode == 0
         phase = wait_until(_poll_db(db_url, _job_handed_out), 60, "the job handed out",
                            interval=0.02)
+        assert server.process is not None
+        workers = _pool_workers(server.process.pid)
+        assert workers, "the serve process has its pool worker"
         server.kill()
+        # Its worker does not live on as an orphan running jobs the next start hands out again.
+        wait_until(lambda: not any(_alive(pid) for pid in workers), 10,
+                   "the killed serve's pool worker exits")
 
         restarted = time.monotonic()
         server.start()

@@ -230,7 +230,7 @@ def test_results_reach_storescp_and_orthanc_and_match_the_truth(
     # The worker processes' log lines reach [logging] file (which the privacy test greps).
     assert settings.logging.file is not None
     logged = settings.logging.file.read_text()
-    assert re.search(r"\[\d+\] dicom_ai\.pipeline\.run: job \d+ done", logged), logged[-2000:]
+    assert re.search(r"\[\d+\] dicom_ai\.runner\.run: job \d+ done", logged), logged[-2000:]
 
 
 @sqlite_only

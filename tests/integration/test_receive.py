@@ -353,8 +353,8 @@ def test_send_and_studies_commands(service: Service, tmp_path: Path) -> None:
     by_count = {s["instances"]: s for s in studies}
     assert by_count[5]["modalities"] == ["CT"]
     assert by_count[5]["state"] == "receiving"
-    assert by_count[1]["StudyInstanceUID"] == pydicom.dcmread(jpeg).StudyInstanceUID
-    assert {"series", "AccessionNumber", "StudyInstanceUID"} <= set(by_count[5])
+    assert by_count[1]["study_instance_uid"] == pydicom.dcmread(jpeg).StudyInstanceUID
+    assert {"series", "accession_number", "study_instance_uid"} <= set(by_count[5])
     table = _cli("studies", "--config", str(config))
     assert table.returncode == 0
     assert "receiving" in table.stdout

@@ -24,7 +24,7 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 
 from dicom_ai.config import Settings, StorageSettings
-from dicom_ai.ingest.index import OUT_OF_RESOURCES
+from dicom_ai.dimse_status import Status
 from dicom_ai.ingest.spool import Ingestor, Received, quarantine_file
 from dicom_ai.network import scp
 from dicom_ai.service import Service
@@ -154,7 +154,7 @@ def test_store_folder_not_creatable_answers_a700_and_leaves_nothing(
     try:
         received = receive()
         ballast = fill(small_fs, "inodes", leave=0)
-        assert ingestor.ingest(received) == OUT_OF_RESOURCES
+        assert ingestor.ingest(received) == Status.OUT_OF_RESOURCES
         assert any(r.levelno == logging.WARNING and f"[Errno {errno.ENOSPC}]" in r.getMessage()
                    for r in caplog.records)
         assert not received.path.exists()

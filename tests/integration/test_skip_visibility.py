@@ -20,7 +20,7 @@ import pytest
 from pydicom import dcmread
 
 from dicom_ai.config import Settings
-from dicom_ai.pipeline.run import SKIP_REASONS
+from dicom_ai.runner.analysis import SKIP_REASONS
 from dicom_ai.service import Service
 from dicom_ai.training.synth import synthesize
 from storage import apikeys

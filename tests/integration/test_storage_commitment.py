@@ -24,12 +24,12 @@ from pynetdicom.dimse_primitives import C_STORE
 from sqlalchemy import select
 
 from dicom_ai.config import Destination, Settings
+from dicom_ai.dimse_status import Status
 from dicom_ai.dispatch.delivery import OutboxSender
 from dicom_ai.network.contexts import (
     STORAGE_COMMITMENT_PUSH_MODEL,
     STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE,
 )
-from dicom_ai.network.handlers import NOT_AUTHORISED, UNKNOWN_TRANSACTION
 from dicom_ai.network.scp import Receiver
 from dicom_ai.service import Service, build_components
 from storage import audit as audit_rows
@@ -281,10 +281,10 @@ def test_reports_from_another_ae_or_for_unknown_transactions_change_nothing(
         ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = (
             SecondaryCaptureImageStorage, uid)
         report.ReferencedSOPSequence = [ref]
-        assert send_report("EVIL", port, report) == NOT_AUTHORISED
+        assert send_report("EVIL", port, report) == Status.NOT_AUTHORISED
         unknown = copy.deepcopy(report)
         unknown.TransactionUID = str(generate_uid())
-        assert send_report(PACS, port, unknown) == UNKNOWN_TRANSACTION
+        assert send_report(PACS, port, unknown) == Status.UNKNOWN_TRANSACTION
         row = outbox_by_uid(db)[uid]
         assert row.state == SENT
         assert row.commit_transaction_uid == transaction
@@ -317,7 +317,7 @@ def test_reports_come_only_from_callers_the_receiver_allows(
     listed = settings.model_copy(update={"dicom": settings.dicom.model_copy(
         update={"allowed_calling_aets": ["MODALITY", PACS]})})
     _, _, port = receiver_for(listed)
-    assert send_report(PACS, port, report) == UNKNOWN_TRANSACTION, "heard, then refused"
+    assert send_report(PACS, port, report) == Status.UNKNOWN_TRANSACTION, "heard, then refused"
 
 
 def test_report_on_the_same_association_is_taken(

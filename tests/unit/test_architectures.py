@@ -13,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 
+from dicom_ai.inference.explain import last_conv_layer_name
 from dicom_ai.training.architectures import (
     ARCHITECTURES,
     HEAD_PREFIX,
@@ -20,7 +21,6 @@ from dicom_ai.training.architectures import (
     build_backbone,
     build_classifier,
     build_unet,
-    last_conv_layer_name,
     set_backbone_trainable,
 )
 

@@ -68,7 +68,7 @@ def test_studies_show_full_uids(config: Path, tmp_path: Path) -> None:
     assert rows[1][1] == "ACC-LONG-ACCESSION-0001"
     as_json = json.loads(CliRunner().invoke(
         cli_app, ["studies", "--json", "-c", str(config)]).stdout)
-    assert as_json[0]["StudyInstanceUID"] == study
+    assert as_json[0]["study_instance_uid"] == study
 
 
 @pytest.mark.parametrize("command", [

@@ -9,7 +9,6 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_ai.pipeline.preprocessing import PreprocessingSpec
 from dicom_ai.pipeline.preview import model_inputs
 from dicom_ai.training.dataset import (
     DatasetError,
@@ -20,6 +19,7 @@ from dicom_ai.training.dataset import (
     split_by_patient,
 )
 from dicom_ai.training.synth import synthesize
+from dicom_ai.values import PreprocessingSpec
 
 
 @pytest.fixture(scope="module")

@@ -27,15 +27,14 @@ from dicom_ai.config import Route
 from dicom_ai.inference.explain import GradCam
 from dicom_ai.inference.postprocess import heat_region
 from dicom_ai.inference.runtime import Predictor, load_predictor
-from dicom_ai.pipeline.findings import Finding, HeatMap, ModelRun
-from dicom_ai.pipeline.preprocessing import PreprocessingSpec
-from dicom_ai.pipeline.run import analyse
 from dicom_ai.reporting import build_heatmap_capture, build_sr, summarize_sr
+from dicom_ai.runner.analysis import analyse
 from dicom_ai.training.dataset import load_inputs, read_samples
 from dicom_ai.training.evaluate import localisation
 from dicom_ai.training.localisation import localisation_report
 from dicom_ai.training.report import write_model_card
 from dicom_ai.training.synth import synthesize
+from dicom_ai.values import Finding, HeatMap, ModelRun, PreprocessingSpec
 from tests.conftest import need_binary
 from tests.peers import REPO
 
@@ -93,7 +92,7 @@ def test_probability_scale_keeps_negatives_cold(studies: Path, predictor: Predic
 
 # -- the banner ----------------------------------------------------------------------------------
 def _run(source: Any, probability: float, present: bool) -> ModelRun:
-    from dicom_ai.inference.spec import CodedConcept
+    from dicom_ai.values import CodedConcept
 
     finding = Finding(label="nodule", finding=CodedConcept(value="27925004", scheme="SCT",
                                                            meaning="Nodule"),

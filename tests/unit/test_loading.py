@@ -22,7 +22,8 @@ from dicom_ai.pipeline.loading import (
     load_volume,
     plugin_for,
 )
-from dicom_ai.pipeline.preprocessing import PreprocessingSpec, grey_to_unit, preprocess_frame
+from dicom_ai.pipeline.preprocessing import grey_to_unit, preprocess_frame
+from dicom_ai.values import PreprocessingSpec
 from tests.peers import make_ct_series, sample_file
 
 

@@ -31,11 +31,11 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, RLELossless, generate_u
 
 from dicom_ai.api.dashboard import render_thumbnail
 from dicom_ai.config import LimitsSettings
-from dicom_ai.pipeline.findings import HeatMap, ModelRun
 from dicom_ai.pipeline.loading import PixelLimitError, decode, load_frames, load_volume
-from dicom_ai.pipeline.preprocessing import PreprocessingSpec, unit_image
+from dicom_ai.pipeline.preprocessing import unit_image
 from dicom_ai.pipeline.preview import model_inputs
 from dicom_ai.reporting.capture import MAX_CAPTURE_SIDE, build_heatmap_capture
+from dicom_ai.values import HeatMap, ModelRun, PreprocessingSpec
 from tests.peers import REPO, sample_file
 
 CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
@@ -340,7 +340,7 @@ _WORKER_PATH = textwrap.dedent("""
 
     from dicom_ai.api.dashboard import render_thumbnail
     from dicom_ai.inference.spec import read_spec
-    from dicom_ai.pipeline.run import analyse
+    from dicom_ai.runner.analysis import analyse
     from dicom_ai.reporting import build_heatmap_capture
 
     spec = read_spec(Path("dicom_ai/inference/bundled/chest-nodule/1.0.0"))

@@ -9,7 +9,8 @@ import pytest
 from numpy.typing import NDArray
 
 from dicom_ai.inference.postprocess import detections, point_to_image, to_image_space
-from dicom_ai.pipeline.preprocessing import PreprocessingSpec, resize
+from dicom_ai.pipeline.preprocessing import resize
+from dicom_ai.values import PreprocessingSpec
 
 
 def disk(shape: tuple[int, int], center: tuple[float, float], radius: float) -> NDArray[Any]:

@@ -25,8 +25,6 @@ from dicom_ai.pipeline.preprocessing import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PreprocessingError,
-    PreprocessingSpec,
-    Window,
     apply_modality_lut,
     apply_voi,
     grey_to_unit,
@@ -40,6 +38,7 @@ from dicom_ai.pipeline.preprocessing import (
     resize,
     to_rgb,
 )
+from dicom_ai.values import PreprocessingSpec, Window
 from tests.peers import sample_file
 
 

@@ -10,8 +10,9 @@ from PIL import Image
 
 from dicom_ai.exceptions import DicomAIError
 from dicom_ai.pipeline.loading import DecodeError, LoadError
-from dicom_ai.pipeline.preprocessing import PreprocessingError, PreprocessingSpec
+from dicom_ai.pipeline.preprocessing import PreprocessingError
 from dicom_ai.pipeline.preview import SpecError, load_spec, model_inputs, preview, write_preview
+from dicom_ai.values import PreprocessingSpec
 from tests.peers import make_ct_series, sample_file
 from tests.unit.test_scan import _corpus
 

@@ -25,7 +25,7 @@ from dicom_ai.ingest.recovery import (
     recover,
 )
 from dicom_ai.ingest.spool import RECONCILE_MARKER
-from storage import repository
+from storage import api_queries, repository
 from storage.db import Database
 from storage.filestore import FileStore, validate_uid
 from tests.peers import REPO, make_ct_series
@@ -127,7 +127,7 @@ def test_unclean_stop_indexes_orphans_and_drops_rows_without_files(
     assert report.files_quarantined == 0
     assert indexed(db) == {orphan, kept}
     with db.sessions() as session:
-        studies = repository.list_studies(session)
+        studies = api_queries.list_studies(session)
     assert [s.instances for s in studies] == [2]
 
 

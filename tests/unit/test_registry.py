@@ -18,7 +18,7 @@ from dicom_ai.inference.spec import (
     read_spec,
     write_spec,
 )
-from dicom_ai.pipeline.preprocessing import PreprocessingSpec
+from dicom_ai.values import PreprocessingSpec
 
 
 def make_spec(name: str = "chest-nodule", version: str = "1.0.0", **extra: Any) -> ModelSpec:

@@ -16,8 +16,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_ai.inference.spec import FINDING_SITE_LUNG, NODULE, CodedConcept
-from dicom_ai.pipeline.findings import Finding, HeatMap, Location, ModelRun
+from dicom_ai.inference.spec import FINDING_SITE_LUNG, NODULE
 from dicom_ai.reporting import (
     PriorReport,
     SRKind,
@@ -31,6 +30,7 @@ from dicom_ai.reporting import (
 from dicom_ai.reporting.capture import colorize
 from dicom_ai.reporting.sr import device_observer_uid
 from dicom_ai.training.synth import synthesize
+from dicom_ai.values import CodedConcept, Finding, HeatMap, Location, ModelRun
 from tests.conftest import need_binary
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -123,7 +123,7 @@ def _lines(result: subprocess.CompletedProcess[str]) -> list[str]:
 
 
 def check_sr(path: Path) -> None:
-    """dsrdump -v +Pt: exit 0 and not a single error or warning (the DICOM-NOTES recipe)."""
+    """dsrdump -v +Pt: exit 0 and not a single error or warning (the docs/notes.md recipe)."""
     result = subprocess.run([need_binary("dsrdump"), "-v", "+Pt", str(path)],
                             capture_output=True, text=True, timeout=60)
     problems = [line for line in _lines(result) if "Error" in line or "Warning" in line]
@@ -515,7 +515,7 @@ def test_warm_up_builds_each_sr_kind_and_writes_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker-start warm-up runs the real builders (an error would surface here, not as a
     slow first job) and leaves no file behind."""
-    from dicom_ai.pipeline.warmup import warm_up_reports
+    from dicom_ai.runner.warmup import warm_up_reports
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile

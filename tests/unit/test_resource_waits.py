@@ -29,8 +29,9 @@ from dicom_ai.config import Settings, load_settings
 from dicom_ai.dispatch.scheduler import Scheduler
 from dicom_ai.exceptions import JobError, OutOfSpaceError
 from dicom_ai.ingest.completion import CompletionMonitor
-from dicom_ai.pipeline.run import WAIT_PREFIX, JobRunner, _write_atomic, resource_problem
 from dicom_ai.resources import results_space_problem, space_problem
+from dicom_ai.runner.results import _write_atomic
+from dicom_ai.runner.run import WAIT_PREFIX, JobRunner, resource_problem
 from storage import jobs
 from storage.db import Database, is_resource_error
 from storage.models import FAILED, PENDING, RUNNING, WAITING, Job
@@ -262,7 +263,7 @@ def test_runner_waits_below_the_results_watermark_without_running_the_model(
     settings.storage.root.mkdir(parents=True)
     runner = JobRunner(settings, owner="w", db=db)
     job_id = new_job(db, now=datetime.now(UTC))
-    caplog.set_level(logging.DEBUG, logger="dicom_ai.pipeline.run")
+    caplog.set_level(logging.DEBUG, logger="dicom_ai.runner.run")
     for n in range(4):  # more than max_attempts
         if n:  # due again (as resource_wait_seconds later)
             with db.write_session() as session:
@@ -322,7 +323,7 @@ def test_recording_an_outcome_waits_for_a_full_index_then_completes(
         ballast = small / "ballast"
         with pytest.raises(OSError, match="No space left"):
             fill_up(ballast)
-        caplog.set_level(logging.INFO, logger="dicom_ai.pipeline.run")
+        caplog.set_level(logging.INFO, logger="dicom_ai.runner.run")
         outcome: list[str | None] = []
 
         def record() -> None:
@@ -338,7 +339,7 @@ def test_recording_an_outcome_waits_for_a_full_index_then_completes(
         thread.join(timeout=20)
         assert outcome == [WAITING]
         assert job_row(db, job_id).state == WAITING
-        lines = [r.getMessage() for r in caplog.records if r.name == "dicom_ai.pipeline.run"]
+        lines = [r.getMessage() for r in caplog.records if r.name == "dicom_ai.runner.run"]
         assert [m for m in lines if "retrying until it is back" in m] == [
             f"job {job_id}: index database full (database or disk is full) while recording "
             "that it waits; retrying until it is back"]

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from dicom_ai.cli import app
 from dicom_ai.config import Route, load_settings
-from dicom_ai.exceptions import ConfigError
+from dicom_ai.exceptions import ConfigError, DicomReadError
 from dicom_ai.routing import (
     CALLING_AE_TITLE,
     MatchSpec,
@@ -295,9 +295,9 @@ def test_evaluate_file_on_synthetic_cr(cr_file: Path) -> None:
 def test_evaluate_file_refuses_non_dicom(tmp_path: Path) -> None:
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not dicom at all")
-    with pytest.raises(ConfigError, match="not a readable DICOM file"):
+    with pytest.raises(DicomReadError, match="not a readable DICOM file"):
         evaluate_file([("r", {"Modality": "CR"})], junk)
-    with pytest.raises(ConfigError, match="not a readable DICOM file"):
+    with pytest.raises(DicomReadError, match="not a readable DICOM file"):
         evaluate_file([("r", {"Modality": "CR"})], tmp_path / "missing.dcm")
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from dicom_ai.inference.runtime import InferenceError, load_predictor
 from dicom_ai.inference.spec import NODULE, ModelSpec, OutputLabel, write_spec
-from dicom_ai.pipeline.preprocessing import PreprocessingSpec
+from dicom_ai.values import PreprocessingSpec
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 keras: Any = pytest.importorskip("keras")

@@ -35,10 +35,10 @@ from dicom_ai.exceptions import (
 )
 from dicom_ai.inference.spec import FINDING_SITE_LUNG, NODULE
 from dicom_ai.logs import escape_controls, setup_logging
-from dicom_ai.pipeline.findings import Finding, HeatMap, Location, ModelRun
-from dicom_ai.pipeline.run import _building
 from dicom_ai.reporting import build_heatmap_capture, build_seg, build_sr
+from dicom_ai.runner.results import _building
 from dicom_ai.training.synth import synthesize
+from dicom_ai.values import Finding, HeatMap, Location, ModelRun
 from storage.db import Database
 from tests.conftest import need_binary
 

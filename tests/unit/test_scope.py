@@ -21,8 +21,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_ai.inference.spec import ModelSpec, ModelSpecError, read_spec
-from dicom_ai.pipeline.run import OutOfScopeError, analyse
 from dicom_ai.reporting import build_sr, summarize_sr
+from dicom_ai.runner.analysis import OutOfScopeError, analyse
 from dicom_ai.training.synth import synthesize
 
 BUNDLED = Path(__file__).resolve().parents[2] / "dicom_ai/inference/bundled/chest-nodule/1.0.0"

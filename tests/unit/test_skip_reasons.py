@@ -1,6 +1,6 @@
 """Skip notes to reason classes (issue 18): the bounded label the skip metric counts by.
 
-The notes are made the way :func:`dicom_ai.pipeline.run.analyse` makes them: the scope gate's
+The notes are made the way :func:`dicom_ai.runner.analysis.analyse` makes them: the scope gate's
 own reasons (:meth:`ModelSpec.scope_problem` on headers it refuses) joined by ``_skip_note``,
 so a change of the gate's wording that the classifier does not follow fails here.
 """
@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from dicom_ai.inference.spec import ModelSpec, read_spec
-from dicom_ai.pipeline.run import SKIP_REASONS, OutOfScopeError, _skip_note, skip_reasons
+from dicom_ai.runner.analysis import SKIP_REASONS, OutOfScopeError, _skip_note, skip_reasons
 
 BUNDLED = Path(__file__).resolve().parents[2] / "dicom_ai/inference/bundled/chest-nodule/1.0.0"
 

@@ -17,9 +17,67 @@ from pynetdicom.transport import AssociationSocket
 
 from dicom_ai.network import tuning
 from dicom_ai.network.contexts import VERIFICATION
+from tests.conftest import TUNE_NETWORK
 from tests.peers import free_port
 
-tuning.install()
+tuned = pytest.mark.skipif(not TUNE_NETWORK, reason="tests the pynetdicom tuning: "
+                           "DICOM_AI_DICOM__TUNE_NETWORK=false runs stock pynetdicom")
+
+
+@pytest.fixture(autouse=True)
+def _install() -> None:
+    """With the tuning on, it is installed, as the service's entry points install it."""
+    if TUNE_NETWORK:
+        assert tuning.install()
+
+
+def test_upstream_functions_unchanged() -> None:
+    """Each pynetdicom function the tuning replaces, wraps or relies on is the one it was
+    written against. On failure: re-read the changed function, re-check the patch that uses it
+    (see tuning.py's docstring for which), then update tuning.UPSTREAM_DIGESTS."""
+    changed = [name for name, function in tuning.UPSTREAM.items()
+               if tuning.upstream_digest(function) != tuning.UPSTREAM_DIGESTS[name]]
+    assert not changed, f"pynetdicom changed {changed}: re-check their patches in tuning.py"
+    assert set(tuning.UPSTREAM) == set(tuning.UPSTREAM_DIGESTS)
+
+
+def test_importing_the_network_modules_installs_nothing() -> None:
+    """The tuning is installed by the entry points (receiver start, association, stand-in),
+    not as a side effect of importing the modules that use pynetdicom."""
+    import subprocess
+    import sys
+
+    from tests.peers import REPO
+
+    code = ("import dicom_ai.network.scp, dicom_ai.network.scu, dicom_ai.network.qr_scu, "
+            "dicom_ai.network.standin, dicom_ai.service; "
+            "from dicom_ai.network import tuning; print(tuning.installed())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "False"
+
+
+def test_off_or_untested_version_installs_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """``tune_network = false`` leaves pynetdicom alone; an untested version warns once."""
+    import pynetdicom
+    from pynetdicom.transport import AssociationSocket
+
+    monkeypatch.setattr(tuning, "_installed", False)
+    monkeypatch.setattr(tuning, "_refused", False)
+    recv = AssociationSocket.recv
+    assert tuning.install(False) is False
+    monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
+    with caplog.at_level("WARNING", logger=tuning.__name__):
+        assert tuning.install() is False
+        assert tuning.install() is False
+    assert [r.getMessage() for r in caplog.records].count(
+        "pynetdicom 3.1.0: network tuning not installed (tested with 3.0.x); running stock "
+        "pynetdicom") == 1
+    assert AssociationSocket.recv is recv
+    assert not tuning.installed()
+    assert tuning.is_tested_version("3.0.4")
+    assert not tuning.is_tested_version("3.1.0")
 
 
 @pytest.fixture
@@ -42,6 +100,7 @@ def _requestor() -> AE:
     return ae
 
 
+@tuned
 def test_installed_once() -> None:
     validator = _config.VALIDATORS["UI"]
     tuning.install()
@@ -49,6 +108,7 @@ def test_installed_once() -> None:
     assert _config.VALIDATORS["UI"] is validator  # not wrapped twice
 
 
+@tuned
 def test_idle_associations_do_not_poll(echo_server: int) -> None:
     # Untuned, each side of an idle association polls every millisecond: 3 associations
     # (6 reactor pairs in this process) took 0.84 s of CPU in 2 s of waiting.
@@ -68,6 +128,7 @@ def test_idle_associations_do_not_poll(echo_server: int) -> None:
             a.release()
 
 
+@tuned
 def test_messages_wake_the_reactors_at_once(echo_server: int) -> None:
     # A lost wake-up costs a reactor its whole bound (20-50 ms) on both sides, per message.
     assoc = _requestor().associate("127.0.0.1", echo_server, ae_title="TUNED")
@@ -82,6 +143,7 @@ def test_messages_wake_the_reactors_at_once(echo_server: int) -> None:
     assert assoc.is_released
 
 
+@tuned
 def test_back_to_back_requests_get_their_own_responses(echo_server: int) -> None:
     # pynetdicom's pause handshake let the reactor take a response meant for the caller
     # ("Received unexpected C-ECHO service message", then a DIMSE timeout): see _Checkpoint.
@@ -96,6 +158,7 @@ def test_back_to_back_requests_get_their_own_responses(echo_server: int) -> None
         assert statuses == [0] * 100
 
 
+@tuned
 def test_network_timeout_releases_an_idle_association() -> None:
     # The reactor's own A-RELEASE on network timeout pauses its reactor from that thread.
     from pynetdicom import evt
@@ -129,6 +192,7 @@ def test_network_timeout_releases_an_idle_association() -> None:
         assert not stopper.is_alive(), "server.shutdown() hung: an association never ended"
 
 
+@tuned
 def test_release_and_abort_end_both_threads(echo_server: int) -> None:
     for end in ("release", "abort"):
         assoc = _requestor().associate("127.0.0.1", echo_server, ae_title="TUNED")
@@ -147,6 +211,7 @@ class _Transport:
         self.socket = sock
 
 
+@tuned
 def test_recv_reassembles_a_pdu_sent_in_pieces() -> None:
     reader, writer = socket.socketpair()
     payload = os.urandom(300_000)
@@ -168,6 +233,7 @@ def test_recv_reassembles_a_pdu_sent_in_pieces() -> None:
     assert bytes(data) == payload
 
 
+@tuned
 def test_recv_returns_what_arrived_when_the_peer_closes() -> None:
     reader, writer = socket.socketpair()
     writer.sendall(b"0123456789")
@@ -179,6 +245,7 @@ def test_recv_returns_what_arrived_when_the_peer_closes() -> None:
     assert data == bytearray(b"0123456789")
 
 
+@tuned
 def test_recv_allocates_only_what_arrived() -> None:
     """A peer that declares 256 MiB and sends 10 bytes costs about a read step, not 256 MiB."""
     reader, writer = socket.socketpair()
@@ -195,6 +262,7 @@ def test_recv_allocates_only_what_arrived() -> None:
     assert peak < 2 * tuning.READ_STEP, peak
 
 
+@tuned
 def test_recv_of_a_long_pdu_grows_in_steps_and_matches_upstream() -> None:
     """A PDU longer than a read step arrives whole, as pynetdicom's own recv returns it."""
     payload = os.urandom(3 * tuning.READ_STEP + 12_345)
@@ -238,6 +306,7 @@ class _FakeAcceptor:
         self.listener.close()
 
 
+@tuned
 @pytest.mark.parametrize("limits", [True, False])
 def test_requestor_aborts_an_oversized_associate_ac(limits: bool) -> None:
     """The sending side reads with the same code: a 256 MiB A-ASSOCIATE-AC is aborted at once
@@ -267,6 +336,7 @@ def test_requestor_aborts_an_oversized_associate_ac(limits: bool) -> None:
         assert elapsed >= 2, elapsed
 
 
+@tuned
 @pytest.mark.filterwarnings("ignore:The value length")
 def test_uid_checks_keep_their_verdicts() -> None:
     check = _config.VALIDATORS["UI"]
@@ -280,6 +350,7 @@ def test_uid_checks_keep_their_verdicts() -> None:
     assert check(12345) == (False, "must be pydicom.uid.UID")
 
 
+@tuned
 @pytest.mark.parametrize(("sop_class", "sop_instance", "syntax"), [
     ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", "1.2.840.10008.1.2.1"),  # odd, odd, odd
     ("1.2.840.10008.5.1.4.1.1.1.1", "1.2.3.44", "1.2.840.10008.1.2"),  # odd, even, odd

@@ -1,9 +1,11 @@
-"""What one model run found, in the source images' terms: from inference to results.
+"""The value types every stage of the model stack shares: the bottom of its import graph.
 
-:func:`dicom_ai.pipeline.run` turns a predictor's outputs into a :class:`ModelRun`; the
-:mod:`dicom_ai.reporting` builders turn a ``ModelRun`` plus the source headers into DICOM objects
-(TID 1500 SR, SEG, heat-map Secondary Capture), and :mod:`storage.repository` stores its
-findings as rows. Everything here is plain data: no TensorFlow, no SQLAlchemy, no pynetdicom.
+What a model expects (:class:`PreprocessingSpec`, :class:`Window`), what its outputs mean
+(:class:`CodedConcept`), and what one run found (:class:`ModelRun` of :class:`Finding`, each with
+an optional :class:`Location`, plus :class:`HeatMap`). Preprocessing, loading, inference,
+reporting and the job runner all import these; this module imports none of them (only pydantic
+and numpy), so the stack's arrows point down. Everything here is plain data: no TensorFlow, no
+SQLAlchemy, no pynetdicom, no I/O.
 
 Coordinates follow the SR's SCOORD convention (PS3.3 C.18.6.1.1): ``(column, row)`` pairs in
 image pixels, continuous, with the top-left corner of the top-left pixel at ``(0, 0)`` and pixel
@@ -13,15 +15,125 @@ centres at ``i + 0.5``. Ours store ``(row, column)`` like numpy and convert when
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dicom_ai.inference.spec import CodedConcept
+__all__ = [
+    "WINDOW_PRESETS",
+    "CodedConcept",
+    "Finding",
+    "FindingScope",
+    "HeatMap",
+    "Location",
+    "LocationKind",
+    "ModelRun",
+    "NormalizationMode",
+    "PreprocessingSpec",
+    "Window",
+    "WindowPreset",
+]
 
-__all__ = ["Finding", "FindingScope", "HeatMap", "Location", "ModelRun"]
+# -- what a model expects -------------------------------------------------------------------------
+NormalizationMode = Literal["minmax", "zscore", "imagenet"]
+WindowPreset = Literal["lung", "soft-tissue", "bone", "brain"]
 
+#: Named windows as (center, width) in Hounsfield units.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "soft-tissue": (40.0, 400.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+
+class Window(BaseModel):
+    """An explicit VOI window in modality units (PS3.3 C.11.2.1.2)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    center: float
+    width: Annotated[float, Field(ge=1.0)]
+
+
+class PreprocessingSpec(BaseModel):
+    """What a model expects as input; validated on construction.
+
+    Attributes
+    ----------
+    input_shape : tuple of int
+        ``(height, width)``, each at least 8.
+    channels : {1, 3}
+        Channels of the model input.
+    window : Window or str, optional
+        An explicit ``{center, width}`` or a preset name (see :data:`WINDOW_PRESETS`); by default
+        the dataset's own VOI.
+    keep_aspect : bool
+        Keep the aspect ratio when resizing (pad the rest with 0).
+    normalization : {'minmax', 'zscore', 'imagenet'}
+        The final intensity normalisation (``imagenet`` needs 3 channels).
+    min_input_size : int
+        Images whose rows or columns are fewer are refused.
+    target_spacing : tuple of float, optional
+        Voxel spacing (mm) volumes are resampled to.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_shape: tuple[Annotated[int, Field(ge=8)], Annotated[int, Field(ge=8)]]
+    channels: Literal[1, 3] = 3
+    window: Window | WindowPreset | None = None
+    keep_aspect: bool = False
+    normalization: NormalizationMode = "minmax"
+    min_input_size: Annotated[int, Field(ge=1)] = 32
+    target_spacing: (
+        tuple[
+            Annotated[float, Field(gt=0)],
+            Annotated[float, Field(gt=0)],
+            Annotated[float, Field(gt=0)],
+        ]
+        | None
+    ) = None
+
+    @model_validator(mode="after")
+    def _imagenet_needs_rgb(self) -> PreprocessingSpec:
+        if self.normalization == "imagenet" and self.channels != 3:
+            raise ValueError("normalization 'imagenet' needs channels = 3")
+        return self
+
+    @property
+    def window_values(self) -> tuple[float, float] | None:
+        """The window as ``(center, width)``, resolving a preset; ``None`` for the dataset's."""
+        if self.window is None:
+            return None
+        if isinstance(self.window, Window):
+            return (self.window.center, self.window.width)
+        return WINDOW_PRESETS[self.window]
+
+
+# -- what its outputs mean ------------------------------------------------------------------------
+class CodedConcept(BaseModel):
+    """A coded concept as a DICOM Code Sequence item carries it (PS3.3 8.8).
+
+    Attributes
+    ----------
+    value : str
+        Code Value (0008,0100), e.g. ``"27925004"``.
+    scheme : str
+        Coding Scheme Designator (0008,0102), e.g. ``"SCT"`` (SNOMED CT) or ``"DCM"``.
+    meaning : str
+        Code Meaning (0008,0104), e.g. ``"Nodule"``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    value: Annotated[str, Field(min_length=1, max_length=64)]
+    scheme: Annotated[str, Field(min_length=1, max_length=16)]
+    meaning: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+# -- what one run found ---------------------------------------------------------------------------
 LocationKind = Literal["point", "bbox", "segment"]
 #: What a finding's decision covers: one image, one series, or the whole study.
 FindingScope = Literal["image", "series", "study"]

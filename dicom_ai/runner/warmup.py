@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 from dicom_ai import __version__
 from dicom_ai.config import SRKind
 from dicom_ai.inference.spec import FINDING_SITE_LUNG, NODULE
-from dicom_ai.pipeline.findings import Finding, HeatMap, Location, ModelRun
+from dicom_ai.values import Finding, HeatMap, Location, ModelRun
 
 LOGGER = logging.getLogger(__name__)
 

@@ -1,0 +1,264 @@
+"""Query/retrieve batch jobs: ``batch run``, ``resume``, ``status``, ``report``, ``list``,
+``export``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dicom_ai.cli._common import (
+    AfterOption,
+    ConfigOption,
+    LimitOption,
+    _database,
+    _emit,
+    _fail,
+    _more,
+    _print_json,
+    _settings,
+    console,
+)
+from dicom_ai.config import Settings
+from dicom_ai.exceptions import DicomAIError
+
+
+def _batch_query(accessions: Path | None, study_date: str | None, modality: str | None,
+                 query: list[str] | None) -> Any:
+    from dicom_ai.batch.run import BatchQuery, read_accessions
+
+    if (accessions is None) == (study_date is None):
+        raise _fail(ValueError("give exactly one of --accessions CSV or --study-date RANGE"))
+    keys: list[tuple[str, str]] = []
+    for item in query or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _fail(ValueError(f"--query {item!r} is not KEY=VALUE"))
+        keys.append((key.strip(), value))
+    try:
+        found = read_accessions(accessions) if accessions is not None else ()
+    except DicomAIError as exc:
+        raise _fail(exc) from None
+    return BatchQuery(accessions=found, study_date=study_date, modality=modality,
+                      keys=tuple(keys))
+
+
+def _follow(runner: Any, batch_id: int, *, wait_processing: bool,
+            timeout: float | None) -> Any:
+    """Run a batch with a progress bar; Ctrl-C stops it resumably."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    columns = (TextColumn("batch {task.fields[batch]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("found {task.fields[found]} retrieved {task.fields[retrieved]} "
+                          "processed {task.fields[processed]} failed {task.fields[failed]} "
+                          "{task.fields[status]}"), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=console) as bar:
+            task = bar.add_task("batch", total=None, batch=batch_id, found=0, retrieved=0,
+                                processed=0, failed=0, status="")
+
+            def show(counts: Any) -> None:
+                done = counts.processed + counts.failed
+                bar.update(task, total=counts.found or None, completed=done,
+                           found=counts.found, retrieved=counts.retrieved,
+                           processed=counts.processed, failed=counts.failed,
+                           status=counts.status)
+
+            counts = runner.run(batch_id, progress=show, stop=stop,
+                                wait_processing=wait_processing, timeout=timeout)
+    except DicomAIError as exc:
+        raise _fail(exc) from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stop.is_set():
+        console.print(f"interrupted: resume with `dicom-ai batch resume {batch_id}`")
+    return counts
+
+
+def _batch_runner(config: Path | None, source: str) -> tuple[Any, Any, Settings]:
+    from dicom_ai.batch.run import BatchRunner
+
+    settings = _settings(config)
+    db = _database(settings)
+    try:
+        return BatchRunner(settings, db, source), db, settings
+    except DicomAIError as exc:
+        raise _fail(exc) from None
+
+
+def batch_run(
+    source: Annotated[str, typer.Option("--source", help="A [[sources]] name.")],
+    config: ConfigOption = None,
+    accessions: Annotated[Path | None, typer.Option(
+        "--accessions", exists=True, help="CSV with an AccessionNumber column.")] = None,
+    study_date: Annotated[str | None, typer.Option(
+        "--study-date", help="YYYYMMDD-YYYYMMDD (or one day, or an open range).")] = None,
+    modality: Annotated[str | None, typer.Option(help="ModalitiesInStudy to match.")] = None,
+    query: Annotated[list[str] | None, typer.Option(
+        "--query", help="Extra C-FIND key, KEY=VALUE (repeatable).")] = None,
+    route: Annotated[str | None, typer.Option(help="Process with this route only.")] = None,
+    timeout: Annotated[float | None, typer.Option(
+        help="Stop waiting for processing after this many seconds.")] = None,
+) -> None:
+    """Find studies on a source, retrieve them into the running service and follow processing.
+
+    Needs `dicom-ai serve` running with the same config (it receives C-MOVE and runs models).
+    """
+    runner, db, _ = _batch_runner(config, source)
+    try:
+        batch_id = runner.create(_batch_query(accessions, study_date, modality, query),
+                                 route=route)
+    except DicomAIError as exc:
+        raise _fail(exc) from None
+    console.print(f"batch {batch_id} on {source}")
+    counts = _follow(runner, batch_id, wait_processing=True, timeout=timeout)
+    db.dispose()
+    typer.echo(json.dumps({"batch": batch_id, "found": counts.found,
+                           "retrieved": counts.retrieved, "processed": counts.processed,
+                           "failed": counts.failed}))
+    if not counts.finished or counts.failed:
+        raise typer.Exit(1)
+
+
+def batch_resume(
+    batch_id: Annotated[int, typer.Argument(help="The batch id.")],
+    config: ConfigOption = None,
+    timeout: Annotated[float | None, typer.Option(
+        help="Stop waiting for processing after this many seconds.")] = None,
+) -> None:
+    """Continue an interrupted batch: what was retrieved is not fetched again."""
+    from storage import batches
+
+    settings = _settings(config)
+    db = _database(settings)
+    with db.sessions() as session:
+        batch = batches.get_batch(session, batch_id)
+    if batch is None:
+        raise _fail(ValueError(f"no batch {batch_id}"))
+    runner, _, _ = _batch_runner(config, batch.source)
+    counts = _follow(runner, batch_id, wait_processing=batch.kind == "run", timeout=timeout)
+    typer.echo(json.dumps({"batch": batch_id, "found": counts.found,
+                           "retrieved": counts.retrieved, "processed": counts.processed,
+                           "failed": counts.failed}))
+    if not counts.finished or counts.failed:
+        raise typer.Exit(1)
+
+
+def batch_status(
+    batch_id: Annotated[int, typer.Argument(help="The batch id.")],
+    config: ConfigOption = None,
+) -> None:
+    """A batch's state and totals as JSON."""
+    from dicom_ai.batch.run import report_rows, summarize
+    from storage import batches
+
+    settings = _settings(config)
+    db = _database(settings)
+    with db.sessions() as session:
+        batch = batches.get_batch(session, batch_id)
+    if batch is None:
+        raise _fail(ValueError(f"no batch {batch_id}"))
+    typer.echo(json.dumps({"batch": batch_id, "kind": batch.kind, "source": batch.source,
+                           "route": batch.route, "state": batch.state,
+                           "query": json.loads(batch.query), "error": batch.error,
+                           **summarize(report_rows(db, batch_id))}, indent=2))
+
+
+def batch_report(
+    batch_id: Annotated[int, typer.Argument(help="The batch id.")],
+    out: Annotated[Path, typer.Option("--out", help="report.csv or report.html")],
+    config: ConfigOption = None,
+) -> None:
+    """Write a per-study report: retrieved instances, findings, SR delivered, errors."""
+    from dicom_ai.batch.run import report_rows, write_report
+
+    settings = _settings(config)
+    db = _database(settings)
+    try:
+        path = write_report(report_rows(db, batch_id), out)
+    except DicomAIError as exc:
+        raise _fail(exc) from None
+    typer.echo(str(path))
+
+
+def batch_list(
+    config: ConfigOption = None,
+    limit: LimitOption = 50,
+    after: AfterOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list (the API's batch "
+                                          "objects).")] = False,
+) -> None:
+    """Batches, newest first (one page)."""
+    from dicom_ai.views import batch_view
+    from storage import batches
+
+    settings = _settings(config)
+    db = _database(settings)
+    with db.sessions() as session:
+        rows = [batch_view(b) for b in batches.list_batches(session, limit=limit, after=after)]
+    db.dispose()
+    _more(rows, limit)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("batch", "kind", "source", "route", "state", "created (UTC)")
+    for b in rows:
+        table.add_row(str(b.id), b.kind, b.source, b.route or "", b.state,
+                      b.created_at.isoformat() if b.created_at else "")
+    _emit(table)
+
+
+def batch_export(
+    source: Annotated[str, typer.Option("--source", help="A [[sources]] name.")],
+    labels: Annotated[Path, typer.Option("--labels", exists=True, help="CSV: label (0/1) "
+                                         "and AccessionNumber or StudyInstanceUID.")],
+    out: Annotated[Path, typer.Option("--out", help="Export folder (new or empty).")],
+    config: ConfigOption = None,
+    accessions: Annotated[Path | None, typer.Option(
+        "--accessions", exists=True, help="CSV with an AccessionNumber column.")] = None,
+    study_date: Annotated[str | None, typer.Option(
+        "--study-date", help="YYYYMMDD-YYYYMMDD (or one day, or an open range).")] = None,
+    modality: Annotated[str | None, typer.Option(help="ModalitiesInStudy to match.")] = None,
+    query: Annotated[list[str] | None, typer.Option(
+        "--query", help="Extra C-FIND key, KEY=VALUE (repeatable).")] = None,
+    profile: Annotated[str, typer.Option(help="De-identification profile (basic: PS3.15 "
+                                         "Basic Application Level Confidentiality).")]
+    = "basic",
+    mapping: Annotated[Path | None, typer.Option(
+        "--mapping", help="Where the re-identification mapping goes (outside --out; default "
+        "OUT.reidentify.json beside it).")] = None,
+) -> None:
+    """Retrieve studies and write a de-identified training set that `dicom-ai train` reads."""
+    from dicom_ai.batch.export import export_training_set
+
+    if profile != "basic":
+        raise _fail(ValueError(f"unknown profile {profile!r}: only 'basic' exists"))
+    runner, db, settings = _batch_runner(config, source)
+    batch_id = runner.create(_batch_query(accessions, study_date, modality, query),
+                             kind="export")
+    console.print(f"export batch {batch_id} on {source}")
+    counts = _follow(runner, batch_id, wait_processing=False, timeout=None)
+    if counts.retrieved == 0:
+        raise _fail(ValueError(f"nothing retrieved ({counts.found} found, "
+                               f"{counts.failed} failed)"))
+    target = mapping or out.resolve().parent / f"{out.resolve().name}.reidentify.json"
+    try:
+        report = export_training_set(db, settings.storage.file_store(), batch_id, labels,
+                                     out, target)
+    except DicomAIError as exc:
+        raise _fail(exc) from None
+    db.dispose()
+    typer.echo(json.dumps({"batch": batch_id, "out": str(report.out),
+                           "studies": report.studies, "instances": report.instances,
+                           "excluded": dict(report.excluded),
+                           "unlabelled_studies": report.unlabelled_studies,
+                           "mapping": str(report.mapping)}, indent=2))
+
