@@ -311,7 +311,7 @@ def breakdown(db_url: str, uids: list[str], pushed: dict[str, float], pacs: Time
                     "sr_handler_started": sr.started,
                     "sr_stored": sr.stored,
                 }
-                timings = json.loads(job.timings) if job else {}
+                timings = dict(job.timings) if job else {}
                 rows.append({"study_instance_uid": uid, "raw": raw, "job_timings": timings,
                              **split(raw, timings)})
     finally:

@@ -182,10 +182,10 @@ def job_view(job: Job) -> JobView:
     """The view of a job row."""
     return JobView(
         id=job.id, study_instance_uid=job.study_instance_uid,
-        series_instance_uids=json.loads(job.series_instance_uids or "[]"), route=job.route,
+        series_instance_uids=list(job.series_instance_uids), route=job.route,
         model=job.model_name, model_version=job.model_version, state=job.state,
         attempts=job.attempts, max_attempts=job.max_attempts, error=job.error,
-        supersedes_job_id=job.supersedes_job_id, timings=json.loads(job.timings or "{}"),
+        supersedes_job_id=job.supersedes_job_id, timings=dict(job.timings),
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at)
 
 
@@ -367,7 +367,7 @@ class BatchView(_View):
 def batch_view(batch: Batch) -> BatchView:
     """The view of a batch row."""
     return BatchView(id=batch.id, kind=batch.kind, source=batch.source, route=batch.route,
-                     query=json.loads(batch.query or "{}"), state=batch.state,
+                     query=dict(batch.query), state=batch.state,
                      error=batch.error, created_at=batch.created_at,
                      updated_at=batch.updated_at, found_at=batch.found_at)
 

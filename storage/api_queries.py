@@ -14,7 +14,6 @@ here for the API's callers; the CLI and the API call the same readers.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -446,7 +445,7 @@ def finished_since(session: Session, since: datetime, *, limit: int = 10_000) ->
     found: list[FinishedJob] = []
     for job_id, model, finished_at, timings, note in rows:
         try:
-            parsed = {str(k): float(v) for k, v in json.loads(timings or "{}").items()}
+            parsed = {str(k): float(v) for k, v in (timings or {}).items()}
         except (ValueError, TypeError, AttributeError):
             parsed = {}
         if finished_at is not None:

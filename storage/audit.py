@@ -103,17 +103,27 @@ def _check_detail(detail: Mapping[str, Any]) -> None:
 _AUDIT_TABLE = AuditEvent.metadata.tables[AuditEvent.__tablename__]
 
 
-def _detail_json(entry: AuditEntry, uids_total: int) -> str:
+def _bounded_detail(entry: AuditEntry, uids_total: int) -> dict[str, Any]:
     _check_detail(entry.detail)
     detail = dict(entry.detail)
     if uids_total > MAX_UIDS:
         detail["uids_total"] = uids_total
+    # Through JSON text and back: values JSON has no type for (datetimes, paths) become
+    # strings, as the JSON column's own serialiser would refuse them, and the size is known.
     text = json.dumps(detail, sort_keys=True, default=str)
-    if len(text) > MAX_DETAIL_CHARS:
-        scalars = {k: v for k, v in detail.items() if isinstance(v, str | int | float | bool)}
-        scalars["detail_truncated"] = True
-        text = json.dumps(scalars, sort_keys=True, default=str)[:MAX_DETAIL_CHARS]
-    return text
+    if len(text) <= MAX_DETAIL_CHARS:
+        return dict(json.loads(text))
+    # Too long: the scalar values only, as many as fit (in key order), so the row stays JSON.
+    bounded: dict[str, Any] = {"detail_truncated": True}
+    size = len(json.dumps(bounded))
+    for key, value in sorted(detail.items()):
+        if isinstance(value, str | int | float | bool):
+            item = len(json.dumps({key: value}, default=str))
+            if size + item > MAX_DETAIL_CHARS:
+                break
+            bounded[key] = value
+            size += item
+    return bounded
 
 
 def insert_events(session: Session, entries: Iterable[AuditEntry]) -> int:
@@ -148,7 +158,7 @@ def insert_events(session: Session, entries: Iterable[AuditEntry]) -> int:
             "at": entry.at, "actor_kind": entry.actor_kind, "actor": entry.actor[:64],
             "peer": entry.peer[:64] if entry.peer else None, "action": entry.action[:32],
             "study_instance_uid": entry.study_instance_uid or None,
-            "uids": json.dumps(uids[:MAX_UIDS]), "detail": _detail_json(entry, len(uids))})
+            "uids": uids[:MAX_UIDS], "detail": _bounded_detail(entry, len(uids))})
     if rows:
         # A Core executemany: the ORM's unit of work (identity map, id fetch per row) costs
         # several times more CPU, on the receiver's GIL, for rows nobody reads back here.
@@ -158,8 +168,7 @@ def insert_events(session: Session, entries: Iterable[AuditEntry]) -> int:
 
 def _record(row: AuditEvent) -> AuditRecord:
     return AuditRecord(row.id, row.at, row.actor_kind, row.actor, row.peer, row.action,
-                       row.study_instance_uid, json.loads(row.uids or "[]"),
-                       json.loads(row.detail or "{}"))
+                       row.study_instance_uid, list(row.uids), dict(row.detail))
 
 
 def list_events(session: Session, *, after: int | None = None, limit: int = 50,

@@ -7,7 +7,6 @@ the jobs, findings and outbox of the normal flow (:mod:`storage.jobs`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -51,7 +50,7 @@ RETRIEVE_FAILED = "failed"
 def create_batch(session: Session, *, kind: str, source: str, route: str | None,
                  query: dict[str, Any], now: datetime) -> Batch:
     """A new batch row (state ``created``)."""
-    batch = Batch(kind=kind, source=source, route=route, query=json.dumps(query),
+    batch = Batch(kind=kind, source=source, route=route, query=dict(query),
                   state="created", created_at=now, updated_at=now)
     session.add(batch)
     session.flush()
@@ -313,11 +312,14 @@ def _fill_processing(session: Session, items: Sequence[StudyProgress],
                   .where(FindingRecord.job_id.in_(job_ids)).group_by(FindingRecord.job_id)
               ).all()}
     deliveries: dict[int, tuple[int, int]] = {}
+    # Grouped by the label: two renderings of the predicate carry different bind parameters,
+    # which PostgreSQL does not take for the same expression.
+    is_delivered_ = outbox_rows.delivered().label("delivered")
     for job_id, is_delivered, count in session.execute(
-        select(ResultObject.job_id, outbox_rows.delivered(), func.count(OutboxItem.id))
+        select(ResultObject.job_id, is_delivered_, func.count(OutboxItem.id))
         .join(ResultObject, OutboxItem.result_id == ResultObject.id)
         .where(ResultObject.job_id.in_(job_ids), ResultObject.kind == "sr")
-        .group_by(ResultObject.job_id, outbox_rows.delivered())
+        .group_by(ResultObject.job_id, is_delivered_)
     ).all():
         # Delivered: committed, or sent to a destination without storage commitment.
         sent, pending = deliveries.get(job_id, (0, 0))

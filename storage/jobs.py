@@ -14,7 +14,6 @@ receivers, dispatchers and workers may share one database:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -131,10 +130,10 @@ def create_job(session: Session, *, study_instance_uid: str, series_instance_uid
     )
     job = Job(
         study_instance_uid=study_instance_uid,
-        series_instance_uids=json.dumps(list(series_instance_uids)),
+        series_instance_uids=list(series_instance_uids),
         route=route, model_name=model_name, state=PENDING, attempts=0,
         max_attempts=max_attempts, not_before=now, event_id=event_id, created_at=now,
-        timings="{}",
+        timings={},
     )
     session.add(job)
     session.flush()
@@ -387,7 +386,7 @@ def complete_job(session: Session, job_id: int, *, owner: str, model_version: st
         update(Job).where(Job.id == job_id, Job.state == RUNNING, Job.lease_owner == owner)
         .values(state=DONE, finished_at=now, lease_owner=None, lease_expires_at=None,
                 error=note[:4000] if note else None, model_version=model_version,
-                timings=json.dumps(timings), supersedes_job_id=supersedes_job_id)
+                timings=dict(timings), supersedes_job_id=supersedes_job_id)
     ).rowcount  # type: ignore[attr-defined]
     if not done:
         return False

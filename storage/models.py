@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     DateTime,
@@ -24,8 +25,13 @@ from sqlalchemy import (
     UniqueConstraint,
     false,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
+
+#: Lists and objects stored as JSON (migration 0010): TEXT holding JSON on SQLite, JSONB on
+#: PostgreSQL (binary, has an equality operator for DISTINCT/UNION, and can be GIN-indexed).
+JSONDocument = JSON().with_variant(JSONB(), "postgresql")
 
 # States of a study or series as it is received.
 RECEIVING = "receiving"
@@ -151,8 +157,8 @@ class Mpps(Base):
     sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
     status: Mapped[str] = mapped_column(String(16))
     study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
-    # JSON list of the SOP Instance UIDs the COMPLETED step references.
-    referenced_sop_instance_uids: Mapped[str] = mapped_column(Text, default="[]")
+    # The SOP Instance UIDs the COMPLETED step references.
+    referenced_sop_instance_uids: Mapped[list[str]] = mapped_column(JSONDocument, default=list)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     satisfied_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -244,8 +250,8 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64))
-    # JSON list of the series the route matched.
-    series_instance_uids: Mapped[str] = mapped_column(Text, default="[]")
+    # The series the route matched.
+    series_instance_uids: Mapped[list[str]] = mapped_column(JSONDocument, default=list)
     route: Mapped[str] = mapped_column(String(64))
     model_name: Mapped[str] = mapped_column(String(64))
     model_version: Mapped[str | None] = mapped_column(String(64))
@@ -260,8 +266,8 @@ class Job(Base):
     # The earlier job of the same study and route whose results this one replaces.
     supersedes_job_id: Mapped[int | None] = mapped_column(Integer)
     event_id: Mapped[int | None] = mapped_column(Integer)
-    # Seconds per stage of the last successful run (JSON), for the e2e benchmark and operators.
-    timings: Mapped[str] = mapped_column(Text, default="{}")
+    # Seconds per stage of the last successful run, for the e2e benchmark and operators.
+    timings: Mapped[dict[str, float]] = mapped_column(JSONDocument, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -368,8 +374,8 @@ class Batch(Base):
     kind: Mapped[str] = mapped_column(String(16), default="run")  # run | export
     source: Mapped[str] = mapped_column(String(64))
     route: Mapped[str | None] = mapped_column(String(64))
-    # JSON: accessions, study-date range, modality, extra keys; how studies were found.
-    query: Mapped[str] = mapped_column(Text, default="{}")
+    # Accessions, study-date range, modality, extra keys; how studies were found.
+    query: Mapped[dict[str, Any]] = mapped_column(JSONDocument, default=dict)
     state: Mapped[str] = mapped_column(String(16), default="created")
     found_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -452,10 +458,10 @@ class AuditEvent(Base):
     peer: Mapped[str | None] = mapped_column(String(64))  # the caller's or callee's host
     action: Mapped[str] = mapped_column(String(32))  # e.g. instances.stored, query.find
     study_instance_uid: Mapped[str | None] = mapped_column(String(64))
-    # JSON list of the UIDs acted on (bounded; the detail says how many there were in all).
-    uids: Mapped[str] = mapped_column(Text, default="[]")
-    # JSON object: counts, levels, statuses, destinations; never patient data.
-    detail: Mapped[str] = mapped_column(Text, default="{}")
+    # The UIDs acted on (bounded; the detail says how many there were in all).
+    uids: Mapped[list[str]] = mapped_column(JSONDocument, default=list)
+    # Counts, levels, statuses, destinations; never patient data.
+    detail: Mapped[dict[str, Any]] = mapped_column(JSONDocument, default=dict)
 
 
 # Indexes the API's filters use: each filter is an equality followed by the keyset column

@@ -8,7 +8,6 @@ that just received another instance.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
@@ -394,7 +393,7 @@ def upsert_mpps(
             sop_instance_uid=sop_instance_uid,
             status=status or "IN PROGRESS",
             study_instance_uid=study_instance_uid,
-            referenced_sop_instance_uids=json.dumps(list(referenced_sop_instance_uids or [])),
+            referenced_sop_instance_uids=list(referenced_sop_instance_uids or []),
             created_at=now,
             updated_at=now,
         )
@@ -407,7 +406,7 @@ def upsert_mpps(
     if study_instance_uid:
         row.study_instance_uid = study_instance_uid
     if referenced_sop_instance_uids is not None:
-        row.referenced_sop_instance_uids = json.dumps(list(referenced_sop_instance_uids))
+        row.referenced_sop_instance_uids = list(referenced_sop_instance_uids)
     row.updated_at = now
     return True
 
@@ -432,7 +431,7 @@ def complete_by_mpps(session: Session, *, now: datetime) -> list[Event]:
         select(Mpps).where(Mpps.status == "COMPLETED", Mpps.satisfied_at.is_(None))
     ).all()
     for mpps in waiting:
-        wanted: list[str] = json.loads(mpps.referenced_sop_instance_uids)
+        wanted = mpps.referenced_sop_instance_uids
         have = _count_present(session, wanted)
         if have < len(set(wanted)):
             continue

@@ -14,7 +14,6 @@ the CLI's ``--json`` prints.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -404,7 +403,7 @@ def create_app(settings: Settings, db: Database, *,
                                     detail=f"route {old.route!r} is no longer configured")
             new = job_rows.create_job(
                 session, study_instance_uid=old.study_instance_uid,
-                series_instance_uids=json.loads(old.series_instance_uids or "[]"),
+                series_instance_uids=old.series_instance_uids,
                 route=old.route, model_name=route.model,
                 max_attempts=settings.workers.max_attempts, event_id=None, now=now)
             created = job_view(new)

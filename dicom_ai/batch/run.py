@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import html
-import json
 import logging
 import threading
 import time
@@ -324,7 +323,7 @@ class BatchRunner:
                 raise ConfigError(f"no batch {batch_id}")
             if batch.state == batches.CANCELLED:
                 raise ConfigError(f"batch {batch_id} was cancelled")
-            query = BatchQuery.from_dict(json.loads(batch.query))
+            query = BatchQuery.from_dict(batch.query)
             needs_find = batch.found_at is None
             versions = self.active_versions(batch.route) if batch.kind == "run" else {}
         if needs_find:

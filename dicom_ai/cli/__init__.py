@@ -5,7 +5,8 @@ The commands live in :mod:`~dicom_ai.cli.service` (serve, worker, version),
 :mod:`~dicom_ai.cli.models`, :mod:`~dicom_ai.cli.ml` (train, evaluate, synth, preview, demo),
 :mod:`~dicom_ai.cli.batch`, :mod:`~dicom_ai.cli.routes`, :mod:`~dicom_ai.cli.apikeys`,
 :mod:`~dicom_ai.cli.audit` and :mod:`~dicom_ai.cli.dimse` (echo, send); what they share
-(settings and database set-up, errors as exit codes, output) is :mod:`~dicom_ai.cli._common`.
+(``with command_context(config) as ctx:``: settings and database set-up, errors as exit
+codes; output) is :mod:`~dicom_ai.cli._common`.
 They are registered here, in the order ``--help`` lists them. ``python -m dicom_ai.cli`` runs
 :mod:`dicom_ai.cli.__main__`; the console script is ``dicom_ai.cli:app``.
 """

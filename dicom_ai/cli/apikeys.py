@@ -11,10 +11,9 @@ from rich.table import Table
 
 from dicom_ai.cli._common import (
     ConfigOption,
-    _database,
     _emit,
     _fail,
-    _settings,
+    command_context,
     console,
 )
 
@@ -37,16 +36,10 @@ def apikeys_create(
 
     from storage import apikeys
 
-    settings = _settings(config)
-    db = _database(settings)
-    try:
-        with db.write_session() as session:
-            made = apikeys.create_key(session, name=name, role=role.value,
-                                      now=datetime.now(UTC))
-    except ValueError as exc:
-        raise _fail(exc) from None
-    finally:
-        db.dispose()
+    # ValueError: a name that is empty or too long
+    with command_context(config, fails=(ValueError,)) as ctx, \
+            ctx.db.write_session() as session:
+        made = apikeys.create_key(session, name=name, role=role.value, now=datetime.now(UTC))
     console.print(f"key {made.info.id} ({made.info.role}) created; the token below is shown "
                   "only now: Authorization: Bearer <token>")
     typer.echo(made.token)
@@ -57,15 +50,11 @@ def apikeys_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list.")] = False,
 ) -> None:
     """API keys: id, name, role, prefix, created/revoked/last used (never a hash)."""
+    from dicom_ai.views import apikey_view, dump
     from storage import apikeys
 
-    settings = _settings(config)
-    db = _database(settings)
-    from dicom_ai.views import apikey_view, dump
-
-    with db.sessions() as session:
+    with command_context(config) as ctx, ctx.db.sessions() as session:
         rows = apikeys.list_keys(session)
-    db.dispose()
     data = dump([apikey_view(k) for k in rows])
     if as_json:
         typer.echo(json.dumps(data, indent=2))
@@ -86,11 +75,8 @@ def apikeys_revoke(
 
     from storage import apikeys
 
-    settings = _settings(config)
-    db = _database(settings)
-    with db.write_session() as session:
+    with command_context(config) as ctx, ctx.db.write_session() as session:
         done = apikeys.revoke_key(session, key_id, now=datetime.now(UTC))
-    db.dispose()
     if not done:
         raise _fail(ValueError(f"no live API key {key_id}"))
     typer.echo(f"revoked key {key_id}")

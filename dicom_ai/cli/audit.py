@@ -10,10 +10,9 @@ from rich.table import Table
 
 from dicom_ai.cli._common import (
     ConfigOption,
-    _database,
     _emit,
     _print_json,
-    _settings,
+    command_context,
 )
 
 
@@ -54,13 +53,12 @@ def audit(
     """
     from storage import audit as audit_rows
 
-    settings = _settings(config)
-    start = _since(since) if since else None
-    db = _database(settings)
     events: list[Any] = []
     after = None
-    try:
-        with db.sessions() as session:
+    with command_context(config) as ctx:
+        _ = ctx.settings  # a bad config is reported before a bad --since
+        start = _since(since) if since else None
+        with ctx.db.sessions() as session:
             while len(events) < limit:
                 page = audit_rows.list_events(session, after=after, limit=min(500, limit),
                                               action=action, study_instance_uid=study,
@@ -69,8 +67,6 @@ def audit(
                 if len(page) < min(500, limit):
                     break
                 after = page[-1].id
-    finally:
-        db.dispose()
     events.reverse()
     if as_json:
         from dicom_ai.views import audit_view

@@ -14,22 +14,30 @@ from rich.table import Table
 
 from dicom_ai.cli._common import (
     AfterOption,
+    CommandContext,
     ConfigOption,
     LimitOption,
-    _database,
     _emit,
     _fail,
-    _more,
-    _print_json,
-    _settings,
+    _page,
+    command_context,
     console,
 )
-from dicom_ai.config import Settings
-from dicom_ai.exceptions import DicomAIError
+
+# What to find on the source (``batch run`` and ``batch export``).
+AccessionsOption = Annotated[Path | None, typer.Option(
+    "--accessions", exists=True, help="CSV with an AccessionNumber column.")]
+StudyDateOption = Annotated[str | None, typer.Option(
+    "--study-date", help="YYYYMMDD-YYYYMMDD (or one day, or an open range).")]
+ModalityOption = Annotated[str | None, typer.Option(help="ModalitiesInStudy to match.")]
+QueryOption = Annotated[list[str] | None, typer.Option(
+    "--query", help="Extra C-FIND key, KEY=VALUE (repeatable).")]
 
 
 def _batch_query(accessions: Path | None, study_date: str | None, modality: str | None,
                  query: list[str] | None) -> Any:
+    """The query of ``batch run``/``export`` (a bad CSV raises DicomAIError: called within the
+    command context)."""
     from dicom_ai.batch.run import BatchQuery, read_accessions
 
     if (accessions is None) == (study_date is None):
@@ -40,17 +48,15 @@ def _batch_query(accessions: Path | None, study_date: str | None, modality: str 
         if not sep or not key:
             raise _fail(ValueError(f"--query {item!r} is not KEY=VALUE"))
         keys.append((key.strip(), value))
-    try:
-        found = read_accessions(accessions) if accessions is not None else ()
-    except DicomAIError as exc:
-        raise _fail(exc) from None
+    found = read_accessions(accessions) if accessions is not None else ()
     return BatchQuery(accessions=found, study_date=study_date, modality=modality,
                       keys=tuple(keys))
 
 
 def _follow(runner: Any, batch_id: int, *, wait_processing: bool,
             timeout: float | None) -> Any:
-    """Run a batch with a progress bar; Ctrl-C stops it resumably."""
+    """Run a batch with a progress bar; Ctrl-C stops it resumably (within the command context:
+    a DicomAIError is its error exit)."""
     import signal
     import threading
 
@@ -74,8 +80,6 @@ def _follow(runner: Any, batch_id: int, *, wait_processing: bool,
 
             counts = runner.run(batch_id, progress=show, stop=stop,
                                 wait_processing=wait_processing, timeout=timeout)
-    except DicomAIError as exc:
-        raise _fail(exc) from None
     finally:
         signal.signal(signal.SIGINT, previous)
     if stop.is_set():
@@ -83,27 +87,40 @@ def _follow(runner: Any, batch_id: int, *, wait_processing: bool,
     return counts
 
 
-def _batch_runner(config: Path | None, source: str) -> tuple[Any, Any, Settings]:
+def _batch_runner(ctx: CommandContext, source: str) -> Any:
     from dicom_ai.batch.run import BatchRunner
 
-    settings = _settings(config)
-    db = _database(settings)
-    try:
-        return BatchRunner(settings, db, source), db, settings
-    except DicomAIError as exc:
-        raise _fail(exc) from None
+    return BatchRunner(ctx.settings, ctx.db, source)
+
+
+def _batch(ctx: CommandContext, batch_id: int) -> Any:
+    """The batch row ``batch_id`` (read, then detached); a missing one is an error exit."""
+    from storage import batches
+
+    with ctx.db.sessions() as session:
+        batch = batches.get_batch(session, batch_id)
+    if batch is None:
+        raise _fail(ValueError(f"no batch {batch_id}"))
+    return batch
+
+
+def _totals(batch_id: int, counts: Any) -> None:
+    """Print a followed batch's totals (one JSON line); exit 1 unless it finished with no
+    failure."""
+    typer.echo(json.dumps({"batch": batch_id, "found": counts.found,
+                           "retrieved": counts.retrieved, "processed": counts.processed,
+                           "failed": counts.failed}))
+    if not counts.finished or counts.failed:
+        raise typer.Exit(1)
 
 
 def batch_run(
     source: Annotated[str, typer.Option("--source", help="A [[sources]] name.")],
     config: ConfigOption = None,
-    accessions: Annotated[Path | None, typer.Option(
-        "--accessions", exists=True, help="CSV with an AccessionNumber column.")] = None,
-    study_date: Annotated[str | None, typer.Option(
-        "--study-date", help="YYYYMMDD-YYYYMMDD (or one day, or an open range).")] = None,
-    modality: Annotated[str | None, typer.Option(help="ModalitiesInStudy to match.")] = None,
-    query: Annotated[list[str] | None, typer.Option(
-        "--query", help="Extra C-FIND key, KEY=VALUE (repeatable).")] = None,
+    accessions: AccessionsOption = None,
+    study_date: StudyDateOption = None,
+    modality: ModalityOption = None,
+    query: QueryOption = None,
     route: Annotated[str | None, typer.Option(help="Process with this route only.")] = None,
     timeout: Annotated[float | None, typer.Option(
         help="Stop waiting for processing after this many seconds.")] = None,
@@ -112,20 +129,13 @@ def batch_run(
 
     Needs `dicom-ai serve` running with the same config (it receives C-MOVE and runs models).
     """
-    runner, db, _ = _batch_runner(config, source)
-    try:
+    with command_context(config) as ctx:
+        runner = _batch_runner(ctx, source)
         batch_id = runner.create(_batch_query(accessions, study_date, modality, query),
                                  route=route)
-    except DicomAIError as exc:
-        raise _fail(exc) from None
-    console.print(f"batch {batch_id} on {source}")
-    counts = _follow(runner, batch_id, wait_processing=True, timeout=timeout)
-    db.dispose()
-    typer.echo(json.dumps({"batch": batch_id, "found": counts.found,
-                           "retrieved": counts.retrieved, "processed": counts.processed,
-                           "failed": counts.failed}))
-    if not counts.finished or counts.failed:
-        raise typer.Exit(1)
+        console.print(f"batch {batch_id} on {source}")
+        counts = _follow(runner, batch_id, wait_processing=True, timeout=timeout)
+    _totals(batch_id, counts)
 
 
 def batch_resume(
@@ -135,21 +145,11 @@ def batch_resume(
         help="Stop waiting for processing after this many seconds.")] = None,
 ) -> None:
     """Continue an interrupted batch: what was retrieved is not fetched again."""
-    from storage import batches
-
-    settings = _settings(config)
-    db = _database(settings)
-    with db.sessions() as session:
-        batch = batches.get_batch(session, batch_id)
-    if batch is None:
-        raise _fail(ValueError(f"no batch {batch_id}"))
-    runner, _, _ = _batch_runner(config, batch.source)
-    counts = _follow(runner, batch_id, wait_processing=batch.kind == "run", timeout=timeout)
-    typer.echo(json.dumps({"batch": batch_id, "found": counts.found,
-                           "retrieved": counts.retrieved, "processed": counts.processed,
-                           "failed": counts.failed}))
-    if not counts.finished or counts.failed:
-        raise typer.Exit(1)
+    with command_context(config) as ctx:
+        batch = _batch(ctx, batch_id)
+        counts = _follow(_batch_runner(ctx, batch.source), batch_id,
+                         wait_processing=batch.kind == "run", timeout=timeout)
+    _totals(batch_id, counts)
 
 
 def batch_status(
@@ -158,18 +158,14 @@ def batch_status(
 ) -> None:
     """A batch's state and totals as JSON."""
     from dicom_ai.batch.run import report_rows, summarize
-    from storage import batches
 
-    settings = _settings(config)
-    db = _database(settings)
-    with db.sessions() as session:
-        batch = batches.get_batch(session, batch_id)
-    if batch is None:
-        raise _fail(ValueError(f"no batch {batch_id}"))
+    with command_context(config) as ctx:
+        batch = _batch(ctx, batch_id)
+        summary = summarize(report_rows(ctx.db, batch_id))
     typer.echo(json.dumps({"batch": batch_id, "kind": batch.kind, "source": batch.source,
                            "route": batch.route, "state": batch.state,
-                           "query": json.loads(batch.query), "error": batch.error,
-                           **summarize(report_rows(db, batch_id))}, indent=2))
+                           "query": batch.query, "error": batch.error,
+                           **summary}, indent=2))
 
 
 def batch_report(
@@ -180,12 +176,8 @@ def batch_report(
     """Write a per-study report: retrieved instances, findings, SR delivered, errors."""
     from dicom_ai.batch.run import report_rows, write_report
 
-    settings = _settings(config)
-    db = _database(settings)
-    try:
-        path = write_report(report_rows(db, batch_id), out)
-    except DicomAIError as exc:
-        raise _fail(exc) from None
+    with command_context(config) as ctx:
+        path = write_report(report_rows(ctx.db, batch_id), out)
     typer.echo(str(path))
 
 
@@ -200,14 +192,9 @@ def batch_list(
     from dicom_ai.views import batch_view
     from storage import batches
 
-    settings = _settings(config)
-    db = _database(settings)
-    with db.sessions() as session:
+    with command_context(config) as ctx, ctx.db.sessions() as session:
         rows = [batch_view(b) for b in batches.list_batches(session, limit=limit, after=after)]
-    db.dispose()
-    _more(rows, limit)
-    if as_json:
-        _print_json(rows)
+    if _page(rows, limit, as_json):
         return
     table = Table("batch", "kind", "source", "route", "state", "created (UTC)")
     for b in rows:
@@ -222,13 +209,10 @@ def batch_export(
                                          "and AccessionNumber or StudyInstanceUID.")],
     out: Annotated[Path, typer.Option("--out", help="Export folder (new or empty).")],
     config: ConfigOption = None,
-    accessions: Annotated[Path | None, typer.Option(
-        "--accessions", exists=True, help="CSV with an AccessionNumber column.")] = None,
-    study_date: Annotated[str | None, typer.Option(
-        "--study-date", help="YYYYMMDD-YYYYMMDD (or one day, or an open range).")] = None,
-    modality: Annotated[str | None, typer.Option(help="ModalitiesInStudy to match.")] = None,
-    query: Annotated[list[str] | None, typer.Option(
-        "--query", help="Extra C-FIND key, KEY=VALUE (repeatable).")] = None,
+    accessions: AccessionsOption = None,
+    study_date: StudyDateOption = None,
+    modality: ModalityOption = None,
+    query: QueryOption = None,
     profile: Annotated[str, typer.Option(help="De-identification profile (basic: PS3.15 "
                                          "Basic Application Level Confidentiality).")]
     = "basic",
@@ -241,21 +225,18 @@ def batch_export(
 
     if profile != "basic":
         raise _fail(ValueError(f"unknown profile {profile!r}: only 'basic' exists"))
-    runner, db, settings = _batch_runner(config, source)
-    batch_id = runner.create(_batch_query(accessions, study_date, modality, query),
-                             kind="export")
-    console.print(f"export batch {batch_id} on {source}")
-    counts = _follow(runner, batch_id, wait_processing=False, timeout=None)
-    if counts.retrieved == 0:
-        raise _fail(ValueError(f"nothing retrieved ({counts.found} found, "
-                               f"{counts.failed} failed)"))
-    target = mapping or out.resolve().parent / f"{out.resolve().name}.reidentify.json"
-    try:
-        report = export_training_set(db, settings.storage.file_store(), batch_id, labels,
-                                     out, target)
-    except DicomAIError as exc:
-        raise _fail(exc) from None
-    db.dispose()
+    with command_context(config) as ctx:
+        runner = _batch_runner(ctx, source)
+        batch_id = runner.create(_batch_query(accessions, study_date, modality, query),
+                                 kind="export")
+        console.print(f"export batch {batch_id} on {source}")
+        counts = _follow(runner, batch_id, wait_processing=False, timeout=None)
+        if counts.retrieved == 0:
+            raise _fail(ValueError(f"nothing retrieved ({counts.found} found, "
+                                   f"{counts.failed} failed)"))
+        target = mapping or out.resolve().parent / f"{out.resolve().name}.reidentify.json"
+        report = export_training_set(ctx.db, ctx.settings.storage.file_store(), batch_id,
+                                     labels, out, target)
     typer.echo(json.dumps({"batch": batch_id, "out": str(report.out),
                            "studies": report.studies, "instances": report.instances,
                            "excluded": dict(report.excluded),

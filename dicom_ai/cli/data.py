@@ -14,11 +14,11 @@ from dicom_ai.cli._common import (
     AfterOption,
     ConfigOption,
     LimitOption,
-    _database,
     _emit,
     _more,
+    _page,
     _print_json,
-    _settings,
+    command_context,
 )
 
 
@@ -33,15 +33,10 @@ def studies(
     from dicom_ai.views import study_view
     from storage import api_queries
 
-    settings = _settings(config)
-    db = _database(settings)
-    with db.sessions() as session:
+    with command_context(config) as ctx, ctx.db.sessions() as session:
         rows = [study_view(r) for r in api_queries.list_studies(session, after=after,
                                                                  limit=limit)]
-    db.dispose()
-    _more(rows, limit)
-    if as_json:
-        _print_json(rows)
+    if _page(rows, limit, as_json):
         return
     table = Table("StudyInstanceUID", "Accession", "Modalities", "Series", "Instances", "State",
                   "Last received")
@@ -66,15 +61,10 @@ def jobs(
     from dicom_ai.views import job_view
     from storage import jobs as job_rows
 
-    settings = _settings(config)
-    db = _database(settings)
-    with db.sessions() as session:
+    with command_context(config) as ctx, ctx.db.sessions() as session:
         rows = [job_view(j) for j in job_rows.list_jobs(session, state=state, limit=limit,
                                                         after=after)]
-    db.dispose()
-    _more(rows, limit)
-    if as_json:
-        _print_json(rows)
+    if _page(rows, limit, as_json):
         return
     table = Table("id", "study", "route", "model", "state", "attempts", "error")
     for j in rows:
@@ -102,9 +92,7 @@ def findings(
     from storage import api_queries
     from storage import jobs as job_rows
 
-    settings = _settings(config)
-    db = _database(settings)
-    with db.sessions() as session:
+    with command_context(config) as ctx, ctx.db.sessions() as session:
         shown = StudyFindingsView(
             findings=[finding_view(f) for f in api_queries.list_findings(
                 session, study_instance_uid=study, current_only=not all_versions,
@@ -114,7 +102,6 @@ def findings(
             # applicable, series skipped by the model's scope).
             jobs=[job_view(j) for j in job_rows.list_jobs(
                 session, study_instance_uid=study, order="asc", limit=100)])
-    db.dispose()
     _more(shown.findings, limit)
     if as_json:
         _print_json(shown)

@@ -10,20 +10,16 @@ from rich.table import Table
 
 from dicom_ai.cli._common import (
     ConfigOption,
-    _database,
     _emit,
-    _settings,
+    command_context,
     console,
 )
 
 
 def db_upgrade(config: ConfigOption = None) -> None:
     """Apply pending schema migrations."""
-    from storage.db import Database
-
-    db = Database(_settings(config).storage.url)
-    db.upgrade()
-    db.dispose()
+    with command_context(config) as ctx:
+        _ = ctx.db  # opening the index applies them
     typer.echo("database is up to date")
 
 
@@ -34,12 +30,10 @@ def db_reconcile(config: ConfigOption = None) -> None:
     """
     from dicom_ai.ingest.recovery import reconcile
 
-    settings = _settings(config)
-    db = _database(settings)
-    indexed, removed, quarantined = reconcile(
-        settings.storage.file_store(), db,
-        max_inflated_bytes=settings.limits.max_inflated_bytes)
-    db.dispose()
+    with command_context(config) as ctx:
+        indexed, removed, quarantined = reconcile(
+            ctx.settings.storage.file_store(), ctx.db,
+            max_inflated_bytes=ctx.settings.limits.max_inflated_bytes)
     typer.echo(f"indexed {indexed} file(s), removed {removed} row(s), "
                f"quarantined {quarantined} file(s)")
 
@@ -56,17 +50,14 @@ def purge(
     """
     from dicom_ai import retention
 
-    settings = _settings(config)
-    if not settings.retention.enabled:
-        console.print("no \\[retention] policy is set (instances_days, results_days, "
-                      "max_store_bytes): nothing to remove")
-    db = _database(settings)
-    try:
-        outcome = retention.plan(db, settings.retention)
+    with command_context(config) as ctx:
+        settings = ctx.settings
+        if not settings.retention.enabled:
+            console.print("no \\[retention] policy is set (instances_days, results_days, "
+                          "max_store_bytes): nothing to remove")
+        outcome = retention.plan(ctx.db, settings.retention)
         if not dry_run:
-            outcome = retention.apply(outcome, settings.storage.file_store(), db)
-    finally:
-        db.dispose()
+            outcome = retention.apply(outcome, settings.storage.file_store(), ctx.db)
     if as_json:
         typer.echo(json.dumps(outcome.to_dict(), indent=2))
         return

@@ -13,11 +13,9 @@ from rich.table import Table
 from dicom_ai.cli._common import (
     ConfigOption,
     _emit,
-    _fail,
-    _settings,
+    command_context,
     console,
 )
-from dicom_ai.exceptions import DicomAIError
 
 
 def echo(
@@ -28,11 +26,8 @@ def echo(
     from dicom_ai.network.scu import echo as send_echo
     from dicom_ai.network.scu import resolve_peer
 
-    settings = _settings(config)
-    try:
-        status = send_echo(resolve_peer(to, settings), settings.dicom)
-    except DicomAIError as exc:
-        raise _fail(exc) from None
+    with command_context(config) as ctx:
+        status = send_echo(resolve_peer(to, ctx.settings), ctx.settings.dicom)
     typer.echo(f"C-ECHO status 0x{status:04X}")
     if status != 0:
         raise typer.Exit(1)
@@ -53,11 +48,9 @@ def send(
     """
     from dicom_ai.network.scu import FileToSend, inspect, iter_files, resolve_peer, send_files
 
-    settings = _settings(config)
-    try:
+    with command_context(config) as ctx:
+        settings = ctx.settings
         peer = resolve_peer(to, settings)
-    except DicomAIError as exc:
-        raise _fail(exc) from None
     files: list[FileToSend] = []
     skipped: list[Path] = []
     for found in iter_files(paths):

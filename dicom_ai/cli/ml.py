@@ -13,12 +13,10 @@ from rich.table import Table
 from dicom_ai.cli._common import (
     ConfigOption,
     _emit,
-    _fail,
-    _settings,
+    command_context,
     console,
 )
 from dicom_ai.cli.models import _model_folder
-from dicom_ai.exceptions import DicomAIError
 
 
 def preview(
@@ -35,17 +33,15 @@ def preview(
     from dicom_ai.pipeline.preview import load_spec
     from dicom_ai.pipeline.preview import preview as make_preview
 
-    try:
+    with command_context(config) as ctx:
         candidate = Path(model)
         if candidate.is_dir():
             spec = read_spec(candidate).preprocessing
         elif candidate.is_file():
             spec = load_spec(candidate)
         else:
-            spec = _model_folder(model, config)[1].preprocessing
-        steps = make_preview(target, spec, out, limits=_settings(config).limits)
-    except DicomAIError as exc:
-        raise _fail(exc) from None
+            spec = _model_folder(model, ctx)[1].preprocessing
+        steps = make_preview(target, spec, out, limits=ctx.settings.limits)
     for step in steps:
         typer.echo(step)
     typer.echo(f"wrote {out}")
@@ -118,19 +114,15 @@ def train(
     from dicom_ai.training.train import TrainOptions
     from dicom_ai.training.train import train as run_training
 
-    try:
+    with command_context(fails=(ValueError,)):  # ValueError: a bad --augment
         augmentation = parse_augment(augment)
-    except ValueError as exc:
-        raise _fail(exc) from None
     options = TrainOptions(
         data=data, labels=labels, arch=arch, out=out, name=name, version=model_version,
         epochs=epochs, batch_size=batch_size, augment=augmentation, backbone_weights=weights,
         seed=seed, val_fraction=val_fraction, input_size=input_size,
         learning_rate=learning_rate, resume=resume)
-    try:
+    with command_context():  # train takes no --config: its context only maps errors
         result = run_training(options, say=typer.echo)
-    except DicomAIError as exc:
-        raise _fail(exc) from None
     typer.echo(f"done in {result.seconds:.0f} s; register it with: dicom-ai models add {out}")
 
 
@@ -153,13 +145,11 @@ def evaluate(
     """Evaluate a model on labelled DICOM through the serving path."""
     from dicom_ai.training.evaluate import evaluate_model
 
-    try:
-        folder, _ = _model_folder(model, config)
+    with command_context(config) as ctx:
+        folder, _ = _model_folder(model, ctx)
         result = evaluate_model(folder, data, labels, out=out,
                                 target_sensitivity=target_sensitivity, n_bootstrap=bootstrap,
                                 say=None if as_json else typer.echo)
-    except DicomAIError as exc:
-        raise _fail(exc) from None
     if as_json:
         typer.echo(json.dumps(result, default=float))
         return

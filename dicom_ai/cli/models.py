@@ -10,21 +10,20 @@ import typer
 from rich.table import Table
 
 from dicom_ai.cli._common import (
+    CommandContext,
     ConfigOption,
     _emit,
-    _fail,
-    _settings,
+    command_context,
 )
-from dicom_ai.exceptions import DicomAIError
 
 
-def _registry(config: Path | None) -> Any:
+def _registry(ctx: CommandContext) -> Any:
     from dicom_ai.inference.registry import Registry
 
-    return Registry(_settings(config).storage.root / "models")
+    return Registry(ctx.settings.storage.root / "models")
 
 
-def _model_folder(model: str, config: Path | None) -> tuple[Path, Any]:
+def _model_folder(model: str, ctx: CommandContext) -> tuple[Path, Any]:
     """A model folder and its spec from a folder path or a registered NAME[@VERSION]."""
     from dicom_ai.inference.spec import read_spec
 
@@ -32,7 +31,7 @@ def _model_folder(model: str, config: Path | None) -> tuple[Path, Any]:
     if candidate.is_dir():
         return candidate, read_spec(candidate)
     name, _, version = model.partition("@")
-    entry = _registry(config).get(name, version or None)
+    entry = _registry(ctx).get(name, version or None)
     return entry.path, entry.spec
 
 
@@ -41,10 +40,8 @@ def models_list(
     config: ConfigOption = None,
 ) -> None:
     """List every model version (the bundled default first) and which one is active."""
-    try:
-        entries = _registry(config).entries()
-    except DicomAIError as exc:
-        raise _fail(exc) from None
+    with command_context(config) as ctx:
+        entries = _registry(ctx).entries()
     if as_json:
         typer.echo(json.dumps([e.summary() for e in entries], indent=2))
         return
@@ -66,10 +63,8 @@ def models_add(
     config: ConfigOption = None,
 ) -> None:
     """Copy a model folder into the registry as NAME/VERSION."""
-    try:
-        entry = _registry(config).add(path, activate=activate)
-    except DicomAIError as exc:
-        raise _fail(exc) from None
+    with command_context(config) as ctx:
+        entry = _registry(ctx).add(path, activate=activate)
     state = "active" if entry.active else "not active"
     typer.echo(f"added {entry.name} {entry.version} ({state})")
 
@@ -80,10 +75,8 @@ def models_activate(
     config: ConfigOption = None,
 ) -> None:
     """Make VERSION the active version of NAME (what routes to NAME run)."""
-    try:
-        entry = _registry(config).activate(name, version)
-    except DicomAIError as exc:
-        raise _fail(exc) from None
+    with command_context(config) as ctx:
+        entry = _registry(ctx).activate(name, version)
     typer.echo(f"{entry.name} {entry.version} is active")
 
 
@@ -96,12 +89,10 @@ def models_show(
     from dicom_ai.inference.registry import network_sha256
 
     base, _, version = name.partition("@")
-    try:
-        registry = _registry(config)
+    with command_context(config) as ctx:
+        registry = _registry(ctx)
         entry = registry.get(base, version or None)
         versions = registry.versions(base)
-    except DicomAIError as exc:
-        raise _fail(exc) from None
     shown = {
         **entry.summary(),
         "network_sha256": network_sha256(entry),

@@ -12,10 +12,8 @@ from rich.table import Table
 from dicom_ai.cli._common import (
     ConfigOption,
     _emit,
-    _fail,
-    _settings,
+    command_context,
 )
-from dicom_ai.exceptions import DicomAIError
 
 
 def routes_test(
@@ -31,26 +29,23 @@ def routes_test(
     from dicom_ai.network.scu import inspect, iter_files
     from dicom_ai.routing import evaluate_file
 
-    settings = _settings(config)
-    routes = [(r.name, dict(r.match)) for r in settings.routes]
-    models = {r.name: r.model for r in settings.routes}
     seen: set[str] = set()
     report: list[dict[str, Any]] = []
-    for path in iter_files([target]):
-        if inspect(path) is None:  # not DICOM: skipped like `send` does
-            continue
-        series = str(dcmread(path, stop_before_pixels=True, specific_tags=[
-            "SeriesInstanceUID"]).get("SeriesInstanceUID", path))
-        if series in seen:
-            continue
-        seen.add(series)
-        try:
+    with command_context(config) as ctx:
+        routes = [(r.name, dict(r.match)) for r in ctx.settings.routes]
+        models = {r.name: r.model for r in ctx.settings.routes}
+        for path in iter_files([target]):
+            if inspect(path) is None:  # not DICOM: skipped like `send` does
+                continue
+            series = str(dcmread(path, stop_before_pixels=True, specific_tags=[
+                "SeriesInstanceUID"]).get("SeriesInstanceUID", path))
+            if series in seen:
+                continue
+            seen.add(series)
             results = evaluate_file(routes, path, [calling_aet] if calling_aet else [])
-        except DicomAIError as exc:
-            raise _fail(exc) from None
-        report.append({"file": str(path), "series_instance_uid": series, "routes": [
-            {"route": r.route, "model": models[r.route], "matched": r.matched,
-             "reason": r.reason} for r in results]})
+            report.append({"file": str(path), "series_instance_uid": series, "routes": [
+                {"route": r.route, "model": models[r.route], "matched": r.matched,
+                 "reason": r.reason} for r in results]})
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

@@ -11,12 +11,9 @@ import typer
 from dicom_ai import __version__
 from dicom_ai.cli._common import (
     ConfigOption,
-    _database,
-    _fail,
-    _settings,
+    command_context,
     console,
 )
-from dicom_ai.exceptions import DicomAIError
 
 
 def version() -> None:
@@ -35,19 +32,17 @@ def serve(
     """Run the service: receiver, completion, routing, workers, result outbox, until stopped."""
     from dicom_ai.service import Service
 
-    settings = _settings(config)
-    if receivers is not None:
-        settings = settings.model_copy(
-            update={"dicom": settings.dicom.model_copy(update={"receivers": receivers})}
-        )
-    if no_workers:
-        settings = settings.model_copy(
-            update={"workers": settings.workers.model_copy(update={"processes": 0})}
-        )
-    try:
+    with command_context(config) as ctx:
+        settings = ctx.settings
+        if receivers is not None:
+            settings = settings.model_copy(
+                update={"dicom": settings.dicom.model_copy(update={"receivers": receivers})}
+            )
+        if no_workers:
+            settings = settings.model_copy(
+                update={"workers": settings.workers.model_copy(update={"processes": 0})}
+            )
         Service(settings).run_forever()
-    except DicomAIError as exc:
-        raise _fail(exc) from None
 
 
 def worker(
@@ -65,22 +60,21 @@ def worker(
     from dicom_ai.dispatch.celery_backend import CeleryDispatcher
     from dicom_ai.dispatch.scheduler import Scheduler
 
-    settings = _settings(config)
-    db = _database(settings)
-    dispatcher = CeleryDispatcher(settings)
-    scheduler = Scheduler(settings, db, dispatcher)
-    try:
-        scheduler.tick()  # what was pending or orphaned before this worker started
-    except Exception as exc:  # the broker may come up later: the loop keeps trying
-        console.print(f"[yellow]warning:[/yellow] first dispatch failed: {exc}")
-    scheduler.start()
-    processes = concurrency or max(1, settings.workers.processes)
-    dispatcher.app.worker_main([
-        "worker", f"--concurrency={processes}", "--pool=prefork",
-        f"--queues={settings.workers.queue}", f"--loglevel={settings.logging.level}",
-        f"--hostname=dicom-ai-{os.getpid()}@{socket.gethostname()}",
-        "--without-gossip", "--without-mingle",
-    ])
-    scheduler.stop()
-    db.dispose()
+    with command_context(config) as ctx:
+        settings, db = ctx.settings, ctx.db
+        dispatcher = CeleryDispatcher(settings)
+        scheduler = Scheduler(settings, db, dispatcher)
+        try:
+            scheduler.tick()  # what was pending or orphaned before this worker started
+        except Exception as exc:  # the broker may come up later: the loop keeps trying
+            console.print(f"[yellow]warning:[/yellow] first dispatch failed: {exc}")
+        scheduler.start()
+        processes = concurrency or max(1, settings.workers.processes)
+        dispatcher.app.worker_main([
+            "worker", f"--concurrency={processes}", "--pool=prefork",
+            f"--queues={settings.workers.queue}", f"--loglevel={settings.logging.level}",
+            f"--hostname=dicom-ai-{os.getpid()}@{socket.gethostname()}",
+            "--without-gossip", "--without-mingle",
+        ])
+        scheduler.stop()
 

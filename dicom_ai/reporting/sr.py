@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,7 +35,13 @@ from pydicom.datadict import dictionary_VM
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.sr.coding import Code
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    EnhancedSRStorage,
+    generate_uid,
+)
 from pydicom.valuerep import DA, DT, TM, format_number_as_ds, validate_value
 
 from dicom_ai.exceptions import ReportError
@@ -87,9 +93,6 @@ OUT_OF_DISTRIBUTION = hd.sr.CodedConcept("OOD", "99DICOMAI", "Input outside trai
 
 # SCT Present is ours; DCM (121053) "Present" is what other producers may write.
 _PRESENT_CODES = (PRESENT, hd.sr.CodedConcept("121053", "DCM", "Present"))
-_ALGORITHM_NAME = "111001"
-_ALGORITHM_VERSION = "111003"
-_REFERENCED_SEGMENT = "121191"
 
 
 @dataclass(frozen=True)
@@ -505,31 +508,102 @@ def build_sr(run: ModelRun, sources: Sequence[Dataset], *, kind: SRKind = "compr
     return sr
 
 
-def _walk(items: Iterable[Dataset]) -> Iterable[Dataset]:
+# The SR classes highdicom reads (``hd.sr.srread``'s map, for a dataset already in memory).
+_SR_CLASSES: dict[str, type[hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR | hd.sr.EnhancedSR]] = {
+    ComprehensiveSRStorage: hd.sr.ComprehensiveSR,
+    Comprehensive3DSRStorage: hd.sr.Comprehensive3DSR,
+    EnhancedSRStorage: hd.sr.EnhancedSR,
+}
+
+
+def _measurement_report(ds: Dataset) -> hd.sr.MeasurementReport:
+    """The TID 1500 content of `ds` as highdicom's reader, `ds` left as it was."""
+    templates = ds.get("ContentTemplateSequence")
+    if not templates or str(templates[0].TemplateIdentifier) != "1500":
+        raise ValueError("not a TID 1500 Measurement Report")
+    sr_class = _SR_CLASSES.get(str(ds.get("SOPClassUID", "")))
+    if sr_class is None:
+        raise ValueError("not a Comprehensive, Comprehensive 3D or Enhanced SR")
+    # Copied here: from_dataset(copy=True) copies the dataset but converts the caller's own
+    # content items in place (highdicom 0.28.2, sr/sop.py _SR.from_dataset).
+    sr = sr_class.from_dataset(copy.deepcopy(ds), copy=False)
+    report = sr.content
+    if not isinstance(report, hd.sr.MeasurementReport):
+        raise ValueError("not a TID 1500 Measurement Report")
+    return report
+
+
+def _groups_in_order(report: hd.sr.MeasurementReport) -> list[_Group]:
+    """The report's measurement groups with a template identifier, in document order.
+
+    highdicom returns each template's groups by themselves (each list in document order); the
+    template identifiers of the "Imaging Measurements" container's groups interleave them.
+    A group without an identifier is not ours and is skipped, as highdicom would classify it
+    by content.
+    """
+    by_template: dict[str, Iterator[_Group]] = {
+        "1501": iter([g for g in report.get_image_measurement_groups() if g[0].template_id]),
+        "1410": iter([g for g in report.get_planar_roi_measurement_groups()
+                      if g[0].template_id]),
+        "1411": iter([g for g in report.get_volumetric_roi_measurement_groups()
+                      if g[0].template_id]),
+    }
+    containers = hd.sr.utils.find_content_items(
+        report[0], name=codes.DCM.ImagingMeasurements, value_type=hd.sr.ValueTypeValues.CONTAINER)
+    if not containers:
+        return []
+    items = hd.sr.utils.find_content_items(
+        containers[0], name=codes.DCM.MeasurementGroup, value_type=hd.sr.ValueTypeValues.CONTAINER)
+    groups = []
     for item in items:
-        yield item
-        yield from _walk(item.get("ContentSequence", []))
+        template = item.template_id
+        if template in by_template:
+            groups.append(next(by_template[template]))
+    return groups
 
 
-def _concept_value(item: Dataset) -> str:
-    names = item.get("ConceptNameCodeSequence")
-    return str(names[0].CodeValue) if names else ""
+def _image_uids(images: Iterable[hd.sr.ImageContentItem]) -> list[str]:
+    return [str(image.value[1]) for image in images]
 
 
-def _read_group(item: Dataset) -> ReportedFinding:
-    template = str(item.ContentTemplateSequence[0].TemplateIdentifier)
-    group: _Group
+def _sources(group: _Group) -> list[str]:
+    """The source images a group references, in document order (the SEG excluded).
+
+    highdicom writes a group's measurements before its source images, region or segment.
+    """
+    uids: list[str] = []
+    for measurement in group.get_measurements():
+        uids += _image_uids(measurement.referenced_images)
+    if isinstance(group, hd.sr.MeasurementsAndQualitativeEvaluations):
+        uids += _image_uids(group.source_images)
+    elif isinstance(group, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations):
+        roi = group.roi
+        if roi is not None:  # SourceImageForRegion: highdicom reads the SCOORD, not its source
+            uids += _image_uids(item for item in hd.sr.utils.find_content_items(
+                roi, value_type=hd.sr.ValueTypeValues.IMAGE)
+                if isinstance(item, hd.sr.ImageContentItem))
+    else:
+        segment = group.referenced_segment
+        if segment is not None:
+            uids += _image_uids(segment.source_images_for_segmentation)
+    return list(dict.fromkeys(uids))
+
+
+def _text(group: _Group, name: Code) -> str:
+    """A TEXT child of the group; highdicom 0.28 reads no TID 4019 Algorithm Identification."""
+    items = hd.sr.utils.find_content_items(
+        group[0], name=name, value_type=hd.sr.ValueTypeValues.TEXT)
+    return str(items[0].value) if items else ""
+
+
+def _read_group(group: _Group) -> ReportedFinding:
     location_kind: str | None = None
-    if template == "1410":
-        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations.from_sequence([item])
+    if isinstance(group, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations):
         roi = group.roi
         graphic = str(roi.GraphicType) if roi is not None else ""
         location_kind = {"POINT": "point", "POLYLINE": "bbox"}.get(graphic, graphic.lower())
-    elif template == "1411":
-        group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations.from_sequence([item])
+    elif isinstance(group, hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations):
         location_kind = "segment"
-    else:
-        group = hd.sr.MeasurementsAndQualitativeEvaluations.from_sequence([item])
     finding_type = group.finding_type
     if finding_type is None:
         raise ValueError("a measurement group has no finding type")
@@ -538,20 +612,14 @@ def _read_group(item: Dataset) -> ReportedFinding:
     if not evaluations or not measurements:
         raise ValueError(f"group {group.tracking_uid} lacks its evaluation or probability")
     flags = group.get_qualitative_evaluations(name=OUT_OF_DISTRIBUTION)
-    texts = {_concept_value(child): str(child.TextValue)
-             for child in item.ContentSequence if child.ValueType == "TEXT"}
-    sources: dict[str, None] = {}
-    for child in _walk(item.ContentSequence):
-        if child.ValueType == "IMAGE" and _concept_value(child) != _REFERENCED_SEGMENT:
-            sources[str(child.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)] = None
     return ReportedFinding(
         finding=from_code(finding_type),
         present=evaluations[0].value in _PRESENT_CODES,
         probability=float(measurements[0].value),
         tracking_uid=str(group.tracking_uid or ""),
-        algorithm_name=texts.get(_ALGORITHM_NAME, ""),
-        algorithm_version=texts.get(_ALGORITHM_VERSION, ""),
-        source_sop_instance_uids=tuple(sources),
+        algorithm_name=_text(group, codes.DCM.AlgorithmName),
+        algorithm_version=_text(group, codes.DCM.AlgorithmVersion),
+        source_sop_instance_uids=tuple(_sources(group)),
         location_kind=location_kind,
         out_of_distribution=(flags[0].value in _PRESENT_CODES) if flags else None,
     )
@@ -560,10 +628,14 @@ def _read_group(item: Dataset) -> ReportedFinding:
 def summarize_sr(ds: Dataset) -> list[ReportedFinding]:
     """Read the measurement groups of a TID 1500 report back, in document order (PS3.16 TID 1500).
 
+    Read through highdicom's :class:`highdicom.sr.MeasurementReport`: TID 1501, TID 1410 and
+    TID 1411 groups.
+
     Parameters
     ----------
     ds : pydicom.dataset.Dataset
-        A Measurement Report SR (ours; any TID 1500 with probability measurements works).
+        A Measurement Report in a Comprehensive, Comprehensive 3D or Enhanced SR (ours; any
+        TID 1500 with probability measurements works). Left unchanged.
 
     Returns
     -------
@@ -574,14 +646,4 @@ def summarize_sr(ds: Dataset) -> list[ReportedFinding]:
     ValueError
         Not a TID 1500 report, or a group without finding type, evaluation or probability.
     """
-    templates = ds.get("ContentTemplateSequence")
-    if not templates or str(templates[0].TemplateIdentifier) != "1500":
-        raise ValueError("not a TID 1500 Measurement Report")
-    found = []
-    for container in ds.ContentSequence:
-        if container.ValueType != "CONTAINER" or _concept_value(container) != "126010":
-            continue  # only "Imaging Measurements" holds measurement groups
-        for item in container.get("ContentSequence", []):
-            if item.ValueType == "CONTAINER" and "ContentTemplateSequence" in item:
-                found.append(_read_group(item))
-    return found
+    return [_read_group(group) for group in _groups_in_order(_measurement_report(ds))]

@@ -17,7 +17,6 @@ worker was presumed dead cannot complete twice.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -382,7 +381,7 @@ class JobRunner:
         """
         route = self._route(job.route)
         predictor, explainer = self.models.get(job.model_name)
-        series_uids = json.loads(job.series_instance_uids)
+        series_uids = job.series_instance_uids
         with self.db.sessions() as session:
             relative = jobs.instance_paths(session, series_uids)
             prior_job = jobs.latest_done_job(session, job.study_instance_uid, job.route,

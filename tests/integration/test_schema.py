@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
@@ -12,7 +14,7 @@ from sqlalchemy.dialects import sqlite
 
 from storage import repository
 from storage.db import Database
-from storage.models import Base, Event
+from storage.models import AuditEvent, Base, Batch, Event, Job, Mpps
 
 
 def test_migrations_match_the_models(db_url: str) -> None:
@@ -88,3 +90,71 @@ def test_an_up_to_date_database_starts_without_alembic(db_url: str) -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=True, cwd=Path(__file__).parents[2])
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.postgres
+def test_migration_0010_reads_json_text_of_a_database_at_0009_as_objects(db_url: str) -> None:
+    """Rows written as JSON text before 0010 read back as lists and dicts, unchanged."""
+    from alembic import command
+    from sqlalchemy import select
+
+    from storage.db import alembic_config
+
+    database = Database(db_url)
+    try:
+        cfg = alembic_config(db_url)
+        with database.engine.begin() as connection:  # as storage.db.upgrade runs it
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "0009")
+        now = datetime.now(UTC)
+        cut = '{"note": "' + "x" * 3990  # an audit detail an older version cut into non-JSON
+        with database.engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO mpps (id, sop_instance_uid, status, referenced_sop_instance_uids, "
+                "created_at, updated_at) VALUES (1, '1.9', 'COMPLETED', '[\"1.2.3\", \"1.2.4\"]', "
+                ":now, :now)"), {"now": now})
+            conn.execute(text(
+                "INSERT INTO jobs (id, study_instance_uid, series_instance_uids, route, "
+                "model_name, state, attempts, max_attempts, not_before, timings, created_at) "
+                "VALUES (1, '1.2', '[\"1.2.1\"]', 'r', 'm', 'done', 1, 3, :now, "
+                "'{\"inference\": 0.25, \"queue\": 1}', :now)"), {"now": now})
+            conn.execute(text(
+                "INSERT INTO batches (id, kind, source, query, state, created_at, updated_at) "
+                "VALUES (1, 'run', 'pacs', '{\"accessions\": [\"A1\"], \"modality\": null}', "
+                "'created', :now, :now)"), {"now": now})
+            conn.execute(text(  # a child row: the batch's row is kept, not copied and dropped
+                "INSERT INTO batch_studies (id, batch_id, study_instance_uid, accession_number, "
+                "study_date, state, retrieved_instances, failed_suboperations, attempts) "
+                "VALUES (1, 1, '1.2', 'A1', '20260101', 'found', 0, 0, 0)"))
+            conn.execute(text(
+                "INSERT INTO audit_events (id, at, actor_kind, actor, action, uids, detail) "
+                "VALUES (1, :now, 'dicom', 'AE', 'instances.stored', '[\"1.2\"]', "
+                "'{\"instances\": 3, \"nested\": {\"a\": [1, 2]}}'), "
+                "(2, :now, 'system', 'outbox', 'result.sent', '[]', :cut)"),
+                {"now": now, "cut": cut})
+        database.upgrade()
+        with database.sessions() as session:
+            assert session.scalars(select(Mpps.referenced_sop_instance_uids)).one() == [
+                "1.2.3", "1.2.4"]
+            job = session.scalars(select(Job)).one()
+            assert job.series_instance_uids == ["1.2.1"]
+            assert job.timings == {"inference": 0.25, "queue": 1}
+            assert session.scalars(select(Batch.query)).one() == {"accessions": ["A1"],
+                                                                  "modality": None}
+            events = session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
+            assert [(e.id, e.uids, e.detail) for e in events] == [
+                (1, ["1.2"], {"instances": 3, "nested": {"a": [1, 2]}}),
+                (2, [], {"detail_truncated": True})]
+        with database.engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        with database.engine.begin() as connection:  # and back: the text is JSON again
+            cfg.attributes["connection"] = connection
+            command.downgrade(cfg, "0009")
+        with database.engine.connect() as conn:
+            assert json.loads(conn.execute(text("SELECT timings FROM jobs")).scalar_one()) == {
+                "inference": 0.25, "queue": 1}
+            assert json.loads(conn.execute(text(
+                "SELECT detail FROM audit_events WHERE id = 1")).scalar_one()) == {
+                "instances": 3, "nested": {"a": [1, 2]}}
+    finally:
+        database.dispose()

@@ -190,7 +190,7 @@ def test_create_job_cancels_a_predecessor_that_never_ran(db: Database) -> None:
     assert created.state == PENDING
     assert created.attempts == 0
     assert created.not_before == at(5)
-    assert json.loads(created.series_instance_uids) == [SERIES]
+    assert created.series_instance_uids == [SERIES]
     assert created.supersedes_job_id is None  # nothing ran before: nothing to replace
     # Other studies and other routes are independent.
     other_route = new_job(db, route="knee", now=at(6))
@@ -387,7 +387,7 @@ def test_complete_job_writes_findings_results_and_outbox(db: Database) -> None:
     job = load(db, job_id)
     assert (job.state, job.finished_at, job.model_version) == (DONE, at(5), "v1")
     assert (job.lease_owner, job.lease_expires_at, job.error) == (None, None, None)
-    assert json.loads(job.timings) == {"inference": 0.25}
+    assert job.timings == {"inference": 0.25}
     with db.sessions() as session:
         rows = jobs.findings_of_study(session, STUDY)
         assert [(f.job_id, f.ordinal, f.label) for f in rows] == [
@@ -589,7 +589,7 @@ def test_scheduler_routes_a_study_once(db_url: str, db: Database, tmp_path: Path
     job = load(db, job_id)
     assert (job.route, job.model_name, job.state, job.max_attempts) == (
         "chest", "chest-model", PENDING, 4)
-    assert json.loads(job.series_instance_uids) == [cr_series]
+    assert job.series_instance_uids == [cr_series]
     assert job.not_before == at(601)
     with db.sessions() as session:
         event = session.get(Event, job.event_id)
