@@ -43,32 +43,33 @@ def new_incarnation(node: str) -> str:
     return f"{node}/{uuid.uuid4().hex[:12]}/"
 
 
-def _exit_with_parent(period: float = 1.0) -> None:
-    """End this worker within `period` seconds once the process that started it is gone.
+def _exit_with_parent(parent: int, period: float = 1.0) -> None:
+    """End this worker within `period` seconds once `parent` (the serve process) is gone.
 
     After ``kill -9`` of ``serve`` its workers would live on as orphans, running (and
-    finishing, with stale leases) jobs the next start has already handed out again. Checks
-    the parent pid (portable, unlike ``PR_SET_PDEATHSIG``) on a daemon thread.
+    finishing, with stale leases) jobs the next start has already handed out again. `parent`
+    comes from the pool, not from ``os.getppid()`` here: serve may die before a spawned worker
+    gets this far (its imports take a second or more), and then the orphan would watch its new
+    parent. Checks the parent pid (portable, unlike ``PR_SET_PDEATHSIG``) on a daemon thread.
     """
-    parent = os.getppid()
 
     def watch() -> None:
         while True:
-            time.sleep(period)
             if os.getppid() != parent:
                 LOGGER.warning("worker %d: its serve process %d is gone; exiting", os.getpid(),
                                parent)
                 os._exit(3)
+            time.sleep(period)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _worker_main(settings_data: dict[str, Any], owner: str,
                  job_queue: mp.queues.Queue[int | None],
-                 done_queue: mp.queues.Queue[tuple[int, str]]) -> None:
+                 done_queue: mp.queues.Queue[tuple[int, str]], parent: int) -> None:
     """Entry point of one pool worker (spawned: imports afresh, TensorFlow only here)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the pool decides when to stop
-    _exit_with_parent()
+    _exit_with_parent(parent)
     settings = Settings.model_validate(settings_data)
     setup_logging(settings.logging)
     from dicom_ai.runner.run import JobRunner
@@ -124,7 +125,8 @@ class LocalPool:
         owner = f"{self.incarnation}pool-{slot}/{os.getpid()}-{uuid.uuid4().hex[:6]}"
         process = self._ctx.Process(
             target=_worker_main,
-            args=(self.settings.model_dump(mode="json"), owner, self._queue, self._done),
+            args=(self.settings.model_dump(mode="json"), owner, self._queue, self._done,
+                  os.getpid()),
             name=f"dicom-ai-worker-{slot}", daemon=True,
         )
         process.start()
