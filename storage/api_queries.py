@@ -4,8 +4,7 @@ Every list is ``WHERE <filters> AND id > :after ORDER BY id LIMIT :limit`` (or `
 ``ORDER BY id DESC``, newest first). Equality filters have an index ending in ``id`` (see the
 indexes at the end of :mod:`storage.models`), so a page is one index range scan whatever the
 table size; aggregates (instance counts) are computed for the rows of the page only. Nothing
-here counts or sorts a whole table, except :func:`metrics_snapshot`, which runs once per
-Prometheus scrape.
+here counts or sorts a whole table (the ``/metrics`` counts are in :mod:`storage.metrics`).
 
 One reader per question: the job and batch lists live with their aggregate
 (:func:`storage.jobs.list_jobs`, :func:`storage.batches.list_batches`) and are re-exported
@@ -19,24 +18,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, func, select, text, update
+from sqlalchemy import Select, func, select, text, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from storage.batches import list_batches as list_batches
 from storage.jobs import list_jobs as list_jobs
 from storage.models import (
-    COMMITTED,
     PENDING,
-    SENT,
-    Batch,
     BatchStudy,
     FindingRecord,
     Instance,
-    Job,
     OutboxItem,
     Patient,
-    QuarantineRecord,
     ResultObject,
     Series,
     Study,
@@ -348,106 +342,3 @@ def batch_study_counts(session: Session, batch_id: int) -> dict[str, int]:
         .where(BatchStudy.batch_id == batch_id).group_by(BatchStudy.state)
     ).all()
     return {str(state): int(n) for state, n in rows}
-
-
-# -- metrics ----------------------------------------------------------------------------------
-@dataclass
-class MetricsSnapshot:
-    """What ``/metrics`` reports from the database (one read per scrape)."""
-
-    instances: int = 0
-    instance_bytes: int = 0
-    studies_by_state: dict[str, int] = field(default_factory=dict)
-    rejected_by_status: dict[int, int] = field(default_factory=dict)
-    jobs_by_state: dict[str, int] = field(default_factory=dict)
-    jobs_due: int = 0
-    batches_by_state: dict[str, int] = field(default_factory=dict)
-    # (destination, kind) -> rows
-    sent: dict[tuple[str, str], int] = field(default_factory=dict)
-    pending: dict[tuple[str, str], int] = field(default_factory=dict)
-    failing: dict[tuple[str, str], int] = field(default_factory=dict)
-    # Storage Commitment: committed rows, and sent rows whose report is outstanding (in
-    # neither `sent` nor `pending`); `sent` counts every delivered row (committed included).
-    committed: dict[tuple[str, str], int] = field(default_factory=dict)
-    awaiting: dict[tuple[str, str], int] = field(default_factory=dict)
-    # destination -> creation time of its oldest pending row
-    oldest_pending: dict[str, datetime] = field(default_factory=dict)
-
-
-def metrics_snapshot(session: Session, *, now: datetime) -> MetricsSnapshot:
-    """Counts for the metrics endpoint.
-
-    The instance count and byte total read the whole ``instances`` table (an index-only or
-    sequential scan, about 0.1 s per million rows on PostgreSQL); everything else is grouped
-    over small tables or indexed states.
-    """
-    snap = MetricsSnapshot()
-    count, total = session.execute(
-        select(func.count(Instance.id), func.coalesce(func.sum(Instance.size_bytes), 0))
-    ).one()
-    snap.instances, snap.instance_bytes = int(count), int(total)
-    snap.studies_by_state = {str(s): int(n) for s, n in session.execute(
-        select(Study.state, func.count(Study.id)).group_by(Study.state)).all()}
-    snap.rejected_by_status = {int(s): int(n) for s, n in session.execute(
-        select(QuarantineRecord.status, func.count(QuarantineRecord.id))
-        .group_by(QuarantineRecord.status)).all()}
-    snap.jobs_by_state = {str(s): int(n) for s, n in session.execute(
-        select(Job.state, func.count(Job.id)).group_by(Job.state)).all()}
-    snap.jobs_due = int(session.scalar(
-        select(func.count(Job.id)).where(Job.state == PENDING, Job.not_before <= now)) or 0)
-    snap.batches_by_state = {str(s): int(n) for s, n in session.execute(
-        select(Batch.state, func.count(Batch.id)).group_by(Batch.state)).all()}
-    for destination, kind, state, failing, requested, n in session.execute(
-        select(OutboxItem.destination, ResultObject.kind, OutboxItem.state,
-               OutboxItem.last_error.is_not(None), OutboxItem.commit_requested_at.is_not(None),
-               func.count(OutboxItem.id))
-        .join(ResultObject, OutboxItem.result_id == ResultObject.id)
-        .group_by(OutboxItem.destination, ResultObject.kind, OutboxItem.state,
-                  OutboxItem.last_error.is_not(None),
-                  OutboxItem.commit_requested_at.is_not(None))
-    ).all():
-        key = (str(destination), str(kind))
-        if state == SENT and requested:
-            snap.awaiting[key] = snap.awaiting.get(key, 0) + int(n)
-        elif state in (SENT, COMMITTED):
-            snap.sent[key] = snap.sent.get(key, 0) + int(n)
-            if state == COMMITTED:
-                snap.committed[key] = snap.committed.get(key, 0) + int(n)
-        else:
-            snap.pending[key] = snap.pending.get(key, 0) + int(n)
-            if failing:
-                snap.failing[key] = snap.failing.get(key, 0) + int(n)
-    snap.oldest_pending = {str(d): t for d, t in session.execute(
-        select(OutboxItem.destination, func.min(OutboxItem.created_at))
-        .where(OutboxItem.state == PENDING).group_by(OutboxItem.destination)).all()}
-    return snap
-
-
-@dataclass(frozen=True)
-class FinishedJob:
-    """A job that finished, with the model, its stage timings (seconds) and its note (the
-    series the model skipped and why; ``jobs.error`` of a done job)."""
-
-    id: int
-    model_name: str
-    finished_at: datetime
-    timings: dict[str, float]
-    note: str | None = None
-
-
-def finished_since(session: Session, since: datetime, *, limit: int = 10_000) -> list[FinishedJob]:
-    """Jobs done at or after `since` (index on ``finished_at``), oldest first."""
-    rows = session.execute(
-        select(Job.id, Job.model_name, Job.finished_at, Job.timings, Job.error)
-        .where(and_(Job.state == "done", Job.finished_at >= since))
-        .order_by(Job.finished_at, Job.id).limit(limit)
-    ).all()
-    found: list[FinishedJob] = []
-    for job_id, model, finished_at, timings, note in rows:
-        try:
-            parsed = {str(k): float(v) for k, v in (timings or {}).items()}
-        except (ValueError, TypeError, AttributeError):
-            parsed = {}
-        if finished_at is not None:
-            found.append(FinishedJob(int(job_id), str(model), finished_at, parsed, note))
-    return found

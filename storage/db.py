@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: The newest migration's revision (a test holds it equal to the migrations folder's head).
-HEAD_REVISION = "0010"
+HEAD_REVISION = "0011"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -65,6 +65,7 @@ from dicom_ai.inference.registry import Registry
 from dicom_ai.pipeline.loading import DEFER_BYTES, decode
 from dicom_ai.pipeline.preprocessing import unit_image
 from storage import api_queries, apikeys, dashboard_queries
+from storage import metrics as storage_metrics
 from storage.db import Database
 from storage.models import ROLE_OPERATOR
 from storage.repository import find_instance_path
@@ -350,7 +351,7 @@ def dashboard_router(settings: Settings, db: Database, *, rerun: Action,
         """What ``dashboard.html`` shows, read in one session."""
         now = datetime.now(UTC)
         with db.sessions() as session:
-            snap = api_queries.metrics_snapshot(session, now=now)
+            snap = storage_metrics.metrics_snapshot(session, now=now)
             studies = api_queries.list_studies(session, limit=ROWS, with_patient=show_patient)
             routing = dashboard_queries.routing_of_studies(
                 session, [s.study_instance_uid for s in studies])
@@ -490,7 +491,7 @@ def _notice(done: str | None, failed: str | None, target: int | None, new: int |
     return None
 
 
-def _counts(snap: api_queries.MetricsSnapshot) -> list[tuple[str, int, str]]:
+def _counts(snap: storage_metrics.MetricsSnapshot) -> list[tuple[str, int, str]]:
     """The count boxes: (label, number, id slug)."""
     studies, jobs = snap.studies_by_state, snap.jobs_by_state
     return [

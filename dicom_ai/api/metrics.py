@@ -46,6 +46,7 @@ from prometheus_client.registry import Collector
 from dicom_ai.network.counters import ReceiverCounters
 from dicom_ai.runner.analysis import SKIP_REASONS, skip_reasons
 from storage import api_queries, jobs
+from storage import metrics as storage_metrics
 from storage.db import Database
 
 LOGGER = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class _Latency:
     def feed(self, db: Database) -> None:
         since = max(self.started, self.watermark - _OVERLAP)
         with db.sessions() as session:
-            finished = api_queries.finished_since(session, since)
+            finished = storage_metrics.finished_since(session, since)
         for job in finished:
             if job.id in self.seen:
                 continue
@@ -129,7 +130,7 @@ class _Latency:
         horizon = self.watermark - _OVERLAP
         self.seen = {k: v for k, v in self.seen.items() if v >= horizon}
 
-    def _count_skips(self, job: api_queries.FinishedJob) -> None:
+    def _count_skips(self, job: storage_metrics.FinishedJob) -> None:
         model = job.model_name
         self.models.add(model)
         if job.note and job.note.startswith("not applicable: "):  # no series taken
@@ -206,7 +207,7 @@ class DatabaseCollector(Collector):
                                "1 if the index database answered this scrape")
         try:
             with self.db.sessions() as session:
-                snap = api_queries.metrics_snapshot(session, now=now)
+                snap = storage_metrics.metrics_snapshot(session, now=now)
                 drift = jobs.ood_counts(session, since=now - DRIFT_WINDOW)
             self._latency.feed(self.db)
         except api_queries.DatabaseError as exc:
