@@ -16,7 +16,7 @@ CONFIG ?= deploy/config.example.toml
 help:
 	@echo "make serve   run the receiver with CONFIG=$(CONFIG) (data under ./data, SQLite)"
 	@echo "make test    ruff, mypy, then pytest"
-	@echo "make bench   ingest benchmark -> benchmarks/results/ingest.json"
+	@echo "make bench   ingest benchmark -> benchmarks/results/ingest-steady.json"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	mkdir -p benchmarks/results
-	$(BIN)/python -m benchmarks.ingest --out benchmarks/results/ingest.json
+	$(BIN)/python -m benchmarks.ingest --out benchmarks/results/ingest-steady.json
 	$(BIN)/python -m benchmarks.preprocess --rounds 5 --out benchmarks/results/preprocess.json
 	$(BIN)/python -m benchmarks.inference --out benchmarks/results/inference.json
 	$(BIN)/python -m benchmarks.e2e --out benchmarks/results/e2e.json

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Protocol
 
 from dicom_ai.audit import Auditor
 from dicom_ai.config import Settings
@@ -41,6 +41,17 @@ from storage.db import Database
 from storage.filestore import FileStore
 
 LOGGER = logging.getLogger(__name__)
+
+
+class _Stoppable(Protocol):
+    def stop(self) -> object: ...
+
+
+def _stop_each(*parts: _Stoppable | None) -> None:
+    """Stop each part that was started, in the order given (the order of the shutdown)."""
+    for part in parts:
+        if part is not None:
+            part.stop()
 
 
 @dataclass
@@ -315,12 +326,7 @@ class Service:
         if self._stopping.is_set():
             return
         self._stopping.set()
-        if self._api is not None:
-            self._api.stop()
-        if self._balancer is not None:
-            self._balancer.stop()
-        if self._receiver is not None:
-            self._receiver.stop()
+        _stop_each(self._api, self._balancer, self._receiver)
         for process, _ in self._children:
             process.terminate()
         clean = True
@@ -331,16 +337,7 @@ class Service:
                 process.kill()
                 process.join()
                 clean = False
-        if self.retention is not None:
-            self.retention.stop()
-        if self._monitor is not None:
-            self._monitor.stop()
-        if self._scheduler is not None:
-            self._scheduler.stop()
-        if self.pool is not None:
-            self.pool.stop()
-        if self._sender is not None:
-            self._sender.stop()
+        _stop_each(self.retention, self._monitor, self._scheduler, self.pool, self._sender)
         if self._celery is not None:
             self._celery.close()
         if self._parts is not None:

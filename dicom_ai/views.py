@@ -19,7 +19,6 @@ This module imports no web framework: the CLI uses it without loading FastAPI.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, TypeVar
@@ -34,7 +33,7 @@ from pydantic import (
 )
 
 if TYPE_CHECKING:
-    from storage.api_queries import SeriesRow, StudyRow
+    from dicom_ai.inference.registry import ModelEntry
     from storage.apikeys import ApiKeyInfo
     from storage.audit import AuditRecord
     from storage.models import (
@@ -45,6 +44,7 @@ if TYPE_CHECKING:
         ResultObject,
         RoutingDecision,
     )
+    from storage.studies import SeriesRow, StudyRow
 
 #: A time, printed as ``datetime.isoformat()`` (what the API has always answered).
 Timestamp = Annotated[datetime, PlainSerializer(lambda value: value.isoformat(), return_type=str,
@@ -53,7 +53,9 @@ T = TypeVar("T")
 
 
 class _View(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    # from_attributes: a view whose fields are a row's own (same names) is built from the row
+    # itself (``model_validate(row)``) instead of copying every field by hand.
+    model_config = ConfigDict(frozen=True, from_attributes=True)
 
 
 class Page(_View, Generic[T]):
@@ -103,16 +105,8 @@ class StudyView(_View):
 
 
 def study_view(row: StudyRow) -> StudyView:
-    """The view of a :class:`storage.api_queries.StudyRow`."""
-    return StudyView(
-        id=row.id, study_instance_uid=row.study_instance_uid,
-        accession_number=row.accession_number, study_id=row.study_id,
-        study_date=row.study_date, study_time=row.study_time,
-        study_description=row.study_description, state=row.state, series=row.series,
-        instances=row.instances, modalities=list(row.modalities),
-        first_received_at=row.first_received_at, last_received_at=row.last_received_at,
-        completed_at=row.completed_at, completion_reason=row.completion_reason,
-        completion_count=row.completion_count, patient=row.patient)
+    """The view of a :class:`storage.studies.StudyRow` (its fields, read by name)."""
+    return StudyView.model_validate(row)
 
 
 class SeriesView(_View):
@@ -132,13 +126,8 @@ class SeriesView(_View):
 
 
 def series_view(row: SeriesRow) -> SeriesView:
-    """The view of a :class:`storage.api_queries.SeriesRow`."""
-    return SeriesView(
-        id=row.id, series_instance_uid=row.series_instance_uid,
-        study_instance_uid=row.study_instance_uid, modality=row.modality,
-        body_part_examined=row.body_part_examined, series_description=row.series_description,
-        series_number=row.series_number, state=row.state, instances=row.instances,
-        last_received_at=row.last_received_at, completed_at=row.completed_at)
+    """The view of a :class:`storage.studies.SeriesRow` (its fields, read by name)."""
+    return SeriesView.model_validate(row)
 
 
 class RoutingDecisionView(_View):
@@ -244,7 +233,7 @@ def finding_view(f: FindingRecord) -> FindingView:
                                                 code_meaning=f.code_meaning),
         probability=f.probability, threshold=f.threshold,
         decision="present" if f.present else "absent", location_kind=f.location_kind,
-        location=json.loads(f.location) if f.location else None,
+        location=f.location,
         segment_number=f.segment_number, heatmap_path=f.heatmap_path, created_at=f.created_at,
         superseded_by_job_id=f.superseded_by_job_id, ood_score=f.ood_score,
         out_of_distribution=f.out_of_distribution)
@@ -348,6 +337,50 @@ class StudyFindingsView(_View):
     jobs: list[JobView]
 
 
+# -- models --------------------------------------------------------------------------------------
+class ModelView(_View):
+    """A model version of the registry (the bundled ones included)."""
+
+    name: str
+    version: str
+    task: str
+    active: bool
+    bundled: bool
+    backend: str
+    modalities: list[str]
+    body_parts: list[str]
+    description: str
+    path: str
+
+
+def model_view(entry: ModelEntry) -> ModelView:
+    """The view of a registry entry (:meth:`dicom_ai.inference.registry.ModelEntry.summary`)."""
+    return ModelView.model_validate(entry.summary())
+
+
+class ModelListView(_View):
+    """Every model version of the registry (not paged: a registry holds a few)."""
+
+    items: list[ModelView]
+
+
+class ModelVersionView(_View):
+    """One version of a model."""
+
+    version: str
+    active: bool
+    bundled: bool
+
+
+class ModelDetailView(ModelView):
+    """A model version with its network's digest, its sibling versions and its whole spec
+    (``dicom-ai models show``)."""
+
+    network_sha256: str
+    versions: list[ModelVersionView]
+    spec: dict[str, Any]
+
+
 # -- batches, audit, API keys ---------------------------------------------------------------------
 class BatchView(_View):
     """A query/retrieve batch."""
@@ -376,6 +409,24 @@ class BatchDetailView(BatchView):
     """One batch with its studies counted by retrieve state."""
 
     studies: dict[str, int]
+
+
+class BatchTotalsView(_View):
+    """The totals of a batch's per-study report (``dicom-ai batch report``)."""
+
+    studies: int
+    retrieved: int
+    processed: int = Field(description="Retrieved, and unrouted or its job done with every "
+                           "SR delivered.")
+    failed: int = Field(description="Retrieval failed, or the study's job failed for good.")
+    sr_delivered: int
+
+
+class BatchStatusView(BatchDetailView):
+    """The API's batch detail with the totals of the batch's report (``dicom-ai batch
+    status``)."""
+
+    totals: BatchTotalsView
 
 
 class AuditEntryView(_View):

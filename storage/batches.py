@@ -71,6 +71,15 @@ def list_batches(session: Session, *, after: int | None = None, limit: int = 50,
     return list(session.scalars(keyset(query, Batch.id, after, limit, order)).all())
 
 
+def batch_study_counts(session: Session, batch_id: int) -> dict[str, int]:
+    """A batch's studies by retrieve state (``found``, ``retrieved``, ``failed``)."""
+    rows = session.execute(
+        select(BatchStudy.state, func.count(BatchStudy.id))
+        .where(BatchStudy.batch_id == batch_id).group_by(BatchStudy.state)
+    ).all()
+    return {str(state): int(n) for state, n in rows}
+
+
 def set_state(session: Session, batch_id: int, state: str, now: datetime, *,
               error: str | None = None, found: bool = False) -> None:
     """Move a batch to `state` (and record that finding is done, or an error).

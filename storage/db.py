@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: The newest migration's revision (a test holds it equal to the migrations folder's head).
-HEAD_REVISION = "0011"
+HEAD_REVISION = "0012"
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -119,6 +119,15 @@ def schema_revision(engine: Engine) -> str | None:
             return None
         revision = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
     return None if revision is None else str(revision)
+
+
+#: Raised when the database cannot be reached; the API answers 503 for it.
+DatabaseError = sa_exc.OperationalError
+
+
+def ping(session: Session) -> None:
+    """Run ``SELECT 1`` (raises :data:`DatabaseError` when the database is unreachable)."""
+    session.execute(text("SELECT 1"))
 
 
 # -- resource errors: a wait, not an attempt ---------------------------------------------------

@@ -8,8 +8,11 @@ receivers, dispatchers and workers may share one database:
   worker dies), waits without using an attempt when a resource is exhausted (:func:`wait_job`),
   and is completed at most once (:func:`complete_job` checks the lease is still ours
   and writes findings, results and outbox rows in the same transaction, keyed on the job id);
-* an outbox row is sent by one sender at a time (:func:`claim_outbox`), and stays pending with a
-  growing delay until the destination accepts it: nothing is dropped.
+* an outbox row is sent by one sender at a time (:func:`storage.outbox.claim_outbox`), and
+  stays pending with a growing delay until the destination accepts it: nothing is dropped.
+
+The readers of this aggregate (jobs, routing decisions, findings, result objects) are here too,
+one per question; the outbox rows' are in :mod:`storage.outbox`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from storage.models import (
     FAILED,
     PENDING,
     RUNNING,
-    SENT,
     WAITING,
     Event,
     FindingRecord,
@@ -39,7 +41,7 @@ from storage.models import (
     Series,
     Study,
 )
-from storage.paging import Order, keyset
+from storage.paging import MAX_LIMIT, Order, grouped, keyset
 
 
 # -- routing ----------------------------------------------------------------------------------
@@ -339,7 +341,7 @@ class FindingToStore:
     """One finding of a worker's run, as the columns of :class:`storage.models.FindingRecord`.
 
     A series or study decision names no one image (empty `sop_instance_uid`; a study one no
-    series either); `location` is the geometry as JSON (point, bbox, area), or None.
+    series either); `location` is the geometry (``point``, ``bbox``, ``area_pixels``), or None.
     """
 
     study_instance_uid: str
@@ -356,7 +358,7 @@ class FindingToStore:
     threshold: float
     present: bool
     location_kind: str | None
-    location: str | None
+    location: dict[str, Any] | None
     segment_number: int | None
     heatmap_path: str | None
     tracking_uid: str
@@ -394,8 +396,8 @@ def complete_job(session: Session, job_id: int, *, owner: str, model_version: st
     assert job is not None
     newer = latest_done_job(session, job.study_instance_uid, job.route, after=job_id)
     superseded_by = newer.id if newer is not None else None
-    for ordinal, finding in enumerate(findings):
-        values = asdict(finding) if isinstance(finding, FindingToStore) else finding
+    for ordinal, stored in enumerate(findings):
+        values = asdict(stored) if isinstance(stored, FindingToStore) else stored
         session.add(FindingRecord(job_id=job_id, ordinal=ordinal, created_at=now,
                                   superseded_by_job_id=superseded_by, **values))
     for item in results:
@@ -424,13 +426,7 @@ def complete_job(session: Session, job_id: int, *, owner: str, model_version: st
     return True
 
 
-def results_of_job(session: Session, job_id: int) -> list[ResultObject]:
-    """The result objects a job produced."""
-    return list(session.scalars(
-        select(ResultObject).where(ResultObject.job_id == job_id).order_by(ResultObject.id)
-    ).all())
-
-
+# -- readers: jobs and routing decisions -----------------------------------------------------
 def job(session: Session, job_id: int) -> Job | None:
     """One job by id."""
     return session.get(Job, job_id)
@@ -446,12 +442,8 @@ def list_jobs(session: Session, *, after: int | None = None, limit: int = 50,
     ----------
     session : Session
         An open session.
-    after : int, optional
-        The last id of the previous page.
-    limit : int
-        Page size (1-500).
-    order : {"asc", "desc"}
-        By id; ``desc`` (the default) is newest first.
+    after, limit, order
+        The page (:func:`storage.paging.keyset`); ``desc`` (the default) is newest first.
     state, model_name, route, study_instance_uid : str, optional
         Equality filters.
 
@@ -469,6 +461,104 @@ def list_jobs(session: Session, *, after: int | None = None, limit: int = 50,
     if study_instance_uid is not None:
         query = query.where(Job.study_instance_uid == study_instance_uid)
     return list(session.scalars(keyset(query, Job.id, after, limit, order)).all())
+
+
+def job_counts(session: Session) -> dict[str, int]:
+    """Jobs by state."""
+    rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+    return {str(state): int(count) for state, count in rows}
+
+
+def decisions_of_studies(session: Session, study_instance_uids: Sequence[str]
+                         ) -> dict[str, list[RoutingDecision]]:
+    """The routing decisions of some studies (e.g. one page of them), oldest first per study.
+
+    Parameters
+    ----------
+    session : Session
+        An open session.
+    study_instance_uids : sequence of str
+        The studies (indexed column ``routing_decisions.study_instance_uid``).
+
+    Returns
+    -------
+    dict of str to list of RoutingDecision
+        Every given UID, with an empty list when it has no decision yet.
+    """
+    return grouped(session, RoutingDecision, RoutingDecision.study_instance_uid,
+                   study_instance_uids)
+
+
+def decisions_of_study(session: Session, study_instance_uid: str) -> list[RoutingDecision]:
+    """Every routing decision recorded for a study, oldest first (:func:`decisions_of_studies`)."""
+    return decisions_of_studies(session, [study_instance_uid])[study_instance_uid]
+
+
+def job_notes(session: Session, job_ids: Sequence[int]) -> dict[int, str]:
+    """The notes of those of some jobs that are done with one: the series the model skipped
+    and why (``not applicable: ...`` when it took none, so the job has no result).
+
+    Parameters
+    ----------
+    session : Session
+        An open session.
+    job_ids : sequence of int
+        The jobs (primary key), e.g. those of one page's routing decisions.
+
+    Returns
+    -------
+    dict of int to str
+        Job id to ``jobs.error`` for done jobs with a note; other jobs are left out.
+    """
+    if not job_ids:
+        return {}
+    rows = session.execute(
+        select(Job.id, Job.error)
+        .where(Job.id.in_(sorted(set(job_ids))), Job.state == DONE, Job.error.is_not(None))
+    ).all()
+    return {int(job_id): str(note) for job_id, note in rows if note}
+
+
+# -- readers: findings and result objects ----------------------------------------------------
+def list_findings(session: Session, *, after: int | None = None, limit: int = 50,
+                  order: Order = "desc", model_name: str | None = None,
+                  present: bool | None = None, since: datetime | None = None,
+                  until: datetime | None = None, study_instance_uid: str | None = None,
+                  job_id: int | None = None, current_only: bool = False) -> list[FindingRecord]:
+    """Findings, one keyset page, filtered by model, decision, creation time, study or job.
+
+    ``since`` is inclusive and ``until`` exclusive (both timezone-aware); ``current_only``
+    leaves out findings superseded by a later job of their study and route.
+    """
+    query = select(FindingRecord)
+    if model_name is not None:
+        query = query.where(FindingRecord.model_name == model_name)
+    if present is not None:
+        query = query.where(FindingRecord.present.is_(present))
+    if since is not None:
+        query = query.where(FindingRecord.created_at >= since)
+    if until is not None:
+        query = query.where(FindingRecord.created_at < until)
+    if study_instance_uid is not None:
+        query = query.where(FindingRecord.study_instance_uid == study_instance_uid)
+    if job_id is not None:
+        query = query.where(FindingRecord.job_id == job_id)
+    if current_only:
+        query = query.where(FindingRecord.superseded_by_job_id.is_(None))
+    return list(session.scalars(keyset(query, FindingRecord.id, after, limit, order)).all())
+
+
+def finding(session: Session, finding_id: int) -> FindingRecord | None:
+    """One finding by id, or None."""
+    return session.get(FindingRecord, finding_id)
+
+
+def findings_of_study(session: Session, study_instance_uid: str, *,
+                      current_only: bool = True) -> list[FindingRecord]:
+    """Findings of a study in creation order (at most ``MAX_LIMIT``); by default only those not
+    superseded. The reader is :func:`list_findings`."""
+    return list_findings(session, study_instance_uid=study_instance_uid, current_only=current_only,
+                         order="asc", limit=MAX_LIMIT)
 
 
 def ood_counts(session: Session, *, since: datetime) -> dict[str, tuple[int, int]]:
@@ -494,123 +584,13 @@ def ood_counts(session: Session, *, since: datetime) -> dict[str, tuple[int, int
     return {str(name): (int(n), int(k or 0)) for name, n, k in rows}
 
 
-def findings_of_study(session: Session, study_instance_uid: str, *,
-                      current_only: bool = True) -> list[FindingRecord]:
-    """Findings of a study in creation order; by default only those not superseded."""
-    query = select(FindingRecord).where(FindingRecord.study_instance_uid == study_instance_uid)
-    if current_only:
-        query = query.where(FindingRecord.superseded_by_job_id.is_(None))
-    return list(session.scalars(query.order_by(FindingRecord.id)).all())
-
-
-def decisions_of_study(session: Session, study_instance_uid: str) -> list[RoutingDecision]:
-    """Every routing decision recorded for a study, oldest first."""
+def results_of_job(session: Session, job_id: int) -> list[ResultObject]:
+    """The result objects a job produced."""
     return list(session.scalars(
-        select(RoutingDecision).where(RoutingDecision.study_instance_uid == study_instance_uid)
-        .order_by(RoutingDecision.id)
+        select(ResultObject).where(ResultObject.job_id == job_id).order_by(ResultObject.id)
     ).all())
 
 
-# -- outbox -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Delivery:
-    """One claimed outbox row with what the sender needs."""
-
-    outbox_id: int
-    destination: str
-    path: str
-    sop_class_uid: str
-    sop_instance_uid: str
-    attempts: int
-    study_instance_uid: str = ""
-
-
-def claim_outbox(session: Session, *, now: datetime, lease_seconds: float,
-                 limit: int = 200) -> list[Delivery]:
-    """Take due pending outbox rows for this sender (a lease, so senders never double-send)."""
-    candidates = session.execute(
-        select(OutboxItem.id).where(
-            OutboxItem.state == PENDING, OutboxItem.next_attempt_at <= now,
-            or_(OutboxItem.lease_expires_at.is_(None), OutboxItem.lease_expires_at < now),
-        ).order_by(OutboxItem.id).limit(limit)
-    ).scalars().all()
-    lease = now + timedelta(seconds=lease_seconds)
-    taken: list[Delivery] = []
-    for outbox_id in candidates:
-        won = session.execute(
-            update(OutboxItem).where(
-                OutboxItem.id == outbox_id, OutboxItem.state == PENDING,
-                or_(OutboxItem.lease_expires_at.is_(None), OutboxItem.lease_expires_at < now),
-            ).values(lease_expires_at=lease, attempts=OutboxItem.attempts + 1)
-        ).rowcount  # type: ignore[attr-defined]
-        if not won:
-            continue
-        item, result = session.execute(
-            select(OutboxItem, ResultObject).join(ResultObject,
-                                                  OutboxItem.result_id == ResultObject.id)
-            .where(OutboxItem.id == outbox_id)
-        ).one()
-        taken.append(Delivery(item.id, item.destination, result.path, result.sop_class_uid,
-                              result.sop_instance_uid, item.attempts,
-                              result.study_instance_uid))
-    return taken
-
-
-def release_outbox_claims(session: Session, outbox_ids: Sequence[int], *,
-                          lease: datetime) -> int:
-    """Release rows a dead sender claimed, so they are sent now instead of after the claim.
-
-    `lease` is the claim's expiry, recorded by that sender: a row whose lease differs was
-    claimed again since (by another sender after the claim expired) and keeps its claim.
-    """
-    if not outbox_ids:
-        return 0
-    return int(session.execute(
-        update(OutboxItem).where(OutboxItem.id.in_(list(outbox_ids)),
-                                 OutboxItem.state == PENDING,
-                                 OutboxItem.lease_expires_at == lease)
-        .values(lease_expires_at=None)
-    ).rowcount)  # type: ignore[attr-defined]
-
-
-def mark_sent(session: Session, outbox_id: int, *, now: datetime, detail: str) -> None:
-    """The destination accepted the object (success or warning status)."""
-    session.execute(
-        update(OutboxItem).where(OutboxItem.id == outbox_id)
-        .values(state=SENT, sent_at=now, lease_expires_at=None, last_error=detail or None,
-                # a destination without storage commitment: delivered as sent (storage.outbox)
-                commit_transaction_uid=None, commit_requested_at=None, committed_at=None)
-    )
-
-
-def mark_retry(session: Session, outbox_id: int, *, now: datetime, error: str,
-               delay_seconds: float) -> None:
-    """Sending failed: stay pending and try again after `delay_seconds`."""
-    session.execute(
-        update(OutboxItem).where(OutboxItem.id == outbox_id)
-        .values(next_attempt_at=now + timedelta(seconds=delay_seconds), lease_expires_at=None,
-                last_error=error[:2000])
-    )
-
-
-def list_outbox(session: Session, *, state: str | None = None,
-                limit: int = 1000) -> list[OutboxItem]:
-    """Outbox rows, oldest first, optionally of one state."""
-    query = select(OutboxItem).order_by(OutboxItem.id).limit(limit)
-    if state is not None:
-        query = query.where(OutboxItem.state == state)
-    return list(session.scalars(query).all())
-
-
-def outbox_counts(session: Session) -> dict[str, int]:
-    """Outbox rows by state."""
-    rows = session.execute(
-        select(OutboxItem.state, func.count()).group_by(OutboxItem.state)
-    ).all()
-    return {str(state): int(count) for state, count in rows}
-
-
-def job_counts(session: Session) -> dict[str, int]:
-    """Jobs by state."""
-    rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
-    return {str(state): int(count) for state, count in rows}
+def get_result(session: Session, result_id: int) -> ResultObject | None:
+    """One result object by id, or None."""
+    return session.get(ResultObject, result_id)

@@ -299,9 +299,11 @@ class FindingRecord(Base):
     probability: Mapped[float] = mapped_column(Float)
     threshold: Mapped[float] = mapped_column(Float)
     present: Mapped[bool] = mapped_column(Boolean)
-    # "point" | "bbox" | "segment" | None, with its geometry as JSON (image pixels, row/col).
+    # "point" | "bbox" | "segment" | None, with its geometry (image pixels, row/col): a JSON
+    # object (migration 0011), SQL NULL when there is none (none_as_null, not JSON 'null').
     location_kind: Mapped[str | None] = mapped_column(String(16))
-    location: Mapped[str | None] = mapped_column(Text)
+    location: Mapped[dict[str, Any] | None] = mapped_column(
+        JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql"))
     segment_number: Mapped[int | None] = mapped_column(Integer)
     # The heat-map Secondary Capture of the finding's image, when one was made.
     heatmap_path: Mapped[str | None] = mapped_column(String(260))
@@ -476,3 +478,21 @@ Index("ix_findings_present_id", FindingRecord.present, FindingRecord.id)
 Index("ix_findings_created", FindingRecord.created_at)
 Index("ix_outbox_state_destination", OutboxItem.state, OutboxItem.destination,
       OutboxItem.created_at)
+
+
+class InstanceTotal(Base):
+    """Running totals of the ``instances`` table, one row per writer (migration 0012).
+
+    Triggers on ``instances`` add every insert, delete and size change to the row of the
+    writing connection, in the writer's own transaction: on PostgreSQL the row keyed by the
+    server process id of the connection (``pg_backend_pid()``, unique among open connections,
+    so concurrent writers never wait on each other's row), on SQLite (one writer at a time)
+    row 0. ``SUM`` over the rows is ``COUNT(*)`` and ``SUM(size_bytes)`` of ``instances``
+    (see :func:`storage.metrics.instance_totals`).
+    """
+
+    __tablename__ = "instance_totals"
+
+    shard: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    instances: Mapped[int] = mapped_column(BigInteger, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -4,6 +4,10 @@ Every write is safe under concurrency (several receiver processes, several threa
 created with ``INSERT ... ON CONFLICT`` and state changes are conditional ``UPDATE`` statements,
 so two receivers never create a study twice and the completion monitor never completes a series
 that just received another instance.
+
+Nothing here maintains the instance count and byte total of ``/metrics``: triggers on
+``instances`` (migration 0012) add every insert, delete and size change to the writer's row of
+``instance_totals`` in the same transaction, so no statement of the ingest path is added.
 """
 
 from __future__ import annotations

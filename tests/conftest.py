@@ -19,6 +19,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ import pytest
 from dicom_ai.config import LoggingSettings, Settings, load_settings
 from dicom_ai.logs import setup_logging
 from dicom_ai.service import Service
+from storage.db import Database
+from storage.filestore import FileStore
 from tests.peers import binary
 
 # Where every log record of the session goes (see pytest_configure), under the basetemp.
@@ -138,6 +141,32 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield f"sqlite:///{tmp_path / 'index.sqlite3'}"
     else:
         yield from _postgres_database()
+
+
+#: The fixed "now" of the tests of the state machines (jobs, outbox), with :func:`at`.
+T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    """T0 plus `seconds`."""
+    return T0 + timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    """A migrated, empty index database (SQLite and PostgreSQL, from :func:`db_url`)."""
+    database = Database(db_url)
+    database.upgrade()
+    try:
+        yield database
+    finally:
+        database.dispose()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileStore:
+    """An empty store under tmp_path."""
+    return FileStore(tmp_path / "store")
 
 
 @pytest.fixture

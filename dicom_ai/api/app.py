@@ -5,7 +5,7 @@ under ``/api`` needs an API key (:mod:`dicom_ai.api.auth`); ``POST`` actions nee
 key, and a browser request of another site is refused (:func:`dicom_ai.api.auth.same_origin`).
 Lists are keyset-paginated: ``?limit=N`` (1-500, default 50) and ``?after=ID`` with the
 ``next_after`` of the previous page; ``order=desc`` (default, newest first) or ``asc``.
-Ids in paths and queries are 1..:data:`storage.api_queries.MAX_ID` (the range of the id
+Ids in paths and queries are 1..:data:`storage.paging.MAX_ID` (the range of the id
 columns): anything else answers 422 before the database is asked.
 Patient names, IDs and birth dates are never returned unless ``api.show_patient_names``.
 Every object answered is a model of :mod:`dicom_ai.views` (the ``response_model``), the same
@@ -41,6 +41,7 @@ from dicom_ai.views import (
     FindingView,
     JobDetailView,
     JobView,
+    ModelListView,
     OutboxRowView,
     Page,
     SeriesView,
@@ -51,6 +52,7 @@ from dicom_ai.views import (
     delivery_view,
     finding_view,
     job_view,
+    model_view,
     outbox_view,
     page,
     result_view,
@@ -58,21 +60,24 @@ from dicom_ai.views import (
     series_view,
     study_view,
 )
-from storage import api_queries, apikeys, audit, batches
+from storage import apikeys, audit, batches
 from storage import jobs as job_rows
-from storage.db import Database
+from storage import outbox as outbox_rows
+from storage import studies as study_rows
+from storage.db import Database, DatabaseError, ping
+from storage.paging import MAX_ID, MAX_LIMIT
 
 LOGGER = logging.getLogger(__name__)
 
 #: A readiness check: returns a short description, raises with the reason when not ready.
 Check = Callable[[], str]
 
-Limit = Annotated[int, Query(ge=1, le=api_queries.MAX_LIMIT, description="Page size.")]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="Page size.")]
 # Ids are bounded by the columns' range: a larger one would make the database driver raise.
-After = Annotated[int | None, Query(ge=0, le=api_queries.MAX_ID,
+After = Annotated[int | None, Query(ge=0, le=MAX_ID,
                                     description="`next_after` of the previous page.")]
-RowId = Annotated[int, Path(ge=1, le=api_queries.MAX_ID, description="A row id.")]
-JobFilter = Annotated[int | None, Query(ge=1, le=api_queries.MAX_ID,
+RowId = Annotated[int, Path(ge=1, le=MAX_ID, description="A row id.")]
+JobFilter = Annotated[int | None, Query(ge=1, le=MAX_ID,
                                         description="Only rows of this job.")]
 OrderParam = Annotated[Literal["asc", "desc"], Query(description="By id; desc is newest "
                                                      "first.")]
@@ -112,7 +117,7 @@ def default_checks(settings: Settings, db: Database) -> dict[str, Check]:
 
     def database() -> str:
         with db.sessions() as session:
-            api_queries.ping(session)
+            ping(session)
         return "ok"
 
     def store() -> str:
@@ -187,7 +192,7 @@ def create_app(settings: Settings, db: Database, *,
                        study_instance_uid=study_instance_uid,
                        uids=[study_instance_uid] if study_instance_uid else (), detail=detail)
 
-    @app.exception_handler(api_queries.DatabaseError)
+    @app.exception_handler(DatabaseError)
     async def database_down(_request: Request, exc: Exception) -> JSONResponse:
         LOGGER.warning("API: the database did not answer: %s", exc.__class__.__name__)
         return JSONResponse({"detail": "the database is unavailable"},
@@ -229,7 +234,7 @@ def create_app(settings: Settings, db: Database, *,
         """Received studies with series/instance counts and modalities."""
         low, high = _study_dates(study_date)
         with db.sessions() as session:
-            rows = api_queries.list_studies(
+            rows = study_rows.list_studies(
                 session, after=after, limit=limit, order=order, state=state,
                 study_date_from=low, study_date_to=high, accession_number=accession_number,
                 with_patient=show_patient)
@@ -240,13 +245,13 @@ def create_app(settings: Settings, db: Database, *,
     def study(study_instance_uid: str) -> StudyDetailView:
         """One study: counts, series, jobs and routing decisions."""
         with db.sessions() as session:
-            row = api_queries.get_study(session, study_instance_uid, with_patient=show_patient)
+            row = study_rows.get_study(session, study_instance_uid, with_patient=show_patient)
             if row is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such study")
-            series = api_queries.list_series(session, study_instance_uid=study_instance_uid,
-                                             limit=api_queries.MAX_LIMIT, order="asc")
+            series = study_rows.list_series(session, study_instance_uid=study_instance_uid,
+                                            limit=MAX_LIMIT, order="asc")
             jobs = job_rows.list_jobs(session, study_instance_uid=study_instance_uid,
-                                      limit=api_queries.MAX_LIMIT)
+                                      limit=MAX_LIMIT)
             decisions = job_rows.decisions_of_study(session, study_instance_uid)
             return StudyDetailView(**dict(study_view(row)),
                                    series_list=[series_view(s) for s in series],
@@ -260,9 +265,9 @@ def create_app(settings: Settings, db: Database, *,
                modality: str | None = None) -> dict[str, Any]:
         """Series with their instance counts."""
         with db.sessions() as session:
-            rows = api_queries.list_series(session, after=after, limit=limit, order=order,
-                                           study_instance_uid=study_instance_uid,
-                                           modality=modality)
+            rows = study_rows.list_series(session, after=after, limit=limit, order=order,
+                                          study_instance_uid=study_instance_uid,
+                                          modality=modality)
         return page([series_view(r) for r in rows], limit)
 
     @app.get("/api/jobs", tags=["data"], dependencies=[read], response_model=Page[JobView])
@@ -286,7 +291,7 @@ def create_app(settings: Settings, db: Database, *,
             if row is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such job")
             results = job_rows.results_of_job(session, job_id)
-            deliveries = api_queries.deliveries_of_results(session, [r.id for r in results])
+            deliveries = outbox_rows.deliveries_of_results(session, [r.id for r in results])
             return JobDetailView(**dict(job_view(row)),
                                  results=[result_view(r, deliveries[r.id]) for r in results])
 
@@ -306,7 +311,7 @@ def create_app(settings: Settings, db: Database, *,
                  ) -> dict[str, Any]:
         """Findings, filtered by model, decision, creation date, study or job."""
         with db.sessions() as session:
-            rows = api_queries.list_findings(
+            rows = job_rows.list_findings(
                 session, after=after, limit=limit, order=order, model_name=model,
                 present=None if decision is None else decision == "present",
                 since=_aware(since), until=_aware(until),
@@ -323,18 +328,18 @@ def create_app(settings: Settings, db: Database, *,
                ) -> dict[str, Any]:
         """Deliveries of result objects to destinations."""
         with db.sessions() as session:
-            rows = api_queries.list_outbox(session, after=after, limit=limit, order=order,
+            rows = outbox_rows.list_outbox(session, after=after, limit=limit, order=order,
                                            state=state, destination=destination,
                                            job_id=job_id, failing=failing)
             return page([outbox_view(item, result) for item, result in rows], limit)
 
-    @app.get("/api/models", tags=["data"], dependencies=[read])
-    def models() -> dict[str, Any]:
+    @app.get("/api/models", tags=["data"], dependencies=[read], response_model=ModelListView)
+    def models() -> ModelListView:
         """Every model version in the registry (bundled ones included)."""
         from dicom_ai.inference.registry import Registry
 
         entries = Registry(settings.storage.root / "models").entries()
-        return {"items": [e.summary() for e in entries]}
+        return ModelListView(items=[model_view(e) for e in entries])
 
     @app.get("/api/routes", tags=["data"], dependencies=[read])
     def list_routes() -> dict[str, Any]:
@@ -364,7 +369,7 @@ def create_app(settings: Settings, db: Database, *,
             row = batches.get_batch(session, batch_id)
             if row is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such batch")
-            counts = api_queries.batch_study_counts(session, batch_id)
+            counts = batches.batch_study_counts(session, batch_id)
             return BatchDetailView(**dict(batch_view(row)), studies=counts)
 
     @app.get("/api/audit", tags=["data"], dependencies=[read],
@@ -419,7 +424,7 @@ def create_app(settings: Settings, db: Database, *,
         """Send a result object again to its destinations (and its route's current ones)."""
         now = datetime.now(UTC)
         with db.write_session() as session:
-            result = api_queries.get_result(session, result_id)
+            result = job_rows.get_result(session, result_id)
             if result is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such result")
             owner = job_rows.job(session, result.job_id)
@@ -429,7 +434,7 @@ def create_app(settings: Settings, db: Database, *,
                 wanted = []
             if result.kind == "heatmap" and route is not None and not route.send_heatmap:
                 wanted = []
-            count = api_queries.resend_result(session, result_id, wanted, now=now)
+            count = outbox_rows.resend_result(session, result_id, wanted, now=now)
             study_uid, sop_uid = result.study_instance_uid, result.sop_instance_uid
         LOGGER.info("API key %d: result %d queued again to %d destination(s)", key.id,
                     result_id, count)
@@ -445,7 +450,7 @@ def create_app(settings: Settings, db: Database, *,
         """Retry a pending (failing) delivery now instead of after its backoff."""
         now = datetime.now(UTC)
         with db.write_session() as session:
-            item = api_queries.retry_delivery(session, outbox_id, now=now)
+            item = outbox_rows.retry_delivery(session, outbox_id, now=now)
             if item is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such delivery")
             if item.state != "pending":

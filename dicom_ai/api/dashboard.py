@@ -64,10 +64,14 @@ from dicom_ai.exceptions import ConfigError, DicomAIError
 from dicom_ai.inference.registry import Registry
 from dicom_ai.pipeline.loading import DEFER_BYTES, decode
 from dicom_ai.pipeline.preprocessing import unit_image
-from storage import api_queries, apikeys, dashboard_queries
+from storage import apikeys
+from storage import jobs as job_rows
 from storage import metrics as storage_metrics
+from storage import outbox as outbox_rows
+from storage import studies as study_rows
 from storage.db import Database
 from storage.models import ROLE_OPERATOR
+from storage.paging import MAX_ID
 from storage.repository import find_instance_path
 
 __all__ = ["COOKIE_NAME", "MAX_FORM_BYTES", "REFRESH_SECONDS", "THUMBNAIL_PX", "Action",
@@ -87,7 +91,7 @@ ROWS = 20
 MAX_FORM_BYTES = 4096
 #: A row id in a path or the page's query: ids are 1..MAX_ID (larger ones cannot exist and
 #: would make the database driver raise), anything else answers 422.
-RowId = Annotated[int, PathParam(ge=1, le=api_queries.MAX_ID, description="A row id.")]
+RowId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="A row id.")]
 
 #: An operator action of the API: ``(id, key, client address) -> answer``; raises
 #: HTTPException 404/409. The key and the address go to the audit trail as the API's do.
@@ -291,8 +295,8 @@ def dashboard_router(settings: Settings, db: Database, *, rerun: Action,
                   done: Literal["rerun", "retry"] | None = None,
                   failed: Literal["rerun", "retry"] | None = None,
                   target: Annotated[int | None, Query(alias="id", ge=1,
-                                                      le=api_queries.MAX_ID)] = None,
-                  new: Annotated[int | None, Query(ge=1, le=api_queries.MAX_ID)] = None,
+                                                      le=MAX_ID)] = None,
+                  new: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
                   code: Annotated[int | None, Query(ge=100, le=599)] = None) -> Response:
         """The dashboard page (the sign-in form without a valid key)."""
         viewer_key = viewer(request)
@@ -352,15 +356,15 @@ def dashboard_router(settings: Settings, db: Database, *, rerun: Action,
         now = datetime.now(UTC)
         with db.sessions() as session:
             snap = storage_metrics.metrics_snapshot(session, now=now)
-            studies = api_queries.list_studies(session, limit=ROWS, with_patient=show_patient)
-            routing = dashboard_queries.routing_of_studies(
+            studies = study_rows.list_studies(session, limit=ROWS, with_patient=show_patient)
+            routing = job_rows.decisions_of_studies(
                 session, [s.study_instance_uid for s in studies])
-            notes = dashboard_queries.job_notes(
+            notes = job_rows.job_notes(
                 session, [d.job_id for ds in routing.values() for d in ds
                           if d.job_id is not None])
-            findings = api_queries.list_findings(session, limit=ROWS)
-            failed_jobs = api_queries.list_jobs(session, state="failed", limit=ROWS)
-            failing = api_queries.list_outbox(session, failing=True, limit=ROWS)
+            findings = job_rows.list_findings(session, limit=ROWS)
+            failed_jobs = job_rows.list_jobs(session, state="failed", limit=ROWS)
+            failing = outbox_rows.list_outbox(session, failing=True, limit=ROWS)
         models, models_error = _models(settings)
         return {
             "version": __version__, "now": _when(now), "key_name": viewer_key.name,
@@ -384,7 +388,7 @@ def dashboard_router(settings: Settings, db: Database, *, rerun: Action,
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="an API key is required",
                                 headers={"WWW-Authenticate": "Bearer"})
         with db.sessions() as session:
-            finding = dashboard_queries.finding(session, finding_id)
+            finding = job_rows.finding(session, finding_id)
             if finding is None:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such finding")
             frame: int | None = None
@@ -534,7 +538,7 @@ def _routing(decisions: Sequence[Any], notes: Mapping[int, str]) -> list[dict[st
     return parts
 
 
-def _study(s: api_queries.StudyRow, decisions: Sequence[Any], notes: Mapping[int, str]
+def _study(s: study_rows.StudyRow, decisions: Sequence[Any], notes: Mapping[int, str]
            ) -> dict[str, Any]:
     """One row of the recent studies (patient fields only where the query returned them)."""
     patient = s.patient or {}

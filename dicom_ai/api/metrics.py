@@ -5,7 +5,9 @@ Two sources:
 * The database holds the state of the whole installation (instance rows, quarantine rows, jobs,
   outbox rows), written by every receiver and worker process on every host; it is read at
   scrape time, so every serve process answers the same. "Instances" is the number in the index
-  (a duplicate kept as the first copy is not counted again); "instances rejected" is the
+  (a duplicate kept as the first copy is not counted again), read with its byte total from
+  running totals the index keeps in each write's transaction (a few rows, whatever the size of
+  the store: :func:`storage.metrics.instance_totals`); "instances rejected" is the
   quarantine by DIMSE status. The inference-latency histogram is built from the stage timings
   of jobs that finish while this process runs, and the skip counters from their notes: jobs
   the model took no series of (not applicable) and series skipped by reason class
@@ -45,9 +47,9 @@ from prometheus_client.registry import Collector
 
 from dicom_ai.network.counters import ReceiverCounters
 from dicom_ai.runner.analysis import SKIP_REASONS, skip_reasons
-from storage import api_queries, jobs
+from storage import jobs
 from storage import metrics as storage_metrics
-from storage.db import Database
+from storage.db import Database, DatabaseError
 
 LOGGER = logging.getLogger(__name__)
 
@@ -210,7 +212,7 @@ class DatabaseCollector(Collector):
                 snap = storage_metrics.metrics_snapshot(session, now=now)
                 drift = jobs.ood_counts(session, since=now - DRIFT_WINDOW)
             self._latency.feed(self.db)
-        except api_queries.DatabaseError as exc:
+        except DatabaseError as exc:
             LOGGER.warning("metrics: the database did not answer: %s", exc.__class__.__name__)
             up.add_metric([], 0)
             yield up

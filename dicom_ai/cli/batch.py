@@ -20,6 +20,7 @@ from dicom_ai.cli._common import (
     _emit,
     _fail,
     _page,
+    _print_json,
     command_context,
     console,
 )
@@ -155,17 +156,31 @@ def batch_resume(
 def batch_status(
     batch_id: Annotated[int, typer.Argument(help="The batch id.")],
     config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON object (the API's "
+                                          "batch detail, with the report's totals).")] = False,
 ) -> None:
-    """A batch's state and totals as JSON."""
+    """A batch's state, its studies by retrieve state and the totals of its report."""
     from dicom_ai.batch.run import report_rows, summarize
+    from dicom_ai.views import BatchStatusView, BatchTotalsView, batch_view
+    from storage import batches
 
     with command_context(config) as ctx:
         batch = _batch(ctx, batch_id)
-        summary = summarize(report_rows(ctx.db, batch_id))
-    typer.echo(json.dumps({"batch": batch_id, "kind": batch.kind, "source": batch.source,
-                           "route": batch.route, "state": batch.state,
-                           "query": batch.query, "error": batch.error,
-                           **summary}, indent=2))
+        totals = BatchTotalsView(**summarize(report_rows(ctx.db, batch_id)))
+        with ctx.db.sessions() as session:
+            counts = batches.batch_study_counts(session, batch_id)
+    shown = BatchStatusView(**dict(batch_view(batch)), studies=counts, totals=totals)
+    if as_json:
+        _print_json(shown)
+        return
+    table = Table("batch", "kind", "source", "route", "state", "found", "retrieved",
+                  "processed", "failed", "SR delivered")
+    table.add_row(str(shown.id), shown.kind, shown.source, shown.route or "", shown.state,
+                  str(totals.studies), str(totals.retrieved), str(totals.processed),
+                  str(totals.failed), str(totals.sr_delivered))
+    _emit(table)
+    if shown.error:
+        typer.echo(f"error: {shown.error}")
 
 
 def batch_report(

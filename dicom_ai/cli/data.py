@@ -31,11 +31,11 @@ def studies(
 ) -> None:
     """List received studies with their completion state, newest first (one page)."""
     from dicom_ai.views import study_view
-    from storage import api_queries
+    from storage import studies as study_rows
 
     with command_context(config) as ctx, ctx.db.sessions() as session:
-        rows = [study_view(r) for r in api_queries.list_studies(session, after=after,
-                                                                 limit=limit)]
+        rows = [study_view(r) for r in study_rows.list_studies(session, after=after,
+                                                                limit=limit)]
     if _page(rows, limit, as_json):
         return
     table = Table("StudyInstanceUID", "Accession", "Modalities", "Series", "Instances", "State",
@@ -89,12 +89,11 @@ def findings(
     """The findings of a study (current ones unless --all), how routing decided, and why a
     job gave no (or fewer) findings."""
     from dicom_ai.views import StudyFindingsView, finding_view, job_view, routing_view
-    from storage import api_queries
     from storage import jobs as job_rows
 
     with command_context(config) as ctx, ctx.db.sessions() as session:
         shown = StudyFindingsView(
-            findings=[finding_view(f) for f in api_queries.list_findings(
+            findings=[finding_view(f) for f in job_rows.list_findings(
                 session, study_instance_uid=study, current_only=not all_versions,
                 order="asc", limit=limit, after=after)],
             routing=[routing_view(d) for d in job_rows.decisions_of_study(session, study)],

@@ -13,6 +13,7 @@ from dicom_ai.cli._common import (
     CommandContext,
     ConfigOption,
     _emit,
+    _print_json,
     command_context,
 )
 
@@ -40,10 +41,12 @@ def models_list(
     config: ConfigOption = None,
 ) -> None:
     """List every model version (the bundled default first) and which one is active."""
+    from dicom_ai.views import model_view
+
     with command_context(config) as ctx:
         entries = _registry(ctx).entries()
     if as_json:
-        typer.echo(json.dumps([e.summary() for e in entries], indent=2))
+        _print_json([model_view(e) for e in entries])
         return
     table = Table("name", "version", "task", "active", "backend", "applies to", "source")
     for e in entries:
@@ -87,20 +90,22 @@ def models_show(
 ) -> None:
     """Show a model's spec (the active version unless one is named) and its versions."""
     from dicom_ai.inference.registry import network_sha256
+    from dicom_ai.views import ModelDetailView, ModelVersionView, model_view
 
     base, _, version = name.partition("@")
     with command_context(config) as ctx:
         registry = _registry(ctx)
         entry = registry.get(base, version or None)
         versions = registry.versions(base)
-    shown = {
-        **entry.summary(),
-        "network_sha256": network_sha256(entry),
-        "versions": [{"version": v.version, "active": v.active, "bundled": v.bundled}
-                     for v in versions],
-        "spec": json.loads(entry.spec.model_dump_json()),
-    }
-    typer.echo(json.dumps(shown, indent=2) if as_json else _describe_model(shown))
+    shown = ModelDetailView(
+        **dict(model_view(entry)), network_sha256=network_sha256(entry),
+        versions=[ModelVersionView(version=v.version, active=v.active, bundled=v.bundled)
+                  for v in versions],
+        spec=json.loads(entry.spec.model_dump_json()))
+    if as_json:
+        _print_json(shown)
+        return
+    typer.echo(_describe_model(shown.model_dump(mode="json")))
 
 
 def _describe_model(shown: dict[str, Any]) -> str:

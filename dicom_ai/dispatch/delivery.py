@@ -36,7 +36,6 @@ from dicom_ai.config import Settings
 from dicom_ai.network.handlers import CommitmentReports
 from dicom_ai.network.scu import Commitment, FileToSend, Peer, SendReport, inspect, send_files
 from dicom_ai.periodic import PeriodicWorker
-from storage import jobs
 from storage import outbox as outbox_rows
 from storage.db import Database
 from storage.filestore import default_node
@@ -70,7 +69,7 @@ def release_previous_claims(settings: Settings, db: Database) -> int:
         path.unlink(missing_ok=True)
         return 0
     with db.write_session() as session:
-        released = jobs.release_outbox_claims(session, ids, lease=lease)
+        released = outbox_rows.release_outbox_claims(session, ids, lease=lease)
     path.unlink(missing_ok=True)
     return released
 
@@ -103,7 +102,7 @@ class OutboxSender(PeriodicWorker):
         super().__init__("outbox", LOGGER, [("outbox run", self.send_due)],
                          interval=settings.delivery.poll_seconds, join_timeout=60)
 
-    def _record_claims(self, claimed: list[jobs.Delivery], lease: datetime) -> None:
+    def _record_claims(self, claimed: list[outbox_rows.Delivery], lease: datetime) -> None:
         """Write what we hold (after the claim committed) for the next start of this node."""
         try:
             self._claims.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +119,7 @@ class OutboxSender(PeriodicWorker):
         claim_seconds = self.settings.delivery.claim_seconds
         self.expire_commitments(now)
         with self.db.write_session() as session:
-            claimed = jobs.claim_outbox(session, now=now, lease_seconds=claim_seconds)
+            claimed = outbox_rows.claim_outbox(session, now=now, lease_seconds=claim_seconds)
         if not claimed:
             return 0
         # The expiry claim_outbox wrote: it identifies this claim for release_previous_claims.
@@ -140,9 +139,9 @@ class OutboxSender(PeriodicWorker):
                            "sending them again", expired, timeout)
         return expired
 
-    def _deliver(self, claimed: list[jobs.Delivery]) -> int:
+    def _deliver(self, claimed: list[outbox_rows.Delivery]) -> int:
         """Send claimed rows per destination and record each outcome."""
-        by_destination: dict[str, list[jobs.Delivery]] = defaultdict(list)
+        by_destination: dict[str, list[outbox_rows.Delivery]] = defaultdict(list)
         for item in claimed:
             by_destination[item.destination].append(item)
         delivered = 0
@@ -167,13 +166,13 @@ class OutboxSender(PeriodicWorker):
                     if item.outbox_id in recorded:
                         delivered += 1
                     elif ok:
-                        jobs.mark_sent(session, item.outbox_id, now=datetime.now(UTC),
+                        outbox_rows.mark_sent(session, item.outbox_id, now=datetime.now(UTC),
                                        detail=detail)
                         delivered += 1
                     else:
                         delay = retry_delay(item.attempts, policy.retry_initial_seconds,
                                             policy.retry_max_seconds)
-                        jobs.mark_retry(session, item.outbox_id, now=datetime.now(UTC),
+                        outbox_rows.mark_retry(session, item.outbox_id, now=datetime.now(UTC),
                                         error=detail, delay_seconds=delay)
             failed = sum(1 for ok, _ in outcome.values() if not ok)
             if failed:
@@ -187,7 +186,7 @@ class OutboxSender(PeriodicWorker):
                 self._commitment_outcomes(peer, items, report)
         return delivered
 
-    def _commitment_outcomes(self, peer: Peer, items: list[jobs.Delivery],
+    def _commitment_outcomes(self, peer: Peer, items: list[outbox_rows.Delivery],
                              report: SendReport) -> None:
         """After the send: a failed N-ACTION retries its rows; a same-association report counts."""
         policy = self.settings.delivery
@@ -213,7 +212,7 @@ class OutboxSender(PeriodicWorker):
                             "(transaction %s)", len(request.files), peer.ae_title,
                             request.transaction_uid)
 
-    def _audit(self, name: str, peer: Peer | None, items: list[jobs.Delivery],
+    def _audit(self, name: str, peer: Peer | None, items: list[outbox_rows.Delivery],
                outcome: dict[int, tuple[bool, str]]) -> None:
         """One ``results.sent`` row per study whose results reached this destination."""
         sent: dict[str, list[str]] = defaultdict(list)
@@ -230,7 +229,7 @@ class OutboxSender(PeriodicWorker):
                           "sop_instances": len(sop_uids), "failed": failed[study]})
             for study, sop_uids in sent.items()])
 
-    def _send(self, peer: Peer, items: list[jobs.Delivery], *, commit: bool = False,
+    def _send(self, peer: Peer, items: list[outbox_rows.Delivery], *, commit: bool = False,
               recorded: set[int] | None = None,
               ) -> tuple[dict[int, tuple[bool, str]], SendReport | None]:
         """C-STORE the rows' files; with `commit`, request Storage Commitment of what each

@@ -20,15 +20,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-# Every syntax pydicom knows whose dataset is little endian and not deflated (Implicit VR Little
-# Endian, Explicit VR Little Endian and the encapsulated ones). Unknown syntaxes go to pydicom.
-_LITTLE_ENDIAN_SYNTAXES = frozenset(
-    str(uid) for uid in AllTransferSyntaxes if uid.is_little_endian and not uid.is_deflated
-)
+from dicom_ai.transfer_syntaxes import LITTLE_ENDIAN
+
 # PS3.5 7.1.2: explicit VRs whose length field is 4 bytes (after 2 reserved bytes).
 _LONG_VRS = frozenset(
     {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
@@ -200,7 +195,7 @@ def scan_dataset(data: _Data, offset: int, transfer_syntax_uid: str,
         An unusual structure (see the module docstring).
     """
     found: dict[int, bytes] = {}
-    end = _elements(data, offset, transfer_syntax_uid == _IMPLICIT_LE, wanted, found)
+    end = _elements(data, offset, transfer_syntax_uid == ImplicitVRLittleEndian, wanted, found)
     if end != len(data):
         raise NeedsFullParse("item or delimiter tag at the top level")
     return Scan(transfer_syntax_uid, found)
@@ -209,31 +204,34 @@ def scan_dataset(data: _Data, offset: int, transfer_syntax_uid: str,
 def scan(path: Path, wanted: frozenset[int]) -> Scan:
     """Check a received file's structure and read the wanted top-level values.
 
+    The file meta group is read here, the dataset by :func:`scan_dataset` when its transfer
+    syntax is one of :data:`dicom_ai.transfer_syntaxes.LITTLE_ENDIAN`.
+
     Parameters
     ----------
     path : Path
         A Part 10 file.
     wanted : frozenset of int
-        Tags (``group << 16 | element``) whose raw values to return.
+        As for :func:`scan_dataset`.
 
     Returns
     -------
     Scan
-        The transfer syntax and the raw values found.
+        As from :func:`scan_dataset`.
 
     Raises
     ------
-    Truncated
-        An element, item or sequence runs past the end of the file.
     Deflated
         The dataset is deflated (never inflated here: see :mod:`dicom_ai.ingest.deflate`).
     NeedsFullParse
-        The file needs pydicom (big endian, unusual structure).
+        The file needs pydicom (big endian, an unknown syntax, an unusual structure).
+    Truncated
+        An element, item or sequence runs past the end of the file.
     """
     data = path.read_bytes()
     transfer_syntax, pos = _meta(data)
-    if transfer_syntax == _DEFLATED:
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
         raise Deflated(pos)
-    if transfer_syntax not in _LITTLE_ENDIAN_SYNTAXES:
+    if transfer_syntax not in LITTLE_ENDIAN:
         raise NeedsFullParse(f"transfer syntax {transfer_syntax}")
     return scan_dataset(data, pos, transfer_syntax, wanted)

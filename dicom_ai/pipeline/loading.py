@@ -10,7 +10,8 @@ Two shapes come out of here:
   (Multi-frame Functional Groups module, PS3.3 C.7.6.16).
 
 Pixel data is decoded by pydicom's pixel backends; a transfer syntax that no installed plugin can
-decode raises :class:`DecodeError` naming the transfer syntax and the package that would decode it.
+decode raises :class:`DecodeError` naming the transfer syntax and the package that would decode it
+(:data:`dicom_ai.transfer_syntaxes.DECODERS`).
 Reading is tolerant; the geometry a volume needs is not optional (:class:`LoadError`).
 
 Nothing is decoded before its size is known to be acceptable: :func:`check_pixel_limits` reads the
@@ -38,30 +39,16 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragmented_frames, get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import pixel_array
-from pydicom.uid import (
-    HTJ2K,
-    JPEG2000,
-    JPEG2000MC,
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    HTJ2KLossless,
-    HTJ2KLosslessRPCL,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEG2000MCLossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
+from pydicom.uid import UID, JPEGExtended12Bit
 
 from dicom_ai.config import LimitsSettings
 from dicom_ai.exceptions import DicomAIError
+from dicom_ai.transfer_syntaxes import (
+    DECODER_12BIT_JPEG,
+    DECODERS,
+    JPEG2000_FAMILY,
+    JPEG_FAMILY,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -77,32 +64,6 @@ MISSING_FACTOR = 1.5
 #: Elements larger than this are read from the file only when used: the pixel data of a file
 #: whose declared size is refused is never loaded.
 DEFER_BYTES = 64 * 1024
-
-_GDCM = "python-gdcm"
-_OPENJPEG = "pylibjpeg-openjpeg"
-_LIBJPEG_GPL = "pylibjpeg-libjpeg (GPL, not installed by default)"
-
-# Which plugin decodes which transfer syntax (PS3.5 section 10 and annex A.4).
-_PLUGINS: dict[str, str] = {
-    JPEGBaseline8Bit: f"pillow or {_GDCM}",
-    JPEGExtended12Bit: f"pillow or {_GDCM}",  # 8-bit samples; 12-bit handled in plugin_for()
-    JPEGLossless: _GDCM,
-    JPEGLosslessSV1: _GDCM,
-    JPEGLSLossless: f"pyjpegls or {_GDCM}",
-    JPEGLSNearLossless: f"pyjpegls or {_GDCM}",
-    JPEG2000Lossless: _OPENJPEG,
-    JPEG2000: _OPENJPEG,
-    JPEG2000MCLossless: _OPENJPEG,
-    JPEG2000MC: _OPENJPEG,
-    HTJ2KLossless: _OPENJPEG,
-    HTJ2KLosslessRPCL: _OPENJPEG,
-    HTJ2K: _OPENJPEG,
-    RLELossless: "pylibjpeg-rle (pydicom also decodes RLE natively)",
-    ImplicitVRLittleEndian: "pydicom itself (uncompressed)",
-    ExplicitVRLittleEndian: "pydicom itself (uncompressed)",
-    ExplicitVRBigEndian: "pydicom itself (uncompressed)",
-    DeflatedExplicitVRLittleEndian: "pydicom itself (deflated, uncompressed pixels)",
-}
 
 # What pydicom and its plugins raise when pixel data cannot be decoded.
 _DECODE_ERRORS = (
@@ -211,10 +172,6 @@ class Volume:
 #: The limits that apply when a caller gives none: the ``[limits]`` defaults.
 DEFAULT_LIMITS = LimitsSettings()
 
-_J2K_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000, JPEG2000MCLossless, JPEG2000MC,
-                           HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K})
-_JPEG_SYNTAXES = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-                            JPEGLSLossless, JPEGLSNearLossless})
 # Start of frame markers: SOF0-SOF15 less DHT (C4), JPG (C8) and DAC (CC); SOF55 of JPEG-LS.
 _JPEG_SOF = frozenset({*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC),
                        *range(0xCD, 0xD0), 0xF7})
@@ -337,7 +294,7 @@ def _check_codestreams(ds: Dataset, size: PixelGeometry, index: int | None) -> N
     a codestream larger than the header it came with is never a valid image (PS3.5 8.2).
     """
     uid = _transfer_syntax(ds)
-    if uid is None or (uid not in _J2K_SYNTAXES and uid not in _JPEG_SYNTAXES):
+    if uid is None or (uid not in JPEG2000_FAMILY and uid not in JPEG_FAMILY):
         return
     if "PixelData" not in ds:
         return
@@ -369,7 +326,7 @@ def _check_codestreams(ds: Dataset, size: PixelGeometry, index: int | None) -> N
 
 def _codestream_shape(data: bytes, uid: UID) -> tuple[int, int, int] | None:
     """``(rows, columns, components)`` from a codestream's header, None if not found."""
-    if uid in _J2K_SYNTAXES:
+    if uid in JPEG2000_FAMILY:
         offset = 0
         if data[4:8] == b"jP  ":  # a JP2 file: skip boxes to the codestream box (jp2c)
             while offset + 8 <= len(data):
@@ -417,8 +374,8 @@ def plugin_for(ds: Dataset) -> str:
     """
     uid = _transfer_syntax(ds)
     if uid == JPEGExtended12Bit and int(ds.get("BitsStored", 8) or 8) > 8:
-        return _LIBJPEG_GPL
-    return _PLUGINS.get(str(uid), "no known plugin")
+        return DECODER_12BIT_JPEG
+    return DECODERS.get(str(uid), "no known plugin")
 
 
 def decode(ds: Dataset, index: int | None = None, *,
@@ -624,10 +581,9 @@ def load_volume(paths: Iterable[str | PathLike[str]], *,
     Parameters
     ----------
     paths : iterable of path
-        The stored files of one series.
+        The stored files of one series, as for :func:`load_frames`.
     limits : LimitsSettings, optional
-        ``[limits]``, checked on every file before any is decoded; default
-        :data:`DEFAULT_LIMITS`.
+        As for :func:`load_frames`.
 
     Returns
     -------

@@ -7,7 +7,6 @@ store: both handed to :func:`storage.jobs.complete_job` as typed values.
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -196,7 +195,7 @@ def finding_row(finding: Finding, run: ModelRun, heatmap_paths: dict[str, str],
         threshold=finding.threshold,
         present=finding.present,
         location_kind=location.kind if location is not None else None,
-        location=json.dumps(geometry) if geometry else None,
+        location=geometry or None,
         segment_number=location.segment_number if location is not None else None,
         heatmap_path=heatmap_paths.get(sop_uid),
         tracking_uid=finding.tracking_uid,

@@ -550,6 +550,23 @@ def curve_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "small": paired([r for r in runs if r["studies"] <= 100])}
 
 
+# The options that replace one of the recipe's tuples of whole numbers: option -> (Recipe
+# field, what it holds).
+_NUMBER_OPTIONS = {
+    "--curve-sizes": ("learning_curve", "learning-curve sizes"),
+    "--curve-seeds": ("learning_curve_seeds", "learning-curve seeds"),
+    "--protocol-sizes": ("protocol_sizes", "protocol step sizes"),
+    "--protocol-seeds": ("protocol_seeds", "protocol step seeds"),
+}
+
+
+def _add_numbers_option(parser: argparse.ArgumentParser, option: str) -> None:
+    """Add one of :data:`_NUMBER_OPTIONS`, comma-separated, its help showing the default."""
+    field_name, what = _NUMBER_OPTIONS[option]
+    default = ",".join(map(str, getattr(Recipe, field_name)))
+    parser.add_argument(option, help=f"{what}, comma-separated (default {default})")
+
+
 def main() -> None:
     """Command-line entry: build the bundled models."""
     parser = argparse.ArgumentParser(description="Train the bundled dicom-ai models.")
@@ -560,10 +577,8 @@ def main() -> None:
     parser.add_argument("--steps", default=",".join(STEPS),
                         help=f"comma-separated subset of {','.join(STEPS)}")
     parser.add_argument("--summary", type=Path, help="also copy the summary JSON here")
-    parser.add_argument("--curve-sizes", help="learning-curve sizes, comma-separated "
-                        f"(default {','.join(map(str, LEARNING_CURVE_SIZES))})")
-    parser.add_argument("--curve-seeds", help="learning-curve seeds, comma-separated "
-                        f"(default {','.join(map(str, LEARNING_CURVE_SEEDS))})")
+    _add_numbers_option(parser, "--curve-sizes")
+    _add_numbers_option(parser, "--curve-seeds")
     parser.add_argument("--curve-results", type=Path,
                         help="learning-curve results file to resume from and rewrite, e.g. "
                              "benchmarks/results/learning_curve.json")
@@ -571,28 +586,21 @@ def main() -> None:
                         help="the pretrain step's self-supervised task (default: the recipe's)")
     parser.add_argument("--curve-scratch-from", type=Path,
                         help="reuse the scratch arms of this learning-curve results file")
-    parser.add_argument("--protocol-sizes", help="protocol step sizes, comma-separated "
-                        f"(default {','.join(map(str, Recipe.protocol_sizes))})")
-    parser.add_argument("--protocol-seeds", help="protocol step seeds, comma-separated "
-                        f"(default {','.join(map(str, Recipe.protocol_seeds))})")
+    _add_numbers_option(parser, "--protocol-sizes")
+    _add_numbers_option(parser, "--protocol-seeds")
     parser.add_argument("--protocol-results", type=Path,
                         help="where the protocol step writes its results, e.g. "
                              "benchmarks/results/transfer_protocol.json")
     args = parser.parse_args()
     recipe = Recipe.tiny() if args.tiny else Recipe()
-    if args.curve_sizes:
-        recipe = replace(recipe, learning_curve=tuple(int(n) for n in args.curve_sizes.split(",")))
-    if args.curve_seeds:
-        recipe = replace(recipe, learning_curve_seeds=tuple(
-            int(n) for n in args.curve_seeds.split(",")))
+    numbers: dict[str, Any] = {}
+    for option, (field_name, _) in _NUMBER_OPTIONS.items():
+        text = getattr(args, option[2:].replace("-", "_"))  # argparse's dest of the option
+        if text:
+            numbers[field_name] = tuple(int(n) for n in text.split(","))
+    recipe = replace(recipe, **numbers)
     if args.pretext:
         recipe = replace(recipe, pretext=args.pretext)
-    if args.protocol_sizes:
-        recipe = replace(recipe, protocol_sizes=tuple(
-            int(n) for n in args.protocol_sizes.split(",")))
-    if args.protocol_seeds:
-        recipe = replace(recipe, protocol_seeds=tuple(
-            int(n) for n in args.protocol_seeds.split(",")))
     summary = build_bundled(args.work, args.out, args.weights_out, recipe,
                             steps=tuple(step for step in args.steps.split(",") if step),
                             curve_results=args.curve_results,

@@ -177,6 +177,19 @@ def _score_groups(t: BoolArray, p: FloatArray) -> tuple[IntArray, IntArray, Floa
     return pos, sizes - pos, sorted_p[starts], order
 
 
+def _ranked(
+    y_true: ArrayLike, y_prob: ArrayLike, what: str
+) -> tuple[IntArray, IntArray, FloatArray]:
+    """The start of every ranking metric: validate, require both classes, group by score.
+
+    Returns the positives and negatives per score group and the group scores, highest first.
+    """
+    t, p = _validate(y_true, y_prob)
+    _require_both_classes(t, what)
+    pos, neg, scores, _ = _score_groups(t, p)
+    return pos, neg, scores
+
+
 def _auc_from_groups(pos: NDArray[Any], neg: NDArray[Any]) -> FloatArray:
     """ROC AUC from per-score-group class counts (last axis: groups, highest score first).
 
@@ -231,9 +244,7 @@ def roc_curve(
     ValueError
         If the inputs are invalid or only one class is present.
     """
-    t, p = _validate(y_true, y_prob)
-    _require_both_classes(t, "roc_curve")
-    pos, neg, scores, _ = _score_groups(t, p)
+    pos, neg, scores = _ranked(y_true, y_prob, "roc_curve")
     tps, fps = np.cumsum(pos), np.cumsum(neg)
     if drop_intermediate and tps.size > 2:
         # A point is kept where the curve bends: non-zero second difference of fps or tps.
@@ -266,9 +277,7 @@ def roc_auc(y_true: ArrayLike, y_prob: ArrayLike) -> float:
     ValueError
         If the inputs are invalid or only one class is present.
     """
-    t, p = _validate(y_true, y_prob)
-    _require_both_classes(t, "roc_auc")
-    pos, neg, _, _ = _score_groups(t, p)
+    pos, neg, _ = _ranked(y_true, y_prob, "roc_auc")
     return float(_auc_from_groups(pos, neg))
 
 
@@ -295,9 +304,7 @@ def pr_curve(y_true: ArrayLike, y_prob: ArrayLike) -> tuple[FloatArray, FloatArr
     ValueError
         If the inputs are invalid or only one class is present.
     """
-    t, p = _validate(y_true, y_prob)
-    _require_both_classes(t, "pr_curve")
-    pos, neg, scores, _ = _score_groups(t, p)
+    pos, neg, scores = _ranked(y_true, y_prob, "pr_curve")
     tps, fps = np.cumsum(pos), np.cumsum(neg)
     precision = tps / (tps + fps)
     recall = tps / tps[-1]
@@ -326,9 +333,7 @@ def average_precision(y_true: ArrayLike, y_prob: ArrayLike) -> float:
     ValueError
         If the inputs are invalid or only one class is present.
     """
-    t, p = _validate(y_true, y_prob)
-    _require_both_classes(t, "average_precision")
-    pos, neg, _, _ = _score_groups(t, p)
+    pos, neg, _ = _ranked(y_true, y_prob, "average_precision")
     return float(_ap_from_groups(pos, neg))
 
 

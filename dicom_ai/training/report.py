@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import matplotlib
 
@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from numpy.typing import ArrayLike
@@ -65,6 +66,15 @@ def _save(fig: Figure, path: PathLike) -> Path:
     return out
 
 
+def _finish(
+    fig: Figure, ax: Axes, path: PathLike, *, legend_loc: Literal["lower left", "lower right"]
+) -> Path:
+    """Give a one-axes plot its legend and the light grid every plot here has, then save it."""
+    ax.legend(loc=legend_loc)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def plot_roc(
     y_true: ArrayLike, y_prob: ArrayLike, path: PathLike, *, title: str = "ROC curve"
 ) -> Path:
@@ -94,9 +104,7 @@ def plot_roc(
     ax.set(xlim=(0, 1), ylim=(0, 1.01), title=title)
     ax.set_xlabel("1 - specificity (false positive rate)")
     ax.set_ylabel("sensitivity (true positive rate)")
-    ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _finish(fig, ax, path, legend_loc="lower right")
 
 
 def plot_pr(
@@ -133,9 +141,7 @@ def plot_pr(
     ax.axhline(prevalence, ls="--", color="grey", lw=1, label=f"prevalence ({prevalence:.2f})")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), title=title, xlabel="recall (sensitivity)")
     ax.set_ylabel("precision (PPV)")
-    ax.legend(loc="lower left")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _finish(fig, ax, path, legend_loc="lower left")
 
 
 def plot_calibration(
@@ -269,9 +275,7 @@ def plot_learning_curve(
     ax.axhline(0.5, ls="--", color="grey", lw=1, label="chance")
     ax.set(title="Learning curve", xlabel="labelled training studies", ylabel=metric)
     ax.set_ylim(min(0.45, *(min(p[1], p[2]) - 0.02 for p in ordered)), 1.0)
-    ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _finish(fig, ax, path, legend_loc="lower right")
 
 
 # --------------------------------------------------------------------------- model card

@@ -33,9 +33,10 @@ from pydicom import dcmread
 
 from dicom_ai.config import Settings
 from dicom_ai.reporting import summarize_sr
-from storage import jobs
+from storage import outbox
 from storage.db import Database
 from storage.models import OutboxItem
+from storage.paging import MAX_LIMIT
 from tests.conftest import missing
 from tests.integration.test_durability import Pusher, indexed
 from tests.integration.test_loop import SR_CLASSES, loop_settings
@@ -328,7 +329,8 @@ def outbox_rows(db_url: str) -> list[OutboxItem]:
     db = Database(db_url)
     try:
         with db.sessions() as session:
-            rows = jobs.list_outbox(session, limit=10_000)
+            rows = [item for item, _ in outbox.list_outbox(session, order="asc",
+                                                            limit=MAX_LIMIT)]
             session.expunge_all()
             return rows
     finally:

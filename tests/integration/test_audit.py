@@ -29,7 +29,7 @@ from dicom_ai.cli import app as cli_app
 from dicom_ai.config import Settings, load_settings
 from dicom_ai.dispatch.delivery import OutboxSender
 from dicom_ai.service import Service
-from storage import apikeys, audit, batches, jobs
+from storage import apikeys, audit, batches, jobs, outbox
 from storage.db import Database
 from tests.conftest import need_binary
 from tests.peers import ENV, make_ct_series, storescu
@@ -253,7 +253,7 @@ def test_results_sent_and_operator_actions(
                       timeout=30) as client:
         with db.sessions() as session:
             result_id = jobs.results_of_job(session, job_id)[0].id
-            outbox_id = jobs.list_outbox(session)[0].id
+            outbox_id = outbox.list_outbox(session, order="asc")[0][0].id
         assert client.post(f"/api/jobs/{job_id}/rerun", headers=headers).status_code == 201
         assert client.post(f"/api/results/{result_id}/resend",
                            headers=headers).status_code == 200

@@ -39,7 +39,7 @@ def _finding(study: str, series: str, model: str, i: int) -> dict[str, Any]:
             "model_version": "1.0.0", "label": "nodule", "code_value": "27925004",
             "code_scheme": "SCT", "code_meaning": "Nodule", "probability": 0.25 + i / 2,
             "threshold": 0.5, "present": i == 1, "location_kind": "point" if i else None,
-            "location": json.dumps({"x": 3, "y": 4}) if i else None,
+            "location": {"x": 3, "y": 4} if i else None,
             "segment_number": None, "heatmap_path": None, "tracking_uid": generate_uid()}
 
 
@@ -88,6 +88,7 @@ def _seed(db: Database) -> dict[str, Any]:
     with db.write_session() as session:
         batch_id = batches.create_batch(session, kind="run", source="archive", route="chest",
                                         query={"accessions": ["ACC0"]}, now=now).id
+        batches.add_found(session, batch_id, [batches.FoundStudy(studies[0], "ACC0")])
     Auditor(db).record("dimse", "CT1", "instances.stored", peer="127.0.0.1",
                        study_instance_uid=studies[0], uids=[studies[0]],
                        detail={"instances": 2})
@@ -140,6 +141,13 @@ def test_cli_json_equals_api_json(make_settings: Callable[..., Settings],
         assert cli("jobs", "--state", "pending") == get("/api/jobs", state="pending")["items"]
         assert cli("batch", "list") == get("/api/batches")["items"]
         assert cli("batch", "list")[0]["id"] == seeded["batch"]
+        # A batch's status: the API's batch detail, with its report's totals.
+        status = cli("batch", "status", str(seeded["batch"]))
+        assert {k: v for k, v in status.items() if k != "totals"} == get(
+            f"/api/batches/{seeded['batch']}")
+        assert status["studies"] == {"found": 1}
+        assert status["totals"] == {"studies": 1, "retrieved": 0, "processed": 0, "failed": 0,
+                                    "sr_delivered": 0}
         # The CLI prints the audit trail oldest first; the API pages newest first.
         assert cli("audit") == list(reversed(get("/api/audit")["items"]))
 
@@ -176,6 +184,15 @@ def test_cli_json_equals_api_json(make_settings: Callable[..., Settings],
         outbox = get("/api/outbox")["items"]
         assert {k: v for k, v in outbox[0].items()
                 if k not in ("kind", "sop_instance_uid")} == delivery
+
+        # Models: the registry's entries (the bundled ones here); `show` adds to the same.
+        models = cli("models", "list")
+        assert models == get("/api/models")["items"]
+        assert models
+        model = cli("models", "show", f"{models[0]['name']}@{models[0]['version']}")
+        assert {k: v for k, v in model.items()
+                if k not in ("network_sha256", "versions", "spec")} == models[0]
+        assert model["spec"]["name"] == models[0]["name"]
 
         # API keys (the CLI only): the same naming, never a hash.
         keys = cli("apikeys", "list")

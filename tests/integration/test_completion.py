@@ -19,7 +19,7 @@ from sqlalchemy import select
 from dicom_ai.config import Settings
 from dicom_ai.ingest.completion import CompletionEvent
 from dicom_ai.service import Service
-from storage import api_queries, jobs, repository
+from storage import jobs, repository, studies
 from storage.db import Database
 from storage.models import COMPLETE, RECEIVING, Event, Study
 from tests.integration.test_receive import port_of, send_paths
@@ -58,13 +58,12 @@ def open_index(settings: Settings) -> Iterator[Database]:
         db.dispose()
 
 
-def study(db: Database, study_uid: str) -> api_queries.StudyRow:
+def study(db: Database, study_uid: str) -> studies.StudyRow:
     """The index's summary of one study (it must exist)."""
     with db.sessions() as session:
-        found = [s for s in api_queries.list_studies(session, limit=api_queries.MAX_LIMIT)
-                 if s.study_instance_uid == study_uid]
-    assert len(found) == 1, f"study {study_uid} not indexed"
-    return found[0]
+        found = studies.get_study(session, study_uid)
+    assert found is not None, f"study {study_uid} not indexed"
+    return found
 
 
 def state_is(db: Database, study_uid: str, state: str) -> Callable[[], bool]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from dicom_ai.config import Settings
-from storage import jobs
+from storage import jobs, outbox
 from storage.db import Database
 from tests.conftest import need_binary
 from tests.integration.test_loop import (  # noqa: F401  (cr_studies is a fixture)
@@ -93,7 +93,7 @@ def _job_handed_out(session: jobs.Session) -> str | None:
 
 def _outbox_claimed(session: jobs.Session) -> bool:
     now = datetime.now(UTC)
-    rows = jobs.list_outbox(session)
+    rows = [item for item, _ in outbox.list_outbox(session)]
     return bool(rows) and all(r.state == "pending" and r.lease_expires_at is not None
                               and r.lease_expires_at > now for r in rows)
 
@@ -173,7 +173,7 @@ def test_serve_killed_with_a_job_and_a_send_in_flight_recovers_in_seconds(
         assert len(got["sc"]) == 1
         # The rows are marked sent once the association that carried them has ended: a moment
         # after the files are at the PACS.
-        wait_until(_poll_db(db_url, lambda s: jobs.outbox_counts(s) == {"sent": 2}), 10,
+        wait_until(_poll_db(db_url, lambda s: outbox.outbox_counts(s) == {"sent": 2}), 10,
                    "both deliveries marked sent")
         db = Database(db_url)
         with db.sessions() as session:

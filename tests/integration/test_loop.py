@@ -31,7 +31,7 @@ from dicom_ai.inference.registry import Registry
 from dicom_ai.reporting import summarize_sr
 from dicom_ai.service import Service
 from dicom_ai.training.synth import synthesize
-from storage import jobs
+from storage import jobs, outbox
 from storage.db import Database
 from storage.models import Job
 from tests.conftest import missing, need_binary
@@ -211,7 +211,7 @@ def test_results_reach_storescp_and_orthanc_and_match_the_truth(
         orthanc_srs = [r for job_id in range(1, 10) for r in jobs.results_of_job(session, job_id)
                        if r.kind == "sr" and r.sr_kind == "comprehensive3d"]
         assert len(orthanc_srs) == 4
-        assert jobs.outbox_counts(session) == {"sent": 16}
+        assert outbox.outbox_counts(session) == {"sent": 16}
         for study, present in truth.items():
             rows = jobs.findings_of_study(session, study)
             assert [r.present for r in rows] == [present]
@@ -247,7 +247,7 @@ def test_destination_down_then_service_restart_then_up_loses_nothing(
     def retried() -> bool:
         db = Database(db_url)
         with db.sessions() as session:
-            rows = jobs.list_outbox(session)
+            rows = [item for item, _ in outbox.list_outbox(session)]
             ok = len(rows) == 4 and all(r.attempts >= 2 and r.state == "pending" for r in rows)
         db.dispose()
         return ok
@@ -264,7 +264,7 @@ def test_destination_down_then_service_restart_then_up_loses_nothing(
         assert_valid_sr(path)
     db = Database(db_url)
     with db.sessions() as session:
-        assert jobs.outbox_counts(session) == {"sent": 4}
+        assert outbox.outbox_counts(session) == {"sent": 4}
     db.dispose()
 
 
@@ -313,7 +313,7 @@ def test_worker_killed_mid_job_loses_nothing_and_receiver_survives(
     assert len(received(scp.folder)["sr"]) == 1
     db = Database(db_url)
     with db.sessions() as session:
-        assert jobs.outbox_counts(session) == {"sent": 41}
+        assert outbox.outbox_counts(session) == {"sent": 41}
         assert len(jobs.findings_of_study(session, job.study_instance_uid)) == 40
     db.dispose()
     assert_valid_sr(got["sr"][0])

@@ -36,7 +36,9 @@ from dicom_ai.reporting import summarize_sr
 from dicom_ai.service import Service
 from dicom_ai.training.synth import synthesize
 from storage import jobs
+from storage import outbox as outbox_rows
 from storage.db import Database
+from storage.paging import MAX_LIMIT
 from tests.conftest import need_binary
 from tests.integration.test_loop import (
     assert_valid_sr,
@@ -119,7 +121,8 @@ def test_flagged_inputs_are_sent_with_the_flag_held_or_dropped_per_route(
                         for name, uid in study.items()}
                 results = {name: jobs.results_of_job(session, done[uid].id)
                            for name, uid in study.items()}
-                outbox = {item.result_id for item in jobs.list_outbox(session)}
+                outbox = {item.result_id for item, _ in outbox_rows.list_outbox(
+                    session, limit=MAX_LIMIT)}
             # Every real radiograph's finding is flagged with its score; the synthetic is not.
             for name in ("sent", "held", "dropped"):
                 (row,) = rows[name]

@@ -37,7 +37,7 @@ from dicom_ai.dispatch.scheduler import Scheduler
 from dicom_ai.ingest.recovery import reconcile
 from dicom_ai.ingest.spool import Ingestor, Received
 from dicom_ai.service import Service
-from storage import audit, jobs, repository
+from storage import audit, jobs, outbox, repository
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.models import (
@@ -50,6 +50,7 @@ from storage.models import (
     Series,
     Study,
 )
+from storage.paging import MAX_LIMIT
 from tests.peers import make_ct_series
 
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(days=30)
@@ -169,7 +170,7 @@ def _finish(world: World, name: str, *, sent_at: datetime | None) -> None:
         "frame_number": None, "model_name": "chest-nodule", "model_version": "1.0.0",
         "label": "nodule", "code_value": "RID50149", "code_scheme": "RADLEX",
         "code_meaning": "Pulmonary nodule", "probability": 0.9, "threshold": 0.5,
-        "present": True, "location_kind": "point", "location": json.dumps([1, 2]),
+        "present": True, "location_kind": "point", "location": {"point": [1, 2]},
         "segment_number": None, "heatmap_path": paths[-1] if name == "A" else None,
         "tracking_uid": f"2.25.{job_id}9",
     }
@@ -180,9 +181,9 @@ def _finish(world: World, name: str, *, sent_at: datetime | None) -> None:
     world.results_of[name] = paths
     if sent_at is not None:
         with world.db.write_session() as session:
-            for item in jobs.list_outbox(session):
+            for item, _ in outbox.list_outbox(session, order="asc", limit=MAX_LIMIT):
                 if item.job_id == job_id:
-                    jobs.mark_sent(session, item.id, now=sent_at, detail="")
+                    outbox.mark_sent(session, item.id, now=sent_at, detail="")
 
 
 @pytest.fixture

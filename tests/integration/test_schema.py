@@ -14,7 +14,7 @@ from sqlalchemy.dialects import sqlite
 
 from storage import repository
 from storage.db import Database
-from storage.models import AuditEvent, Base, Batch, Event, Job, Mpps
+from storage.models import AuditEvent, Base, Batch, Event, FindingRecord, Job, Mpps
 
 
 def test_migrations_match_the_models(db_url: str) -> None:
@@ -156,5 +156,101 @@ def test_migration_0010_reads_json_text_of_a_database_at_0009_as_objects(db_url:
             assert json.loads(conn.execute(text(
                 "SELECT detail FROM audit_events WHERE id = 1")).scalar_one()) == {
                 "instances": 3, "nested": {"a": [1, 2]}}
+    finally:
+        database.dispose()
+
+
+@pytest.mark.postgres
+def test_migration_0011_reads_finding_locations_of_a_database_at_0010_as_objects(
+        db_url: str) -> None:
+    """findings.location written as JSON text before 0011 reads back as a dict (or None)."""
+    from alembic import command
+    from sqlalchemy import select
+
+    from storage.db import alembic_config
+
+    database = Database(db_url)
+    try:
+        cfg = alembic_config(db_url)
+        with database.engine.begin() as connection:  # as storage.db.upgrade runs it
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "0010")
+        now = datetime.now(UTC)
+        with database.engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO jobs (id, study_instance_uid, series_instance_uids, route, "
+                "model_name, state, attempts, max_attempts, not_before, timings, created_at) "
+                "VALUES (1, '1.2', '[\"1.2.1\"]', 'r', 'm', 'done', 1, 3, :now, '{}', :now)"),
+                {"now": now})
+            conn.execute(text(
+                "INSERT INTO findings (id, job_id, ordinal, study_instance_uid, "
+                "series_instance_uid, sop_instance_uid, frame_number, model_name, "
+                "model_version, label, code_value, code_scheme, code_meaning, probability, "
+                "threshold, present, location_kind, location, tracking_uid, created_at, "
+                "out_of_distribution) VALUES "
+                "(1, 1, 0, '1.2', '1.2.1', '1.2.1.1', NULL, 'm', '1', 'nodule', '27925004', "
+                "'SCT', 'Nodule', 0.9, 0.5, true, 'bbox', "
+                "'{\"point\": [10.5, 20.25], \"bbox\": [1, 2, 30, 40], \"area_pixels\": 7}', "
+                "'1.9.1', :now, false), "
+                "(2, 1, 1, '1.2', '1.2.1', '', NULL, 'm', '1', 'nodule', '27925004', 'SCT', "
+                "'Nodule', 0.1, 0.5, false, NULL, NULL, '1.9.2', :now, false), "
+                "(3, 1, 2, '1.2', '1.2.1', '', NULL, 'm', '1', 'nodule', '27925004', 'SCT', "
+                "'Nodule', 0.1, 0.5, false, NULL, '', '1.9.3', :now, false)"), {"now": now})
+        with database.engine.begin() as connection:
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "0011")
+        with database.engine.connect() as conn:
+            locations = conn.execute(
+                select(FindingRecord.id, FindingRecord.location).order_by(FindingRecord.id)
+            ).all()
+            assert [tuple(row) for row in locations] == [
+                (1, {"point": [10.5, 20.25], "bbox": [1, 2, 30, 40], "area_pixels": 7}),
+                (2, None), (3, None)]
+            # No geometry is SQL NULL, not the JSON value null.
+            assert conn.execute(text(
+                "SELECT count(*) FROM findings WHERE location IS NULL")).scalar_one() == 2
+        with database.engine.begin() as connection:  # and back: the text is JSON again
+            cfg.attributes["connection"] = connection
+            command.downgrade(cfg, "0010")
+        with database.engine.connect() as conn:
+            assert json.loads(conn.execute(text(
+                "SELECT location FROM findings WHERE id = 1")).scalar_one()) == {
+                "point": [10.5, 20.25], "bbox": [1, 2, 30, 40], "area_pixels": 7}
+            assert conn.execute(text(
+                "SELECT location FROM findings WHERE id = 2")).scalar_one() is None
+    finally:
+        database.dispose()
+
+
+def test_a_finding_without_geometry_is_stored_as_sql_null(db_url: str) -> None:
+    """The ORM writes None as SQL NULL and a geometry as an object it reads back equal."""
+    from sqlalchemy import select
+
+    from storage import jobs
+
+    database = Database(db_url)
+    database.upgrade()
+    try:
+        now = datetime.now(UTC)
+        with database.write_session() as session:
+            job = jobs.create_job(session, study_instance_uid="1.2", series_instance_uids=["1.2.1"],
+                                  route="r", model_name="m", max_attempts=3, event_id=None,
+                                  now=now)
+            for ordinal, location in enumerate(({"point": [1.5, 2.0]}, None)):
+                session.add(FindingRecord(
+                    job_id=job.id, ordinal=ordinal, study_instance_uid="1.2",
+                    series_instance_uid="1.2.1", sop_instance_uid="", frame_number=None,
+                    model_name="m", model_version="1", label="l", code_value="c",
+                    code_scheme="SCT", code_meaning="C", probability=0.5, threshold=0.5,
+                    present=False, location_kind=None, location=location, segment_number=None,
+                    heatmap_path=None, tracking_uid=f"1.9.{ordinal}", created_at=now,
+                    ood_score=None, out_of_distribution=False))
+        with database.sessions() as session:
+            assert session.scalars(select(FindingRecord.location)
+                                   .order_by(FindingRecord.ordinal)).all() == [
+                {"point": [1.5, 2.0]}, None]
+        with database.engine.connect() as conn:
+            assert conn.execute(text(
+                "SELECT count(*) FROM findings WHERE location IS NULL")).scalar_one() == 1
     finally:
         database.dispose()

@@ -356,7 +356,7 @@ def test_outbox_delivers_to_a_tls_destination(
 
     from dicom_ai.config import load_settings
     from dicom_ai.dispatch.delivery import OutboxSender
-    from storage import jobs
+    from storage import jobs, outbox
     from storage.db import Database
 
     receiver = make_settings(dicom={"tls_cert": pki.server_cert, "tls_key": pki.server_key,
@@ -393,7 +393,7 @@ def test_outbox_delivers_to_a_tls_destination(
                                  timings={}, now=now)
     assert OutboxSender(sender, db).send_due() == 1
     with db.sessions() as session:
-        assert jobs.outbox_counts(session) == {"sent": 1}
+        assert outbox.outbox_counts(session) == {"sent": 1}
     db.dispose()
     assert _stored_path(receiver, result).is_file()
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import pytest
 from sqlalchemy import event
 
 from storage import batches
@@ -14,14 +12,6 @@ from storage.db import Database
 from storage.models import FindingRecord, Job, OutboxItem, ResultObject, RoutingDecision
 
 NOW = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = Database(db_url)
-    database.upgrade()
-    yield database
-    database.dispose()
 
 
 def _job(session: Any, uid: str, route: str, state: str, *, findings: int = 0,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -53,14 +52,6 @@ def rows(db: Database) -> dict[int, OutboxItem]:
 def delivered_ids(db: Database) -> set[int]:
     with db.sessions() as session:
         return set(session.scalars(select(OutboxItem.id).where(outbox.delivered())).all())
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    database = Database(db_url)
-    database.upgrade()
-    yield database
-    database.dispose()
 
 
 @pytest.mark.postgres

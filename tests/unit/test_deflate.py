@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import struct
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,23 +217,6 @@ def test_broken_streams_and_truncated_datasets_are_refused(
 
 
 # -- recovery and reconcile -----------------------------------------------------------------------
-@pytest.fixture
-def store(tmp_path: Path) -> FileStore:
-    """An empty store under tmp_path."""
-    return FileStore(tmp_path / "store")
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    """A migrated, empty index (SQLite and PostgreSQL)."""
-    database = Database(db_url)
-    database.upgrade()
-    try:
-        yield database
-    finally:
-        database.dispose()
-
-
 def _plant(store: FileStore, ds: Dataset, source: Path) -> Path:
     """Copy `source` to where the store keeps `ds` (no index row: recovery must find it)."""
     target = store.absolute(store.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID,

@@ -219,7 +219,7 @@ def _panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from panel.get("panels", [])  # collapsed rows
 
 
-def test_grafana_dashboard_queries_exported_metrics(
+def test_grafana_dashboard_panels_query_exported_metrics(
         exported_series: dict[str, set[str]]) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     series = set().union(*exported_series.values())

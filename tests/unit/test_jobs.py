@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from dicom_ai.dispatch.delivery import retry_delay
 from dicom_ai.dispatch.scheduler import Scheduler
 from dicom_ai.ingest.index import read_stored_record
 from dicom_ai.training.synth import synthesize
-from storage import jobs, repository
+from storage import jobs, outbox, repository
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.models import (
@@ -35,30 +34,14 @@ from storage.models import (
     ResultObject,
     RoutingDecision,
 )
+from tests.conftest import T0, at
 from tests.peers import make_ct_series
 
-T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 SERIES = "1.2.826.0.1.3680043.8.498.2"
 
 
-def at(seconds: float) -> datetime:
-    """T0 plus `seconds`."""
-    return T0 + timedelta(seconds=seconds)
-
-
 # -- helpers ----------------------------------------------------------------------------------
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    """A migrated, empty database (SQLite and PostgreSQL)."""
-    database = Database(db_url)
-    database.upgrade()
-    try:
-        yield database
-    finally:
-        database.dispose()
-
-
 @pytest.fixture
 def other(db_url: str, db: Database) -> Iterator[Database]:
     """A second connection pool to the same database: another process's view."""
@@ -107,7 +90,7 @@ def finding(job_number: int, label: str = "nodule", sop: str = "1.2.3.4") -> dic
         "frame_number": None, "model_name": "chest-model", "model_version": f"v{job_number}",
         "label": label, "code_value": "RID50149", "code_scheme": "RADLEX",
         "code_meaning": "Pulmonary nodule", "probability": 0.9, "threshold": 0.5,
-        "present": True, "location_kind": "point", "location": json.dumps([10, 20]),
+        "present": True, "location_kind": "point", "location": {"point": [10, 20]},
         "segment_number": None, "heatmap_path": None, "tracking_uid": f"2.25.{job_number}1",
     }
 
@@ -394,16 +377,17 @@ def test_complete_job_writes_findings_results_and_outbox(db: Database) -> None:
             (job_id, 0, "nodule"), (job_id, 1, "mass")]
         assert rows[0].created_at == at(5)
         assert rows[0].superseded_by_job_id is None
+        assert rows[0].location == {"point": [10, 20]}  # a JSON column: the object itself
         stored = jobs.results_of_job(session, job_id)
         assert [(r.sop_instance_uid, r.kind, r.sr_kind) for r in stored] == [
             ("2.25.1001", "sr", "comprehensive"), ("2.25.1002", "sr", "comprehensive")]
-        outbox = session.scalars(select(OutboxItem).order_by(OutboxItem.id)).all()
+        rows_sent = session.scalars(select(OutboxItem).order_by(OutboxItem.id)).all()
         assert [(o.result_id, o.job_id, o.destination, o.state, o.attempts, o.next_attempt_at)
-                for o in outbox] == [
+                for o in rows_sent] == [
             (stored[0].id, job_id, "pacs", PENDING, 0, at(5)),
             (stored[0].id, job_id, "viewer", PENDING, 0, at(5)),
         ]
-        assert jobs.outbox_counts(session) == {PENDING: 2}
+        assert outbox.outbox_counts(session) == {PENDING: 2}
         assert jobs.job_counts(session) == {DONE: 1}
 
 
@@ -471,7 +455,8 @@ def test_an_older_job_completing_after_a_newer_one_stays_superseded_and_unsent(
         everything = jobs.findings_of_study(session, STUDY, current_only=False)
         assert {(f.job_id, f.superseded_by_job_id) for f in everything} == {
             (newer, None), (older, newer)}
-        assert [o.job_id for o in jobs.list_outbox(session)] == [newer]  # no stale SR sent
+        # No stale SR is sent.
+        assert [o.job_id for o, _ in outbox.list_outbox(session)] == [newer]
 
 
 # -- outbox -----------------------------------------------------------------------------------
@@ -481,23 +466,23 @@ def test_outbox_claims_are_exclusive_and_retried_with_backoff(db: Database,
     claim(db, job_id, "w1", T0)
     assert complete(db, job_id, "w1", T0, results=[result("2.25.1001", ["pacs", "viewer"])])
     with db.write_session() as session:
-        assert jobs.claim_outbox(session, now=at(-1), lease_seconds=120) == []  # not due yet
-        first = jobs.claim_outbox(session, now=at(1), lease_seconds=120)
+        assert outbox.claim_outbox(session, now=at(-1), lease_seconds=120) == []  # not due yet
+        first = outbox.claim_outbox(session, now=at(1), lease_seconds=120)
     assert [(d.destination, d.path, d.sop_instance_uid, d.attempts) for d in first] == [
         ("pacs", "results/2.25.1001.dcm", "2.25.1001", 1),
         ("viewer", "results/2.25.1001.dcm", "2.25.1001", 1),
     ]
     assert first[0].sop_class_uid == "1.2.840.10008.5.1.4.1.1.88.33"
     with other.write_session() as session:  # another sender: everything is leased
-        assert jobs.claim_outbox(session, now=at(2), lease_seconds=120) == []
+        assert outbox.claim_outbox(session, now=at(2), lease_seconds=120) == []
     pacs, viewer = first
     delay = retry_delay(viewer.attempts, 5.0, 60.0)
     with db.write_session() as session:
-        jobs.mark_sent(session, pacs.outbox_id, now=at(3), detail="")
-        jobs.mark_retry(session, viewer.outbox_id, now=at(3), error="association rejected",
-                        delay_seconds=delay)
+        outbox.mark_sent(session, pacs.outbox_id, now=at(3), detail="")
+        outbox.mark_retry(session, viewer.outbox_id, now=at(3), error="association rejected",
+                          delay_seconds=delay)
     with db.sessions() as session:
-        assert jobs.outbox_counts(session) == {SENT: 1, PENDING: 1}
+        assert outbox.outbox_counts(session) == {SENT: 1, PENDING: 1}
         sent = session.get(OutboxItem, pacs.outbox_id)
         assert sent is not None
         assert (sent.sent_at, sent.lease_expires_at, sent.last_error) == (at(3), None, None)
@@ -507,13 +492,13 @@ def test_outbox_claims_are_exclusive_and_retried_with_backoff(db: Database,
         assert waiting.last_error == "association rejected"
         assert waiting.lease_expires_at is None
     with other.write_session() as session:
-        assert jobs.claim_outbox(session, now=at(7.9), lease_seconds=120) == []
-        again = jobs.claim_outbox(session, now=at(8), lease_seconds=120)
+        assert outbox.claim_outbox(session, now=at(7.9), lease_seconds=120) == []
+        again = outbox.claim_outbox(session, now=at(8), lease_seconds=120)
     assert [(d.outbox_id, d.attempts) for d in again] == [(viewer.outbox_id, 2)]
     # A sender that dies keeps its rows for the lease only; the sent row never comes back.
     with db.write_session() as session:
-        assert jobs.claim_outbox(session, now=at(127), lease_seconds=120) == []
-        taken = jobs.claim_outbox(session, now=at(129), lease_seconds=120)
+        assert outbox.claim_outbox(session, now=at(127), lease_seconds=120) == []
+        taken = outbox.claim_outbox(session, now=at(129), lease_seconds=120)
     assert [(d.outbox_id, d.attempts) for d in taken] == [(viewer.outbox_id, 3)]
 
 

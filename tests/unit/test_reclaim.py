@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from storage import jobs
+from storage import jobs, outbox
 from storage.db import Database
-from tests.unit.test_jobs import (  # noqa: F401  (db is a fixture)
-    T0,
-    at,
-    claim,
-    complete,
-    db,
-    load,
-    new_job,
-    result,
-)
+from tests.conftest import T0, at
+from tests.unit.test_jobs import claim, complete, load, new_job, result
 
 
-def test_only_this_nodes_previous_serve_loses_its_leases(db: Database) -> None:  # noqa: F811
+def test_only_this_nodes_previous_serve_loses_its_leases(db: Database) -> None:
     owners = {
         "old": "node-a/0ld0ld0ld0ld/pool-0/11-abcdef",    # this node, the killed serve
         "live": "node-a/n3wn3wn3wn3w/pool-0/12-abcdef",   # this node, the serve now starting
@@ -39,7 +31,7 @@ def test_only_this_nodes_previous_serve_loses_its_leases(db: Database) -> None: 
 
 
 def test_pending_jobs_dispatched_before_a_restart_are_dispatched_again(
-    db: Database,  # noqa: F811
+    db: Database,
 ) -> None:
     job_id = new_job(db)
     with db.write_session() as session:
@@ -50,17 +42,17 @@ def test_pending_jobs_dispatched_before_a_restart_are_dispatched_again(
 
 
 def test_outbox_claims_are_released_only_with_their_recorded_expiry(
-    db: Database,  # noqa: F811
+    db: Database,
 ) -> None:
     job_id = new_job(db)
     claim(db, job_id, "w1", T0)
     assert complete(db, job_id, "w1", T0, results=[result("2.25.1001", ["pacs", "viewer"])])
     with db.write_session() as session:
-        first = jobs.claim_outbox(session, now=at(1), lease_seconds=120)
+        first = outbox.claim_outbox(session, now=at(1), lease_seconds=120)
     ids = [d.outbox_id for d in first]
     with db.write_session() as session:  # a claim taken over since (another expiry): kept
-        assert jobs.release_outbox_claims(session, ids, lease=at(2 + 120)) == 0
-        assert jobs.claim_outbox(session, now=at(3), lease_seconds=120) == []
-        assert jobs.release_outbox_claims(session, ids, lease=at(1 + 120)) == 2
-        again = jobs.claim_outbox(session, now=at(3), lease_seconds=120)
+        assert outbox.release_outbox_claims(session, ids, lease=at(2 + 120)) == 0
+        assert outbox.claim_outbox(session, now=at(3), lease_seconds=120) == []
+        assert outbox.release_outbox_claims(session, ids, lease=at(1 + 120)) == 2
+        again = outbox.claim_outbox(session, now=at(3), lease_seconds=120)
     assert sorted(d.outbox_id for d in again) == sorted(ids)

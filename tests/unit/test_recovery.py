@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,30 +24,14 @@ from dicom_ai.ingest.recovery import (
     recover,
 )
 from dicom_ai.ingest.spool import RECONCILE_MARKER
-from storage import api_queries, repository
+from storage import repository
 from storage.db import Database
 from storage.filestore import FileStore, validate_uid
+from storage.studies import list_studies
 from tests.peers import REPO, make_ct_series
 
 
 # -- helpers ----------------------------------------------------------------------------------
-@pytest.fixture
-def store(tmp_path: Path) -> FileStore:
-    """An empty store under tmp_path."""
-    return FileStore(tmp_path / "store")
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    """A migrated, empty index (SQLite and PostgreSQL)."""
-    database = Database(db_url)
-    database.upgrade()
-    try:
-        yield database
-    finally:
-        database.dispose()
-
-
 @pytest.fixture
 def series(tmp_path: Path) -> list[Path]:
     """Three small CT instances of one new study, outside the store."""
@@ -127,8 +110,8 @@ def test_unclean_stop_indexes_orphans_and_drops_rows_without_files(
     assert report.files_quarantined == 0
     assert indexed(db) == {orphan, kept}
     with db.sessions() as session:
-        studies = api_queries.list_studies(session)
-    assert [s.instances for s in studies] == [2]
+        found = list_studies(session)
+    assert [s.instances for s in found] == [2]
 
 
 def test_misplaced_and_unparseable_files_are_quarantined(

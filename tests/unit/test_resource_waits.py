@@ -13,7 +13,6 @@ import logging
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -35,28 +34,11 @@ from dicom_ai.runner.run import WAIT_PREFIX, JobRunner, resource_problem
 from storage import jobs
 from storage.db import Database, is_resource_error
 from storage.models import FAILED, PENDING, RUNNING, WAITING, Job
-from tests.conftest import PG_SERVER, missing
+from tests.conftest import PG_SERVER, T0, at, missing
 from tests.peers import free_port
 
-T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 STUDY = "1.2.826.0.1.3680043.8.498.11"
 SERIES = "1.2.826.0.1.3680043.8.498.12"
-
-
-def at(seconds: float) -> datetime:
-    """T0 plus `seconds`."""
-    return T0 + timedelta(seconds=seconds)
-
-
-@pytest.fixture
-def db(db_url: str) -> Iterator[Database]:
-    """A migrated, empty database (SQLite and PostgreSQL)."""
-    database = Database(db_url)
-    database.upgrade()
-    try:
-        yield database
-    finally:
-        database.dispose()
 
 
 def new_job(db: Database, now: datetime = T0, max_attempts: int = 3) -> int:
