@@ -7,7 +7,8 @@ classifier) receives studies from dcmtk ``storescu`` and sends its SRs to dcmtk 
 * a two-view chest study (PA and lateral, two series) and pydicom's chest CR as a three-series
   study each get ONE SR whose groups reference every image, with a study-level decision;
 * an ankle radiograph (Body Part Examined ANKLE; the spec says CHEST) gets no nodule result and
-  no SR, and the reason is visible in the jobs API, ``dicom-ai jobs`` and ``dicom-ai findings``;
+  no SR, and the reason is visible in the jobs API, ``dicom-ai jobs`` and ``dicom-ai findings``,
+  counted by reason class in ``/metrics`` and shown on the dashboard (issue 18);
   an ankle series beside a chest series is skipped with its reason, the chest gets its SR;
 * a corpus of odd values seen in real files (dashed birth date, PatientSex U, odd PN, DS with
   too many digits, IS with spaces and +, lower-case CS, missing Type 2 attributes) each get
@@ -16,7 +17,9 @@ classifier) receives studies from dcmtk ``storescu`` and sends its SRs to dcmtk 
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -36,6 +39,7 @@ from typer.testing import CliRunner
 from dicom_ai.cli import app as cli_app
 from dicom_ai.config import Settings
 from dicom_ai.reporting import summarize_sr
+from dicom_ai.runner.analysis import SKIP_REASONS
 from dicom_ai.service import Service
 from dicom_ai.training.synth import synthesize
 from storage import apikeys, jobs
@@ -80,6 +84,12 @@ def _save(ds: Dataset, path: Path) -> Path:
     with lenient_values():
         ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def _sample(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
+    assert match is not None, f"{name} not in metrics"
+    return float(match.group(1))
 
 
 def join_study(ds: Dataset, study: Dataset, *, series_number: int, **values: Any) -> Dataset:
@@ -277,8 +287,35 @@ def test_ankle_radiograph_gets_no_nodule_result_and_the_reason_is_visible(
         listed = client.get("/api/jobs", params={"limit": 50})
         assert listed.status_code == 200, listed.text
         by_id = {j["id"]: j for j in listed.json()["items"]}
+        metrics = client.get("/metrics")
+        page = client.get("/dashboard")
     assert by_id[ankle_job.id]["state"] == "done"
     assert by_id[ankle_job.id]["error"] == ankle_job.error
+
+    # ... in the metrics: one job not applicable, two series skipped for their body part (the
+    # ankle study's and the mixed study's), nothing else; labels are classes, never UIDs or
+    # values ...
+    assert metrics.status_code == 200, metrics.text
+    text = metrics.text
+    assert _sample(text, 'dicom_ai_jobs_not_applicable_total{model="chest-nodule"}') == 1
+    for reason in SKIP_REASONS:
+        expected = 2 if reason == "body_part" else 0
+        name = f'dicom_ai_series_skipped_total{{model="chest-nodule",reason="{reason}"}}'
+        assert _sample(text, name) == expected, reason
+    assert str(ankle.SeriesInstanceUID) not in text
+    assert "ANKLE" not in text
+
+    # ... on the dashboard: each job's note next to its study's routing, marked by kind, without
+    # the patient's name ...
+    assert page.status_code == 200, page.text
+    body = page.text
+    for job, kind in ((ankle_job, "not-applicable"), (mixed_job, "partly-skipped")):
+        shown_note = re.search(rf'<div class="err skip-note {kind}" data-job-id="{job.id}">'
+                               r"([^<]*)</div>", body)
+        assert shown_note is not None, (kind, job.id)
+        assert html.unescape(shown_note.group(1)) == job.error
+    assert "body part ANKLE: chest-nodule 1.0.0 applies to CHEST" in body
+    assert str(ankle.PatientName) not in body
 
     # ... and in the CLI: `jobs --json` and `findings` of the ankle study.
     config = tmp_path / "config.toml"
