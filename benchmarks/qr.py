@@ -1,13 +1,16 @@
 """Batch retrieval rate: dicom-ai's batch (C-MOVE into its receiver, or C-GET) vs dcmtk alone.
 
 An Orthanc archive on loopback holds ``--studies`` CT studies of ``--slices`` 256x256 slices.
-Each round retrieves all of them, one study per retrieve request, one at a time:
+Each round retrieves all of them, one study per retrieve request, one at a time unless the name
+says ``xN`` (N studies in flight):
 
 * ``movescu``: dcmtk ``movescu`` with its own storage SCP as the move destination (writes files,
   no fsync, no index): the reference;
 * ``dicom-ai move``: a ``dicom-ai batch`` (C-FIND, then C-MOVE of each study) into a running
   dicom-ai receiver (fsync, index) with a fresh store;
-* ``getscu`` and ``dicom-ai get``: the same with C-GET.
+* ``getscu`` and ``dicom-ai get``: the same with C-GET;
+* ``dicom-ai get xN``: the batch with ``max_associations = N`` (``--in-flight``), each study on
+  its own C-GET association; ``getscu xN``: N ``getscu`` processes at once, for comparison.
 
 The rate is instances/s from the first retrieve request to the last instance stored (dicom-ai's
 C-FIND time excluded: the dcmtk runs are given the study UIDs). The best of ``--rounds`` counts.
@@ -23,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +39,12 @@ from tests.peers import ENV, Orthanc, binary, free_port, make_ct_series, storesc
 
 
 def dcmtk_retrieve(tool: str, orthanc: Orthanc, uids: list[str], folder: Path,
-                   port: int) -> float:
-    """Seconds for dcmtk movescu/getscu to retrieve each study into `folder`."""
+                   port: int, in_flight: int = 1) -> float:
+    """Seconds for dcmtk movescu/getscu to retrieve each study into `folder` (`in_flight`
+    processes at once)."""
     folder.mkdir(parents=True)
-    started = time.perf_counter()
-    for uid in uids:
+
+    def one(uid: str) -> None:
         args = [binary(tool) or tool, "-S", "-aec", orthanc.aet, "-od", str(folder),
                 "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={uid}"]
         if tool == "movescu":
@@ -48,11 +53,17 @@ def dcmtk_retrieve(tool: str, orthanc: Orthanc, uids: list[str], folder: Path,
                                 capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"{tool} failed: {result.stderr[-500:]}")
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=in_flight) as pool:
+        list(pool.map(one, uids))
     return time.perf_counter() - started
 
 
-def dicom_ai_retrieve(retrieve: str, orthanc: Orthanc, root: Path, port: int) -> tuple[float, int]:
-    """Seconds for a dicom-ai batch to retrieve every study; instances stored."""
+def dicom_ai_retrieve(retrieve: str, orthanc: Orthanc, root: Path, port: int,
+                      in_flight: int = 1) -> tuple[float, int]:
+    """Seconds for a dicom-ai batch to retrieve every study (`in_flight` at once); instances
+    stored."""
     settings = load_settings(
         None,
         dicom={"host": "127.0.0.1", "port": port, "receivers": 1},
@@ -60,7 +71,8 @@ def dicom_ai_retrieve(retrieve: str, orthanc: Orthanc, root: Path, port: int) ->
         logging={"level": "WARNING"},
         api={"enabled": False},
         sources=[{"name": "archive", "ae_title": orthanc.aet, "host": "127.0.0.1",
-                  "port": orthanc.port, "retrieve": retrieve}],
+                  "port": orthanc.port, "retrieve": retrieve,
+                  "max_associations": in_flight}],
     )
     service = Service(settings)
     service.start()
@@ -94,6 +106,8 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=8)
     parser.add_argument("--slices", type=int, default=25)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--in-flight", type=int, default=4,
+                        help="studies retrieved at once in the xN runs")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dicom-ai-qr-"))
@@ -116,16 +130,21 @@ def main() -> None:
             sent = storescu(orthanc.port, files, aet=orthanc.aet)
             if sent.returncode != 0:
                 raise RuntimeError(sent.stderr)
-            runs: dict[str, list[float]] = {k: [] for k in
-                                            ("movescu", "dicom-ai move", "getscu", "dicom-ai get")}
+            n = args.in_flight
+            names = ("movescu", "dicom-ai move", "getscu", "dicom-ai get", f"dicom-ai get x{n}",
+                     f"getscu x{n}")
+            runs: dict[str, list[float]] = {k: [] for k in names}
             for r in range(args.rounds):
                 for name in runs:
                     target = work / f"round{r}-{name.replace(' ', '-')}"
-                    if name in ("movescu", "getscu"):
-                        seconds = dcmtk_retrieve(name, orthanc, uids, target, movescu_port)
+                    in_flight = n if name.endswith(f" x{n}") else 1
+                    if name.startswith(("movescu", "getscu")):
+                        seconds = dcmtk_retrieve(name.split()[0], orthanc, uids, target,
+                                                 movescu_port, in_flight)
                         got = sum(1 for p in target.iterdir() if p.is_file())
                     else:
-                        seconds, got = dicom_ai_retrieve(name.split()[1], orthanc, target, ours)
+                        seconds, got = dicom_ai_retrieve(name.split()[1], orthanc, target, ours,
+                                                         in_flight)
                     if got != instances:
                         raise RuntimeError(f"{name} stored {got} of {instances} instances")
                     runs[name].append(instances / seconds)
@@ -135,10 +154,15 @@ def main() -> None:
             "benchmark": "qr",
             "machine": platform.platform(),
             "studies": args.studies, "instances": instances, "rounds": args.rounds,
+            "in_flight": n,
             "instances_per_second": {k: [round(v, 1) for v in vs] for k, vs in runs.items()},
             "best": {k: round(v, 1) for k, v in best.items()},
             "ratio_move": round(best["dicom-ai move"] / best["movescu"], 3),
             "ratio_get": round(best["dicom-ai get"] / best["getscu"], 3),
+            # The issue's target: the batch as run (N in flight) against getscu one at a time.
+            f"ratio_get_x{n}": round(best[f"dicom-ai get x{n}"] / best["getscu"], 3),
+            f"ratio_get_x{n}_vs_getscu_x{n}": round(best[f"dicom-ai get x{n}"]
+                                                   / best[f"getscu x{n}"], 3),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -147,10 +171,10 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
-    print(f"\n{'retrieval':<16}{'inst/s (best)':>14}{'ratio':>8}")
+    print(f"\n{'retrieval':<18}{'inst/s (best)':>14}{'vs getscu/movescu':>19}")
     for name in runs:
         ref = best["movescu"] if "move" in name else best["getscu"]
-        print(f"{name:<16}{best[name]:>14.1f}{best[name] / ref:>8.2f}")
+        print(f"{name:<18}{best[name]:>14.1f}{best[name] / ref:>19.2f}")
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ def _date_bounds(text: str) -> tuple[date, date] | None:
 
 
 def _identifier(query: BatchQuery, *, accession: str | None = None,
-                study_date: str | None = None) -> Dataset:
+                study_date: str | None = None, sop_classes: bool = False) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = "STUDY"
     ds.StudyInstanceUID = ""
@@ -119,9 +119,20 @@ def _identifier(query: BatchQuery, *, accession: str | None = None,
     ds.StudyDate = study_date or ""
     ds.NumberOfStudyRelatedInstances = ""
     ds.ModalitiesInStudy = query.modality or ""
+    if sop_classes:  # a C-GET proposes only these (an optional key: may come back absent)
+        ds.SOPClassesInStudy = ""
     for key, value in query.keys:
         setattr(ds, key, value)
     return ds
+
+
+def _sop_classes(match: Dataset) -> tuple[str, ...]:
+    """The SOP Classes in Study (0008,0062) of a C-FIND match; empty when absent."""
+    value = match.get("SOPClassesInStudy", None)
+    if value in (None, ""):
+        return ()
+    values = [value] if isinstance(value, str) else list(value)
+    return tuple(str(v).strip() for v in values if str(v).strip())
 
 
 def _found(match: Dataset) -> batches.FoundStudy | None:
@@ -174,6 +185,11 @@ class BatchRunner:
     _pace_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _next_start: float = field(default=0.0, init=False)
     _versions: dict[str | None, dict[str, str]] = field(default_factory=dict, init=False)
+    # C-GET: the SOP classes each found study holds (from the C-FIND; not persisted: a resumed
+    # batch asks again per study), and one ingestor for every retrieval in flight.
+    _classes: dict[str, tuple[str, ...]] = field(default_factory=dict, init=False)
+    _ingestor: Ingestor | None = field(default=None, init=False)
+    _ingestor_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def __post_init__(self) -> None:
         for source in self.settings.sources:
@@ -220,7 +236,9 @@ class BatchRunner:
         if query.accessions:
             for accession in query.accessions:
                 answer = find(self.peer, self.settings.dicom,
-                              _identifier(query, accession=accession))
+                              _identifier(query, accession=accession,
+                                          sop_classes=self._gets))
+                self._remember_classes(answer.matches)
                 if answer.truncated:
                     LOGGER.warning("C-FIND for accession %s on %s was cut short by the "
                                    "archive", accession, self.source.name)
@@ -235,8 +253,10 @@ class BatchRunner:
 
     def _find_range(self, query: BatchQuery, study_date: str | None
                     ) -> list[batches.FoundStudy]:
-        answer = find(self.peer, self.settings.dicom, _identifier(query, study_date=study_date))
+        answer = find(self.peer, self.settings.dicom,
+                      _identifier(query, study_date=study_date, sop_classes=self._gets))
         matches = answer.matches
+        self._remember_classes(matches)
         studies = [s for s in (_found(m) for m in matches) if s is not None]
         limit = self.source.max_query_results
         if not answer.truncated and (not limit or len(matches) < limit):
@@ -254,6 +274,46 @@ class BatchRunner:
         left = f"{first:%Y%m%d}-{middle:%Y%m%d}"
         right = f"{middle + timedelta(days=1):%Y%m%d}-{last:%Y%m%d}"
         return self._find_range(query, left) + self._find_range(query, right)
+
+    @property
+    def _gets(self) -> bool:
+        return self.source.retrieve == "get"
+
+    def _remember_classes(self, matches: Iterable[Dataset]) -> None:
+        for match in matches:
+            uid = str(match.get("StudyInstanceUID", "") or "")
+            if uid:  # empty: the archive does not list them (not asked again)
+                known = self._classes.get(uid, ())
+                self._classes[uid] = tuple(dict.fromkeys([*known, *_sop_classes(match)]))
+
+    def _study_classes(self, study_instance_uid: str) -> tuple[str, ...] | None:
+        """The SOP classes of a study: from the batch's C-FIND, else a C-FIND for the study
+        (a resumed batch); None when the archive does not say (every class is proposed)."""
+        if study_instance_uid in self._classes:
+            return self._classes[study_instance_uid] or None
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "STUDY"
+        identifier.StudyInstanceUID = study_instance_uid
+        identifier.SOPClassesInStudy = ""
+        try:
+            answer = find(self.peer, self.settings.dicom, identifier)
+        except NetworkError as exc:
+            LOGGER.info("study %s: SOP classes not known (%s): proposing every class",
+                        study_instance_uid, safe_message(exc))
+            return None
+        classes = tuple(dict.fromkeys(c for m in answer.matches for c in _sop_classes(m)))
+        return classes or None
+
+    def _shared_ingestor(self) -> Ingestor:
+        """One ingestor (and its fsync threads) for every C-GET of this runner."""
+        with self._ingestor_lock:
+            if self._ingestor is None:
+                # Its own incoming/ folder: a serve (re)start on this host must not clear a
+                # retrieval in progress.
+                self._ingestor = Ingestor(self.settings.storage.file_store(role="batch"),
+                                          self.db, self.settings.storage,
+                                          self.settings.limits)
+            return self._ingestor
 
     # -- creating and running ---------------------------------------------------------------
     def create(self, query: BatchQuery, *, route: str | None = None,
@@ -349,8 +409,9 @@ class BatchRunner:
             if stop.is_set():
                 return
             self._retrieve(row, versions)
-            with lock:
-                report(self.counts(batch_id))
+            if progress is not None:  # reading the counts is a query over the batch
+                with lock:
+                    report(self.counts(batch_id))
 
         with ThreadPoolExecutor(max_workers=self.source.max_associations) as pool:
             list(pool.map(one, todo))
@@ -473,11 +534,19 @@ class BatchRunner:
         if self.source.retrieve == "move":
             return move_study(self.peer, self.settings.dicom, study_instance_uid,
                               self.settings.dicom.ae_title)
-        # Its own incoming/ folder: a serve (re)start on this host must not clear a retrieval
-        # in progress.
-        ingestor = Ingestor(self.settings.storage.file_store(role="batch"), self.db,
-                            self.settings.storage, self.settings.limits)
-        return get_study(self.peer, self.settings.dicom, study_instance_uid, ingestor)
+        ingestor = self._shared_ingestor()
+        classes = self._study_classes(study_instance_uid)
+        result = get_study(self.peer, self.settings.dicom, study_instance_uid, ingestor,
+                           classes)
+        if classes is not None and not result.ok:
+            # The archive may hold a class its SOPClassesInStudy left out (no context for
+            # it: a failed sub-operation): once more with every class. What arrived already
+            # comes again and is absorbed as a duplicate.
+            LOGGER.info("study %s: C-GET with the study's SOP classes ended 0x%04X (%d "
+                        "failed): again with every class", study_instance_uid, result.status,
+                        result.failed)
+            result = get_study(self.peer, self.settings.dicom, study_instance_uid, ingestor)
+        return result
 
 
 REPORT_COLUMNS = ("StudyInstanceUID", "AccessionNumber", "StudyDate", "retrieve",

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import csv
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import generate_uid
+from sqlalchemy import select
 
 from dicom_ai.batch.run import BatchQuery, BatchRunner, Counts, report_rows, write_report
 from dicom_ai.config import Settings, load_settings
@@ -20,11 +23,13 @@ from dicom_ai.service import Service
 from dicom_ai.training.synth import synthesize
 from storage import batches
 from storage.db import Database
+from storage.models import Instance
 from tests.conftest import need_binary
 from tests.peers import Orthanc, storescu, wait_until
 
 sqlite_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
 
 
 @pytest.fixture(scope="module")
@@ -374,3 +379,116 @@ def test_cancelled_batch_stops_stays_cancelled_and_cannot_resume(loop: dict[str,
     with pytest.raises(ConfigError, match="cancelled"):
         BatchRunner(settings, db, "orthanc").run(batch_id)
     db.dispose()
+
+
+def _delete_study(orthanc: Orthanc, study_instance_uid: str) -> None:
+    """Remove a study from Orthanc (REST), as an archive's retention or an operator would."""
+    for study in orthanc.rest("/studies?expand"):
+        if study["MainDicomTags"].get("StudyInstanceUID") == study_instance_uid:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{orthanc.http_port}/studies/{study['ID']}", method="DELETE")
+            with urllib.request.urlopen(request, timeout=30):
+                return
+    raise AssertionError("study not in Orthanc")
+
+
+def test_get_with_studies_in_flight_stores_each_instance_once_and_survives_a_failed_study(
+    tmp_path: Path, db_url: str, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six studies, three C-GET associations at once, in a process with no receiver of its
+    own (a plain ``dicom-ai batch``): every instance of the five studies the archive still
+    holds is stored and indexed once, the study it lost meanwhile fails alone, and the
+    progress counts follow. One study holds two SOP classes (CT and MR): both are proposed
+    from the C-FIND's SOPClassesInStudy."""
+    need_binary("Orthanc")
+    need_binary("storescu")
+    from pynetdicom import _config
+
+    from dicom_ai.network.qr_scu import get_classes
+    from tests.peers import make_ct_series, sample_file
+
+    files: list[Path] = []
+    uids: list[str] = []
+    for i in range(6):
+        series = make_ct_series(tmp_path / "data" / f"s{i}", 5, size=64, seed=i)
+        files += series
+        uids.append(str(dcmread(series[0], stop_before_pixels=True).StudyInstanceUID))
+    mr = dcmread(sample_file("MR_small.dcm"))
+    ct = dcmread(files[0], stop_before_pixels=True)
+    mr.PatientID, mr.PatientName = ct.PatientID, ct.PatientName  # Orthanc keys on both
+    mr.StudyInstanceUID, mr.SeriesInstanceUID = uids[0], generate_uid()
+    mr.SOPInstanceUID = mr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    mr.save_as(tmp_path / "data" / "mr.dcm")
+    files.append(tmp_path / "data" / "mr.dcm")
+    expected = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+    with Orthanc(tmp_path / "orthanc", modalities={"me": ("DICOM_AI", "127.0.0.1", 1)}) as orthanc:
+        assert storescu(orthanc.port, files, aet=orthanc.aet).returncode == 0
+        settings = load_settings(
+            None, storage={"root": tmp_path / "store", "database_url": db_url,
+                           "min_free_bytes": 0},
+            sources=[{"name": "orthanc", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                      "port": orthanc.port, "retrieve": "get", "max_associations": 3}])
+        db = Database(db_url)
+        db.upgrade()
+        runner = BatchRunner(settings, db, "orthanc")
+        batch_id = runner.create(BatchQuery(study_date="19000101-29991231"), kind="export")
+        found = runner.find(BatchQuery(study_date="19000101-29991231"))
+        assert {s.study_instance_uid for s in found} == set(uids)
+        from datetime import UTC, datetime
+
+        with db.write_session() as session:
+            batches.add_found(session, batch_id, found)
+            batches.set_state(session, batch_id, "retrieving", datetime.now(UTC), found=True)
+        # What the C-GETs propose: the classes each study holds (127 when unknown).
+        mixed = runner._study_classes(uids[0])
+        assert mixed is not None
+        assert sorted(get_classes(mixed)) == sorted([str(mr.SOPClassUID), CT_CLASS])
+        assert get_classes(runner._study_classes(uids[1])) == [CT_CLASS]
+        assert len(get_classes(None)) == 127
+        # A resumed batch (a new runner, no C-FIND of its own) asks the archive per study.
+        assert BatchRunner(settings, db, "orthanc")._study_classes(uids[1]) == (CT_CLASS,)
+        # The archive loses one study after the C-FIND.
+        gone = uids[3]
+        _delete_study(orthanc, gone)
+        expected -= {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                     for p in (tmp_path / "data" / "s3").iterdir()}
+        # A fresh `dicom-ai batch` process: no receiver has switched chunked receive on.
+        monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
+        caplog.set_level("DEBUG", logger="dicom_ai.ingest.spool")
+        reported: list[Counts] = []
+        counts = runner.run(batch_id, progress=reported.append, wait_processing=False)
+        assert (counts.found, counts.retrieved, counts.processed, counts.failed) == (6, 5, 5, 1)
+
+        with db.sessions() as session:
+            rows = {r.study_instance_uid: r for r in batches.studies(session, batch_id)}
+            indexed = list(session.scalars(select(Instance.sop_instance_uid)))
+        assert sorted(indexed) == sorted(expected), "every instance indexed, and once"
+        stored = sorted(p for p in (tmp_path / "store").rglob("*.dcm")
+                        if "incoming" not in p.parts)
+        assert len(stored) == len(expected)
+        assert {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in stored} \
+            == expected
+        assert rows[gone].state == batches.RETRIEVE_FAILED
+        assert (rows[gone].error or "").startswith("retrieve status")
+        assert rows[uids[0]].retrieved_instances == 6
+        assert all(rows[u].retrieved_instances == 5 and rows[u].failed_suboperations == 0
+                   for u in uids[1:] if u != gone)
+        assert all(r.attempts == 1 for r in rows.values())
+        # Progress: found from the start, done never going back, every study reported.
+        assert all(c.found == 6 for c in reported)
+        done = [c.retrieved + c.failed for c in reported]
+        assert done == sorted(done)
+        assert (reported[-1].retrieved, reported[-1].failed) == (5, 1)
+        # The studies were in flight together: instances stored by different batch threads
+        # at overlapping times.
+        spans: dict[str, list[float]] = {}
+        for record in caplog.records:
+            if record.getMessage().startswith("stored "):
+                spans.setdefault(str(record.threadName), []).append(record.created)
+        assert len(spans) >= 2
+        (a_first, a_last), (b_first, b_last) = [(min(t), max(t)) for t in
+                                                list(spans.values())[:2]]
+        assert a_first < b_last, "two studies retrieved at once"
+        assert b_first < a_last, "two studies retrieved at once"
+        db.dispose()
