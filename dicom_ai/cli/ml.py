@@ -56,6 +56,13 @@ class SynthModality(StrEnum):
     MR = "MR"
 
 
+class SynthPhantom(StrEnum):
+    """CT phantoms `synth` can make."""
+
+    ABDOMEN = "abdomen"
+    CHEST = "chest"
+
+
 def synth(
     out: Annotated[Path, typer.Option("--out", help="Output folder.")],
     studies: Annotated[int, typer.Option(min=1, help="Number of studies.")] = 10,
@@ -67,16 +74,27 @@ def synth(
         min=0.0, max=1.0, help="Higher: smaller, fainter lesions.")] = 0.5,
     compress: Annotated[bool, typer.Option(help="Compress some studies (RLE, JPEG 2000, "
                                            "JPEG-LS).")] = True,
+    phantom: Annotated[SynthPhantom, typer.Option(
+        help="CT only: abdomen (small, 16-24 slices) or chest (realistic: 100-300 slices of "
+             "512x512, lesions 3-30 mm, masks and lesions.csv).")] = SynthPhantom.ABDOMEN,
+    matrix: Annotated[int, typer.Option(
+        min=32, max=1024, help="Chest CT: rows and columns per slice (same field of view).")
+    ] = 512,
 ) -> None:
     """Write synthetic phantom studies with ground truth (labels.csv and lesion masks)."""
-    from dicom_ai.training.synth import synthesize
+    from dicom_ai.training.synth import ChestCT, synthesize
 
+    if phantom is SynthPhantom.CHEST and modality is not SynthModality.CT:
+        raise typer.BadParameter("--phantom chest needs --modality CT", param_hint="--phantom")
+    chest_ct = ChestCT.for_matrix(matrix) if phantom is SynthPhantom.CHEST else None
     report = synthesize(out, studies=studies, seed=seed, modality=modality.value,
                         positive_fraction=positive_fraction, difficulty=difficulty,
-                        compress=compress)
+                        compress=compress, chest_ct=chest_ct)
     typer.echo(f"wrote {report.studies} {modality.value} studies ({report.instances} instances, "
                f"{report.positives} positive, {report.lesions} lesions) to {report.out}")
     typer.echo(f"labels: {report.labels_csv}")
+    if report.lesions_csv is not None:
+        typer.echo(f"lesions: {report.lesions_csv}")
     for line in report.fallbacks:
         typer.echo(f"note: {line}")
 

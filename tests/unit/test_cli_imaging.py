@@ -60,3 +60,20 @@ def test_synth_command_writes_studies_and_labels(tmp_path: Path) -> None:
     assert len(list(out.rglob("*.dcm"))) == 3
     bad = _cli("synth", "--out", str(out), "--modality", "PET")
     assert bad.returncode == 2
+
+
+def test_synth_command_writes_a_chest_ct_with_lesion_truth(tmp_path: Path) -> None:
+    """`synth --modality CT --phantom chest` writes a volume, lesions.csv and masks; the chest
+    phantom is refused for other modalities."""
+    out = tmp_path / "chest"
+    result = _cli("synth", "--out", str(out), "--studies", "1", "--seed", "3", "--modality",
+                  "CT", "--phantom", "chest", "--matrix", "64", "--positive-fraction", "1")
+    assert result.returncode == 0, result.stderr
+    assert f"lesions: {out / 'lesions.csv'}" in result.stdout
+    lesions = (out / "lesions.csv").read_text().splitlines()
+    assert len(lesions) >= 2  # a header and at least one lesion of the positive study
+    assert len(list((out / "masks").glob("*.npz"))) == 1
+    assert len(list(out.rglob("*.dcm"))) >= 100
+    wrong = _cli("synth", "--out", str(tmp_path / "cr"), "--modality", "CR", "--phantom", "chest")
+    assert wrong.returncode == 2
+    assert "--phantom chest needs --modality CT" in wrong.stderr.replace("\n", " ")

@@ -1,0 +1,795 @@
+"""Volume inference core: resampling and its inverse, sliding windows, lesions; pure numpy.
+
+The stages a volume model runs through, none of which needs a model runtime:
+
+1. :func:`modality_volume` turns a loaded :class:`~dicom_ai.pipeline.loading.Volume` into
+   ``float32`` modality values (HU for CT, PS3.3 C.11.1) one slice at a time.
+2. :func:`resample` brings it to the model's ``target_spacing`` with
+   :func:`~dicom_ai.pipeline.preprocessing.resample_volume` and records the geometry of the
+   resampled voxels (:class:`Grid`); :func:`to_source` maps a probability or mask volume back
+   to the source slices' grid (shape and geometry of the original slices: PS3.3 C.7.6.2), so a
+   mask row refers to a real SOP instance.
+3. :func:`sliding_window` (3D patches, input kind ``volume``) and :func:`sliding_window_slices`
+   (2.5D: ``k`` adjacent slices as channels, input kind ``slices``) run a
+   ``predict(batch) -> batch`` callable over a volume larger than the model input: a patch grid
+   with overlap, Gaussian, linear or constant blending weights, patches predicted in batches.
+   The only full-size buffer is the ``float32`` accumulator of the resampled size: the blending
+   weights are separable and the patch grid is a product of per-axis grids, so their sum (the
+   normaliser) is the outer product of three 1D sums and never takes a volume of memory.
+4. :func:`find_lesions` / :func:`measure_lesions`: connected components of a thresholded output
+   (or a label volume) with voxel count, volume in mm3, centroid in voxel and patient
+   coordinates, longest axial diameter in mm and the mean input intensity inside.
+
+Voxel ``(s, r, c)`` of a :class:`Grid` lies at ``origin + c * dc * F_row + r * dr * F_col +
+s * ds * N`` (PS3.3 C.7.6.2.1.1): ``F_row`` and ``F_col`` are the row and column direction
+cosines of Image Orientation (Patient), ``N`` their cross product, ``(ds, dr, dc)`` the spacing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+
+from dicom_ai.exceptions import DicomAIError
+from dicom_ai.pipeline.loading import Volume
+from dicom_ai.pipeline.preprocessing import apply_modality_lut, mask_bits_stored, resample_volume
+
+__all__ = [
+    "BlendMode",
+    "Grid",
+    "Lesion",
+    "Predict",
+    "Resampled",
+    "VolumeError",
+    "blend_weights",
+    "find_lesions",
+    "measure_lesions",
+    "modality_volume",
+    "patch_starts",
+    "resample",
+    "slice_stack",
+    "sliding_window",
+    "sliding_window_slices",
+    "to_source",
+]
+
+BlendMode = Literal["gaussian", "linear", "constant"]
+#: Slices per in-plane resampling pass (bounded temporaries, see _resample_separable).
+SLAB = 16
+#: A model's forward pass over one batch of patches: ``float32`` in, ``float32`` out.
+Predict = Callable[[NDArray[np.float32]], NDArray[Any]]
+Float32Array = NDArray[np.float32]
+
+#: Gaussian blending: sigma as a fraction of the patch size (nnU-Net's choice).
+GAUSSIAN_SIGMA_SCALE = 0.125
+#: Floor of each axis' Gaussian weight relative to its centre: every voxel a patch covers keeps
+#: a positive weight, so the normaliser never divides by zero (float32 holds its cube).
+WEIGHT_FLOOR = 1e-3
+
+
+class VolumeError(DicomAIError):
+    """A volume, patch size, overlap or model output that the volume core cannot work with."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Geometry of a regular voxel grid in the patient coordinate system (PS3.3 C.7.6.2.1.1).
+
+    Attributes
+    ----------
+    shape : tuple of int
+        ``(slices, rows, columns)``.
+    spacing : tuple of float
+        ``(slice, row, column)`` spacing in mm, as :attr:`Volume.spacing`.
+    origin : tuple of float
+        Patient position (mm) of the centre of voxel ``(0, 0, 0)``.
+    orientation : tuple of float
+        Image Orientation (Patient): row direction cosines, then column direction cosines.
+    """
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    orientation: tuple[float, float, float, float, float, float]
+
+    @classmethod
+    def of(cls, volume: Volume) -> Grid:
+        """The grid of a loaded volume (its slices in order along the normal)."""
+        s, r, c = volume.array.shape[:3]
+        return cls((int(s), int(r), int(c)), volume.spacing, volume.origin, volume.orientation)
+
+    def axes(self) -> NDArray[np.float64]:
+        """``(3, 3)``: the patient-space step (mm) of one voxel along slice, row and column."""
+        row_dir = np.asarray(self.orientation[:3], dtype=np.float64)
+        col_dir = np.asarray(self.orientation[3:], dtype=np.float64)
+        normal = np.cross(row_dir, col_dir)
+        normal /= float(np.linalg.norm(normal)) or 1.0
+        # Moving one slice goes along the normal; one row down the column cosines; one column
+        # along the row cosines.
+        return np.stack([normal * self.spacing[0], col_dir * self.spacing[1],
+                         row_dir * self.spacing[2]])
+
+    def to_patient(self, index: NDArray[Any]) -> NDArray[np.float64]:
+        """Patient coordinates (mm) of voxel indices ``(..., 3)`` given as ``(s, r, c)``."""
+        index = np.asarray(index, dtype=np.float64)
+        return np.asarray(np.asarray(self.origin) + index @ self.axes(), dtype=np.float64)
+
+    @property
+    def voxel_volume(self) -> float:
+        """mm3 of one voxel."""
+        return float(self.spacing[0] * self.spacing[1] * self.spacing[2])
+
+
+@dataclass(frozen=True)
+class Resampled:
+    """A volume resampled to a model's spacing, with the grids to map results back.
+
+    Attributes
+    ----------
+    array : numpy.ndarray
+        ``float32`` ``(slices, rows, columns)`` on :attr:`grid`.
+    grid : Grid
+        Geometry of the resampled voxels: the spacing is ``source spacing * n_in / n_out`` per
+        axis (the target spacing up to rounding of the shape), voxel centres aligned the way
+        :func:`~dicom_ai.pipeline.preprocessing.resample_volume` aligns them.
+    source : Grid
+        Geometry of the source slices.
+    """
+
+    array: Float32Array
+    grid: Grid
+    source: Grid
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """One connected component of a thresholded output or a label volume.
+
+    Attributes
+    ----------
+    label : int
+        1-based index of the component (the label value for :func:`measure_lesions`).
+    voxels : int
+        Voxel count.
+    volume_mm3 : float
+        ``voxels`` x the voxel volume.
+    centroid_voxel : tuple of float
+        Mean voxel index ``(s, r, c)``.
+    centroid_patient : tuple of float
+        The centroid in patient coordinates (mm, PS3.3 C.7.6.2.1.1).
+    longest_axial_diameter_mm : float
+        The longest in-plane distance between two voxel centres of the component on any one
+        slice (mm); 0 for a single voxel per slice.
+    mean_intensity : float or None
+        Mean of the intensity volume (HU for CT) inside, when one was given.
+    bbox : tuple of tuple of int
+        ``((s0, s1), (r0, r1), (c0, c1))``: half-open voxel bounds.
+    """
+
+    label: int
+    voxels: int
+    volume_mm3: float
+    centroid_voxel: tuple[float, float, float]
+    centroid_patient: tuple[float, float, float]
+    longest_axial_diameter_mm: float
+    mean_intensity: float | None
+    bbox: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+# -- modality values and resampling ---------------------------------------------------------------
+def modality_volume(volume: Volume) -> Float32Array:
+    """The volume in modality values (HU for CT), ``float32``, converted slice by slice.
+
+    Each slice goes through :func:`~dicom_ai.pipeline.preprocessing.mask_bits_stored` and
+    :func:`~dicom_ai.pipeline.preprocessing.apply_modality_lut` with its own dataset (its own
+    Rescale Slope/Intercept, PS3.3 C.11.1), so no ``float64`` copy of the whole volume exists.
+
+    Parameters
+    ----------
+    volume : Volume
+        From :func:`~dicom_ai.pipeline.loading.load_volume`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32`` ``(slices, rows, columns)``.
+    """
+    out = np.empty(volume.array.shape[:3], dtype=np.float32)
+    for k, plane in enumerate(volume.array):
+        ds = volume.datasets[k] if volume.datasets else None
+        if ds is None:
+            out[k] = plane
+        elif "ModalityLUTSequence" in ds:
+            out[k] = apply_modality_lut(mask_bits_stored(plane, ds), ds)
+        else:
+            # Rescale Slope/Intercept straight into float32 (C.11.1.1.2): the float64
+            # detour of apply_modality_lut costs more than the arithmetic.
+            slope = float(ds.get("RescaleSlope", 1) or 1)
+            intercept = float(ds.get("RescaleIntercept", 0) or 0)
+            np.multiply(mask_bits_stored(plane, ds), np.float32(slope), out=out[k],
+                        casting="unsafe")
+            out[k] += np.float32(intercept)
+    return out
+
+
+def _resampled_grid(source: Grid, shape: tuple[int, int, int]) -> Grid:
+    """The grid of ``source`` resampled to ``shape`` with centre-aligned voxels."""
+    factors = [n_in / n_out for n_in, n_out in zip(source.shape, shape, strict=True)]
+    spacing = tuple(s * f for s, f in zip(source.spacing, factors, strict=True))
+    # Output voxel j sits at input index (j + 0.5) * n_in / n_out - 0.5.
+    first = np.array([0.5 * f - 0.5 for f in factors])
+    origin = source.to_patient(first)
+    return Grid(shape, (spacing[0], spacing[1], spacing[2]),
+                (float(origin[0]), float(origin[1]), float(origin[2])), source.orientation)
+
+
+def resample(array: NDArray[Any], source: Grid,
+             target_spacing: tuple[float, float, float]) -> Resampled:
+    """Resample a volume on ``source`` to ``target_spacing`` (a model spec's ``target_spacing``).
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        ``(slices, rows, columns)`` on ``source``, normally from :func:`modality_volume`;
+        converted to ``float32`` first (never to ``float64``).
+    source : Grid
+        Its geometry (:meth:`Grid.of`).
+    target_spacing : tuple of float
+        ``(slice, row, column)`` spacing in mm.
+
+    Returns
+    -------
+    Resampled
+        The ``float32`` resampled volume with its grid and the source grid.
+
+    Raises
+    ------
+    VolumeError
+        If the array's shape is not the grid's.
+    """
+    if tuple(array.shape) != source.shape:
+        raise VolumeError(f"array shape {array.shape} is not the grid's {source.shape}")
+    shape = (*_new_shape(source.shape[:1], source.spacing[:1], target_spacing[:1]),
+             *_new_shape(source.shape[1:], source.spacing[1:], target_spacing[1:]))
+    out = _resample_separable(array, source.spacing, shape, in_plane_first=True)
+    return Resampled(out, _resampled_grid(source, (shape[0], shape[1], shape[2])), source)
+
+
+def _new_shape(shape: tuple[int, ...], spacing: tuple[float, ...],
+               target: tuple[float, ...]) -> tuple[int, ...]:
+    """The shape resample_volume gives: ``round(n * spacing / target)``, at least 1."""
+    return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target, strict=True))
+
+
+def _resample_separable(array: NDArray[Any], spacing: tuple[float, float, float],
+                        shape: tuple[int, ...], *, in_plane_first: bool,
+                        threshold: float | None = None) -> NDArray[Any]:
+    """Resample to ``shape`` with resample_volume, one pass in-plane and one across slices.
+
+    The kernel is separable and each pass is independent of the other axes, so the in-plane
+    pass runs on slabs of :data:`SLAB` slices written into the output: bounded temporaries
+    instead of full-size copies, and the same numbers as one call on the whole volume.
+    ``in_plane_first`` picks the order (shrink first to keep the intermediate small); with
+    ``threshold`` (in-plane last only) each slab is thresholded as it is written: a boolean
+    result with no full-size float copy.
+    """
+    ds, dr, dc = spacing
+    n, rows, cols = array.shape[:3]
+
+    def in_plane(src: NDArray[Any]) -> NDArray[Any]:
+        # Target spacing that gives exactly shape[1:] (see _new_shape).
+        target = (ds, dr * rows / shape[1], dc * cols / shape[2])
+        out = np.empty((src.shape[0], shape[1], shape[2]),
+                       dtype=bool if threshold is not None else np.float32)
+        for k in range(0, src.shape[0], SLAB):
+            slab = resample_volume(np.asarray(src[k:k + SLAB], dtype=np.float32),
+                                   (ds, dr, dc), target)
+            out[k:k + SLAB] = slab >= threshold if threshold is not None else slab
+        return out
+
+    def across(src: NDArray[Any]) -> Float32Array:
+        if src.shape[0] == shape[0]:
+            return np.asarray(src, dtype=np.float32)
+        target = (ds * n / shape[0], 1.0, 1.0)
+        return np.asarray(resample_volume(np.asarray(src, dtype=np.float32), (ds, 1.0, 1.0),
+                                          target), dtype=np.float32)
+
+    if in_plane_first:
+        if threshold is not None:
+            raise VolumeError("a threshold applies after the last pass, in-plane")
+        return across(in_plane(array))
+    return in_plane(across(array))
+
+
+def to_source(values: NDArray[Any], resampled: Resampled, *,
+              threshold: float | None = None) -> NDArray[Any]:
+    """Map a volume on the resampled grid back to the source slices' grid.
+
+    The inverse of :func:`resample`: the same centre-aligned triangle kernel from the resampled
+    shape back to the source shape, so voxel ``(s, r, c)`` of the result lies on slice ``s`` of
+    the source volume (its SOP instance in :attr:`Volume.sop_instance_uids`).
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        ``(slices, rows, columns)`` or ``(slices, rows, columns, channels)`` on
+        ``resampled.grid``: probabilities, or a mask (give ``threshold``).
+    resampled : Resampled
+        What :func:`resample` returned.
+    threshold : float, optional
+        When given, the result is the boolean ``value >= threshold`` (0.5 for a mask).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32`` (or ``bool`` with ``threshold``) of the source shape (plus channels).
+
+    Raises
+    ------
+    VolumeError
+        If ``values`` is not on the resampled grid.
+    """
+    if tuple(values.shape[:3]) != resampled.grid.shape or values.ndim not in (3, 4):
+        raise VolumeError(f"values of shape {values.shape} are not on the resampled grid "
+                          f"{resampled.grid.shape}")
+    if values.ndim == 3:
+        # Across slices first, at the (smaller) resampled in-plane size, then in-plane by slabs.
+        return _back(values, resampled, threshold)
+    out = np.empty((*resampled.source.shape, values.shape[3]),
+                   dtype=bool if threshold is not None else np.float32)
+    for ch in range(values.shape[3]):
+        out[..., ch] = _back(values[..., ch], resampled, threshold)
+    return out
+
+
+def _back(values: NDArray[Any], resampled: Resampled, threshold: float | None) -> NDArray[Any]:
+    back = _resample_separable(values, resampled.grid.spacing, resampled.source.shape,
+                               in_plane_first=False, threshold=threshold)
+    if back.shape != resampled.source.shape:  # guard against a rounding surprise
+        raise VolumeError(f"inverse resampling gave {back.shape}, not {resampled.source.shape}")
+    return back
+
+
+# -- sliding window ---------------------------------------------------------------------------
+def patch_starts(size: int, patch: int, overlap: float) -> list[int]:
+    """Start indices of patches of ``patch`` voxels covering ``size`` with ``overlap``.
+
+    The step is at most ``patch * (1 - overlap)`` (at least 1); the starts are spread evenly
+    from 0 to ``size - patch`` so the last patch ends at the border. An axis shorter than the
+    patch has one start, 0 (the patch is padded by edge replication).
+
+    Parameters
+    ----------
+    size, patch : int
+        Axis length and patch length (voxels).
+    overlap : float
+        Fraction of a patch shared with its neighbour, ``0 <= overlap < 1``.
+
+    Returns
+    -------
+    list of int
+    """
+    if patch < 1 or size < 1:
+        raise VolumeError(f"patch ({patch}) and axis ({size}) must be at least 1")
+    if not 0.0 <= overlap < 1.0:
+        raise VolumeError(f"overlap must be within [0, 1), not {overlap}")
+    if size <= patch:
+        return [0]
+    step = max(1, int(patch * (1.0 - overlap)))
+    count = math.ceil((size - patch) / step) + 1
+    return [round(i * (size - patch) / (count - 1)) for i in range(count)]
+
+
+def blend_weights(patch: tuple[int, ...], mode: BlendMode) -> tuple[Float32Array, ...]:
+    """Per-axis blending weights of a patch; the patch weight is their outer product.
+
+    ``gaussian``: ``exp(-d^2 / 2 sigma^2)`` with ``sigma = patch / 8`` around the patch centre,
+    relative to the centre and floored at :data:`WEIGHT_FLOOR`; ``linear``: a tent, ``min(i + 1,
+    n - i)`` over its maximum; ``constant``: ones. All strictly positive.
+
+    Parameters
+    ----------
+    patch : tuple of int
+        Patch size per axis.
+    mode : {"gaussian", "linear", "constant"}
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        One ``float32`` vector per axis.
+    """
+    weights = []
+    for n in patch:
+        i = np.arange(n, dtype=np.float64)
+        if mode == "gaussian":
+            sigma = max(n * GAUSSIAN_SIGMA_SCALE, 1e-6)
+            w = np.exp(-((i - (n - 1) / 2.0) ** 2) / (2.0 * sigma ** 2))
+            w = np.maximum(w / w.max(), WEIGHT_FLOOR)
+        elif mode == "linear":
+            w = np.minimum(i + 1.0, n - i)
+            w /= w.max()
+        elif mode == "constant":
+            w = np.ones(n)
+        else:
+            raise VolumeError(f"blend must be gaussian, linear or constant, not {mode!r}")
+        weights.append(w.astype(np.float32))
+    return tuple(weights)
+
+
+def slice_stack(volume: NDArray[Any], index: int, k: int) -> Float32Array:
+    """Slices ``index - k//2 .. index + k//2`` as channels: ``(rows, columns, k)`` ``float32``.
+
+    The 2.5D input of one slice; beyond the first and last slice the edge slice is repeated.
+
+    Parameters
+    ----------
+    volume : numpy.ndarray
+        ``(slices, rows, columns)``.
+    index : int
+        The centre slice.
+    k : int
+        Odd number of slices.
+
+    Returns
+    -------
+    numpy.ndarray
+    """
+    _check_k(k)
+    picks = np.clip(np.arange(index - k // 2, index + k // 2 + 1), 0, volume.shape[0] - 1)
+    return np.ascontiguousarray(np.moveaxis(volume[picks], 0, -1), dtype=np.float32)
+
+
+def _check_k(k: int) -> None:
+    if k < 1 or k % 2 == 0:
+        raise VolumeError(f"k (adjacent slices) must be odd and positive, not {k}")
+
+
+def _positions(starts: tuple[list[int], list[int], list[int]]
+               ) -> Iterator[tuple[int, int, int]]:
+    for z in starts[0]:
+        for y in starts[1]:
+            for x in starts[2]:
+                yield z, y, x
+
+
+def _normaliser(shape: tuple[int, int, int], patch: tuple[int, int, int],
+                starts: tuple[list[int], list[int], list[int]],
+                weights: tuple[Float32Array, ...]) -> list[NDArray[np.float64]]:
+    """Per-axis sums of the weights over the patch grid (their outer product normalises)."""
+    sums = []
+    for axis in range(3):
+        total = np.zeros(shape[axis], dtype=np.float64)
+        for start in starts[axis]:
+            stop = min(start + patch[axis], shape[axis])
+            total[start:stop] += weights[axis][: stop - start]
+        sums.append(total)
+    return sums
+
+
+def _run_window(
+    shape: tuple[int, int, int],
+    patch: tuple[int, int, int],
+    starts: tuple[list[int], list[int], list[int]],
+    weights: tuple[Float32Array, Float32Array, Float32Array],
+    extract: Callable[[int, int, int, Float32Array], None],
+    batch_shape: tuple[int, ...],
+    predict: Predict,
+    batch_size: int,
+    out_patch: tuple[int, ...],
+) -> Float32Array:
+    """Accumulate weighted predictions over the patch grid and normalise in place.
+
+    ``extract(z, y, x, dest)`` fills one batch row; ``out_patch`` is the shape of one predicted
+    patch as the accumulator sees it, ``(pd, ph, pw)`` (a 2.5D prediction gets a depth of 1).
+    """
+    if batch_size < 1:
+        raise VolumeError(f"batch_size must be at least 1, not {batch_size}")
+    weight = (weights[0][:, None, None] * weights[1][None, :, None]
+              * weights[2][None, None, :]).astype(np.float32)
+    batch = np.empty((batch_size, *batch_shape), dtype=np.float32)
+    acc: Float32Array | None = None
+    channels = 0
+    pending: list[tuple[int, int, int]] = []
+
+    def flush() -> None:
+        nonlocal acc, channels
+        n = len(pending)
+        result = np.asarray(predict(batch[:n]))
+        if result.shape[0] != n:
+            raise VolumeError(f"predict returned {result.shape[0]} patches for {n}")
+        spatial = int(np.prod(out_patch))
+        per_patch = int(np.prod(result.shape[1:])) if result.ndim > 1 else 1
+        if per_patch % spatial:
+            raise VolumeError(f"predict returned patches of shape {result.shape[1:]}; "
+                              f"expected {out_patch} (plus channels)")
+        got_channels = per_patch // spatial
+        if acc is None:
+            channels = got_channels
+            # The one full-size buffer: float32, the resampled size.
+            acc = np.zeros(shape + ((channels,) if channels > 1 else ()), dtype=np.float32)
+        elif got_channels != channels:
+            raise VolumeError(f"predict changed its channel count from {channels} to "
+                              f"{got_channels}")
+        result = result.reshape((n, *out_patch) + ((channels,) if channels > 1 else ()))
+        for i, (z, y, x) in enumerate(pending):
+            dz, dy, dx = (min(p, s - o) for p, s, o in zip(patch, shape, (z, y, x), strict=True))
+            w = weight[:dz, :dy, :dx]
+            part = np.asarray(result[i, :dz, :dy, :dx], dtype=np.float32)
+            target = acc[z:z + dz, y:y + dy, x:x + dx]
+            if channels > 1:
+                target += part * w[..., None]
+            else:
+                target += part * w
+        pending.clear()
+
+    for z, y, x in _positions(starts):
+        extract(z, y, x, batch[len(pending)])
+        pending.append((z, y, x))
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    assert acc is not None  # at least one patch always exists
+    nz, ny, nx = _normaliser(shape, patch, starts, weights)
+    plane = np.outer(ny, nx)
+    for k in range(shape[0]):  # in place, one slice at a time: no second full-size array
+        denominator = (plane * nz[k]).astype(np.float32)
+        if channels > 1:
+            acc[k] /= denominator[..., None]
+        else:
+            acc[k] /= denominator
+    return acc
+
+
+def _patch3(patch_size: tuple[int, ...], n: int, what: str) -> tuple[int, ...]:
+    if len(patch_size) != n or any(int(p) < 1 for p in patch_size):
+        raise VolumeError(f"{what} needs {n} positive patch sizes, not {patch_size}")
+    return tuple(int(p) for p in patch_size)
+
+
+def _fill(source: NDArray[Any], dest: NDArray[Any]) -> None:
+    """Copy ``source`` into the leading corner of ``dest``, replicating its edges beyond."""
+    pads = [(0, d - s) for s, d in zip(source.shape, dest.shape, strict=True)]
+    if any(after for _, after in pads):
+        dest[...] = np.pad(source, pads, mode="edge")
+    else:
+        dest[...] = source
+
+
+def sliding_window(volume: NDArray[Any], predict: Predict,
+                   patch_size: tuple[int, int, int], *, overlap: float = 0.5,
+                   blend: BlendMode = "gaussian", batch_size: int = 2) -> Float32Array:
+    """Run a 3D model over a volume by overlapping patches (model input kind ``volume``).
+
+    Patches of ``patch_size`` start at :func:`patch_starts` along each axis; a patch that runs
+    past the border of an axis shorter than the patch is padded by edge replication and cropped
+    after prediction. Predictions are blended with :func:`blend_weights` and normalised by the
+    sum of weights, so a ``predict`` that returns its input gives the input back (up to
+    ``float32`` rounding).
+
+    Parameters
+    ----------
+    volume : numpy.ndarray
+        ``(slices, rows, columns)`` or ``(slices, rows, columns, channels)``, e.g. the
+        normalised :attr:`Resampled.array`.
+    predict : callable
+        Takes ``float32`` ``(batch, pd, ph, pw, channels)`` (channels 1 for a 3D input) and
+        returns ``(batch, pd, ph, pw)`` or ``(batch, pd, ph, pw, K)``; a batch has at most
+        ``batch_size`` patches (fewer in the last one).
+    patch_size : tuple of int
+        ``(pd, ph, pw)``: the model's input size.
+    overlap : float
+        Fraction of a patch shared with its neighbour along each axis, ``[0, 1)``.
+    blend : {"gaussian", "linear", "constant"}
+        Blending weights.
+    batch_size : int
+        Patches per ``predict`` call.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32`` ``(slices, rows, columns)``, or with a last axis of K outputs. The
+        accumulator is the only full-size array this function allocates.
+
+    Raises
+    ------
+    VolumeError
+        Bad shapes, overlap or batch size, or a ``predict`` output of the wrong shape.
+    """
+    if volume.ndim not in (3, 4):
+        raise VolumeError(f"a volume must be 3D (plus channels), not {volume.ndim}D")
+    patch = _patch3(patch_size, 3, "sliding_window")
+    p3 = (patch[0], patch[1], patch[2])
+    shape = (int(volume.shape[0]), int(volume.shape[1]), int(volume.shape[2]))
+    channels = int(volume.shape[3]) if volume.ndim == 4 else 1
+    starts = (patch_starts(shape[0], p3[0], overlap), patch_starts(shape[1], p3[1], overlap),
+              patch_starts(shape[2], p3[2], overlap))
+    wz, wy, wx = blend_weights(p3, blend)
+
+    def extract(z: int, y: int, x: int, dest: Float32Array) -> None:
+        region = volume[z:z + p3[0], y:y + p3[1], x:x + p3[2]]
+        if volume.ndim == 3:
+            region = region[..., None]
+        _fill(region, dest)
+
+    return _run_window(shape, p3, starts, (wz, wy, wx), extract, (*p3, channels), predict,
+                       batch_size, p3)
+
+
+def sliding_window_slices(volume: NDArray[Any], predict: Predict,
+                          patch_size: tuple[int, int], *, k: int = 3, overlap: float = 0.5,
+                          blend: BlendMode = "gaussian", batch_size: int = 8) -> Float32Array:
+    """Run a 2.5D model slice by slice (model input kind ``slices``).
+
+    Each slice's input is :func:`slice_stack`: the ``k`` slices around it as channels, the edge
+    slices repeated beyond the first and last. In-plane the slice is covered by overlapping
+    ``patch_size`` windows blended as in :func:`sliding_window`; each slice is predicted once.
+
+    Parameters
+    ----------
+    volume : numpy.ndarray
+        ``(slices, rows, columns)``.
+    predict : callable
+        Takes ``float32`` ``(batch, ph, pw, k)`` and returns ``(batch, ph, pw)`` or
+        ``(batch, ph, pw, K)``.
+    patch_size : tuple of int
+        ``(ph, pw)``: the model's input size.
+    k : int
+        Odd number of adjacent slices (channels).
+    overlap, blend, batch_size
+        As for :func:`sliding_window` (in-plane).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float32`` ``(slices, rows, columns)``, or with a last axis of K outputs.
+
+    Raises
+    ------
+    VolumeError
+        As for :func:`sliding_window`, or an even ``k``.
+    """
+    _check_k(k)
+    if volume.ndim != 3:
+        raise VolumeError(f"a volume for 2.5D input must be 3D, not {volume.ndim}D")
+    ph, pw = _patch3(patch_size, 2, "sliding_window_slices")
+    shape = (int(volume.shape[0]), int(volume.shape[1]), int(volume.shape[2]))
+    p3 = (1, ph, pw)
+    starts = (list(range(shape[0])), patch_starts(shape[1], ph, overlap),
+              patch_starts(shape[2], pw, overlap))
+    _, wy, wx = blend_weights(p3, blend)
+    wz = np.ones(1, dtype=np.float32)
+    last = shape[0] - 1
+
+    def extract(z: int, y: int, x: int, dest: Float32Array) -> None:
+        picks = np.clip(np.arange(z - k // 2, z + k // 2 + 1), 0, last)
+        region = np.moveaxis(volume[picks, y:y + ph, x:x + pw], 0, -1)
+        _fill(region, dest)
+
+    return _run_window(shape, p3, starts, (wz, wy, wx), extract, (ph, pw, k), predict,
+                       batch_size, p3)
+
+
+# -- lesions ----------------------------------------------------------------------------------
+def _longest_axial_diameter(component: NDArray[np.bool_], row_mm: float,
+                            col_mm: float) -> float:
+    """Longest in-plane distance (mm) between voxel centres of ``component`` on one slice."""
+    best = 0.0
+    for plane in component:
+        if not plane.any():
+            continue
+        # Only the outline can hold the farthest pair; the convex hull narrows it further.
+        outline = plane & ~ndimage.binary_erosion(plane)
+        points = np.argwhere(outline).astype(np.float64) * (row_mm, col_mm)
+        if len(points) > 8:
+            # Collinear points raise: then all of them are the hull.
+            with contextlib.suppress(QhullError):
+                points = points[ConvexHull(points).vertices]
+        if len(points) < 2:
+            continue
+        diff = points[:, None, :] - points[None, :, :]
+        best = max(best, float(np.sqrt((diff ** 2).sum(-1)).max()))
+    return best
+
+
+def measure_lesions(labels: NDArray[np.integer[Any]], grid: Grid, *,
+                    intensity: NDArray[Any] | None = None) -> list[Lesion]:
+    """Measure each labelled region of a label volume (0 background, 1..N lesions).
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        Integer ``(slices, rows, columns)`` on ``grid``.
+    grid : Grid
+        Its geometry.
+    intensity : numpy.ndarray, optional
+        A volume on the same grid (e.g. :func:`modality_volume`, HU) to average inside.
+
+    Returns
+    -------
+    list of Lesion
+        In label order; labels absent from the volume are skipped.
+    """
+    if tuple(labels.shape) != grid.shape:
+        raise VolumeError(f"labels of shape {labels.shape} are not on the grid {grid.shape}")
+    if intensity is not None and intensity.shape != labels.shape:
+        raise VolumeError(f"intensity of shape {intensity.shape} is not on the grid "
+                          f"{grid.shape}")
+    lesions: list[Lesion] = []
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        component = labels[box] == index
+        # Per-axis projections give the centroid without a (voxels x 3) index array.
+        profile = component.sum(axis=(1, 2), dtype=np.int64)
+        voxels = int(profile.sum())
+        centroid = np.array([
+            float(np.dot(np.arange(len(p), dtype=np.float64), p)) / voxels + b.start
+            for p, b in zip((profile, component.sum(axis=(0, 2), dtype=np.int64),
+                             component.sum(axis=(0, 1), dtype=np.int64)), box, strict=True)
+        ])
+        patient = grid.to_patient(centroid)
+        mean = (float(intensity[box][component].mean(dtype=np.float64))
+                if intensity is not None else None)
+        bounds = tuple((int(b.start), int(b.stop)) for b in box)
+        lesions.append(Lesion(
+            label=index, voxels=voxels, volume_mm3=voxels * grid.voxel_volume,
+            centroid_voxel=(float(centroid[0]), float(centroid[1]), float(centroid[2])),
+            centroid_patient=(float(patient[0]), float(patient[1]), float(patient[2])),
+            longest_axial_diameter_mm=_longest_axial_diameter(component, grid.spacing[1],
+                                                              grid.spacing[2]),
+            mean_intensity=mean,
+            bbox=(bounds[0], bounds[1], bounds[2]),
+        ))
+    return lesions
+
+
+def find_lesions(values: NDArray[Any], grid: Grid, *, threshold: float = 0.5,
+                 intensity: NDArray[Any] | None = None, min_voxels: int = 1,
+                 connectivity: int = 3) -> list[Lesion]:
+    """Connected components of ``values >= threshold``, measured (see :func:`measure_lesions`).
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Probabilities or a mask, ``(slices, rows, columns)`` on ``grid`` (normally the output
+        mapped back by :func:`to_source`).
+    grid : Grid
+        Its geometry.
+    threshold : float
+        Voxels at or above it are foreground.
+    intensity : numpy.ndarray, optional
+        As for :func:`measure_lesions`.
+    min_voxels : int
+        Smaller components are dropped (noise).
+    connectivity : {1, 2, 3}
+        Neighbours that connect: faces (6), plus edges (18), plus corners (26).
+
+    Returns
+    -------
+    list of Lesion
+        Largest first, labels renumbered 1..N in that order.
+    """
+    if not 1 <= connectivity <= 3:
+        raise VolumeError(f"connectivity must be 1, 2 or 3, not {connectivity}")
+    foreground = np.asarray(values) >= threshold
+    structure = ndimage.generate_binary_structure(3, connectivity)
+    try:  # uint16 labels take half the memory of the default int32
+        labels, _ = ndimage.label(foreground, structure, output=np.uint16)
+    except RuntimeError:  # more than 65535 components
+        labels, _ = ndimage.label(foreground, structure)
+    del foreground
+    lesions = [le for le in measure_lesions(labels, grid, intensity=intensity)
+               if le.voxels >= min_voxels]
+    lesions.sort(key=lambda le: (-le.voxels, le.bbox))
+    return [Lesion(i, le.voxels, le.volume_mm3, le.centroid_voxel, le.centroid_patient,
+                   le.longest_axial_diameter_mm, le.mean_intensity, le.bbox)
+            for i, le in enumerate(lesions, start=1)]
