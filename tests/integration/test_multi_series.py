@@ -48,6 +48,7 @@ from storage.models import Job
 from tests.conftest import need_binary
 from tests.integration.test_loop import (
     assert_valid_sr,
+    db_jobs,
     dicom_files,
     loop_settings,
     push,
@@ -114,20 +115,11 @@ def synth_cr(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return dicom_files(out)
 
 
-def db_rows(db_url: str) -> list[Job]:
-    db = Database(db_url)
-    try:
-        with db.sessions() as session:
-            return list(reversed(jobs.list_jobs(session, limit=1000)))
-    finally:
-        db.dispose()
-
-
 def jobs_settled(db_url: str, count: int) -> Callable[[], dict[str, Job] | None]:
     """A wait_until predicate: `count` jobs, all done or failed, by study UID."""
 
     def check() -> dict[str, Job] | None:
-        rows = db_rows(db_url)
+        rows = db_jobs(db_url)
         if len(rows) == count and all(j.state in ("done", "failed") for j in rows):
             return {j.study_instance_uid: j for j in rows}
         return None
