@@ -32,6 +32,7 @@ __all__ = [
     "ModelRun",
     "NormalizationMode",
     "PreprocessingSpec",
+    "VolumeRegion",
     "Window",
     "WindowPreset",
 ]
@@ -176,6 +177,66 @@ class Location:
 
 
 @dataclass(frozen=True)
+class VolumeRegion:
+    """Where in a volume a finding is: one 3D segment on the source slices' grid.
+
+    The grid is the series' slices in :func:`dicom_ai.pipeline.loading.load_volume` order
+    (along the slice normal); ``sop_instance_uids[k]`` is slice ``k``. The mask is cropped to the
+    segment's bounding box and placed by ``offset``, so a small lesion in a 300-slice 512 x 512
+    series costs kilobytes, not the whole grid.
+
+    Attributes
+    ----------
+    series_instance_uid : str
+        The source series.
+    sop_instance_uids : tuple of str
+        Every slice of the source grid, in order (the SEG references them all).
+    shape : tuple of int
+        ``(slices, rows, columns)`` of the source grid.
+    offset : tuple of int
+        ``(slice, row, column)`` of the mask's first voxel in the source grid.
+    mask : numpy.ndarray
+        Boolean, the segment cropped to its bounding box, axes ``(slice, row, column)``.
+    segment_number : int
+        1-based segment of the run's SEG that holds this region.
+    voxels : int
+        Voxels in the segment.
+    volume_mm3 : float
+        Its volume (voxels x voxel volume on the source grid).
+    longest_axial_diameter_mm : float
+        Longest in-plane diameter over its slices (mm).
+    centroid : tuple of float
+        Centre of mass in patient coordinates (mm, x y z of PS3.3 C.7.6.2.1.1).
+    mean_intensity : float, optional
+        Mean of the modality values inside (HU for CT); None when not meaningful (MR).
+    tracking_id : str
+        A human-readable identifier that stays the same across superseding runs (TID 1411
+        Tracking Identifier), e.g. ``"lesion 1"``.
+    """
+
+    series_instance_uid: str
+    sop_instance_uids: tuple[str, ...]
+    shape: tuple[int, int, int]
+    offset: tuple[int, int, int]
+    mask: NDArray[np.bool_] = field(compare=False, repr=False)
+    segment_number: int = 1
+    voxels: int = 0
+    volume_mm3: float = 0.0
+    longest_axial_diameter_mm: float = 0.0
+    centroid: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    mean_intensity: float | None = None
+    tracking_id: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.sop_instance_uids) != self.shape[0]:
+            raise ValueError("one SOP Instance UID per slice of the grid")
+        if self.mask.ndim != 3 or any(
+                o < 0 or o + n > s for o, n, s in zip(self.offset, self.mask.shape, self.shape,
+                                                       strict=True)):
+            raise ValueError("the mask must lie inside the grid")
+
+
+@dataclass(frozen=True)
 class Finding:
     """One output of one model on one image, series or study, decided at the model's threshold.
 
@@ -209,6 +270,9 @@ class Finding:
     out_of_distribution : bool
         The score is above the model's threshold: the input looks unlike the training data,
         and the decision should not be trusted.
+    region : VolumeRegion, optional
+        Where in a volume, for findings of volume models (then `location` is None and
+        `sop_instance_uids` lists the slices the region touches).
     """
 
     label: str
@@ -223,6 +287,7 @@ class Finding:
     scope: FindingScope = "image"
     ood_score: float | None = None
     out_of_distribution: bool = False
+    region: VolumeRegion | None = None
 
 
 @dataclass(frozen=True)
