@@ -155,9 +155,11 @@ def timed_outbox() -> Iterator[list[SendCall]]:
     original = send_files  # what the outbox module calls
 
     def wrapper(files: list[FileToSend], peer: Peer, settings: Any,
-                progress: Callable[[FileToSend, str], None] | None = None) -> SendReport:
+                progress: Callable[[FileToSend, str], None] | None = None,
+                **options: Any) -> SendReport:
+        # ``options``: whatever else the outbox passes (``commitment`` since issue 19).
         calls.append(SendCall(time.time(), [f.path.stem for f in files]))
-        return original(files, peer, settings, progress)
+        return original(files, peer, settings, progress, **options)
 
     with mock.patch.object(delivery, "send_files", wrapper):
         yield calls
