@@ -7,7 +7,7 @@ data not needed) and return pydicom datasets built with highdicom that pass ``ds
 
 from dicom_ai.reporting.capture import build_heatmap_capture
 from dicom_ai.reporting.codes import procedure_reported, to_code
-from dicom_ai.reporting.seg import build_seg
+from dicom_ai.reporting.seg import build_seg, has_segments
 from dicom_ai.reporting.sr import PriorReport, ReportedFinding, SRKind, build_sr, summarize_sr
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "build_heatmap_capture",
     "build_seg",
     "build_sr",
+    "has_segments",
     "procedure_reported",
     "summarize_sr",
     "to_code",

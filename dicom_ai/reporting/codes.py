@@ -15,10 +15,18 @@ from dicom_ai.values import CodedConcept
 __all__ = [
     "ABSENT",
     "ALGORITHM_FAMILY",
+    "ATTENUATION_COEFFICIENT",
+    "CENTER_OF_MASS",
+    "CUBIC_MILLIMETER",
+    "HOUNSFIELD_UNIT",
+    "LONG_AXIS",
+    "MEAN",
+    "MILLIMETER",
     "MORPHOLOGICALLY_ABNORMAL_STRUCTURE",
     "NO_UNITS",
     "PRESENT",
     "PROBABILITY",
+    "VOLUME",
     "from_code",
     "procedure_reported",
     "to_code",
@@ -37,6 +45,22 @@ MORPHOLOGICALLY_ABNORMAL_STRUCTURE = hd.sr.CodedConcept(
 )
 #: Algorithm family of a segment's algorithm identification (CID 7162).
 ALGORITHM_FAMILY = hd.sr.CodedConcept.from_code(codes.DCM.ArtificialIntelligence)
+
+# Measurements of a volume region (TID 1411 -> TID 1419 -> TID 300).
+#: (118565006, SCT, "Volume") (CID 7472 Volume Measurement), in UCUM mm3.
+VOLUME = hd.sr.CodedConcept.from_code(codes.SCT.Volume)
+CUBIC_MILLIMETER = hd.sr.CodedConcept.from_code(codes.UCUM.CubicMillimeter)
+#: (103339001, SCT, "Long axis") (CID 7470 Linear Measurement): the longest diameter in the
+#: image (axial) plane, as RECIST measures it and dcmjs/OHIF code a bidirectional's long axis.
+LONG_AXIS = hd.sr.CodedConcept.from_code(codes.SCT.LongAxis)
+MILLIMETER = hd.sr.CodedConcept.from_code(codes.UCUM.Millimeter)
+#: (112031, DCM, "Attenuation Coefficient") with Derivation (121401, DCM) "Mean" (373098007,
+#: SCT; CID 7464): the mean CT number inside a region, in UCUM [hnsf'U].
+ATTENUATION_COEFFICIENT = hd.sr.CodedConcept.from_code(codes.DCM.AttenuationCoefficient)
+MEAN = hd.sr.CodedConcept.from_code(codes.SCT.Mean)
+HOUNSFIELD_UNIT = hd.sr.CodedConcept.from_code(codes.UCUM.HounsfieldUnit)
+#: (128138, DCM, "Center of Mass") (CID 219): names the SCOORD3D POINT of a region's centroid.
+CENTER_OF_MASS = hd.sr.CodedConcept.from_code(codes.DCM.CenterOfMass)
 
 # Procedure reported (TID 1500 row 2, DCID 100). SCT 168537006 is "Plain radiography" (pydicom's
 # dictionary); "Plain chest X-ray" is its own concept, SCT 399208008.

@@ -5,7 +5,17 @@ One measurement group per :class:`~dicom_ai.values.Finding`, present or absent:
 * no location: TID 1501 (image-level classification) with Source Image For Measurement Group;
 * ``point`` / ``bbox``: TID 1410 planar ROI, an SCOORD POINT or closed POLYLINE on the image;
 * ``segment``: TID 1411 volumetric ROI referencing a segment of the run's SEG (built by
-  :func:`dicom_ai.reporting.seg.build_seg`).
+  :func:`dicom_ai.reporting.seg.build_seg`);
+* a volume ``region`` (:class:`~dicom_ai.values.VolumeRegion`): TID 1411 volumetric ROI
+  referencing the region's segment of the run's multi-frame SEG and the slices it touches, its
+  Tracking Identifier the region's (``"lesion 1"``, stable across superseding runs), with the
+  measurements (TID 300) Volume (118565006, SCT) in UCUM ``mm3``, the longest axial diameter as
+  Long Axis (103339001, SCT; CID 7470, the code dcmjs/OHIF write for a bidirectional's long
+  axis, which lies in the image plane) in ``mm``, and for CT the mean attenuation as
+  Attenuation Coefficient (112031, DCM) with Derivation Mean (373098007, SCT; CID 7464) in
+  UCUM ``[hnsf'U]``. In a Comprehensive 3D SR the group also holds the region's centroid: a
+  SCOORD3D POINT named Center of Mass (128138, DCM; CID 219) in the source's Frame of
+  Reference (not in Comprehensive SR, whose IOD has no SCOORD3D).
 
 Each group carries a Tracking Identifier (text and UID), the finding type, the finding site, a
 qualitative evaluation named by the finding and valued Present/Absent, the probability
@@ -31,11 +41,13 @@ from typing import Literal
 import highdicom as hd
 import numpy as np
 from pydicom import config as pydicom_config
-from pydicom.datadict import dictionary_VM
+from pydicom.datadict import dictionary_VM, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
@@ -47,9 +59,17 @@ from pydicom.valuerep import DA, DT, TM, format_number_as_ds, validate_value
 from dicom_ai.exceptions import ReportError
 from dicom_ai.reporting.codes import (
     ABSENT,
+    ATTENUATION_COEFFICIENT,
+    CENTER_OF_MASS,
+    CUBIC_MILLIMETER,
+    HOUNSFIELD_UNIT,
+    LONG_AXIS,
+    MEAN,
+    MILLIMETER,
     NO_UNITS,
     PRESENT,
     PROBABILITY,
+    VOLUME,
     from_code,
     procedure_reported,
     to_code,
@@ -64,6 +84,8 @@ __all__ = [
     "SRKind",
     "build_sr",
     "device_observer_uid",
+    "source_header",
+    "source_headers",
     "summarize_sr",
 ]
 
@@ -134,6 +156,20 @@ class ReportedFinding:
     out_of_distribution : bool or None
         The :data:`OUT_OF_DISTRIBUTION` evaluation: Present (True), Absent (False), or None
         when the group has none.
+    tracking_id : str
+        The group's Tracking Identifier text (``"lesion 1"`` for a volume region).
+    segment_number : int or None
+        The referenced SEG segment (TID 1411 groups).
+    segmentation_sop_instance_uid : str or None
+        The SEG the referenced segment is in.
+    volume_mm3 : float or None
+        The Volume measurement (mm3), when the group has one.
+    longest_axial_diameter_mm : float or None
+        The Long Axis measurement (mm), when the group has one.
+    mean_attenuation_hu : float or None
+        The mean Attenuation Coefficient (HU), when the group has one.
+    centroid : tuple of float or None
+        The Center of Mass SCOORD3D POINT ``(x, y, z)`` in mm (Comprehensive 3D SR).
     """
 
     finding: tuple[str, str, str]
@@ -145,6 +181,13 @@ class ReportedFinding:
     source_sop_instance_uids: tuple[str, ...]
     location_kind: str | None
     out_of_distribution: bool | None = None
+    tracking_id: str = ""
+    segment_number: int | None = None
+    segmentation_sop_instance_uid: str | None = None
+    volume_mm3: float | None = None
+    longest_axial_diameter_mm: float | None = None
+    mean_attenuation_hu: float | None = None
+    centroid: tuple[float, float, float] | None = None
 
 
 def _valid(vr: str, value: object) -> bool:
@@ -259,7 +302,11 @@ def source_header(ds: Dataset) -> Dataset:
     header = Dataset()
     for elem in ds:
         if elem.keyword not in _PIXEL_KEYWORDS:
-            header.add(copy.deepcopy(elem))
+            # A new element per attribute (what _sanitise changes is the copy's), sharing the
+            # immutable values: a deep copy of every value cost ~10 ms a CT slice header, 3 s
+            # for a 300-slice volume's SEG and again for its SR. Sequences are nested
+            # datasets: those are copied deeply.
+            header.add(copy.deepcopy(elem) if elem.VR == "SQ" else copy.copy(elem))
     if hasattr(ds, "file_meta"):
         header.file_meta = copy.deepcopy(ds.file_meta)
     for keyword in _TYPE2_DEFAULTS:
@@ -287,14 +334,87 @@ def device_observer_uid(model_name: str) -> str:
     return str(generate_uid(entropy_srcs=["dicom-ai", "device-observer", model_name]))
 
 
-def _headers_by_uid(sources: Sequence[Dataset]) -> dict[str, Dataset]:
+# What differs between the slices of one series, or names the instance (PS3.3 C.12.1 SOP
+# Common, C.7.6.1 General Image, C.7.6.2 Image Plane, C.7.6.3 Image Pixel): everything a
+# derived object reads of a source beyond the first of its series.
+_PER_INSTANCE = (
+    "SOPClassUID", "SOPInstanceUID", "InstanceNumber", "ImageType", "AcquisitionNumber",
+    "AcquisitionDate", "AcquisitionTime", "ContentDate", "ContentTime", "Rows", "Columns",
+    "NumberOfFrames", "PixelSpacing", "ImageOrientationPatient", "ImagePositionPatient",
+    "SliceThickness", "SpacingBetweenSlices", "SliceLocation", "FrameOfReferenceUID",
+    "StudyInstanceUID", "SeriesInstanceUID", "PatientOrientation",
+)
+_PER_INSTANCE_TAGS = tuple(BaseTag(tag_for_keyword(k) or 0) for k in _PER_INSTANCE)
+_PER_INSTANCE_SET = frozenset(_PER_INSTANCE_TAGS)
+
+
+def _slice_header(first: Dataset, elements: dict[BaseTag, DataElement], ds: Dataset) -> Dataset:
+    """A header for a slice of ``first``'s series: ``first``'s (already fit) attributes with the
+    slice's own :data:`_PER_INSTANCE` ones, checked as :func:`source_header` checks them.
+
+    Patient, study and equipment attributes are the series' (results copy them from the first
+    source anyway); a full :func:`source_header` per slice costs about twice as much.
+    """
+    own = Dataset()
+    for tag in _PER_INSTANCE_TAGS:
+        if tag in ds:
+            own.add(copy.copy(ds[tag]))
+    _sanitise(own)
+    # Elements of its own (setting an attribute changes its element's value), copied as
+    # source_header copies them; built as a dict: Dataset.add per element costs milliseconds.
+    merged: dict[BaseTag, DataElement | RawDataElement] = {
+        tag: copy.deepcopy(elem) if elem.VR == "SQ" else copy.copy(elem)
+        for tag, elem in elements.items() if tag not in _PER_INSTANCE_SET
+    }
+    for tag in _PER_INSTANCE_TAGS:
+        if tag in own:
+            merged[tag] = own[tag]
+    header = Dataset(merged)
+    if hasattr(first, "file_meta"):
+        header.file_meta = first.file_meta
+    return header
+
+
+def source_headers(sources: Sequence[Dataset]) -> dict[str, Dataset]:
+    """The sources' headers fit to be evidence (:func:`source_header`), by SOP Instance UID.
+
+    The first source of each series gets a full :func:`source_header`; the others its
+    attributes with their own per-instance ones (instance, position, geometry): the same
+    result for a consistent series at a fraction of the cost (300 CT slice headers: 0.26 s,
+    not 0.67 s, here).
+
+    Parameters
+    ----------
+    sources : sequence of pydicom.dataset.Dataset
+        Source image headers, pixel data not needed; duplicates (by SOP Instance UID) are
+        dropped.
+
+    Returns
+    -------
+    dict of str to pydicom.dataset.Dataset
+        In the order of ``sources``.
+
+    Raises
+    ------
+    ReportError
+        No sources.
+    """
     if not sources:
         raise ReportError("at least one source image is needed")
     headers: dict[str, Dataset] = {}
+    firsts: dict[str, tuple[Dataset, dict[BaseTag, DataElement]]] = {}
     for ds in sources:
-        if str(ds.SOPInstanceUID) not in headers:
-            headers[str(ds.SOPInstanceUID)] = source_header(ds)
+        uid = str(ds.SOPInstanceUID)
+        if uid in headers:
+            continue
+        series = str(ds.get("SeriesInstanceUID", ""))
+        if series not in firsts:
+            header = headers[uid] = source_header(ds)
+            firsts[series] = (header, {elem.tag: elem for elem in header})
+        else:
+            headers[uid] = _slice_header(*firsts[series], ds)
     return headers
+
 
 
 def _lookup(headers: dict[str, Dataset], uid: str, what: str) -> Dataset:
@@ -330,15 +450,16 @@ _Group = (
 
 
 def _group(run: ModelRun, finding: Finding, number: int, headers: dict[str, Dataset],
-           segmentation: Dataset | None) -> _Group:
+           segmentation: Dataset | None, kind: SRKind = "comprehensive") -> _Group:
     """One measurement group (TID 1501, 1410 or 1411) for one finding."""
     if not finding.sop_instance_uids:
         raise ReportError(f"finding {finding.tracking_uid} names no source image")
     images = [_lookup(headers, uid, "finding image") for uid in finding.sop_instance_uids]
     finding_code = to_code(finding.finding)
-    tracking = hd.sr.TrackingIdentifier(
-        uid=finding.tracking_uid, identifier=f"{finding.label} #{number}"
-    )
+    identifier = f"{finding.label} #{number}"
+    if finding.region is not None and finding.region.tracking_id:
+        identifier = finding.region.tracking_id
+    tracking = hd.sr.TrackingIdentifier(uid=finding.tracking_uid, identifier=identifier)
     sites = [hd.sr.FindingSite(to_code(finding.finding_site))] if finding.finding_site else None
     evaluations = [hd.sr.QualitativeEvaluation(
         name=finding_code, value=PRESENT if finding.present else ABSENT
@@ -347,6 +468,13 @@ def _group(run: ModelRun, finding: Finding, number: int, headers: dict[str, Data
         evaluations.append(hd.sr.QualitativeEvaluation(
             name=OUT_OF_DISTRIBUTION, value=PRESENT if finding.out_of_distribution else ABSENT))
     location = finding.location
+    if finding.region is not None:
+        if location is not None:
+            raise ReportError(f"finding {finding.tracking_uid} has both a location and a "
+                              "region")
+        return _volume_group(finding, images, headers, segmentation, kind,
+                             tracking=tracking, algorithm=_algorithm(run, finding),
+                             sites=sites, evaluations=evaluations)
     # A ROI group (TID 1410/1411) has no Source Image For Measurement Group: the probability
     # measurement names its source images instead (TID 300 "Source of measurement").
     measurement_images = None if location is None else [
@@ -416,6 +544,58 @@ def _group(run: ModelRun, finding: Finding, number: int, headers: dict[str, Data
     )
 
 
+def _volume_group(finding: Finding, images: list[Dataset], headers: dict[str, Dataset],
+                  segmentation: Dataset | None, kind: SRKind, *,
+                  tracking: hd.sr.TrackingIdentifier, algorithm: hd.sr.AlgorithmIdentification,
+                  sites: list[hd.sr.FindingSite] | None,
+                  evaluations: list[hd.sr.QualitativeEvaluation],
+                  ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 for a volume region: its SEG segment, the slices it touches, its measures."""
+    region = finding.region
+    assert region is not None  # the caller's branch
+    if segmentation is None:
+        raise ReportError(f"finding {finding.tracking_uid} is a volume region but no "
+                          "segmentation was given")
+    first = headers.get(region.sop_instance_uids[0], images[0])
+    segment = hd.sr.ReferencedSegment(
+        sop_class_uid=str(segmentation.SOPClassUID),
+        sop_instance_uid=str(segmentation.SOPInstanceUID),
+        segment_number=region.segment_number,
+        # The slices the region touches, without frame numbers (single-frame CT/MR slices;
+        # with them dciodvfy rejects Referenced Segment Number, docs/notes.md).
+        source_images=[hd.sr.SourceImageForSegmentation.from_source_image(image)
+                       for image in images],
+    )
+    measurements = [
+        hd.sr.Measurement(name=PROBABILITY, value=float(finding.probability), unit=NO_UNITS),
+        hd.sr.Measurement(name=VOLUME, value=float(region.volume_mm3), unit=CUBIC_MILLIMETER),
+        hd.sr.Measurement(name=LONG_AXIS, value=float(region.longest_axial_diameter_mm),
+                          unit=MILLIMETER),
+    ]
+    modality = str(first.get("Modality", "") or "").upper()
+    if modality == "CT" and region.mean_intensity is not None:
+        measurements.append(hd.sr.Measurement(
+            name=ATTENUATION_COEFFICIENT, value=float(region.mean_intensity),
+            unit=HOUNSFIELD_UNIT, derivation=MEAN))
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking, finding_type=to_code(finding.finding),
+        algorithm_id=algorithm, finding_sites=sites, measurements=measurements,
+        qualitative_evaluations=evaluations, referenced_segment=segment,
+    )
+    if kind == "comprehensive3d":
+        frame_of_reference = first.get("FrameOfReferenceUID")
+        if not frame_of_reference:
+            raise ReportError(f"finding {finding.tracking_uid}: a 3D centroid needs the "
+                              "source's Frame of Reference UID")
+        group[0].ContentSequence.append(hd.sr.Scoord3DContentItem(
+            name=CENTER_OF_MASS, graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+            graphic_data=np.array([region.centroid], dtype=np.float64),
+            frame_of_reference_uid=str(frame_of_reference),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        ))
+    return group
+
+
 def _predecessor(prior: PriorReport) -> Dataset:
     ds = Dataset()
     ds.StudyInstanceUID = prior.study_instance_uid
@@ -465,7 +645,7 @@ def build_sr(run: ModelRun, sources: Sequence[Dataset], *, kind: SRKind = "compr
         finding without ``segmentation``. What highdicom raises passes through: the caller
         describes it with :func:`dicom_ai.exceptions.safe_message`.
     """
-    headers = _headers_by_uid(sources)
+    headers = source_headers(sources)
     first = next(iter(headers.values()))
     observer = hd.sr.ObserverContext(
         observer_type=hd.sr.CodedConcept.from_code(codes.DCM.Device),
@@ -480,7 +660,8 @@ def build_sr(run: ModelRun, sources: Sequence[Dataset], *, kind: SRKind = "compr
     groups: list[_Group] = []
     for finding in run.findings:
         numbers[finding.label] = numbers.get(finding.label, 0) + 1
-        groups.append(_group(run, finding, numbers[finding.label], headers, segmentation))
+        groups.append(_group(run, finding, numbers[finding.label], headers, segmentation,
+                             kind))
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=procedure_reported(first),
@@ -612,6 +793,14 @@ def _read_group(group: _Group) -> ReportedFinding:
     if not evaluations or not measurements:
         raise ValueError(f"group {group.tracking_uid} lacks its evaluation or probability")
     flags = group.get_qualitative_evaluations(name=OUT_OF_DISTRIBUTION)
+    segment_number: int | None = None
+    segmentation_uid: str | None = None
+    if isinstance(group, hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations):
+        segment = group.referenced_segment
+        if segment is not None and isinstance(segment, hd.sr.ReferencedSegment):
+            numbers = segment.referenced_segment_numbers
+            segment_number = int(numbers[0]) if numbers else None
+            segmentation_uid = str(segment.referenced_sop_instance_uid)
     return ReportedFinding(
         finding=from_code(finding_type),
         present=evaluations[0].value in _PRESENT_CODES,
@@ -622,7 +811,30 @@ def _read_group(group: _Group) -> ReportedFinding:
         source_sop_instance_uids=tuple(_sources(group)),
         location_kind=location_kind,
         out_of_distribution=(flags[0].value in _PRESENT_CODES) if flags else None,
+        tracking_id=str(group.tracking_identifier or ""),
+        segment_number=segment_number,
+        segmentation_sop_instance_uid=segmentation_uid,
+        volume_mm3=_measured(group, VOLUME),
+        longest_axial_diameter_mm=_measured(group, LONG_AXIS),
+        mean_attenuation_hu=_measured(group, ATTENUATION_COEFFICIENT),
+        centroid=_centroid(group),
     )
+
+
+def _measured(group: _Group, name: hd.sr.CodedConcept) -> float | None:
+    """The value of the group's first measurement named ``name``, None without one."""
+    found = group.get_measurements(name=name)
+    return float(found[0].value) if found else None
+
+
+def _centroid(group: _Group) -> tuple[float, float, float] | None:
+    """The group's Center of Mass SCOORD3D POINT ``(x, y, z)``, None without one."""
+    items = hd.sr.utils.find_content_items(
+        group[0], name=CENTER_OF_MASS, value_type=hd.sr.ValueTypeValues.SCOORD3D)
+    if not items:
+        return None
+    x, y, z = (float(v) for v in items[0].GraphicData[:3])
+    return (x, y, z)
 
 
 def summarize_sr(ds: Dataset) -> list[ReportedFinding]:
