@@ -9,9 +9,20 @@ matches its header (read from one of its files, without pixel data). A value is:
 * ``/regex/``: a Python regular expression that must match the whole value;
 * a list of the above: any one matches.
 
-A multi-valued attribute (e.g. ImageType) matches when any of its values does, or its whole
-``\\``-joined text does. The pseudo-key ``CallingAETitle`` matches the AE title(s) that sent the
-series. An attribute the header lacks never matches (an empty value matches only ``""``).
+A multi-valued attribute (e.g. ImageType, or an MR ScanningSequence ``SE\\IR``) matches when any
+of its values does, or its whole ``\\``-joined text does: ``ScanningSequence = "IR"`` matches a
+FLAIR's ``SE\\IR``, and so does ``"SE"``. A plain number given for a numeric attribute (VR DS,
+IS, FL, FD, US, SS, UL, SL, UV, SV: EchoTime, RepetitionTime, ...) is compared as a number, so
+``EchoTime = "95"`` matches a stored ``95.000``; there is no range syntax (a ``/regex/`` on the
+text serves). The pseudo-key ``CallingAETitle`` matches the AE title(s) that sent the series.
+
+An enhanced multi-frame object (Enhanced or Legacy Converted Enhanced MR/CT, PS3.3 C.7.6.16)
+keeps many attributes inside its functional groups rather than at the top level: a keyword the
+top level lacks is looked up in the items of the Shared Functional Groups Sequence (the Unassigned
+Shared Converted Attributes of a legacy conversion included), else in every frame's Per-frame
+Functional Groups (any frame's value matching). An attribute found nowhere never matches (an
+empty value matches only ``""``).
+
 Every route that matches gets the series (one job per route); the order of ``[[routes]]`` is
 the order of the report.
 """
@@ -24,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -77,14 +89,45 @@ def _is_regex(pattern: str) -> bool:
     return len(pattern) >= 2 and pattern.startswith("/") and pattern.endswith("/")
 
 
-def _value_matches(value: str, pattern: str) -> bool:
+#: Value representations whose values are numbers (PS3.5 6.2): a plain number matches by value.
+_NUMERIC_VRS = frozenset({"DS", "IS", "FL", "FD", "US", "SS", "UL", "SL", "UV", "SV"})
+#: A decimal number as DS/IS write it (PS3.5 6.2); float() alone would also take "1_4", "nan".
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _number(text: str) -> float | None:
+    text = text.strip()
+    return float(text) if _NUMBER.fullmatch(text) else None
+
+
+def _is_numeric(keyword: str) -> bool:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        return False
+    try:
+        return dictionary_VR(tag) in _NUMERIC_VRS
+    except KeyError:
+        return False
+
+
+def _value_matches(value: str, pattern: str, numeric: bool = False) -> bool:
     if _is_regex(pattern):
         return re.fullmatch(pattern[1:-1], value) is not None
     if any(c in pattern for c in "*?"):
         # The values come from peers: the same non-backtracking matcher as C-FIND (brackets
         # are literal, as in DICOM; fnmatch would read them as a class).
         return wildcard_match(value, pattern)
-    return value == pattern.strip()
+    if value == pattern.strip():
+        return True
+    if numeric:
+        # DS/IS text varies by writer ("95", "95.0", "9.5E1"): a user means the number.
+        wanted, got = _number(pattern), _number(value)
+        return wanted is not None and got is not None and wanted == got
+    return False
+
+
+#: At most this many values of one key are shown in a reason.
+_SHOWN_VALUES = 8
 
 
 @dataclass(frozen=True)
@@ -106,8 +149,14 @@ class KeyResult:
             shown = "absent"
         elif _is_patient_attribute(self.key):
             shown = "(value withheld)"
+        elif len(self.actual) == 1:
+            shown = repr(self.actual[0])
+        elif len(self.actual) > _SHOWN_VALUES:
+            # e.g. a per-frame value of a 300-frame object: the reason stays readable
+            shown = (repr(self.actual[:_SHOWN_VALUES])[:-1]
+                     + f", ... ({len(self.actual)} values)]")
         else:
-            shown = repr(self.actual[0]) if len(self.actual) == 1 else repr(self.actual)
+            shown = repr(self.actual)
         return f"{self.key} {shown} ~ {self.expected!r}: {'yes' if self.matched else 'no'}"
 
 
@@ -140,18 +189,48 @@ def header_values(ds: Dataset, keywords: Iterable[str],
         if key == CALLING_AE_TITLE:
             values[key] = [a.strip() for a in calling_ae_titles] if calling_ae_titles else None
             continue
-        if key not in ds:
+        elements = [ds[key]] if key in ds else _functional_group_elements(ds, key)
+        if not elements:
             values[key] = None
             continue
-        raw = ds[key].value
-        if raw is None:
-            values[key] = [""]
-        elif isinstance(raw, MultiValue | list):
-            items = [str(v).strip() for v in raw]
-            values[key] = [*items, "\\".join(items)] if len(items) > 1 else items
-        else:
-            values[key] = [str(raw).strip()]
+        if len(elements) == 1:
+            values[key] = _element_values(elements[0])
+            continue
+        found: list[str] = []  # every frame's value, each once
+        for element in elements:
+            found.extend(v for v in _element_values(element) if v not in found)
+        values[key] = found
     return values
+
+
+def _element_values(element: DataElement) -> list[str]:
+    raw = element.value
+    if raw is None:
+        return [""]
+    if isinstance(raw, MultiValue | list):
+        items = [str(v).strip() for v in raw]
+        return [*items, "\\".join(items)] if len(items) > 1 else items
+    return [str(raw).strip()]
+
+
+def _functional_group_elements(ds: Dataset, key: str) -> list[DataElement]:
+    """`key` inside the functional group macros of an enhanced multi-frame object.
+
+    The shared groups first (one value for every frame); else each frame's own groups, every
+    frame's element (a value that varies by frame, e.g. the echo of a multi-echo series).
+    """
+    for groups_key in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        found: list[DataElement] = []
+        for group in ds.get(groups_key) or ():
+            for macro in group:
+                if macro.VR != "SQ" or not macro.value:
+                    continue
+                for item in macro.value:
+                    if key in item:
+                        found.append(item[key])
+        if found:
+            return found
+    return []
 
 
 def evaluate(routes: Sequence[tuple[str, MatchSpec]],
@@ -162,8 +241,9 @@ def evaluate(routes: Sequence[tuple[str, MatchSpec]],
         keys: list[KeyResult] = []
         for key, expected in match.items():
             actual = values.get(key)
+            numeric = _is_numeric(key)
             ok = actual is not None and any(
-                _value_matches(v, p) for v in actual for p in _as_patterns(expected)
+                _value_matches(v, p, numeric) for v in actual for p in _as_patterns(expected)
             )
             keys.append(KeyResult(key, expected, actual, ok))
         results.append(RouteMatch(name, all(k.matched for k in keys), tuple(keys)))

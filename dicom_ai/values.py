@@ -77,7 +77,20 @@ class PreprocessingSpec(BaseModel):
     min_input_size : int
         Images whose rows or columns are fewer are refused.
     target_spacing : tuple of float, optional
-        Voxel spacing (mm) volumes are resampled to.
+        Voxel spacing (mm) volumes are resampled to, ``(slice, row, column)``.
+    input_kind : {'image', 'volume', 'slices'}
+        What one model input is: a 2D image (frame by frame, the default); a 3D patch of
+        ``patch_size`` cut from the volume resampled to ``target_spacing`` (input
+        ``(N, d, h, w, 1)``); or 2.5D, ``slices_k`` adjacent slices as channels in patches of
+        ``input_shape`` (input ``(N, h, w, slices_k)``). A model spec checks the combinations.
+    patch_size : tuple of int, optional
+        ``(d, h, w)`` of a 3D patch (``volume`` only; ``(h, w)`` equals ``input_shape``).
+    slices_k : int
+        Odd number of adjacent slices of a 2.5D input (``slices``).
+    overlap : float
+        Fraction of a patch shared with its neighbour along each axis, in ``[0, 1)``.
+    blend : {'gaussian', 'linear', 'constant'}
+        How overlapping patch predictions are weighted.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -96,6 +109,18 @@ class PreprocessingSpec(BaseModel):
         ]
         | None
     ) = None
+    input_kind: Literal["image", "volume", "slices"] = "image"
+    patch_size: (
+        tuple[
+            Annotated[int, Field(ge=1)],
+            Annotated[int, Field(ge=8)],
+            Annotated[int, Field(ge=8)],
+        ]
+        | None
+    ) = None
+    slices_k: Annotated[int, Field(ge=1, le=31)] = 3
+    overlap: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    blend: Literal["gaussian", "linear", "constant"] = "gaussian"
 
     @model_validator(mode="after")
     def _imagenet_needs_rgb(self) -> PreprocessingSpec:

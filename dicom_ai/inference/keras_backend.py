@@ -44,7 +44,7 @@ def feature_model(model: Any, layer: str) -> Any:
     return keras.Model(model.inputs[0], [model.outputs[0], model.get_layer(layer).output])
 
 
-def compiled_call(model: Any, input_shape: tuple[int, int, int]) -> Any:
+def compiled_call(model: Any, input_shape: tuple[int, ...]) -> Any:
     """``model(x, training=False)`` as a ``tf.function`` with signature ``(None, *input_shape)``.
 
     Parameters
@@ -52,7 +52,7 @@ def compiled_call(model: Any, input_shape: tuple[int, int, int]) -> Any:
     model : keras.Model
         The network.
     input_shape : tuple of int
-        ``(H, W, C)``.
+        ``(H, W, C)``, or ``(D, H, W, C)`` for a 3D volume model.
 
     Returns
     -------

@@ -34,8 +34,8 @@ class OnnxPredictor(Predictor):
         self.input_name = str(first.name)
         dims = list(first.shape)[1:]
         wanted = list(spec.input_shape)
-        if len(dims) != 3 or any(isinstance(d, int) and d != w for d, w in zip(dims, wanted,
-                                                                               strict=True)):
+        if len(dims) != len(wanted) or any(
+                isinstance(d, int) and d != w for d, w in zip(dims, wanted, strict=True)):
             raise InferenceError(f"{self.label}: the ONNX input {self.input_name} has shape "
                                  f"{first.shape}, the spec says (N, {', '.join(map(str, wanted))})")
 

@@ -80,9 +80,10 @@ class Predictor(ABC):
 
     def _check(self, inputs: NDArray[Any]) -> NDArray[np.float32]:
         batch = np.asarray(inputs, dtype=np.float32)
-        if batch.ndim == 3:
+        rank = len(self.spec.input_shape)  # (H, W, C), or (D, H, W, 1) for a volume model
+        if batch.ndim == rank:
             batch = batch[np.newaxis]
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.spec.input_shape:
+        if batch.ndim != rank + 1 or tuple(batch.shape[1:]) != self.spec.input_shape:
             raise InferenceError(f"{self.label} takes inputs of shape (N, "
                                  f"{', '.join(map(str, self.spec.input_shape))}), "
                                  f"got {tuple(np.shape(inputs))}")
@@ -94,12 +95,14 @@ class Predictor(ABC):
         Parameters
         ----------
         inputs : numpy.ndarray
-            ``(N, H, W, C)`` (or one ``(H, W, C)`` input) float32, preprocessed per the spec.
+            ``(N, H, W, C)`` (or one ``(H, W, C)`` input) float32, preprocessed per the spec;
+            ``(N, D, H, W, 1)`` for a volume model.
 
         Returns
         -------
         numpy.ndarray
-            Classification: ``(N, outputs)``; segmentation: ``(N, H, W, outputs)``; float32.
+            Classification: ``(N, outputs)``; segmentation: ``(N, H, W, outputs)`` (``(N, D, H,
+            W, outputs)`` for a volume model); float32.
 
         Raises
         ------
@@ -109,7 +112,7 @@ class Predictor(ABC):
         batch = self._check(inputs)
         if batch.shape[0] == 0:
             shape = (0, len(self.spec.outputs)) if self.spec.task == "classification" else (
-                0, *self.spec.input_shape[:2], len(self.spec.outputs))
+                0, *self.spec.input_shape[:-1], len(self.spec.outputs))
             return np.zeros(shape, dtype=np.float32)
         chunks = []
         for start in range(0, batch.shape[0], self.batch_size):

@@ -30,11 +30,13 @@ from dicom_ai.values import CodedConcept, PreprocessingSpec
 
 __all__ = [
     "FINDING_SITE_LUNG",
+    "INPUT_KINDS",
     "INPUT_UNITS",
     "NETWORK_FILES",
     "NODULE",
     "SPEC_FILE",
     "Aggregate",
+    "InputKind",
     "InputUnit",
     "ModelSpec",
     "ModelSpecError",
@@ -56,6 +58,10 @@ InputUnit = Literal["image", "series", "study"]
 INPUT_UNITS: tuple[InputUnit, ...] = ("image", "series", "study")
 #: How per-image probabilities combine into the decision of a series or study.
 Aggregate = Literal["max", "mean"]
+#: What one network input is (the preprocessing's ``input_kind``): a 2D image, a 3D patch of a
+#: resampled volume, or 2.5D (adjacent slices as channels).
+InputKind = Literal["image", "volume", "slices"]
+INPUT_KINDS: tuple[InputKind, ...] = ("image", "volume", "slices")
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 VERSION_PATTERN = r"^[0-9]+(\.[0-9]+){0,2}([-+][0-9A-Za-z.-]+)?$"
 
@@ -140,6 +146,24 @@ class ModelSpec(BaseModel):
         The network file in the folder, ``model.keras`` or ``model.onnx``.
     preprocessing : PreprocessingSpec
         Input size, channels, window, normalisation: applied identically in training and serving.
+        Its ``input_kind`` says what one network input is:
+
+        * ``image`` (default): a 2D image, frame by frame; ``target_spacing`` and
+          ``patch_size`` are not allowed.
+        * ``volume``: a 3D patch ``(patch_size..., 1)`` of a CT or MR series loaded as a volume
+          and resampled to ``target_spacing`` (required), ``channels = 1``, ``patch_size``
+          required with ``(h, w)`` equal to ``input_shape``; the output is a probability
+          volume per label ``(N, d, h, w, labels)``.
+        * ``slices`` (2.5D): ``slices_k`` (odd) adjacent slices as channels in patches of
+          ``input_shape``, ``channels = 1`` (each slice is grey), ``target_spacing`` optional
+          (without it the series' own grid), no ``patch_size``; the output is
+          ``(N, h, w, labels)``.
+
+        Both volume kinds need ``task = "segmentation"``, run over the whole series as a
+        sliding window (``overlap``, ``blend``) and report one finding per connected component
+        of at least ``min_component_pixels`` voxels on the source slices, or one absent
+        finding for the study when there is none (``input_unit`` and ``aggregate`` do not
+        apply); ``normalization`` ``imagenet`` does not apply to them.
     outputs : list of OutputLabel
         One per output unit or mask channel, in order.
     modalities : list of str
@@ -220,16 +244,65 @@ class ModelSpec(BaseModel):
             raise ValueError(f"pixel_spacing_mm must be (min, max), got {self.pixel_spacing_mm}")
         return self
 
+    @model_validator(mode="after")
+    def _input_kind(self) -> ModelSpec:
+        prep = self.preprocessing
+        kind = prep.input_kind
+        if kind == "image":
+            if prep.target_spacing is not None:
+                raise ValueError("preprocessing.target_spacing needs input_kind 'volume' or "
+                                 "'slices' (an 'image' model runs frame by frame)")
+            if prep.patch_size is not None:
+                raise ValueError("preprocessing.patch_size needs input_kind 'volume'")
+            return self
+        if self.task != "segmentation":
+            raise ValueError(f"input_kind {kind!r} needs task 'segmentation' (lesions are the "
+                             "output's connected components)")
+        if prep.channels != 1:
+            raise ValueError(f"input_kind {kind!r} needs channels = 1 (grey slices; 2.5D "
+                             "stacks slices_k of them as channels)")
+        if prep.normalization == "imagenet":
+            raise ValueError(f"normalization 'imagenet' does not apply to input_kind {kind!r}")
+        if kind == "volume":
+            if prep.target_spacing is None:
+                raise ValueError("input_kind 'volume' needs preprocessing.target_spacing")
+            if prep.patch_size is None:
+                raise ValueError("input_kind 'volume' needs preprocessing.patch_size (d, h, w)")
+            if tuple(prep.patch_size[1:]) != tuple(prep.input_shape):
+                raise ValueError(f"preprocessing.patch_size {prep.patch_size} must end with "
+                                 f"input_shape {prep.input_shape}")
+        else:
+            if prep.patch_size is not None:
+                raise ValueError("preprocessing.patch_size needs input_kind 'volume' ('slices' "
+                                 "takes patches of input_shape)")
+            if prep.slices_k % 2 == 0:
+                raise ValueError(f"preprocessing.slices_k must be odd, not {prep.slices_k}")
+        return self
+
+    @property
+    def input_kind(self) -> InputKind:
+        """``image``, ``volume`` or ``slices``: the preprocessing's input kind."""
+        return self.preprocessing.input_kind
+
     @property
     def backend(self) -> str:
         """``"keras"`` or ``"onnx"``, from the network file."""
         return NETWORK_FILES[self.network]
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """``(height, width, channels)`` of one model input."""
-        height, width = self.preprocessing.input_shape
-        return (height, width, self.preprocessing.channels)
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one network input, without the batch axis.
+
+        ``(height, width, channels)`` for ``image``; ``(depth, height, width, 1)`` for
+        ``volume``; ``(height, width, slices_k)`` for ``slices``.
+        """
+        prep = self.preprocessing
+        height, width = prep.input_shape
+        if prep.input_kind == "volume" and prep.patch_size is not None:
+            return (prep.patch_size[0], height, width, 1)
+        if prep.input_kind == "slices":
+            return (height, width, prep.slices_k)
+        return (height, width, prep.channels)
 
     def applies_to(self, modality: str | None, body_part: str | None) -> bool:
         """Whether a series of this modality and body part is one the model was made for.

@@ -51,14 +51,17 @@ __all__ = [
     "VolumeError",
     "blend_weights",
     "find_lesions",
+    "label_lesions",
     "measure_lesions",
     "modality_volume",
+    "normalize_volume",
     "patch_starts",
     "resample",
     "slice_stack",
     "sliding_window",
     "sliding_window_slices",
     "to_source",
+    "window_volume",
 ]
 
 BlendMode = Literal["gaussian", "linear", "constant"]
@@ -757,6 +760,8 @@ def find_lesions(values: NDArray[Any], grid: Grid, *, threshold: float = 0.5,
                  connectivity: int = 3) -> list[Lesion]:
     """Connected components of ``values >= threshold``, measured (see :func:`measure_lesions`).
 
+    :func:`label_lesions` gives the same lesions with their label volume.
+
     Parameters
     ----------
     values : numpy.ndarray
@@ -778,6 +783,32 @@ def find_lesions(values: NDArray[Any], grid: Grid, *, threshold: float = 0.5,
     list of Lesion
         Largest first, labels renumbered 1..N in that order.
     """
+    return label_lesions(values, grid, threshold=threshold, intensity=intensity,
+                         min_voxels=min_voxels, connectivity=connectivity, keep_labels=False)[1]
+
+
+def label_lesions(values: NDArray[Any], grid: Grid, *, threshold: float = 0.5,
+                  intensity: NDArray[Any] | None = None, min_voxels: int = 1,
+                  connectivity: int = 3, keep_labels: bool = True
+                  ) -> tuple[NDArray[np.integer[Any]] | None, list[Lesion]]:
+    """:func:`find_lesions` plus the label volume: where each lesion is, voxel by voxel.
+
+    Parameters
+    ----------
+    values, grid, threshold, intensity, min_voxels, connectivity
+        As for :func:`find_lesions`.
+    keep_labels : bool
+        Return the label volume (else None, and no relabelling pass).
+
+    Returns
+    -------
+    labels : numpy.ndarray or None
+        Integer ``(slices, rows, columns)`` on ``grid`` (``uint16`` up to 65535 components):
+        0 background (and components under ``min_voxels``), ``lesion.label`` inside each
+        lesion. ``labels[lesion.bbox] == lesion.label`` is a lesion's cropped mask.
+    lesions : list of Lesion
+        As :func:`find_lesions` returns them (largest first, labels 1..N).
+    """
     if not 1 <= connectivity <= 3:
         raise VolumeError(f"connectivity must be 1, 2 or 3, not {connectivity}")
     foreground = np.asarray(values) >= threshold
@@ -790,6 +821,99 @@ def find_lesions(values: NDArray[Any], grid: Grid, *, threshold: float = 0.5,
     lesions = [le for le in measure_lesions(labels, grid, intensity=intensity)
                if le.voxels >= min_voxels]
     lesions.sort(key=lambda le: (-le.voxels, le.bbox))
-    return [Lesion(i, le.voxels, le.volume_mm3, le.centroid_voxel, le.centroid_patient,
-                   le.longest_axial_diameter_mm, le.mean_intensity, le.bbox)
-            for i, le in enumerate(lesions, start=1)]
+    renumbered = [Lesion(i, le.voxels, le.volume_mm3, le.centroid_voxel, le.centroid_patient,
+                         le.longest_axial_diameter_mm, le.mean_intensity, le.bbox)
+                  for i, le in enumerate(lesions, start=1)]
+    if not keep_labels:
+        return None, renumbered
+    # One lookup pass: old label -> its rank (0 for the dropped ones), in the labels' dtype.
+    lookup = np.zeros(int(labels.max(initial=0)) + 1, dtype=labels.dtype)
+    for new, old in zip(renumbered, lesions, strict=True):
+        lookup[old.label] = new.label
+    return lookup[labels], renumbered
+
+
+def window_volume(array: Float32Array, window: tuple[float, float] | None) -> Float32Array:
+    """Window a ``float32`` volume of modality values to 0..1, in place (no ``float64`` copy).
+
+    The LINEAR VOI function of PS3.3 C.11.2.1.2.1, as
+    :func:`~dicom_ai.pipeline.preprocessing.apply_voi` computes it for an explicit window
+    (the same numbers up to ``float32`` rounding), one slab of :data:`SLAB` slices at a time.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        ``float32`` modality values (HU for CT), overwritten.
+    window : tuple of float or None
+        ``(center, width)``, width at least 1; None leaves the values as they are.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``array``.
+
+    Raises
+    ------
+    VolumeError
+        A window narrower than 1 or an array that is not ``float32``.
+    """
+    if window is None:
+        return array
+    if array.dtype != np.float32:
+        raise VolumeError(f"window_volume works in place on float32, not {array.dtype}")
+    center, width = float(window[0]), float(window[1])
+    if width < 1.0:
+        raise VolumeError(f"window width {width} is below 1 (PS3.3 C.11.2.1.2)")
+    # inside = (x - (c - 0.5)) / (w - 1) + 0.5, clipped to [0, 1] (the bounds of C.11.2.1.2.1)
+    scale = np.float32(1.0 / max(width - 1.0, 1e-12))
+    shift = np.float32(0.5 - (center - 0.5) / max(width - 1.0, 1e-12))
+    for k in range(0, array.shape[0], SLAB):
+        slab = array[k:k + SLAB]  # a view: the arithmetic lands in `array`
+        slab *= scale
+        slab += shift
+        np.clip(slab, 0.0, 1.0, out=slab)
+    return array
+
+
+def normalize_volume(array: Float32Array, mode: str) -> Float32Array:
+    """:func:`~dicom_ai.pipeline.preprocessing.normalize` over a whole volume, in place.
+
+    The statistics are the volume's (``minmax``: its minimum and maximum; ``zscore``: its mean
+    and standard deviation, accumulated in ``float64``); a constant volume gives zeros, as
+    ``normalize`` does. Slab by slab, so no second volume-sized array exists.
+
+    Parameters
+    ----------
+    array : numpy.ndarray
+        ``float32`` volume, overwritten.
+    mode : {'minmax', 'zscore'}
+        ``imagenet`` needs RGB images and does not apply to volumes.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``array``.
+
+    Raises
+    ------
+    VolumeError
+        Another mode, or an array that is not ``float32``.
+    """
+    if array.dtype != np.float32:
+        raise VolumeError(f"normalize_volume works in place on float32, not {array.dtype}")
+    if array.size == 0:
+        return array
+    if mode == "minmax":
+        lo, hi = float(array.min()), float(array.max())
+        shift, scale = lo, (1.0 / (hi - lo) if hi != lo else 0.0)
+    elif mode == "zscore":
+        mean = float(array.mean(dtype=np.float64))
+        std = float(array.std(dtype=np.float64))
+        shift, scale = mean, (1.0 / std if std != 0.0 else 0.0)
+    else:
+        raise VolumeError(f"normalization {mode!r} does not apply to a volume")
+    for k in range(0, array.shape[0], SLAB):
+        slab = array[k:k + SLAB]
+        slab -= np.float32(shift)
+        slab *= np.float32(scale)
+    return array

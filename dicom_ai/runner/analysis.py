@@ -42,6 +42,7 @@ from dicom_ai.pipeline.preprocessing import (
     preprocess_frame,
     unit_image,
 )
+from dicom_ai.runner.volumes import analyse_volumes
 from dicom_ai.values import Finding, FindingScope, HeatMap, Location, ModelRun
 
 __all__ = ["SKIP_REASONS", "Analysis", "OutOfScopeError", "analyse", "skip_reasons"]
@@ -90,7 +91,7 @@ class OutOfScopeError(DicomAIError):
 
 def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
             explain: bool = True, explainer: Any = None,
-            limits: LimitsSettings | None = None) -> Analysis:
+            limits: LimitsSettings | None = None, route: str = "") -> Analysis:
     """Run one model over the images of a study's series and decide its findings.
 
     The files are grouped by series. Each image passes the model's scope gate
@@ -104,6 +105,11 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
     1501 group each). A model with training statistics (:mod:`dicom_ai.inference.ood`) scores
     each image in the same forward pass; a finding is flagged out of distribution when its
     image's score (a series or study decision: any of its images') is above the threshold.
+
+    A volume model (``input_kind`` ``volume`` or ``slices``) runs over each eligible series
+    that forms a volume instead (:mod:`dicom_ai.runner.volumes`): one finding per lesion with
+    its :class:`~dicom_ai.values.VolumeRegion`, or an absent study finding per label; a series
+    that is not a volume is skipped with its reason.
 
     Parameters
     ----------
@@ -122,6 +128,9 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
     limits : LimitsSettings, optional
         ``[limits]``: an image declaring more pixels or bytes is refused before decoding
         (default: the ``[limits]`` defaults).
+    route : str
+        The job's route: volume models key their lesions' tracking identifiers on it (the
+        same in a superseding run).
 
     Returns
     -------
@@ -132,14 +141,11 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
     OutOfScopeError
         No image is one the model can take (the reasons name each series).
     JobError
-        The images cannot be read or decoded, or are above `limits` (not retryable), the
-        model is a volume model (not retryable), or the model failed (retryable).
+        The images cannot be read or decoded, or are above `limits` (not retryable), or
+        the model failed (retryable).
     """
     spec = predictor.spec
     timings: dict[str, float] = {}
-    if spec.preprocessing.target_spacing is not None:
-        raise JobError(f"{spec.name} {spec.version} is a volume model (target_spacing); "
-                       "serving runs 2D models frame by frame", retryable=False)
     started = time.perf_counter()
     try:
         groups = read_study(paths)
@@ -162,6 +168,18 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
             eligible.append(kept)
     if not eligible:
         raise OutOfScopeError(skipped)
+    if spec.input_kind != "image":
+        timings["load"] = time.perf_counter() - started
+        volumes = analyse_volumes(eligible, predictor, seed=seed, route=route, limits=limits,
+                                  skipped=skipped, timings=timings)
+        if volumes is None:
+            raise OutOfScopeError(skipped)
+        return Analysis(ModelRun(
+            model_name=spec.name, model_version=spec.version, task=spec.task,
+            study_instance_uid=str(volumes.datasets[0].StudyInstanceUID),
+            series_instance_uid=volumes.series_instance_uid, findings=volumes.findings,
+            parameters={"input_kind": spec.input_kind},
+        ), volumes.datasets, timings, skipped)
     try:
         for datasets in eligible:  # every declared size before anything is decoded
             for ds in datasets:

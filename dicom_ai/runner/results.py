@@ -7,6 +7,7 @@ store: both handed to :func:`storage.jobs.complete_job` as typed values.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator, Sequence
@@ -27,11 +28,13 @@ from dicom_ai.exceptions import (
 )
 from dicom_ai.resources import results_space_problem
 from dicom_ai.runner.analysis import Analysis
-from dicom_ai.values import Finding, ModelRun
+from dicom_ai.values import Finding, ModelRun, VolumeRegion
 from storage import jobs
 from storage.filestore import fsync_dir, fsync_file
 
-__all__ = ["build_results", "finding_row", "result_uid"]
+__all__ = ["build_results", "finding_row", "result_uid", "volume_location"]
+
+LOGGER = logging.getLogger(__name__)
 
 
 # -- results -----------------------------------------------------------------------------------
@@ -85,12 +88,17 @@ def build_results(analysis: Analysis, route: Route, settings: Settings, *, store
 
     `hold` (an out-of-distribution input under ``ood_policy = "hold"``): built and stored,
     listed with the job, sent nowhere.
+
+    A volume model's run (findings with a :class:`~dicom_ai.values.VolumeRegion`, or its
+    absent study finding) gets no result objects yet: its findings are stored and nothing is
+    sent (volumetric SEG/SR: see issue 21).
     """
     from dicom_ai.reporting import (
         PriorReport,
         build_heatmap_capture,
         build_seg,
         build_sr,
+        has_segments,
     )
     from dicom_ai.reporting.capture import heatmap_finding
 
@@ -120,8 +128,7 @@ def build_results(analysis: Analysis, route: Route, settings: Settings, *, store
 
     version = __version__
     seg: Dataset | None = None
-    if run.task == "segmentation" and any(
-            f.location is not None and f.location.kind == "segment" for f in run.findings):
+    if has_segments(run):  # 2D segment locations, or the regions of a volume model
         with _building("SEG", sources):
             seg = build_seg(run, sources,
                             series_instance_uid=result_uid(seed, "seg-series"),
@@ -163,11 +170,44 @@ def build_results(analysis: Analysis, route: Route, settings: Settings, *, store
     return results, heatmap_paths
 
 
+def volume_location(region: VolumeRegion) -> dict[str, Any]:
+    """The ``findings.location`` JSON of a volume finding (``location_kind`` ``"volume"``).
+
+    Parameters
+    ----------
+    region : VolumeRegion
+        The finding's region.
+
+    Returns
+    -------
+    dict
+        ``volume_mm3``, ``longest_axial_diameter_mm``, ``centroid`` (patient x y z, mm),
+        ``mean_intensity`` (HU for CT; None for MR), ``segment_number``, ``tracking_id``,
+        ``voxels``, and ``bbox`` (first and last-exclusive slice, row, column on the source
+        slices' grid, in load order along the normal).
+    """
+    return {
+        "volume_mm3": round(region.volume_mm3, 2),
+        "longest_axial_diameter_mm": round(region.longest_axial_diameter_mm, 2),
+        "centroid": [round(v, 2) for v in region.centroid],
+        "mean_intensity": (None if region.mean_intensity is None
+                           else round(region.mean_intensity, 1)),
+        "segment_number": region.segment_number,
+        "tracking_id": region.tracking_id,
+        "voxels": region.voxels,
+        "bbox": [*region.offset, *(o + n for o, n in zip(region.offset, region.mask.shape,
+                                                          strict=True))],
+    }
+
+
 def finding_row(finding: Finding, run: ModelRun, heatmap_paths: dict[str, str],
                 series_of: dict[str, str]) -> jobs.FindingToStore:
     """A finding as the row to store (the columns of :class:`storage.models.FindingRecord`)."""
     location = finding.location
     geometry: dict[str, Any] = {}
+    region = finding.region
+    if region is not None:
+        geometry = volume_location(region)
     if location is not None:
         if location.point is not None:
             geometry["point"] = [round(v, 2) for v in location.point]
@@ -180,6 +220,8 @@ def finding_row(finding: Finding, run: ModelRun, heatmap_paths: dict[str, str],
     sop_uid = finding.sop_instance_uids[0] if finding.scope == "image" else ""
     series_uid = (series_of.get(finding.sop_instance_uids[0], run.series_instance_uid)
                   if finding.scope != "study" else "")
+    if region is not None:
+        series_uid = region.series_instance_uid
     return jobs.FindingToStore(
         study_instance_uid=run.study_instance_uid,
         series_instance_uid=series_uid,
@@ -194,9 +236,11 @@ def finding_row(finding: Finding, run: ModelRun, heatmap_paths: dict[str, str],
         probability=finding.probability,
         threshold=finding.threshold,
         present=finding.present,
-        location_kind=location.kind if location is not None else None,
+        location_kind=(location.kind if location is not None
+                       else "volume" if region is not None else None),
         location=geometry or None,
-        segment_number=location.segment_number if location is not None else None,
+        segment_number=(location.segment_number if location is not None
+                        else region.segment_number if region is not None else None),
         heatmap_path=heatmap_paths.get(sop_uid),
         tracking_uid=finding.tracking_uid,
         ood_score=finding.ood_score,

@@ -395,7 +395,8 @@ class JobRunner:
         explain = explainer is not None
         try:
             analysis = analyse(paths, predictor, seed=seed, explain=explain,
-                               explainer=explainer, limits=self.settings.limits)
+                               explainer=explainer, limits=self.settings.limits,
+                               route=route.name)
         except OutOfScopeError as exc:
             LOGGER.info("job %d: %s %s takes none of its %d series; no result", job.id,
                         predictor.spec.name, predictor.spec.version, len(series_uids))
