@@ -51,10 +51,14 @@ def test_importing_the_network_modules_installs_nothing() -> None:
 
     code = ("import dicom_ai.network.scp, dicom_ai.network.scu, dicom_ai.network.qr_scu, "
             "dicom_ai.network.standin, dicom_ai.service; "
-            "from dicom_ai.network import tuning; print(tuning.installed())")
+            "from dicom_ai.network import tuning; "
+            "from pynetdicom import dimse_messages; from pynetdicom.dimse import "
+            "DIMSEServiceProvider as P; print(tuning.installed(), "
+            "P.send_msg is tuning.UPSTREAM['send_msg'], "
+            "dimse_messages.decode is tuning.UPSTREAM['decode'])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, check=True, timeout=60)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False True True"
 
 
 def test_off_or_untested_version_installs_nothing(monkeypatch: pytest.MonkeyPatch,
@@ -65,7 +69,11 @@ def test_off_or_untested_version_installs_nothing(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(tuning, "_installed", False)
     monkeypatch.setattr(tuning, "_refused", False)
+    from pynetdicom import dimse_messages
+    from pynetdicom.dimse import DIMSEServiceProvider
+
     recv = AssociationSocket.recv
+    send_msg, decode = DIMSEServiceProvider.send_msg, dimse_messages.decode  # type: ignore[attr-defined]
     assert tuning.install(False) is False
     monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
     with caplog.at_level("WARNING", logger=tuning.__name__):
@@ -75,6 +83,8 @@ def test_off_or_untested_version_installs_nothing(monkeypatch: pytest.MonkeyPatc
         "pynetdicom 3.1.0: network tuning not installed (tested with 3.0.x); running stock "
         "pynetdicom") == 1
     assert AssociationSocket.recv is recv
+    assert DIMSEServiceProvider.send_msg is send_msg
+    assert dimse_messages.decode is decode  # type: ignore[attr-defined]
     assert not tuning.installed()
     assert tuning.is_tested_version("3.0.4")
     assert not tuning.is_tested_version("3.1.0")
