@@ -15,6 +15,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -248,6 +249,9 @@ def _decode_both_ways(encoded: bytes, monkeypatch: pytest.MonkeyPatch
     for decode in (_DIMSE_MESSAGES.decode, tuning.UPSTREAM["decode"]):
         with monkeypatch.context() as patch:
             patch.setattr(_dimse_messages, "decode", decode)
+            # The command set only: a receiver or C-GET started earlier in this process turns
+            # on pynetdicom's process-wide receive-to-file switch, which needs an association.
+            patch.setattr(pynetdicom_config, "STORE_RECV_CHUNKED_DATASET", False)
             message = DIMSEMessage()
             middle = len(encoded) // 2
             first, last = P_DATA(), P_DATA()
