@@ -43,13 +43,10 @@ from dicom_ai.pipeline.preprocessing import (
     preprocess_frame,
     resample_volume,
 )
+from dicom_ai.pipeline.volume import forms_volume
 from dicom_ai.values import WINDOW_PRESETS, PreprocessingSpec, Window
 
 __all__ = ["SpecError", "load_spec", "model_inputs", "preview", "write_preview"]
-
-#: Modalities whose multi-slice series are taken as volumes when a target spacing is set.
-VOLUME_MODALITIES = frozenset({"CT", "MR"})
-
 
 class SpecError(ConfigError):
     """A preprocessing spec file is missing, unreadable or invalid; the message names the key."""
@@ -161,25 +158,15 @@ def model_inputs(
 
 
 def _forms_volume(paths: Sequence[Path]) -> bool:
-    """CT/MR with slice geometry and more than one slice (read from the headers only)."""
+    """Whether the files form a volume (:func:`~dicom_ai.pipeline.volume.forms_volume`, read
+    from the headers only)."""
     headers: list[Dataset] = []
     for path in paths:
         try:
             headers.append(pydicom.dcmread(path, stop_before_pixels=True))
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             raise LoadError(f"cannot read {Path(path).name}: {exc}") from exc
-    if any(str(ds.get("Modality", "")).upper() not in VOLUME_MODALITIES for ds in headers):
-        return False
-    if len(headers) == 1:
-        ds = headers[0]
-        try:
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-        except (TypeError, ValueError):
-            return False
-        return frames > 1 and "PerFrameFunctionalGroupsSequence" in ds
-    return all(
-        "ImagePositionPatient" in ds or "PerFrameFunctionalGroupsSequence" in ds for ds in headers
-    )
+    return forms_volume(headers) is None
 
 
 def _volume_inputs(

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
+from pydicom.dataset import Dataset
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
@@ -43,6 +44,7 @@ from dicom_ai.pipeline.loading import Volume
 from dicom_ai.pipeline.preprocessing import apply_modality_lut, mask_bits_stored, resample_volume
 
 __all__ = [
+    "VOLUME_MODALITIES",
     "BlendMode",
     "Grid",
     "Lesion",
@@ -51,6 +53,7 @@ __all__ = [
     "VolumeError",
     "blend_weights",
     "find_lesions",
+    "forms_volume",
     "label_lesions",
     "measure_lesions",
     "modality_volume",
@@ -65,6 +68,8 @@ __all__ = [
 ]
 
 BlendMode = Literal["gaussian", "linear", "constant"]
+#: Modalities whose series a volume model takes (PS3.3 C.7.6.2 slices in a patient frame).
+VOLUME_MODALITIES = frozenset({"CT", "MR"})
 #: Slices per in-plane resampling pass (bounded temporaries, see _resample_separable).
 SLAB = 16
 #: A model's forward pass over one batch of patches: ``float32`` in, ``float32`` out.
@@ -76,6 +81,41 @@ GAUSSIAN_SIGMA_SCALE = 0.125
 #: Floor of each axis' Gaussian weight relative to its centre: every voxel a patch covers keeps
 #: a positive weight, so the normaliser never divides by zero (float32 holds its cube).
 WEIGHT_FLOOR = 1e-3
+
+
+def forms_volume(datasets: Sequence[Dataset]) -> str | None:
+    """Why the instances of one series cannot be a volume, or None when they can.
+
+    CT or MR (PS3.3 C.7.3.1) with Image Position (Patient) on every instance, or one
+    enhanced multi-frame object (Per-frame Functional Groups, C.7.6.16) of several frames.
+    Only the headers are read (the job runner and ``dicom-ai preview`` decide with it).
+
+    Parameters
+    ----------
+    datasets : sequence of pydicom.dataset.Dataset
+        The headers of one series' instances.
+
+    Returns
+    -------
+    str or None
+        The reason, or None for a volume.
+    """
+    modalities = {str(ds.get("Modality", "")).strip().upper() for ds in datasets}
+    if not modalities <= VOLUME_MODALITIES:
+        return f"modality {', '.join(sorted(m or 'none' for m in modalities))} is not a volume"
+    if len(datasets) == 1:
+        ds = datasets[0]
+        try:
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+        except (TypeError, ValueError):
+            frames = 1
+        if "PerFrameFunctionalGroupsSequence" in ds and frames > 1:
+            return None
+        return "a single slice is not a volume"
+    if not all("ImagePositionPatient" in ds or "PerFrameFunctionalGroupsSequence" in ds
+               for ds in datasets):
+        return "not a volume: slices without Image Position (Patient)"
+    return None
 
 
 class VolumeError(DicomAIError):

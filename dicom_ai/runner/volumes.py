@@ -38,6 +38,7 @@ from dicom_ai.pipeline.volume import (
     Grid,
     Resampled,
     VolumeError,
+    forms_volume,
     label_lesions,
     modality_volume,
     normalize_volume,
@@ -49,11 +50,8 @@ from dicom_ai.pipeline.volume import (
 )
 from dicom_ai.values import Finding, VolumeRegion
 
-__all__ = ["VOLUME_MODALITIES", "VolumeResult", "analyse_volumes", "forms_volume",
-           "tracking_id"]
+__all__ = ["VolumeResult", "analyse_volumes", "tracking_id"]
 
-#: Modalities whose series a volume model takes (PS3.3 C.7.6.2 slices in a patient frame).
-VOLUME_MODALITIES = frozenset({"CT", "MR"})
 #: 3D patches per forward pass: a 64 x 128 x 128 float32 patch is 4 MiB in and out.
 VOLUME_BATCH = 4
 #: The longest Tracking Identifier (TID 1411, LO: 64 characters).
@@ -97,27 +95,6 @@ def _tracking_uid(key: str, *parts: object) -> str:
     return str(generate_uid(entropy_srcs=["dicom-ai-tracking", key, *map(str, parts)]))
 
 
-def forms_volume(datasets: Sequence[Dataset]) -> str | None:
-    """Why the instances of one series cannot be a volume, or None when they can.
-
-    CT or MR (PS3.3 C.7.3.1) with Image Position (Patient) on every instance, or one
-    enhanced multi-frame object (Per-frame Functional Groups, C.7.6.16) of several frames.
-    Only the headers are read.
-    """
-    modalities = {str(ds.get("Modality", "")).strip().upper() for ds in datasets}
-    if not modalities <= VOLUME_MODALITIES:
-        return f"modality {', '.join(sorted(m or 'none' for m in modalities))} is not a volume"
-    if len(datasets) == 1:
-        ds = datasets[0]
-        if "PerFrameFunctionalGroupsSequence" in ds and int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            return None
-        return "a single slice is not a volume"
-    if not all("ImagePositionPatient" in ds or "PerFrameFunctionalGroupsSequence" in ds
-               for ds in datasets):
-        return "not a volume: slices without Image Position (Patient)"
-    return None
-
-
 def _window_of(volume: Volume, wanted: tuple[float, float] | None) -> tuple[float, float] | None:
     """The spec's window, else the first slice's own (Window Center/Width, first value)."""
     if wanted is not None:
@@ -143,15 +120,14 @@ def _add(timings: dict[str, float], stage: str, started: float) -> float:
     return now
 
 
-def _probabilities(predictor: Predictor, volume: Volume, timings: dict[str, float],
-                   started: float) -> tuple[NDArray[np.float32], Resampled | None,
-                                            NDArray[np.float32]]:
+def _probabilities(predictor: Predictor, volume: Volume, grid: Grid,
+                   timings: dict[str, float], started: float
+                   ) -> tuple[NDArray[np.float32], Resampled | None, NDArray[np.float32]]:
     """The model's output on the resampled grid, its resampling, and the source HU volume."""
     spec = predictor.spec
     prep = spec.preprocessing
     hu = modality_volume(volume)
     started = _add(timings, "load", started)
-    grid = Grid.of(volume)
     resampled: Resampled | None = None
     if prep.target_spacing is not None:
         resampled = resample(hu, grid, prep.target_spacing)
@@ -243,9 +219,9 @@ def analyse_volumes(eligible: Sequence[Sequence[Dataset]], predictor: Predictor,
             skipped.append(f"series {series_uid} skipped: {spec.name} {spec.version} cannot "
                            f"take it: {why}")
             continue
-        output, resampled, hu = _probabilities(predictor, volume, timings, started)
-        started = time.perf_counter()
         grid = Grid.of(volume)
+        output, resampled, hu = _probabilities(predictor, volume, grid, timings, started)
+        started = time.perf_counter()
         uids = tuple(volume.sop_instance_uids)
         del volume  # the stored pixel values are not needed any more
         # Mean attenuation means something for CT (HU); MR intensities are arbitrary units.
