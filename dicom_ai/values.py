@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 # -- what a model expects -------------------------------------------------------------------------
-NormalizationMode = Literal["minmax", "zscore", "imagenet"]
+NormalizationMode = Literal["minmax", "zscore", "imagenet", "none"]
 WindowPreset = Literal["lung", "soft-tissue", "bone", "brain"]
 
 #: Named windows as (center, width) in Hounsfield units.
@@ -72,8 +72,10 @@ class PreprocessingSpec(BaseModel):
         the dataset's own VOI.
     keep_aspect : bool
         Keep the aspect ratio when resizing (pad the rest with 0).
-    normalization : {'minmax', 'zscore', 'imagenet'}
-        The final intensity normalisation (``imagenet`` needs 3 channels).
+    normalization : {'minmax', 'zscore', 'imagenet', 'none'}
+        The final intensity normalisation (``imagenet`` needs 3 channels; ``none`` keeps the
+        windowed 0..1 values, the same mapping for every image: what a CT model wants, where a
+        per-image minimum and maximum would stretch a scan with nothing bright in it).
     min_input_size : int
         Images whose rows or columns are fewer are refused.
     target_spacing : tuple of float, optional

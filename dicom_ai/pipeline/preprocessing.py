@@ -577,10 +577,11 @@ def normalize(arr: NDArray[Any], mode: NormalizationMode) -> NDArray[np.floating
     ----------
     arr : numpy.ndarray
         The image.
-    mode : {'minmax', 'zscore', 'imagenet'}
+    mode : {'minmax', 'zscore', 'imagenet', 'none'}
         ``minmax`` scales to 0..1 (a constant image gives zeros); ``zscore`` subtracts the mean and
         divides by the standard deviation (a constant image gives zeros); ``imagenet`` expects a
-        0..1 RGB ``(..., 3)`` image and applies ImageNet's per-channel mean and std.
+        0..1 RGB ``(..., 3)`` image and applies ImageNet's per-channel mean and std; ``none``
+        returns the values as they are (as floats): a fixed window already mapped them.
 
     Returns
     -------
@@ -593,6 +594,8 @@ def normalize(arr: NDArray[Any], mode: NormalizationMode) -> NDArray[np.floating
         If ``imagenet`` is asked of an image without 3 channels, or the mode is unknown.
     """
     x = _as_float(arr)
+    if mode == "none":  # a new array, as the other modes give: callers may work in place
+        return x.copy() if x is arr else x
     if mode == "minmax":
         if x.size == 0:
             return x.copy()

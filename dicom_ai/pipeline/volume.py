@@ -926,8 +926,9 @@ def normalize_volume(array: Float32Array, mode: str) -> Float32Array:
     ----------
     array : numpy.ndarray
         ``float32`` volume, overwritten.
-    mode : {'minmax', 'zscore'}
-        ``imagenet`` needs RGB images and does not apply to volumes.
+    mode : {'minmax', 'zscore', 'none'}
+        ``none`` leaves the (windowed) values as they are; ``imagenet`` needs RGB images and
+        does not apply to volumes.
 
     Returns
     -------
@@ -941,7 +942,7 @@ def normalize_volume(array: Float32Array, mode: str) -> Float32Array:
     """
     if array.dtype != np.float32:
         raise VolumeError(f"normalize_volume works in place on float32, not {array.dtype}")
-    if array.size == 0:
+    if array.size == 0 or mode == "none":
         return array
     if mode == "minmax":
         lo, hi = float(array.min()), float(array.max())

@@ -312,6 +312,9 @@ def test_normalize_minmax_and_zscore_stats() -> None:
     assert zscore.std() == pytest.approx(1.0)
     np.testing.assert_array_equal(normalize(np.full((3, 3), 5.0), "minmax"), 0.0)
     np.testing.assert_array_equal(normalize(np.full((3, 3), 5.0), "zscore"), 0.0)
+    kept = normalize(arr, "none")
+    np.testing.assert_array_equal(kept, arr)
+    assert kept is not arr  # a new array, as the other modes give
 
 
 def test_normalize_imagenet() -> None:

@@ -312,10 +312,13 @@ def test_window_normalise_and_label_volumes_in_place() -> None:
     windowed = window_volume(hu, (500.0, 3000.0))
     assert windowed is hu  # in place: no float64 or second float32 volume
     np.testing.assert_allclose(windowed, expected, atol=1e-6)
-    for mode in ("minmax", "zscore"):
+    for mode in ("minmax", "zscore", "none"):
         values = rng.normal(40.0, 300.0, (20, 16, 16)).astype(np.float32)
         reference = normalize(values, mode)
         np.testing.assert_allclose(normalize_volume(values, mode), reference, atol=1e-5)
+    # `none` maps every volume the same way: a scan with nothing bright is not stretched.
+    dim = window_volume(np.full((3, 8, 8), -900.0, np.float32), (-600.0, 1500.0))
+    assert float(normalize_volume(dim.copy(), "none").max()) == pytest.approx(float(dim.max()))
     assert not normalize_volume(np.full((3, 8, 8), 7.0, np.float32), "minmax").any()
     with pytest.raises(VolumeError, match="imagenet"):
         normalize_volume(values, "imagenet")
