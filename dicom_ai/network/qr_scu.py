@@ -46,6 +46,7 @@ from dicom_ai.ingest.spool import Ingestor
 from dicom_ai.network.contexts import STORAGE_SOP_CLASSES
 from dicom_ai.network.scp import guard_receive, handle_store
 from dicom_ai.network.scu import Peer, _associate
+from dicom_ai.network.tuning import handle_stores_in_reader
 
 LOGGER = logging.getLogger(__name__)
 
@@ -278,6 +279,10 @@ def get_study(peer: Peer, settings: DicomSettings, study_instance_uid: str,
     # Into incoming/ (this association only); a full disk is answered 0xA700, as on our
     # own receiver.
     guard_receive(assoc, ingestor.store.incoming)
+    if settings.tune_network:
+        # Each C-STORE answered on the thread that read it: no hand-off to this thread and
+        # back per instance (tuning.handle_stores_in_reader).
+        handle_stores_in_reader(assoc)
     try:
         return _final(peer, "C-GET", assoc.send_c_get(
             _study_identifier(study_instance_uid),

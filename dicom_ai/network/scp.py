@@ -41,8 +41,8 @@ from dicom_ai.network.balancer import Address, HostLimit
 from dicom_ai.network.contexts import scp_contexts, supported_contexts
 from dicom_ai.network.counters import ReceiverCounters
 from dicom_ai.network.qr import QueryRetrieveSCP
+from dicom_ai.network.tuning import handle_stores_in_reader, upstream_digest
 from dicom_ai.network.tuning import install as tune_pynetdicom
-from dicom_ai.network.tuning import upstream_digest
 
 LOGGER = logging.getLogger(__name__)
 
@@ -290,6 +290,8 @@ class _Server(ThreadedAssociationServer):
     # Received datasets that cannot be written (a full disk) are answered, not hung on
     # (_SpoolGuardDIMSE); pynetdicom 3.0 only.
     guard_spool_writes: bool = _SPOOL_GUARD
+    # C-STOREs handled on each association's reading thread ([dicom] tune_network).
+    stores_in_reader: bool = False
     # Where received datasets are streamed (the store's incoming/); None: the temp directory.
     spool_folder: str | None = None
     counters: ReceiverCounters | None = None
@@ -396,6 +398,9 @@ class _RequestHandler(RequestHandler):
         if server.guard_spool_writes:
             # The provider the association made, its queues kept; only receive_primitive differs.
             _guard(assoc, server.spool_folder)
+        if server.stores_in_reader:
+            # Each C-STORE answered on the thread that read it (tuning.handle_stores_in_reader).
+            handle_stores_in_reader(assoc)
         address = self.client_address
         run = assoc.run
 
@@ -595,6 +600,7 @@ class Receiver:
         ))
         server.handshake_timeout = self.settings.association_request_timeout
         server.spool_folder = str(self.ingestor.store.incoming)
+        server.stores_in_reader = self.settings.tune_network
         if not server.guard_spool_writes:  # the folder is set through the guard's provider
             LOGGER.warning("pynetdicom %s: received datasets are streamed to the temporary "
                            "directory, not the store's incoming/", pynetdicom.__version__)

@@ -73,7 +73,16 @@ in :data:`UPSTREAM_DIGESTS`, so a test fails when pynetdicom changes it):
   whose only handler is pynetdicom's ``_send_c_store_rsp``, which does nothing) and a plain
   C-STORE-RQ command set decoded without pydicom's reader (``dsutils.decode`` as
   ``DIMSEMessage.decode_msg`` calls it): no upstream issue found (nearest: pynetdicom issue
-  59; upstream change: direct codecs for the fixed command sets in ``dimse_messages``).
+  59; upstream change: direct codecs for the fixed command sets in ``dimse_messages``);
+- pynetdicom's logging handlers (``standard_dimse_*_handler``, ``standard_pdu_*_handler``) not
+  triggered while their logger is quiet (``events.trigger``, :func:`_quiet_trigger`): no
+  upstream issue found (upstream change: check ``LOGGER.isEnabledFor`` before formatting);
+- C-STORE requests answered on the DUL thread that read them, and a C-GET's pending responses
+  queued without waking the caller (per association, :func:`handle_stores_in_reader`: the
+  receiver's associations and C-GET's; ``DIMSEServiceProvider.receive_primitive`` and
+  ``get_msg``, ``Association._serve_request``, ``_c_store_scp`` and
+  ``_wrap_get_move_responses``): no upstream issue found (upstream change: an option to serve
+  C-STORE requests in the DUL thread when no asynchronous operations are negotiated).
 """
 
 from __future__ import annotations
@@ -115,12 +124,18 @@ from pynetdicom import association as _association
 from pynetdicom import dimse_messages as _dimse_messages
 from pynetdicom import dsutils as _dsutils
 from pynetdicom import dul as _dul
+from pynetdicom import events as _events
 from pynetdicom import presentation as _presentation
 from pynetdicom import utils as _utils
-from pynetdicom._handlers import standard_dimse_sent_handler
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_GET, C_STORE
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
@@ -128,8 +143,9 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
 
 __all__ = ["MAX_ASSOCIATION_PDU", "READ_STEP", "TESTED_VERSIONS", "UPSTREAM", "UPSTREAM_DIGESTS",
-           "decode_store_request", "encode_file_meta", "encode_store_response", "install",
-           "installed", "is_tested_version", "set_pdu_limits", "upstream_digest"]
+           "decode_store_request", "encode_file_meta", "encode_store_response",
+           "handle_stores_in_reader", "install", "installed", "is_tested_version",
+           "set_pdu_limits", "upstream_digest"]
 
 LOGGER = logging.getLogger(__name__)
 
@@ -185,6 +201,16 @@ UPSTREAM: dict[str, Callable[..., Any]] = {
     "encode_msg": _dimse_messages.DIMSEMessage.encode_msg,
     "send_c_store_rsp_logged": _pynetdicom_handlers._send_c_store_rsp,
     "decode": _dsutils.decode,
+    "trigger": _events.trigger,
+    "standard_dimse_recv_handler": standard_dimse_recv_handler,
+    "standard_dimse_sent_handler": standard_dimse_sent_handler,
+    "standard_pdu_recv_handler": standard_pdu_recv_handler,
+    "standard_pdu_sent_handler": standard_pdu_sent_handler,
+    "receive_primitive": DIMSEServiceProvider.receive_primitive,
+    "get_msg": DIMSEServiceProvider.get_msg,
+    "wrap_get_move_responses": Association._wrap_get_move_responses,
+    "c_store_scp": Association._c_store_scp,
+    "serve_request": Association._serve_request,
 }
 #: SHA-256 of each :data:`UPSTREAM` function's source in pynetdicom 3.0.4 (see
 #: :func:`upstream_digest`): a test fails when one changes, so its patch is re-checked.
@@ -205,6 +231,21 @@ UPSTREAM_DIGESTS = {
     "send_c_store_rsp_logged":
         "87318c9364c686d4df91c158b30c62cc96fb0daca61252b5682bc0abc803a545",
     "decode": "33aaa74edebf31884a6626b1df7173cc52e9a26f7e00d78fe95247c9f8e24e49",
+    "trigger": "b97f8a75e8affaa01693856a8cbeb7aea6d3b4641cec8ca1975c15b0eea76690",
+    "standard_dimse_recv_handler":
+        "cfacb737b7499b6f5e75f86e2a6cdc65d3148cdb199119092cfac1b66b752797",
+    "standard_dimse_sent_handler":
+        "5702b6a66a3f1acb24f4ca010a3c90efb82252d7cefe79ba4d0f6d866fb326e2",
+    "standard_pdu_recv_handler":
+        "916f709ee3e06a749b6d6586cfbb19f9af72915a71f549045825397d4873a0d2",
+    "standard_pdu_sent_handler":
+        "5193cd6183c0472958c6a62a1d50fadb3b30bedf46731e40662eb847a4b8d13a",
+    "receive_primitive": "5f99c86b14a15cefa87d914cda3591ec4d636d4c53a982e945ec9c1828c6e43f",
+    "get_msg": "890e3e04283f5aeb756236f1a4dd35d3a10bbdd52f3efa3f3950c01f47bd2b34",
+    "wrap_get_move_responses":
+        "d023a7bdadd24d59eb754f9d3d068b282311d32dcbb1f2a28b4cbe1bc76aafd9",
+    "c_store_scp": "9361a649f8ef2b1def749e14aff4bbc35134c63677d265b16bab08f39ce6199a",
+    "serve_request": "2f24c1759cdf6c8c433094f2a8dd8144f76f5547f03daed7b94e0f78bc12f877",
 }
 
 
@@ -310,6 +351,7 @@ def install(enabled: bool = True) -> bool:
         DIMSEServiceProvider.send_msg = _send_msg(  # type: ignore[method-assign,assignment]
             DIMSEServiceProvider.send_msg)
         _dimse_messages.decode = _decode_command  # type: ignore[attr-defined]
+        _events.trigger = _quiet_trigger(_events.trigger)
         _installed = True
         return True
 
@@ -929,3 +971,152 @@ def _decode_command(bytestring: BytesIO, is_implicit_vr: bool, is_little_endian:
             return dataset
     return cast(Dataset, UPSTREAM["decode"](bytestring, is_implicit_vr, is_little_endian,
                                              deflated))
+
+
+# --- pynetdicom's logging handlers, skipped while their logger is quiet ------------------------
+
+#: The events pynetdicom binds its own logging handlers to on every association
+#: (``Association._bind_defaults`` with ``_config.LOG_HANDLER_LEVEL = "standard"``).
+_LOGGING_EVENTS = frozenset((evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV,
+                             evt.EVT_PDU_SENT))
+_LOGGING_HANDLERS = frozenset((standard_dimse_recv_handler, standard_dimse_sent_handler,
+                               standard_pdu_recv_handler, standard_pdu_sent_handler))
+#: The logger those handlers write to (at DEBUG, and INFO for "Received Store Request").
+_HANDLERS_LOGGER = _pynetdicom_handlers.LOGGER
+
+
+def _quiet_trigger(original: Callable[..., Any]) -> Callable[..., Any]:
+    """``events.trigger``, skipping pynetdicom's logging handlers when they would log nothing.
+
+    pynetdicom triggers ``EVT_PDU_RECV`` for every PDU it reads, ``EVT_PDU_SENT`` for every one
+    it sends, ``EVT_DIMSE_RECV``/``SENT`` for every message, and binds to each a handler that
+    formats the PDU or message into lines (f-strings, UID names, pydicom attribute reads, under
+    the association's lock) and hands them to ``LOGGER.debug``/``info``: 14% of the reading
+    thread's time on a C-GET from Orthanc (11 PDUs of 16 KB per CT slice). dicom-ai keeps the
+    ``pynetdicom`` logger at WARNING or above (:mod:`dicom_ai.logs`), where every line is
+    dropped. An event whose only handlers are those four, while their logger is not enabled for
+    INFO, is not triggered: the same log output, no event object, no formatting. Any other
+    handler bound (a test's, an application's) and the event is triggered as before. No
+    upstream issue found; the upstream change would be checking ``LOGGER.isEnabledFor`` in
+    ``standard_*_handler`` (or ``_config.LOG_HANDLER_LEVEL = "none"``, which dicom-ai does not
+    set because it is decided once per association and reads no logger).
+    """
+
+    def trigger(assoc: Association, event: Any, attrs: dict[str, Any] | None = None) -> Any:
+        if event in _LOGGING_EVENTS and not _HANDLERS_LOGGER.isEnabledFor(logging.INFO):
+            handlers = cast(list[tuple[Any, Any]], assoc.get_handlers(event))
+            if all(handler in _LOGGING_HANDLERS for handler, _ in handlers):
+                return None  # what trigger returns for a notification event
+        return original(assoc, event, attrs)
+
+    return trigger
+
+
+# --- C-STORE sub-operations of a C-GET handled on the reading thread --------------------------
+
+#: C-GET pending statuses (PS3.4 C.4.3.1.4): sub-operations continuing.
+_PENDING = frozenset((0xFF00, 0xFF01))
+
+
+class _Activity:
+    """When the reading thread last finished a C-STORE of this association, and whether it is
+    in one now (the requestor's DIMSE timeout counts from there)."""
+
+    __slots__ = ("busy", "last")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.last = time.monotonic()
+
+
+def handle_stores_in_reader(assoc: Association) -> bool:
+    """Answer the C-STOREs received on `assoc` on its reading (DUL) thread.
+
+    pynetdicom decodes each received message on the association's DUL thread, queues it, and
+    another thread takes it off the queue and runs the ``EVT_C_STORE`` handler: the acceptor's
+    reactor thread (``Association._serve_request``), or for a C-GET the thread that called
+    ``send_c_get`` (``Association._c_store_scp``); that thread queues the response, which the
+    DUL thread then sends. Two thread hand-offs per instance, each a wake-up the scheduler and
+    the GIL must grant (on a C-GET from Orthanc, the queue's notify alone was a fifth of the
+    reading thread's GIL time on the loaded 2-core machine). A peer sends its next request only
+    after our response (no asynchronous operations are negotiated: pynetdicom proposes none and
+    answers a proposed window with 1 and 1), so the DUL thread has nothing else to do meanwhile:
+    here it runs the same pynetdicom function itself, the moment the request is complete, and
+    sends the response on its next loop. Only C-STORE requests are handled so; anything else is
+    queued as before. On a C-GET, the pending C-GET responses (one per sub-operation from
+    Orthanc) are queued without waking the caller, which only needs them with the final response
+    (whose put wakes it, in order), and the caller's wait (``get_msg``, the DIMSE timeout)
+    counts from the last C-STORE or pending response (and never runs out while a C-STORE is
+    being handled), as it did when the caller handled each. The handler, its arguments and the
+    response are pynetdicom's own: only the thread differs. No upstream issue found (nearest:
+    the N-EVENT-REPORT special case in ``DIMSEServiceProvider.receive_primitive``, which starts
+    a thread so as not to block the DUL); the upstream change would be an option to serve
+    C-STORE requests in the DUL thread.
+
+    Parameters
+    ----------
+    assoc : Association
+        An association, before its first request arrives (the receiver's, from its server's
+        request handler) or is sent (a C-GET's).
+
+    Returns
+    -------
+    bool
+        Whether the C-STOREs will be handled on the DUL thread: only with :func:`install`'s
+        tuning in place (and so only on a tested pynetdicom).
+    """
+    if not _installed:
+        return False
+    dul, dimse = assoc.dul, assoc.dimse
+    activity = _Activity()
+    acceptor = assoc.is_acceptor
+    queue_put = dimse.msg_queue.put  # with its wake-up (_wire)
+
+    def put(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        primitive = item[1] if type(item) is tuple and len(item) == 2 else None
+        if (type(primitive) is C_STORE and primitive.MessageIDBeingRespondedTo is None
+                and threading.current_thread() is dul):
+            activity.busy = True
+            try:
+                if acceptor:  # what the association's reactor does with a request
+                    assoc._serve_request(primitive, cast(int, item[0]))
+                else:  # what send_c_get's loop does with one
+                    assoc._c_store_scp(primitive)
+            except Exception as exc:
+                # Not an OSError to the spool guard around us (it would take it for a failed
+                # write): the DUL aborts the association, as for any error in its loop.
+                raise RuntimeError(f"C-STORE sub-operation failed: {exc!r}") from exc
+            finally:
+                activity.last = time.monotonic()
+                activity.busy = False
+            return
+        if (type(primitive) is C_GET and primitive.Status in _PENDING
+                and threading.current_thread() is dul):
+            # Queued without waking the caller: it only needs them with the final response
+            # (whose put wakes it), and it waits on the queue, so nothing is lost or reordered.
+            with dimse.msg_queue.mutex:
+                dimse.msg_queue._put(item)
+                dimse.msg_queue.unfinished_tasks += 1
+            activity.last = time.monotonic()
+            return
+        queue_put(item, block, timeout)
+
+    def get_msg(block: bool = False) -> tuple[int | None, Any]:
+        # DIMSEServiceProvider.get_msg, its timeout counted from the last C-STORE handled.
+        timeout = dimse.dimse_timeout
+        if not block or timeout is None:
+            return cast(tuple[int | None, Any], UPSTREAM["get_msg"](dimse, block))
+        started = time.monotonic()
+        while True:
+            left = max(started, activity.last) + timeout - time.monotonic()
+            if left <= 0 and not activity.busy:
+                return None, None
+            try:
+                return cast(tuple[int | None, Any],
+                            dimse.msg_queue.get(True, max(left, ASSOCIATION_WAIT)))
+            except queue.Empty:
+                continue
+
+    dimse.msg_queue.put = put  # type: ignore[method-assign]
+    dimse.get_msg = get_msg  # type: ignore[method-assign,assignment]
+    return True

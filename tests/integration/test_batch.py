@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from dicom_ai.training.synth import synthesize
 from storage import batches
 from storage.db import Database
 from storage.models import Instance
-from tests.conftest import need_binary
+from tests.conftest import need_binary, needs_tuning
 from tests.peers import Orthanc, storescu, wait_until
 
 sqlite_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -492,3 +493,66 @@ def test_get_with_studies_in_flight_stores_each_instance_once_and_survives_a_fai
         assert a_first < b_last, "two studies retrieved at once"
         assert b_first < a_last, "two studies retrieved at once"
         db.dispose()
+
+
+# Tuned only in a tuned run: get_study would install the tuning for the whole process.
+@pytest.mark.parametrize("tune", [
+    pytest.param(True, marks=needs_tuning("answering on the reading thread"), id="tuned"),
+    pytest.param(False, id="untuned")])
+def test_get_answers_each_store_once_durable_and_outlasts_the_dimse_timeout(
+    tmp_path: Path, db_url: str, tune: bool
+) -> None:
+    """A C-GET whose instances take longer to store, in all, than the DIMSE timeout: every
+    instance is answered only once stored and indexed, the retrieval succeeds (the timeout
+    counts from the last instance answered, not from the C-GET request), and with the tuning
+    the instances are answered on the association's reading thread, without a hand-off to the
+    caller's thread and back (tuning.handle_stores_in_reader); without it, on the caller's."""
+    need_binary("Orthanc")
+    need_binary("storescu")
+    from pynetdicom.dul import DULServiceProvider
+
+    from dicom_ai.ingest.spool import Ingestor, Received
+    from dicom_ai.network.qr_scu import get_study
+    from dicom_ai.network.scu import Peer
+    from tests.peers import make_ct_series
+
+    files = make_ct_series(tmp_path / "data", 4, size=64, seed=7)
+    uid = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    expected = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+
+    class SlowDisk(Ingestor):
+        """A real ingestor on a disk that takes 0.3 s per instance."""
+
+        threads: list[threading.Thread] = []
+
+        def ingest(self, received: Received) -> int:
+            self.threads.append(threading.current_thread())
+            time.sleep(0.3)
+            status = super().ingest(received)
+            # Answered only once durable and indexed: the file is in place by now.
+            assert status != 0 or not received.path.exists()
+            return status
+
+    with Orthanc(tmp_path / "orthanc", modalities={"me": ("DICOM_AI", "127.0.0.1", 1)}) as orthanc:
+        assert storescu(orthanc.port, files, aet=orthanc.aet).returncode == 0
+        settings = load_settings(
+            None, dicom={"dimse_timeout": 0.6, "tune_network": tune},
+            storage={"root": tmp_path / "store", "database_url": db_url, "min_free_bytes": 0})
+        db = Database(db_url)
+        db.upgrade()
+        ingestor = SlowDisk(settings.storage.file_store(role="batch"), db, settings.storage,
+                            settings.limits)
+        started = time.monotonic()
+        result = get_study(Peer(orthanc.aet, "127.0.0.1", orthanc.port), settings.dicom, uid,
+                           ingestor, [CT_CLASS])
+        assert time.monotonic() - started > 4 * 0.3 > settings.dicom.dimse_timeout
+        assert (result.ok, result.completed, result.failed) == (True, 4, 0)
+        with db.sessions() as session:
+            indexed = list(session.scalars(select(Instance.sop_instance_uid)))
+        assert sorted(indexed) == sorted(expected)
+        db.dispose()
+    assert len(ingestor.threads) == 4
+    if tune:
+        assert all(isinstance(t, DULServiceProvider) for t in ingestor.threads)
+    else:
+        assert all(t is threading.current_thread() for t in ingestor.threads)

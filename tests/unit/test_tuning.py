@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import struct
 import threading
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from pynetdicom import AE, _config
@@ -369,8 +372,6 @@ def test_uid_checks_keep_their_verdicts() -> None:
 ])
 def test_file_meta_bytes_are_pydicoms(sop_class: str, sop_instance: str, syntax: str) -> None:
     """The file meta pynetdicom writes before a streamed C-STORE data set, byte for byte."""
-    from typing import Any
-
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_file_meta_info
     from pydicom.uid import UID
@@ -387,3 +388,95 @@ def test_file_meta_bytes_are_pydicoms(sop_class: str, sop_instance: str, syntax:
     assert fast.getvalue() == reference.getvalue()
     assert tuning.encode_file_meta(decoder.create_file_meta(**{**uids, "sop_instance_uid": ""})
                                    ) is None
+
+
+@tuned
+def test_quiet_logging_handlers_are_not_run(echo_server: int,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    # A message the standard handler cannot format makes it raise, which trigger logs: run,
+    # it leaves an error; skipped (pynetdicom's logger above INFO, as dicom_ai.logs sets it),
+    # nothing. With the logger at INFO it runs again, as pynetdicom runs it.
+    from pynetdicom import evt
+    from pynetdicom._handlers import LOGGER as HANDLERS_LOGGER
+
+    assoc = _requestor().associate("127.0.0.1", echo_server, ae_title="TUNED")
+    try:
+        assert assoc.is_established
+        caplog.set_level("WARNING", logger="pynetdicom")
+        assert not HANDLERS_LOGGER.isEnabledFor(20)
+        caplog.clear()
+        assert evt.trigger(assoc, evt.EVT_DIMSE_RECV, {"message": object()}) is None
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        caplog.set_level("INFO", logger="pynetdicom")
+        evt.trigger(assoc, evt.EVT_DIMSE_RECV, {"message": object()})
+        assert any("evt.EVT_DIMSE_RECV" in r.getMessage() for r in caplog.records)
+        caplog.set_level("WARNING", logger="pynetdicom")
+        assert assoc.send_c_echo().Status == 0  # messages still flow with it quiet
+    finally:
+        assoc.release()
+
+
+@tuned
+def test_other_handlers_of_logging_events_still_run(echo_server: int) -> None:
+    # Only pynetdicom's own logging handlers are skipped: one an application binds runs,
+    # for every PDU and message, with the logger quiet.
+    from pynetdicom import evt
+
+    seen: list[str] = []
+    handlers: list[Any] = [(evt.EVT_PDU_RECV, lambda e: seen.append("pdu")),
+                (evt.EVT_DIMSE_RECV, lambda e: seen.append("dimse"))]
+    assoc = _requestor().associate("127.0.0.1", echo_server, ae_title="TUNED",
+                                   evt_handlers=handlers)
+    try:
+        assert assoc.send_c_echo().Status == 0
+    finally:
+        assoc.release()
+    # A-ASSOCIATE-AC, the C-ECHO-RSP's P-DATA and A-RELEASE-RP; the C-ECHO-RSP message.
+    assert seen.count("pdu") >= 3
+    assert seen.count("dimse") == 1
+
+
+# Tuned only in a tuned run: the service would install the tuning for the whole process.
+@pytest.mark.parametrize("tune", [pytest.param(True, marks=tuned, id="tuned"),
+                                  pytest.param(False, id="untuned")])
+def test_receiver_answers_each_store_on_the_reading_thread(
+        tmp_path: Path, make_settings: Callable[..., Any],
+        start_service: Callable[[Any], Any], tune: bool) -> None:
+    # Tuned, each C-STORE is handled by the association's DUL thread that read it, not
+    # handed to the association's reactor thread and back (tuning.handle_stores_in_reader);
+    # with [dicom] tune_network off, by the reactor, as pynetdicom does. Stored, indexed and
+    # answered success either way.
+    from pynetdicom.association import Association
+    from pynetdicom.dul import DULServiceProvider
+    from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+    from tests.peers import make_ct_series
+
+    threads: list[threading.Thread] = []
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("stored "):
+                threads.append(threading.current_thread())
+
+    spool = logging.getLogger("dicom_ai.ingest.spool")
+    seen = Seen(logging.DEBUG)
+    service = start_service(make_settings(dicom={"tune_network": tune}))
+    spool.addHandler(seen)  # after the service configured logging
+    spool.setLevel(logging.DEBUG)
+    try:
+        files = make_ct_series(tmp_path / "ct", 3, size=32, seed=3)
+        ae = AE(ae_title="CALLER")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", service.address[1], ae_title="DICOM_AI")
+        assert assoc.is_established
+        try:
+            statuses = [assoc.send_c_store(p).Status for p in files]
+        finally:
+            assoc.release()
+    finally:
+        spool.removeHandler(seen)
+    assert statuses == [0, 0, 0]
+    assert len(threads) == 3
+    expected = DULServiceProvider if tune else Association
+    assert all(isinstance(t, expected) for t in threads), threads
