@@ -23,6 +23,13 @@ Shared Converted Attributes of a legacy conversion included), else in every fram
 Functional Groups (any frame's value matching). An attribute found nowhere never matches (an
 empty value matches only ``""``).
 
+Body Part Examined (0018,0015) is read by :func:`body_parts_examined`, the rule the model scope
+gate uses too: the top-level value, else one in the functional groups, else the anatomic region
+code of the Frame Anatomy functional group (C.7.6.16.2.8) mapped back to its Body Part Examined
+term (PS3.16 Annex L, CID 4031): a Legacy Converted Enhanced CT/MR keeps the body part only as
+that code (highdicom writes SCT 816094009 "Chest" for ``CHEST``), so a route on
+``BodyPartExamined = "CHEST"`` matches it as it matches the single-frame slices.
+
 Every route that matches gets the series (one job per route); the order of ``[[routes]]`` is
 the order of the report.
 """
@@ -44,9 +51,11 @@ from dicom_ai.exceptions import DicomReadError, safe_message
 from storage.query import wildcard_match
 
 __all__ = [
+    "BODY_PART_CODES",
     "CALLING_AE_TITLE",
     "KeyResult",
     "RouteMatch",
+    "body_parts_examined",
     "check_match",
     "evaluate",
     "evaluate_file",
@@ -190,6 +199,11 @@ def header_values(ds: Dataset, keywords: Iterable[str],
             values[key] = [a.strip() for a in calling_ae_titles] if calling_ae_titles else None
             continue
         elements = [ds[key]] if key in ds else _functional_group_elements(ds, key)
+        if key == _BODY_PART:
+            coded = body_parts_examined(ds)
+            if coded or not elements:  # an empty written value stays "" when no code helps
+                values[key] = coded or None
+                continue
         if not elements:
             values[key] = None
             continue
@@ -231,6 +245,98 @@ def _functional_group_elements(ds: Dataset, key: str) -> list[DataElement]:
         if found:
             return found
     return []
+
+
+#: Anatomic region codes (SNOMED CT, CID 4031 "Common Anatomic Regions") and the Body Part
+#: Examined term each stands for (PS3.16 Annex L, the table highdicom's legacy conversion
+#: follows). Where two terms share a code (CHEST and THORAX, HEART and ENDOCARDIAC, ...) the
+#: term a modality writes is given. The last group are the codes of older editions of the table
+#: (before the 2019 revision of CID 4031), which converters of that time wrote.
+BODY_PART_CODES: dict[str, str] = {
+    "818981001": "ABDOMEN", "818982008": "ABDOMENPELVIS", "23451007": "ADRENAL",
+    "15825003": "AORTA", "70258002": "ANKLE", "89837001": "BLADDER", "12738006": "BRAIN",
+    "76752008": "BREAST", "80144004": "CALCANEUS", "69105007": "CAROTID",
+    "816094009": "CHEST", "416550000": "CHESTABDOMEN", "416775004": "CHESTABDPELVIS",
+    "51299004": "CLAVICLE", "64688005": "COCCYX", "122494005": "CSPINE",
+    "1217257000": "CTSPINE", "117590005": "EAR", "16953009": "ELBOW",
+    "32849002": "ESOPHAGUS", "66019005": "EXTREMITY", "81745001": "EYE", "89545001": "FACE",
+    "71341001": "FEMUR", "87342007": "FIBULA", "7569003": "FINGER", "56459004": "FOOT",
+    "14975008": "FOREARM", "28231008": "GALLBLADDER", "85562004": "HAND",
+    "69536005": "HEAD", "774007": "HEADNECK", "80891009": "HEART", "24136001": "HIP",
+    "85050009": "HUMERUS", "361078006": "IAC", "661005": "JAW", "64033007": "KIDNEY",
+    "72696002": "KNEE", "4596009": "LARYNX", "10200004": "LIVER",
+    "61685007": "LOWERLIMB", "122496007": "LSPINE", "1217253001": "LSSPINE",
+    "39607008": "LUNG", "123851003": "MOUTH", "45048000": "NECK",
+    "417437006": "NECKCHEST", "416152001": "NECKCHESTABDOMEN",
+    "416319003": "NECKCHESTABDPELV", "45206002": "NOSE", "363654007": "ORBIT",
+    "15497006": "OVARY", "15776009": "PANCREAS", "45289007": "PAROTID",
+    "816092008": "PELVIS", "54066008": "PHARYNX", "41216001": "PROSTATE", "113197003": "RIB",
+    "79601000": "SCAPULA", "16982005": "SHOULDER", "89546000": "SKULL",
+    "421060004": "SPINE", "78961009": "SPLEEN", "54735007": "SSPINE", "56873002": "STERNUM",
+    "69695003": "STOMACH", "40689003": "TESTIS", "69748006": "THYROID", "76505004": "THUMB",
+    "12611008": "TIBIA", "1217256009": "TLSPINE", "53620006": "TMJ", "29707007": "TOE",
+    "21974007": "TONGUE", "122495006": "TSPINE", "53120007": "UPPERLIMB",
+    "35039007": "UTERUS", "38266002": "WHOLEBODY", "74670003": "WRIST",
+    "13881006": "ZYGOMA",
+    # Older editions: Thorax, Abdomen, Pelvis, Abdomen and Pelvis.
+    "51185008": "CHEST", "113345001": "ABDOMEN", "12921003": "PELVIS",
+    "416949008": "ABDOMENPELVIS",
+}
+#: Coding schemes of those codes: SNOMED CT, and its designator before 2017 (PS3.16 8).
+_SNOMED = frozenset({"SCT", "SRT", "SNM3"})
+_BODY_PART = "BodyPartExamined"
+
+
+def body_parts_examined(ds: Dataset) -> list[str]:
+    """The Body Part Examined terms of an image header, for routing and the model scope gate.
+
+    Body Part Examined (0018,0015) at the top level; else inside the functional groups of an
+    enhanced multi-frame object (the shared groups, e.g. a converter's Unassigned Shared
+    Converted Attributes, else any frame's); else the Anatomic Region Sequence of the Frame
+    Anatomy functional group (PS3.3 C.7.6.16.2.8; shared, else per frame) or of the top
+    level, each SNOMED CT code mapped to its term by :data:`BODY_PART_CODES`. A code outside
+    that table gives no term (an unknown body part, not a wrong one).
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        An image header (pixel data not needed).
+
+    Returns
+    -------
+    list of str
+        Stripped terms as written (not upper-cased), each once; empty when the header names
+        no body part. An empty top-level value counts as none when a code gives one.
+    """
+    written: list[str] = []
+    elements = [ds[_BODY_PART]] if _BODY_PART in ds else _functional_group_elements(ds, _BODY_PART)
+    for element in elements:
+        for value in _element_values(element):
+            if value and value not in written:
+                written.append(value)
+    if written:
+        return written
+    return _coded_body_parts(ds)
+
+
+def _coded_body_parts(ds: Dataset) -> list[str]:
+    """The terms of the anatomic region codes of Frame Anatomy, else of the top level."""
+    regions: list[Dataset] = []
+    for groups_key in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in ds.get(groups_key) or ():
+            for anatomy in group.get("FrameAnatomySequence") or ():
+                regions.extend(anatomy.get("AnatomicRegionSequence") or ())
+        if regions:
+            break
+    if not regions:
+        regions = list(ds.get("AnatomicRegionSequence") or ())
+    terms: list[str] = []
+    for item in regions:
+        scheme = str(item.get("CodingSchemeDesignator", "") or "").strip().upper()
+        term = BODY_PART_CODES.get(str(item.get("CodeValue", "") or "").strip())
+        if scheme in _SNOMED and term is not None and term not in terms:
+            terms.append(term)
+    return terms
 
 
 def evaluate(routes: Sequence[tuple[str, MatchSpec]],

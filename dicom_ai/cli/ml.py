@@ -180,15 +180,27 @@ def evaluate(
         typer.echo(f"report: {out}")
 
 
+class DemoModality(StrEnum):
+    """What `demo` pushes."""
+
+    CR = "CR"
+    CT = "CT"
+
+
 def demo(
-    studies: Annotated[int, typer.Option(min=1, max=50, help="Synthetic CR studies to push.")]
-    = 4,
+    studies: Annotated[int | None, typer.Option(min=1, max=50, help="Synthetic studies to push "
+                                                "(default: 4 CR, 2 CT).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic studies.")] = 7,
     work: Annotated[Path | None, typer.Option(help="Keep everything in this folder (default: "
                                               "a new folder under /tmp).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the results.")] = 300.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as a JSON "
                                           "object.")] = False,
+    modality: Annotated[DemoModality, typer.Option(
+        "--modality", help="CR: chest radiographs and the chest-nodule model; CT: chest CT "
+        "volumes and the chest-ct-nodule volume model (SEG and 3D SR back).")] = DemoModality.CR,
+    matrix: Annotated[int, typer.Option(min=64, max=512, help="CT only: rows and columns of "
+                                        "each slice.")] = 256,
 ) -> None:
     """Push synthetic studies through the whole loop and show the results a PACS received."""
     import tempfile
@@ -199,6 +211,11 @@ def demo(
 
     _setup(LoggingSettings(level="WARNING"))
     folder = work or Path(tempfile.mkdtemp(prefix="dicom-ai-demo-"))
+    if modality == DemoModality.CT:
+        _demo_ct(folder, studies=studies or 2, seed=seed, timeout=timeout, as_json=as_json,
+                 matrix=matrix)
+        return
+    studies = studies or 4
     console.print(f"demo: {studies} synthetic chest radiographs, stand-in PACS and service on "
                   f"loopback, work folder {folder}")
     result = run_demo(folder, studies=studies, seed=seed, timeout=timeout)
@@ -231,3 +248,60 @@ def demo(
     if not result.complete:
         raise typer.Exit(1)
 
+
+
+def _demo_ct(folder: Path, *, studies: int, seed: int, timeout: float, as_json: bool,
+             matrix: int) -> None:
+    """``demo --modality CT``: the volume loop, lesions found against the synthetic truth."""
+    from dicom_ai.demo import CT_MODEL, MATCH_MARGIN_MM, run_ct_demo
+
+    console.print(f"demo: {studies} synthetic chest CT volumes ({matrix}x{matrix} slices), "
+                  f"stand-in PACS and service on loopback, model {CT_MODEL}, work folder "
+                  f"{folder}")
+    result = run_ct_demo(folder, studies=studies, seed=seed, timeout=timeout, matrix=matrix)
+
+    def mm3(values: list[float | None]) -> str:
+        return ", ".join("?" if v is None else f"{v:.0f}" for v in values) or "-"
+
+    if as_json:
+        typer.echo(json.dumps({
+            "complete": result.complete, "seconds": result.seconds,
+            "work": str(result.work), "pacs_folder": str(result.pacs_folder),
+            "studies": [{
+                "StudyInstanceUID": s.study_instance_uid,
+                "truth": [{"volume_mm3": t.volume_mm3, "diameter_mm": t.diameter_mm,
+                           "centroid": list(t.centroid)} for t in s.truth],
+                "found": [{"volume_mm3": f.volume_mm3, "probability": f.probability,
+                           "longest_axial_diameter_mm": f.longest_axial_diameter_mm,
+                           "centroid": None if f.centroid is None else list(f.centroid),
+                           "segment_number": f.segment_number} for f in s.found],
+                "matches": s.matches, "hits": s.hits, "false_positives": s.false_positives,
+                "sr_path": str(s.sr_path) if s.sr_path else None,
+                "seg_path": str(s.seg_path) if s.seg_path else None}
+                for s in result.studies]}, indent=2))
+        if not result.complete:
+            raise typer.Exit(1)
+        return
+    table = Table("study", "true lesions (mm3)", "found (mm3)", "hits", "false +",
+                  "SR received", "SEG received")
+    for s in result.studies:
+        table.add_row(
+            s.study_instance_uid, mm3([t.volume_mm3 for t in s.truth]),
+            mm3([f.volume_mm3 for f in s.found]) if s.sr_path else "",
+            "" if s.hits is None else f"{s.hits} of {len(s.truth)}",
+            "" if s.false_positives is None else str(s.false_positives),
+            str(s.sr_path) if s.sr_path else "[red]missing[/red]",
+            str(s.seg_path) if s.seg_path else ("-" if s.sr_path and not s.found
+                                                else "[red]missing[/red]"))
+    _emit(table)
+    truth = sum(len(s.truth) for s in result.studies)
+    hits = sum(s.hits or 0 for s in result.studies)
+    false_positives = sum(s.false_positives or 0 for s in result.studies)
+    typer.echo(f"{sum(1 for s in result.studies if s.sr_path)} of {len(result.studies)} SRs "
+               f"received by the stand-in PACS in {result.seconds:.1f} s "
+               f"(results in {result.pacs_folder})")
+    typer.echo(f"lesions found: {hits} of {truth}, {false_positives} false positive"
+               f"{'' if false_positives == 1 else 's'} (a hit: centroid within the true "
+               f"radius + {MATCH_MARGIN_MM:g} mm)")
+    if not result.complete:
+        raise typer.Exit(1)

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dicom_ai.exceptions import ConfigError
+from dicom_ai.routing import body_parts_examined
 from dicom_ai.values import CodedConcept, PreprocessingSpec
 
 __all__ = [
@@ -333,7 +334,9 @@ class ModelSpec(BaseModel):
         Spacing (0028,0030) or Imager Pixel Spacing (0018,1164), Rows and Columns (PS3.3
         C.7.3.1, C.8.11.5, C.7.6.3). Code strings compare case-insensitively (lower case is a
         common vendor quirk). A Body Part Examined or View Position that is absent or empty
-        (both Type 3 or 2) is not held against an image; a wrong one is.
+        (both Type 3 or 2) is not held against an image; a wrong one is. The body part is read
+        as routing reads it (:func:`~dicom_ai.routing.body_parts_examined`): an enhanced
+        object's Frame Anatomy code counts as its term (SCT 816094009 as ``CHEST``).
 
         Parameters
         ----------
@@ -357,6 +360,15 @@ class ModelSpec(BaseModel):
         for keyword, what, allowed, required in checks:
             if not allowed:
                 continue
+            if keyword == "BodyPartExamined":
+                # Routing's rule: the top-level term, else the Frame Anatomy code of an enhanced
+                # object mapped back to its term (a Legacy Converted Enhanced CT keeps no other).
+                terms = [_code_string(t) for t in body_parts_examined(ds)]
+                wanted = {a.strip().upper() for a in allowed}
+                if not terms or any(t in wanted for t in terms):
+                    continue
+                shown = terms[0] if terms[0] and _CS.fullmatch(terms[0]) else "another value"
+                return f"{what} {shown}: {label} applies to {', '.join(allowed)}"
             value = _code_string(ds.get(keyword))
             if value is None and not required:
                 continue

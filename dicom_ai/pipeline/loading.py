@@ -35,11 +35,13 @@ from typing import Any
 import numpy as np
 import pydicom
 from numpy.typing import NDArray
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragmented_frames, get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.utils import pixel_array
-from pydicom.uid import UID, JPEGExtended12Bit
+from pydicom.tag import Tag
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGExtended12Bit
 
 from dicom_ai.config import LimitsSettings
 from dicom_ai.exceptions import DicomAIError
@@ -151,6 +153,11 @@ class Volume:
         Uneven spacing and missing slices; empty for a regular volume.
     datasets : list of Dataset
         Dataset of each slice, in slice order (per frame, see :func:`frame_header`).
+    slice_positions : tuple of float
+        Distance (mm) of each slice from the first along :attr:`normal` (0 for the first), as
+        the slices' Image Position (Patient) gives it: uneven gaps and missing slices show
+        here, while :attr:`spacing` holds their median. Empty when unknown (a volume built by
+        hand): then the slices are taken as evenly spaced.
     """
 
     array: NDArray[Any]
@@ -161,6 +168,7 @@ class Volume:
     frame_indices: list[int]
     warnings: list[str] = field(default_factory=list)
     datasets: list[Dataset] = field(default_factory=list)
+    slice_positions: tuple[float, ...] = ()
 
     @property
     def normal(self) -> NDArray[np.float64]:
@@ -633,10 +641,7 @@ def load_volume(paths: Iterable[str | PathLike[str]], *,
         slice_spacing, warning = _single_slice_spacing(first.ds)
         warnings.append(warning)
 
-    array = np.stack([_decode_slice(s, limits) for s in slices])
-    if array.ndim != 3:
-        raise LoadError(f"a volume needs one sample per pixel; got frames of shape "
-                        f"{array.shape[1:]}")
+    array = _decode_volume(slices, limits)
     series_uid = first.ds.get("SeriesInstanceUID", "?")
     for warning in warnings:
         LOGGER.warning("series %s: %s", series_uid, warning)
@@ -653,6 +658,7 @@ def load_volume(paths: Iterable[str | PathLike[str]], *,
         warnings=warnings,
         datasets=[s.ds if s.frame_index is None else frame_header(s.ds, s.frame_index)
                   for s in slices],
+        slice_positions=tuple(float(d - distances[0]) for d in distances),
     )
 
 
@@ -683,6 +689,89 @@ def _single_slice_spacing(ds: Dataset) -> tuple[float, str]:
 
 def _decode_slice(s: _Slice, limits: LimitsSettings | None) -> NDArray[Any]:
     return decode(s.ds, s.frame_index, limits=limits)
+
+
+def _decode_volume(slices: Sequence[_Slice], limits: LimitsSettings | None) -> NDArray[Any]:
+    """Every slice decoded into one preallocated ``(slices, rows, columns)`` array.
+
+    The first slice is decoded by :func:`decode` and fixes the dtype; a native little-endian
+    single-frame slice of that dtype is then read straight from its file into its row of the
+    array (:func:`_read_native_into`), the others decoded and copied in. No per-slice array
+    is kept and no second volume-sized copy is made (``np.stack`` of a list made both: 300
+    freshly allocated slices, then the stack).
+    """
+    first = _decode_slice(slices[0], limits)
+    if first.ndim != 2:
+        raise LoadError(f"a volume needs one sample per pixel; got frames of shape "
+                        f"{first.shape}")
+    array = np.empty((len(slices), *first.shape), dtype=first.dtype)
+    array[0] = first
+    del first
+    for k, s in enumerate(slices[1:], start=1):
+        if _read_native_into(s, array[k]):
+            continue
+        plane = _decode_slice(s, limits)
+        if plane.shape != array.shape[1:]:
+            raise LoadError(f"a volume needs one sample per pixel; got frames of shape "
+                            f"{plane.shape}")
+        if not np.can_cast(plane.dtype, array.dtype, casting="safe"):
+            # Mixed Pixel Representation within a series: widen once, as np.stack did.
+            array = array.astype(np.result_type(array.dtype, plane.dtype))
+        array[k] = plane
+    return array
+
+
+#: Transfer syntaxes whose pixel data is the bare little-endian values (PS3.5 A.1, A.2).
+_NATIVE_LE = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian})
+
+
+def _read_native_into(s: _Slice, dest: NDArray[Any]) -> bool:
+    """Read the pixel values of a native single-frame slice straight into ``dest``.
+
+    Only for uncompressed little-endian data whose Pixel Data was deferred when the header was
+    read (its value still in the file): the bytes go from the file into ``dest`` with one
+    ``readinto`` and the bits above Bits Stored are corrected in place, as pydicom's decoder
+    does (PS3.5 8.1.1: masked for unsigned, sign-extended for signed data). Anything else
+    (compressed, multi-frame, colour, already read, an unexpected size or dtype) returns
+    False for :func:`decode` to handle.
+    """
+    ds = s.ds
+    if s.frame_index is not None or _transfer_syntax(ds) not in _NATIVE_LE:
+        return False
+    # The element as read, without loading a deferred value (get_item would read it).
+    raw = ds._dict.get(Tag(0x7FE00010))
+    if not isinstance(raw, RawDataElement) or raw.value is not None or not raw.value_tell:
+        return False
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1 or _frame_count(ds) != 1:
+        return False
+    allocated = int(ds.get("BitsAllocated", 0) or 0)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    if allocated not in (8, 16, 32) or dest.dtype != np.dtype(f"{'i' if signed else 'u'}"
+                                                            f"{allocated // 8}"):
+        return False
+    nbytes = dest.size * dest.itemsize
+    filename = getattr(ds, "filename", None)
+    if not isinstance(filename, str | Path) or raw.length < nbytes or raw.length == 0xFFFFFFFF:
+        return False
+    view = dest.reshape(-1).view(np.uint8).data  # dest is a C-contiguous row
+    try:
+        with open(filename, "rb") as fh:
+            fh.seek(raw.value_tell)
+            if fh.readinto(view) != nbytes:
+                return False
+    except OSError:
+        return False
+    if not np.little_endian:
+        dest.byteswap(inplace=True)
+    bits = int(ds.get("BitsStored", allocated) or allocated)
+    if bits < allocated:
+        if signed:
+            shift = allocated - bits
+            np.left_shift(dest, shift, out=dest)
+            np.right_shift(dest, shift, out=dest)
+        else:
+            np.bitwise_and(dest, np.array((1 << bits) - 1, dtype=dest.dtype), out=dest)
+    return True
 
 
 def _slices_of(ds: Dataset) -> list[_Slice]:

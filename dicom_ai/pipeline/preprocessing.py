@@ -44,6 +44,7 @@ __all__ = [
     "fit_shape",
     "grey_to_unit",
     "invert_monochrome1",
+    "linear_window_of",
     "luminance",
     "mask_bits_stored",
     "normalize",
@@ -679,24 +680,61 @@ def _check_input(arr: NDArray[Any], ds: Dataset, spec: PreprocessingSpec) -> str
     return photometric
 
 
-def _linear_window_of(
-    ds: Dataset, window: tuple[float, float] | None
+def linear_window_of(
+    ds: Dataset | None, window: tuple[float, float] | None = None, *, volume: bool = False
 ) -> tuple[float, float] | None:
-    """The (center, width) of a LINEAR VOI to apply, or ``None`` when the VOI is not linear."""
+    """The ``(center, width)`` of the LINEAR VOI to apply to modality values, or ``None``.
+
+    One rule for the 2D path (:func:`grey_to_unit`) and volume models
+    (:mod:`dicom_ai.runner.volumes`, ``dicom-ai preview``), PS3.3 C.11.2:
+
+    * an explicit `window` (a model spec's) wins, returned as given (the caller checks its
+      width: :func:`grey_to_unit` refuses one below 1, a spec's ``Window`` cannot hold one);
+    * else the dataset's first Window Center / Window Width (VM 1-n: the first pair applies, as
+      in pydicom), when its VOI LUT Function (0028,1056) is ``LINEAR`` or absent. ``SIGMOID``
+      and ``LINEAR_EXACT`` give ``None``: they are not the function a model was trained with;
+    * a dataset width below 1 (not a valid window, C.11.2.1.2) or an unreadable value gives
+      ``None``;
+    * a VOI LUT Sequence (0028,3010): in 2D it is what :func:`apply_voi` applies, so ``None``
+      (no linear shortcut). A volume model windows in ``float32`` modality values and has no
+      LUT path: with `volume` the sequence is ignored and the LINEAR window is used when the
+      dataset also has one, else ``None`` (the volume keeps its modality values, HU for CT).
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset or None
+        The dataset (for a volume its first slice's header, per frame for an enhanced object);
+        None when there is none.
+    window : tuple of float, optional
+        The model spec's ``(center, width)``.
+    volume : bool
+        The volume path's rules for a VOI LUT Sequence (see above).
+
+    Returns
+    -------
+    tuple of float or None
+        ``(center, width)``, or None for no linear window.
+    """
     if window is not None:
         return (float(window[0]), float(window[1]))
-    if ds.get("VOILUTSequence"):
+    if ds is None:
+        return None
+    if ds.get("VOILUTSequence") and not volume:
         return None
     function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
     center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     if center is None or width is None or function != "LINEAR":
         return None
     # Several windows may be given (VM 1-n); like pydicom, the first one applies.
-    if isinstance(center, MultiValue | list | tuple):
-        center = center[0]
-    if isinstance(width, MultiValue | list | tuple):
-        width = width[0]
-    return (float(center), float(width))
+    try:
+        if isinstance(center, MultiValue | list | tuple):
+            center = center[0]
+        if isinstance(width, MultiValue | list | tuple):
+            width = width[0]
+        found = (float(center), float(width))
+    except (TypeError, ValueError, IndexError):
+        return None
+    return found if found[1] >= 1.0 else None
 
 
 def _has_dataset_voi(ds: Dataset) -> bool:
@@ -746,7 +784,7 @@ def grey_to_unit(
     if window is not None and float(window[1]) < 1.0:
         raise PreprocessingError(f"window width {window[1]} is below 1 (PS3.3 C.11.2.1.2)")
     linear_modality = not ds.get("ModalityLUTSequence")
-    linear_voi = _linear_window_of(ds, window)
+    linear_voi = linear_window_of(ds, window)
     no_voi = window is None and not _has_dataset_voi(ds)
     if not linear_modality or not ((linear_voi is not None and linear_voi[1] >= 2.0) or no_voi):
         modality = apply_modality_lut(arr, ds)

@@ -19,6 +19,7 @@ import json
 import math
 import tomllib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,31 @@ from dicom_ai.pipeline.preprocessing import (
     COLOUR_INTERPRETATIONS,
     GREY_INTERPRETATIONS,
     PreprocessingError,
-    apply_modality_lut,
-    mask_bits_stored,
     preprocess_frame,
-    resample_volume,
 )
-from dicom_ai.pipeline.volume import forms_volume
+from dicom_ai.pipeline.volume import (
+    Grid,
+    VolumeError,
+    forms_volume,
+    modality_volume,
+    patch_starts,
+    resample,
+)
 from dicom_ai.values import WINDOW_PRESETS, PreprocessingSpec, Window
 
-__all__ = ["SpecError", "load_spec", "model_inputs", "preview", "write_preview"]
+__all__ = [
+    "MONTAGE_SLICES",
+    "SpecError",
+    "VolumeMontage",
+    "load_spec",
+    "model_inputs",
+    "preview",
+    "volume_montage",
+    "write_preview",
+]
+
+#: Slices a volume model's montage shows, evenly spaced from the first to the last.
+MONTAGE_SLICES = 16
 
 class SpecError(ConfigError):
     """A preprocessing spec file is missing, unreadable or invalid; the message names the key."""
@@ -109,12 +126,16 @@ def model_inputs(
 ) -> tuple[list[NDArray[np.float32]], list[str]]:
     """The model inputs of one file or one series, and the steps applied, in words.
 
-    With ``spec.target_spacing`` set and files forming a volume (CT or MR with Image Position
-    (Patient), more than one slice -- several files, or an enhanced multi-frame object), the
-    series is loaded with :func:`~dicom_ai.pipeline.loading.load_volume`, each slice's modality LUT
-    applied (PS3.3 C.11.1), the volume resampled with
-    :func:`~dicom_ai.pipeline.preprocessing.resample_volume` and each resampled slice preprocessed.
-    Otherwise every frame from :func:`~dicom_ai.pipeline.loading.load_frames` goes through
+    A volume model (``input_kind`` ``volume`` or ``slices``) gets :func:`volume_montage`: the
+    series loaded as a volume and run through the job runner's own chain
+    (:func:`~dicom_ai.runner.volumes.prepare_volume_input`: HU, resample to ``target_spacing``,
+    window, normalise), shown as :data:`MONTAGE_SLICES` evenly spaced slices of the model input,
+    the steps ending with the sliding window's patch count; files that are not a CT or MR volume
+    are refused, as serving skips them. A bare spec of a 2D input with ``target_spacing`` and
+    files forming a volume (CT or MR with Image Position (Patient), more than one slice --
+    several files, or an enhanced multi-frame object) has the volume resampled the same way
+    (``float32``) and each resampled slice preprocessed as an image. Otherwise every frame from
+    :func:`~dicom_ai.pipeline.loading.load_frames` goes through
     :func:`~dicom_ai.pipeline.preprocessing.preprocess_frame`.
 
     Parameters
@@ -130,7 +151,8 @@ def model_inputs(
     Returns
     -------
     arrays : list of numpy.ndarray
-        ``float32`` arrays of shape ``(*spec.input_shape, spec.channels)``, one per frame or slice.
+        ``float32`` arrays of shape ``(*spec.input_shape, spec.channels)``, one per frame or slice;
+        for a volume model ``(rows, columns)`` slices of its input (the montage's tiles).
     steps : list of str
         The steps applied, e.g. ``'modality LUT: slope 1 intercept -1024'``; a step that differs
         between frames is listed once per variant.
@@ -143,8 +165,14 @@ def model_inputs(
     """
     if not paths:
         raise LoadError("no files to preview")
-    if spec.target_spacing is not None and _forms_volume(paths):
-        return _volume_inputs(paths, spec, limits)
+    if spec.input_kind != "image":
+        why = _why_not_volume(paths)
+        if why is not None:  # as serving skips such a series
+            raise LoadError(f"a {spec.input_kind} model takes a CT or MR volume: {why}")
+        montage = volume_montage(paths, spec, limits=limits)
+        return montage.tiles, montage.steps
+    if spec.target_spacing is not None and _why_not_volume(paths) is None:
+        return _resampled_slices(paths, spec, limits)
     frames = load_frames(paths, limits=limits)
     arrays: list[NDArray[np.float32]] = []
     steps: list[str] = []
@@ -157,36 +185,198 @@ def model_inputs(
     return arrays, steps
 
 
-def _forms_volume(paths: Sequence[Path]) -> bool:
-    """Whether the files form a volume (:func:`~dicom_ai.pipeline.volume.forms_volume`, read
-    from the headers only)."""
+def _why_not_volume(paths: Sequence[Path]) -> str | None:
+    """Why the files are not a volume (:func:`~dicom_ai.pipeline.volume.forms_volume`, read from
+    the headers only), or None when they are one."""
     headers: list[Dataset] = []
     for path in paths:
         try:
             headers.append(pydicom.dcmread(path, stop_before_pixels=True))
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             raise LoadError(f"cannot read {Path(path).name}: {exc}") from exc
-    return forms_volume(headers) is None
+    return forms_volume(headers)
 
 
-def _volume_inputs(
-    paths: Sequence[Path], spec: PreprocessingSpec, limits: LimitsSettings | None
-) -> tuple[list[NDArray[np.float32]], list[str]]:
-    assert spec.target_spacing is not None
+@dataclass(frozen=True)
+class VolumeMontage:
+    """What :func:`volume_montage` shows of a volume model's input.
+
+    Attributes
+    ----------
+    tiles : list of numpy.ndarray
+        ``float32`` ``(rows, columns)`` slices of the model input (resampled, windowed,
+        normalised: the numbers the patches are cut from), evenly spaced along the volume.
+    indices : list of int
+        Each tile's slice index in the model input.
+    positions : list of tuple of float
+        Each tile's first voxel in patient coordinates (mm, PS3.3 C.7.6.2.1.1); its ``z`` is the
+        axial position of an axial slice.
+    shape : tuple of int
+        ``(slices, rows, columns)`` of the whole model input.
+    steps : list of str
+        The steps applied, in words.
+    """
+
+    tiles: list[NDArray[np.float32]]
+    indices: list[int]
+    positions: list[tuple[float, float, float]]
+    shape: tuple[int, int, int]
+    steps: list[str]
+
+
+def volume_montage(paths: Sequence[Path], spec: PreprocessingSpec, *,
+                   limits: LimitsSettings | None = None,
+                   slices: int = MONTAGE_SLICES) -> VolumeMontage:
+    """A volume model's input as the job runner makes it, and evenly spaced slices of it.
+
+    :func:`~dicom_ai.pipeline.loading.load_volume`, then
+    :func:`~dicom_ai.runner.volumes.prepare_volume_input` -- the runner's own chain: modality
+    values in ``float32`` (HU for CT), resampled to ``target_spacing``, the spec's window (else
+    the slices' LINEAR window, :func:`~dicom_ai.runner.volumes.volume_window`), the spec's
+    normalisation over the whole volume -- and the patch grid of the sliding window
+    (:func:`~dicom_ai.pipeline.volume.patch_starts`), counted, not run. The stored values are
+    dropped once converted and the modality values once resampled: a 300 x 512 x 512 CT at
+    1 mm needs well under 2 GB.
+
+    Parameters
+    ----------
+    paths : sequence of Path
+        The files of one series (or one enhanced multi-frame object).
+    spec : PreprocessingSpec
+        A volume model's preprocessing (``input_kind`` ``volume`` or ``slices``).
+    limits : LimitsSettings, optional
+        ``[limits]``, checked before decoding.
+    slices : int
+        Tiles to show (all slices when the volume has fewer).
+
+    Returns
+    -------
+    VolumeMontage
+
+    Raises
+    ------
+    LoadError, DecodeError
+        From loading.
+    PreprocessingError
+        A spec that is not a volume model's, or the volume core refusing it.
+    """
+    from dicom_ai.runner.volumes import prepare_volume_input
+
+    if spec.input_kind == "image":
+        raise PreprocessingError("a volume montage needs input_kind 'volume' or 'slices'")
     volume: Volume = load_volume(paths, limits=limits)
-    first = volume.datasets[0]
-    steps = [f"volume: {volume.array.shape[0]} slices of {volume.array.shape[1]}x"
-             f"{volume.array.shape[2]}, spacing {_mm(volume.spacing)} mm"]
+    grid = Grid.of(volume)
+    steps = [f"load: {grid.shape[0]} slices of {grid.shape[1]}x{grid.shape[2]}, spacing "
+             f"{_mm(grid.spacing)} mm (slice, row, column)"]
     steps.extend(f"volume warning: {warning}" for warning in volume.warnings)
     modality_steps: list[str] = []
-    slices = []
     for arr, ds in zip(volume.array, volume.datasets, strict=True):
         _extend_unique(modality_steps, _describe_grey_prefix(arr, ds))
-        slices.append(apply_modality_lut(mask_bits_stored(arr, ds), ds))
-    steps.extend(modality_steps)
-    modality = np.stack(slices)
-    resampled = resample_volume(modality, volume.spacing, spec.target_spacing)
-    steps.append(f"resample: {_shape(modality.shape)} at {_mm(volume.spacing)} mm -> "
+    steps.extend(step.replace("modality LUT:", "HU (modality LUT):", 1)
+                 if _is_ct(volume) else step for step in modality_steps)
+    try:
+        prepared = prepare_volume_input(volume, grid, spec, keep_modality=False)
+    except VolumeError as exc:
+        raise PreprocessingError(str(exc)) from exc
+    first = volume.datasets[0] if volume.datasets else None
+    del volume  # the stored values: only the model input is needed from here
+    model = prepared.array
+    shape = (int(model.shape[0]), int(model.shape[1]), int(model.shape[2]))
+    if spec.target_spacing is not None:
+        steps.append(f"resample to target_spacing {_mm(spec.target_spacing)} mm: "
+                     f"{_shape(grid.shape)} -> {_shape(shape)} "
+                     f"(spacing {_mm(prepared.grid.spacing)} mm)")
+    else:
+        steps.append(f"resample: none (no target_spacing): the series' grid {_shape(shape)}")
+    steps.append(_describe_volume_window(spec, prepared.window, first))
+    steps.append(_describe_volume_normalisation(spec.normalization))
+    steps.append(_describe_patches(shape, spec))
+    count = max(1, min(int(slices), shape[0]))
+    indices = sorted(set(np.linspace(0, shape[0] - 1, count).round().astype(int).tolist()))
+    tiles = [np.array(model[k], dtype=np.float32) for k in indices]  # copies: `model` can go
+    positions = [tuple(float(v) for v in prepared.grid.to_patient(np.array([k, 0, 0])))
+                 for k in indices]
+    shown = ", ".join(f"{k} (z {pos[2]:.1f})" for k, pos in zip(indices, positions, strict=True))
+    steps.append(f"montage: {len(indices)} of {shape[0]} slices, index (z mm): {shown}")
+    return VolumeMontage(tiles, indices, [(p[0], p[1], p[2]) for p in positions], shape, steps)
+
+
+def _is_ct(volume: Volume) -> bool:
+    return bool(volume.datasets) and str(
+        volume.datasets[0].get("Modality", "")).strip().upper() == "CT"
+
+
+def _describe_volume_window(spec: PreprocessingSpec, window: tuple[float, float] | None,
+                            ds: Dataset | None) -> str:
+    """The window :func:`~dicom_ai.runner.volumes.volume_window` chose, in words."""
+    if window is None:
+        why = "the slices have no LINEAR window"
+        if ds is not None and ds.get("WindowCenter") is not None:
+            function = str(ds.get("VOILUTFunction", "") or "LINEAR").strip().upper()
+            why = (f"the slices' window is {function}" if function != "LINEAR"
+                   else "the slices' window width is below 1 or unreadable")
+        elif ds is not None and ds.get("VOILUTSequence"):
+            why = "the slices have only a VOI LUT Sequence"
+        return f"window: none ({why}): modality values kept"
+    center, width = window
+    if isinstance(spec.window, str):
+        return f"window: {spec.window} (C {center:g}, W {width:g}) -> 0..1"
+    if spec.window is not None:
+        return f"window: C {center:g}, W {width:g} -> 0..1"
+    return f"window: the first slice's (C {center:g}, W {width:g}, LINEAR) -> 0..1"
+
+
+def _describe_volume_normalisation(mode: str) -> str:
+    if mode == "none":
+        return "normalise: none (the windowed values kept)"
+    if mode == "minmax":
+        return "normalise: minmax over the whole volume"
+    return f"normalise: {mode} over the whole volume"
+
+
+def _describe_patches(shape: tuple[int, int, int], spec: PreprocessingSpec) -> str:
+    """The sliding-window plan (:func:`~dicom_ai.pipeline.volume.patch_starts`), counted."""
+    try:
+        if spec.input_kind == "volume":
+            if spec.patch_size is None:
+                raise PreprocessingError("input_kind 'volume' needs patch_size")
+            per_axis = [len(patch_starts(n, p, spec.overlap))
+                        for n, p in zip(shape, spec.patch_size, strict=True)]
+            return (f"patches: {math.prod(per_axis)} 3D patches of "
+                    f"{_shape(spec.patch_size)} ({' x '.join(map(str, per_axis))}), overlap "
+                    f"{spec.overlap:g}, {spec.blend} blending")
+        height, width = spec.input_shape
+        per_axis = [shape[0], len(patch_starts(shape[1], height, spec.overlap)),
+                    len(patch_starts(shape[2], width, spec.overlap))]
+    except VolumeError as exc:
+        raise PreprocessingError(str(exc)) from exc
+    return (f"patches: {math.prod(per_axis)} 2.5D stacks of {spec.slices_k} adjacent slices "
+            f"(edges repeated), {height}x{width} in-plane ({' x '.join(map(str, per_axis))}), "
+            f"overlap {spec.overlap:g}, {spec.blend} blending")
+
+
+def _resampled_slices(
+    paths: Sequence[Path], spec: PreprocessingSpec, limits: LimitsSettings | None
+) -> tuple[list[NDArray[np.float32]], list[str]]:
+    """A bare spec of a 2D input with ``target_spacing``: each slice of the resampled volume
+    preprocessed as an image (``float32`` throughout, the volume core's resampling)."""
+    assert spec.target_spacing is not None
+    volume: Volume = load_volume(paths, limits=limits)
+    grid = Grid.of(volume)
+    first = volume.datasets[0]
+    steps = [f"volume: {grid.shape[0]} slices of {grid.shape[1]}x{grid.shape[2]}, spacing "
+             f"{_mm(grid.spacing)} mm"]
+    steps.extend(f"volume warning: {warning}" for warning in volume.warnings)
+    for arr, ds in zip(volume.array, volume.datasets, strict=True):
+        _extend_unique(steps, _describe_grey_prefix(arr, ds))
+    modality = modality_volume(volume)
+    del volume
+    try:
+        resampled = resample(modality, grid, spec.target_spacing).array
+    except VolumeError as exc:
+        raise PreprocessingError(str(exc)) from exc
+    del modality
+    steps.append(f"resample: {_shape(grid.shape)} at {_mm(grid.spacing)} mm -> "
                  f"{_shape(resampled.shape)} at {_mm(spec.target_spacing)} mm")
     # The slices now hold modality values: preprocess them with an identity modality LUT.
     header = first.copy()

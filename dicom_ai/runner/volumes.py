@@ -6,16 +6,20 @@ multi-frame object), the chain of :mod:`dicom_ai.pipeline.volume`::
 
     load_volume -> modality values (float32, HU for CT) -> resample to target_spacing
       -> window + normalise (in place) -> sliding window through the predictor (batched)
-      -> to_source (the source slices' grid) -> connected components -> one Finding each
+      -> source_lesions (components mapped back to the source slices' grid where a lesion
+         can be, see pipeline.volume.source_lesions) -> one Finding each
 
-The window and normalisation run on the resampled volume, as :mod:`dicom_ai.pipeline.preview`
-shows a volume model's input (resample, then window): the training and serving inputs stay
-the same, and the in-place window touches the smaller of the two grids. Each lesion becomes a
-present :class:`~dicom_ai.values.Finding` with a :class:`~dicom_ai.values.VolumeRegion` (its
-mask cropped to its bounding box on the source grid, volume, longest axial diameter,
-centroid, mean HU for CT); a label with no lesion in any series gives one absent study
-finding, as the 2D models report absent findings. Segments are numbered 1..n over the run,
-labels in output order and lesions by size (largest first) within each.
+The window and normalisation run on the resampled volume (resample, then window): the training
+and serving inputs stay the same, and the in-place window touches the smaller of the two grids.
+:func:`prepare_volume_input` is that chain up to the sliding window, shared with
+``dicom-ai preview`` (:func:`~dicom_ai.pipeline.preview.volume_montage`), so the preview shows
+the numbers the model gets; :func:`volume_window` is the window rule (the spec's, else the
+first slice's LINEAR window, :func:`~dicom_ai.pipeline.preprocessing.linear_window_of`).
+Each lesion becomes a present :class:`~dicom_ai.values.Finding` with a
+:class:`~dicom_ai.values.VolumeRegion` (its mask cropped to its bounding box on the source grid,
+volume, longest axial diameter, centroid, mean HU for CT); a label with no lesion in any series
+gives one absent study finding, as the 2D models report absent findings. Segments are numbered
+1..n over the run, labels in output order and lesions by size (largest first) within each.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -34,23 +37,31 @@ from dicom_ai.config import LimitsSettings
 from dicom_ai.exceptions import JobError, safe_message
 from dicom_ai.inference.runtime import InferenceError, Predictor
 from dicom_ai.pipeline.loading import DecodeError, LoadError, Volume, load_volume
+from dicom_ai.pipeline.preprocessing import linear_window_of
 from dicom_ai.pipeline.volume import (
     Grid,
+    ModalityValues,
     Resampled,
     VolumeError,
     forms_volume,
-    label_lesions,
-    modality_volume,
+    modality_values,
     normalize_volume,
     resample,
     sliding_window,
     sliding_window_slices,
-    to_source,
+    source_lesions,
     window_volume,
 )
-from dicom_ai.values import Finding, VolumeRegion
+from dicom_ai.values import Finding, PreprocessingSpec, VolumeRegion
 
-__all__ = ["VolumeResult", "analyse_volumes", "tracking_id"]
+__all__ = [
+    "VolumeInput",
+    "VolumeResult",
+    "analyse_volumes",
+    "prepare_volume_input",
+    "tracking_id",
+    "volume_window",
+]
 
 #: 3D patches per forward pass: a 64 x 128 x 128 float32 patch is 4 MiB in and out.
 VOLUME_BATCH = 4
@@ -95,23 +106,28 @@ def _tracking_uid(key: str, *parts: object) -> str:
     return str(generate_uid(entropy_srcs=["dicom-ai-tracking", key, *map(str, parts)]))
 
 
-def _window_of(volume: Volume, wanted: tuple[float, float] | None) -> tuple[float, float] | None:
-    """The spec's window, else the first slice's own (Window Center/Width, first value)."""
-    if wanted is not None:
-        return wanted
-    ds = volume.datasets[0] if volume.datasets else None
-    if ds is None or ds.get("WindowCenter") is None or ds.get("WindowWidth") is None:
-        return None
+def volume_window(volume: Volume, wanted: tuple[float, float] | None) -> tuple[float, float] | None:
+    """The window a volume model applies: the spec's, else the first slice's LINEAR window.
 
-    def first(value: Any) -> float:
-        return float(value[0] if isinstance(value, Sequence) and not isinstance(value, str)
-                     else value)
+    :func:`~dicom_ai.pipeline.preprocessing.linear_window_of` with the volume rules: a VOI LUT
+    Sequence is ignored (the LINEAR window is used if the slice has one), a ``SIGMOID`` or
+    ``LINEAR_EXACT`` function or a width below 1 gives no window (the modality values, HU for
+    CT, go to the normalisation as they are). ``dicom-ai preview`` calls this too.
 
-    try:
-        center, width = first(ds.WindowCenter), first(ds.WindowWidth)
-    except (TypeError, ValueError, IndexError):
-        return None
-    return (center, width) if width >= 1.0 else None
+    Parameters
+    ----------
+    volume : Volume
+        The loaded volume (its first slice's header is read).
+    wanted : tuple of float or None
+        The spec's ``window_values``.
+
+    Returns
+    -------
+    tuple of float or None
+        ``(center, width)`` or None.
+    """
+    first = volume.datasets[0] if volume.datasets else None
+    return linear_window_of(first, wanted, volume=True)
 
 
 def _add(timings: dict[str, float], stage: str, started: float) -> float:
@@ -120,27 +136,106 @@ def _add(timings: dict[str, float], stage: str, started: float) -> float:
     return now
 
 
-def _probabilities(predictor: Predictor, volume: Volume, grid: Grid,
-                   timings: dict[str, float], started: float
-                   ) -> tuple[NDArray[np.float32], Resampled | None, NDArray[np.float32]]:
-    """The model's output on the resampled grid, its resampling, and the source HU volume."""
-    spec = predictor.spec
-    prep = spec.preprocessing
-    hu = modality_volume(volume)
-    started = _add(timings, "load", started)
+@dataclass(frozen=True)
+class VolumeInput:
+    """A volume model's input, before the sliding window (:func:`prepare_volume_input`).
+
+    Attributes
+    ----------
+    array : numpy.ndarray
+        ``float32`` ``(slices, rows, columns)``: modality values resampled to the spec's
+        ``target_spacing`` (the source grid without it), windowed and normalised -- exactly
+        what the patches are cut from.
+    grid : Grid
+        Geometry of :attr:`array` (the resampled grid, or the source grid).
+    resampled : Resampled or None
+        The resampling (to map outputs back with :func:`~dicom_ai.pipeline.volume.to_source`);
+        None without ``target_spacing``. Its ``array`` is :attr:`array`.
+    modality : ModalityValues or None
+        Modality values (HU for CT) on the source grid, when asked to keep them: read when
+        needed (:func:`~dicom_ai.pipeline.volume.modality_values`), no volume-sized array.
+    window : tuple of float or None
+        The ``(center, width)`` applied (:func:`volume_window`), or None.
+    """
+
+    array: NDArray[np.float32]
+    grid: Grid
+    resampled: Resampled | None
+    modality: ModalityValues | None
+    window: tuple[float, float] | None
+
+
+def prepare_volume_input(volume: Volume, grid: Grid, prep: PreprocessingSpec, *,
+                         keep_modality: bool = True,
+                         timings: dict[str, float] | None = None) -> VolumeInput:
+    """Modality values -> resample to ``target_spacing`` -> window -> normalise, in ``float32``.
+
+    The one chain from a loaded volume to a volume model's input: the job runner cuts its
+    patches from the result and ``dicom-ai preview`` shows its slices, so the preview is the
+    serving input. The window and normalisation run in place on the resampled array (no
+    ``float64`` copy, no second volume-sized array beyond the modality values).
+
+    Parameters
+    ----------
+    volume : Volume
+        From :func:`~dicom_ai.pipeline.loading.load_volume`.
+    grid : Grid
+        ``Grid.of(volume)``.
+    prep : PreprocessingSpec
+        The model's preprocessing.
+    keep_modality : bool
+        Keep the source-grid modality values (the runner's mean HU per lesion); without,
+        they are dropped as soon as they are resampled (the preview's bounded memory).
+    timings : dict, optional
+        Receives seconds under ``load`` (modality values), ``resample`` and ``window``.
+
+    Returns
+    -------
+    VolumeInput
+    """
+    started = time.perf_counter()
+    stages: dict[str, float] = {} if timings is None else timings
+    # Converted slab by slab as resample reads it: no 300 MB float32 copy of a 300-slice CT.
+    hu = modality_values(volume)
+    started = _add(stages, "load", started)
     resampled: Resampled | None = None
     if prep.target_spacing is not None:
         resampled = resample(hu, grid, prep.target_spacing)
         model_input = resampled.array  # a new float32 array: windowed in place below
+        model_grid = resampled.grid
     else:
-        model_input = hu.copy()  # `hu` stays in modality values for the lesions' mean HU
-    started = _add(timings, "resample", started)
-    window_volume(model_input, _window_of(volume, prep.window_values))
+        # `hu` stays in modality values for the lesions' mean HU, unless not wanted.
+        model_input = hu.copy()  # the whole float32 array, windowed in place below
+        model_grid = grid
+    kept = hu if keep_modality else None
+    del hu  # without keep_modality, freed here: the peak is the stored values + two grids
+    started = _add(stages, "resample", started)
+    window = volume_window(volume, prep.window_values)
+    window_volume(model_input, window)
     normalize_volume(model_input, prep.normalization)
-    started = _add(timings, "window", started)
+    _add(stages, "window", started)
+    return VolumeInput(model_input, model_grid, resampled, kept, window)
+
+
+def _probabilities(predictor: Predictor, volume: Volume, grid: Grid,
+                   timings: dict[str, float], started: float
+                   ) -> tuple[NDArray[np.float32], Resampled | None, ModalityValues]:
+    """The model's output on the resampled grid, its resampling, and the source HU volume."""
+    spec = predictor.spec
+    prep = spec.preprocessing
+    _add(timings, "load", started)  # reading the files, before the chain below
+    prepared = prepare_volume_input(volume, grid, prep, timings=timings)
+    model_input, resampled, hu = prepared.array, prepared.resampled, prepared.modality
+    assert hu is not None
+    started = time.perf_counter()
 
     def predict(batch: NDArray[np.float32]) -> NDArray[np.float32]:
-        return predictor.predict(batch)
+        # The forward passes alone, within "inference" (benchmarks/volume.py splits them off).
+        begun = time.perf_counter()
+        try:
+            return predictor.predict(batch)
+        finally:
+            _add(timings, "forward", begun)
 
     try:
         if prep.input_kind == "volume":
@@ -183,7 +278,7 @@ def analyse_volumes(eligible: Sequence[Sequence[Dataset]], predictor: Predictor,
         Receives a line per series that is not a volume (the job's note).
     timings : dict
         Receives seconds per stage: ``load``, ``resample``, ``window``, ``inference``,
-        ``post``.
+        ``post``; ``forward`` is the model's forward passes, part of ``inference``.
 
     Returns
     -------
@@ -228,15 +323,13 @@ def analyse_volumes(eligible: Sequence[Sequence[Dataset]], predictor: Predictor,
         ct = str(datasets[0].get("Modality", "")).strip().upper() == "CT"
         for k, label in enumerate(spec.outputs):
             channel = output if output.ndim == 3 else output[..., k]
-            values = channel if resampled is None else to_source(channel, resampled)
-            best[k] = max(best.get(k, 0.0), float(values.max(initial=0.0)))
-            labels, lesions = label_lesions(values, grid, threshold=label.threshold,
-                                            intensity=hu if ct else None,
-                                            min_voxels=spec.min_component_pixels)
-            assert labels is not None
-            for lesion in lesions:
-                box = tuple(slice(a, b) for a, b in lesion.bbox)
-                mask = labels[box] == lesion.label
+            # Mapped back to the source slices only where a lesion can be (source_lesions).
+            found = source_lesions(channel, resampled, grid, threshold=label.threshold,
+                                   intensity=hu if ct else None,
+                                   min_voxels=spec.min_component_pixels)
+            best[k] = max(best.get(k, 0.0), found.peak)
+            for item in found.lesions:
+                lesion, mask = item.lesion, item.mask
                 region = VolumeRegion(
                     series_instance_uid=series_uid, sop_instance_uids=uids, shape=grid.shape,
                     offset=(lesion.bbox[0][0], lesion.bbox[1][0], lesion.bbox[2][0]),
@@ -248,11 +341,11 @@ def analyse_volumes(eligible: Sequence[Sequence[Dataset]], predictor: Predictor,
                 touched = tuple(dict.fromkeys(uids[lesion.bbox[0][0]:lesion.bbox[0][1]]))
                 present.append((k, lesion.voxels, Finding(
                     label=label.name, finding=label.finding, finding_site=label.finding_site,
-                    probability=float(values[box][mask].max()), threshold=label.threshold,
+                    probability=item.probability, threshold=label.threshold,
                     present=True, sop_instance_uids=touched, tracking_uid="", scope="series",
                     region=region,
                 )))
-            del values, labels
+            del found
         del output, resampled, hu
         analysed.extend(datasets)
         all_uids.update(dict.fromkeys(uids))

@@ -11,6 +11,7 @@ import pydicom
 import pytest
 from numpy.typing import NDArray
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from dicom_ai.exceptions import DicomAIError
 from dicom_ai.pipeline.loading import (
@@ -373,3 +374,41 @@ def test_a_dataset_without_pixel_data_says_so() -> None:
         load_frames([sample_file("rtplan.dcm")])
     with pytest.raises(DecodeError, match="nothing to decode"):
         decode(ds)
+
+
+@pytest.mark.parametrize(("signed", "syntax"), [(1, "1.2.840.10008.1.2.1"),
+                                                (0, "1.2.840.10008.1.2")])
+def test_native_slices_read_into_the_volume_as_pydicom_decodes_them(
+        tmp_path: Path, signed: int, syntax: str) -> None:
+    """Uncompressed slices go from the file straight into the volume (no per-slice array):
+    the values are pydicom's, bits above Bits Stored masked (unsigned) or sign-extended
+    (signed), for explicit and implicit VR little endian."""
+    paths = make_ct_series(tmp_path / "ct", 5, size=32, seed=9)
+    rng = np.random.default_rng(2)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        dtype = np.int16 if signed else np.uint16
+        # 12 bits stored, garbage (an overlay, say) in the 4 bits above.
+        raw = rng.integers(0, 1 << 16, (32, 32), dtype=np.uint32).astype(np.uint16)
+        ds.PixelData = raw.astype(dtype).tobytes()
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.PixelRepresentation = signed
+        ds.file_meta.TransferSyntaxUID = UID(syntax)
+        ds.save_as(path, enforce_file_format=True)
+
+    volume = load_volume(paths)
+
+    expected = np.stack([pydicom.dcmread(p).pixel_array for p in paths])
+    assert volume.array.dtype == expected.dtype
+    assert np.array_equal(volume.array, expected)
+    assert volume.slice_positions == pytest.approx((0.0, 1.0, 2.0, 3.0, 4.0))
+
+
+def test_slice_positions_keep_the_gap_of_a_missing_slice(tmp_path: Path) -> None:
+    paths = make_ct_series(tmp_path / "ct", 6, size=32, seed=5)
+    del paths[2]
+
+    volume = load_volume(list(reversed(paths)))
+
+    assert volume.slice_positions == pytest.approx((0.0, 1.0, 3.0, 4.0, 5.0))
+    assert volume.spacing[0] == pytest.approx(1.0)

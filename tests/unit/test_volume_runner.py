@@ -31,7 +31,8 @@ from dicom_ai.config import Route, Settings, load_settings
 from dicom_ai.inference.runtime import Predictor, load_predictor
 from dicom_ai.inference.spec import ModelSpec, OutputLabel, read_spec, write_spec
 from dicom_ai.ingest.spool import Ingestor, Received
-from dicom_ai.pipeline.preprocessing import apply_voi, normalize
+from dicom_ai.pipeline.loading import Volume
+from dicom_ai.pipeline.preprocessing import apply_voi, linear_window_of, normalize
 from dicom_ai.pipeline.volume import (
     Grid,
     VolumeError,
@@ -44,6 +45,7 @@ from dicom_ai.reporting import summarize_sr
 from dicom_ai.runner.analysis import OutOfScopeError, analyse
 from dicom_ai.runner.results import build_results, finding_row
 from dicom_ai.runner.run import JobRunner
+from dicom_ai.runner.volumes import volume_window
 from dicom_ai.training.synth import ChestCT, read_lesion_masks, synthesize
 from dicom_ai.values import CodedConcept, PreprocessingSpec
 from storage import jobs
@@ -397,3 +399,67 @@ def test_the_job_runner_stores_volume_findings_and_keeps_their_tracking_across_r
         assert row.series_instance_uid == rows[0]["SeriesInstanceUID"]
     assert [(f.label, f.present) for f in first if not f.present] == [("never", False)]
     assert [f.tracking_uid for f in second if f.present] == [f.tracking_uid for f in lesions]
+
+
+# -- the window a volume model applies (one rule with the 2D path) ----------------------------
+def _header(**values: Any) -> Dataset:
+    ds = Dataset()
+    for key, value in values.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def _one_slice_volume(ds: Dataset) -> Volume:
+    return Volume(array=np.zeros((2, 8, 8), np.int16), spacing=(1.0, 1.0, 1.0),
+                  origin=(0.0, 0.0, 0.0), orientation=(1, 0, 0, 0, 1, 0),
+                  sop_instance_uids=["1", "2"], frame_indices=[0, 0], datasets=[ds, ds])
+
+
+def test_volume_and_2d_paths_read_the_dataset_window_by_one_rule() -> None:
+    """:func:`linear_window_of` is the one reader of a dataset's window; the volume path differs
+    only on a VOI LUT Sequence (ignored, its LINEAR window used). SIGMOID and widths below 1
+    give no window on both paths (the runner's own copy used to apply them as LINEAR)."""
+    lut = Dataset()
+    lut.LUTDescriptor = [4, 0, 8]
+    lut.LUTData = [0, 80, 160, 255]
+    plain = _header(WindowCenter="40", WindowWidth="400")
+    multi = _header(WindowCenter=["-600", "40"], WindowWidth=["1500", "400"])
+    sigmoid = _header(WindowCenter="40", WindowWidth="400", VOILUTFunction="SIGMOID")
+    exact = _header(WindowCenter="40", WindowWidth="400", VOILUTFunction="LINEAR_EXACT")
+    narrow = _header(WindowCenter="40", WindowWidth="0.5")
+    garbled = _header(WindowCenter="40", WindowWidth="")
+    with_lut = _header(WindowCenter="40", WindowWidth="400", VOILUTSequence=[lut])
+    only_lut = _header(VOILUTSequence=[lut])
+    cases = [  # (header, 2D, volume)
+        (plain, (40.0, 400.0), (40.0, 400.0)),
+        (multi, (-600.0, 1500.0), (-600.0, 1500.0)),
+        (sigmoid, None, None),
+        (exact, None, None),
+        (narrow, None, None),
+        (garbled, None, None),
+        (with_lut, None, (40.0, 400.0)),
+        (only_lut, None, None),
+        (Dataset(), None, None),
+    ]
+    for ds, flat, volume in cases:
+        assert linear_window_of(ds) == flat, ds
+        assert linear_window_of(ds, volume=True) == volume, ds
+        assert volume_window(_one_slice_volume(ds), None) == volume, ds
+        # The spec's window always wins.
+        assert volume_window(_one_slice_volume(ds), (500.0, 3000.0)) == (500.0, 3000.0)
+    assert linear_window_of(None) is None
+
+
+def test_a_sigmoid_ct_window_leaves_the_volume_in_hu(
+        chest: tuple[list[Path], list[dict[str, str]], Any]) -> None:
+    """What the runner feeds the model when the slices' only window is SIGMOID: HU as they are
+    (then the spec's normalisation), not a LINEAR reading of the sigmoid's centre and width."""
+    files, _, _ = chest
+    datasets = [pydicom.dcmread(p, stop_before_pixels=True) for p in files[:4]]
+    for ds in datasets:
+        ds.VOILUTFunction = "SIGMOID"
+    volume = _one_slice_volume(datasets[0])
+    assert volume_window(volume, None) is None
+    datasets[0].VOILUTFunction = "LINEAR"
+    assert volume_window(_one_slice_volume(datasets[0]), None) == (
+        float(datasets[0].WindowCenter), float(datasets[0].WindowWidth))
