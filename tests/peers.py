@@ -273,6 +273,20 @@ class Orthanc:
         with urllib.request.urlopen(url, timeout=30) as response:
             return json.loads(response.read())
 
+    def study_files(self, study_uid: str) -> list[bytes]:
+        """The DICOM files Orthanc stores for a study (none when it has none), via REST."""
+        query = json.dumps({"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}})
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/tools/find",
+                                         data=query.encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            found: list[str] = json.loads(response.read())
+        files = []
+        for instance in found:
+            url = f"http://127.0.0.1:{self.http_port}/instances/{instance}/file"
+            with urllib.request.urlopen(url, timeout=30) as response:
+                files.append(response.read())
+        return files
+
     def __exit__(self, *exc: object) -> None:
         if self.process is not None:
             stop(self.process)

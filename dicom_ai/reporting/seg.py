@@ -249,6 +249,10 @@ def _build_volume_seg(run: ModelRun, sources: Sequence[Dataset], *, series_insta
         raise ReportError(f"the regions' grid {grid.shape} does not match the slices "
                           f"({int(images[0].Rows)} x {int(images[0].Columns)})")
     pixels = _paint(regions, grid.shape)
+    if len(headers) == 1 and len(images) > 1:
+        # An enhanced multi-frame source (one instance, a slice per frame): highdicom takes it
+        # as the one source image, with a pixel-array frame per source frame in frame order.
+        images, pixels = _onto_frames(images[0], pixels)
     algorithm = hd.AlgorithmIdentificationSequence(
         name=run.model_name, family=ALGORITHM_FAMILY, version=run.model_version
     )
@@ -269,6 +273,39 @@ def _build_volume_seg(run: ModelRun, sources: Sequence[Dataset], *, series_insta
     return _segmentation(run, images, pixels, descriptions,
                          series_instance_uid=series_instance_uid, series_number=series_number,
                          sop_instance_uid=sop_instance_uid, software_version=software_version)
+
+
+def _onto_frames(header: Dataset, pixels: NDArray[Any]) -> tuple[list[Dataset], NDArray[Any]]:
+    """Slices in grid order (along the normal) as the frames of one multi-frame source.
+
+    The grid orders the frames by position (``load_volume``); the SEG's pixel array follows
+    the source's frame order (highdicom's rule for a multi-frame source), so each slice goes to
+    the frame whose Plane Position (Patient) it is.
+    """
+    def plane(group: Dataset, keyword: str, attribute: str) -> list[float] | None:
+        item = group.get(keyword)
+        return [float(v) for v in item[0].get(attribute)] if item else None
+
+    shared = header.SharedFunctionalGroupsSequence[0]
+    frames = header.PerFrameFunctionalGroupsSequence
+    if len(frames) != pixels.shape[0]:
+        raise ReportError(f"the regions' grid has {pixels.shape[0]} slices, the source "
+                          f"{len(frames)} frames")
+    distances = []
+    for frame in frames:
+        cosines = (plane(frame, "PlaneOrientationSequence", "ImageOrientationPatient")
+                   or plane(shared, "PlaneOrientationSequence", "ImageOrientationPatient"))
+        position = (plane(frame, "PlanePositionSequence", "ImagePositionPatient")
+                    or plane(shared, "PlanePositionSequence", "ImagePositionPatient"))
+        if cosines is None or position is None:
+            raise ReportError("a frame of the multi-frame source has no plane position or "
+                              "orientation")
+        normal = np.cross(cosines[:3], cosines[3:])
+        distances.append(float(np.dot(normal, position)))
+    order = np.argsort(distances, kind="stable")  # frame index of each slice, in grid order
+    on_frames = np.zeros_like(pixels)
+    on_frames[order] = pixels
+    return [header], on_frames
 
 
 def _paint(regions: Sequence[VolumeRegion], shape: tuple[int, int, int]) -> NDArray[Any]:

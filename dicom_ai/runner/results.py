@@ -89,9 +89,9 @@ def build_results(analysis: Analysis, route: Route, settings: Settings, *, store
     `hold` (an out-of-distribution input under ``ood_policy = "hold"``): built and stored,
     listed with the job, sent nowhere.
 
-    A volume model's run (findings with a :class:`~dicom_ai.values.VolumeRegion`, or its
-    absent study finding) gets no result objects yet: its findings are stored and nothing is
-    sent (volumetric SEG/SR: see issue 21).
+    A volume model's run (findings with a :class:`~dicom_ai.values.VolumeRegion`) gets a
+    multi-frame SEG of its lesions (sent where the route sets ``send_seg``) and an SR with one
+    TID 1411 group per lesion; a run with only its absent study finding gets the SR alone.
     """
     from dicom_ai.reporting import (
         PriorReport,
