@@ -30,16 +30,20 @@ from dicom_ai.training.synth import synthesize
 def test_bundled_models_are_listed_first_and_load(tmp_path: Path) -> None:
     entries = Registry(tmp_path / "models").entries()
     names = [e.name for e in entries]
-    assert names[:2] == [DEFAULT_MODEL, SEGMENTER]
-    assert all(e.bundled and e.active for e in entries[:2])
+    # The default first, then the other bundled models by name.
+    assert names[:3] == [DEFAULT_MODEL, "chest-ct-nodule", SEGMENTER]
+    assert all(e.bundled and e.active for e in entries[:3])
     classifier = load_predictor(entries[0].path)
     assert classifier.spec.task == "classification"
     assert classifier.spec.modalities == ["CR", "DX"]
     assert "synthetic phantoms" in classifier.spec.provenance.notes
     assert classifier.spec.provenance.metrics["roc_auc"] >= 0.95
-    segmenter = load_predictor(entries[1].path)
+    volume = load_predictor(entries[1].path)
+    assert (volume.spec.task, volume.spec.preprocessing.input_kind) == ("segmentation", "slices")
+    assert volume.spec.modalities == ["CT"]
+    segmenter = load_predictor(entries[2].path)
     assert segmenter.spec.task == "segmentation"
-    for entry in entries[:2]:
+    for entry in entries[:3]:
         size = sum(p.stat().st_size for p in entry.path.rglob("*") if p.is_file())
         assert size < 8_000_000, f"{entry.name} ships {size} bytes"
         assert (entry.path / "report" / "test" / "model_card.md").is_file()
