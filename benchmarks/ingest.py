@@ -22,8 +22,8 @@ The old figure, a fresh receiver started for every push (no warm-up; now with th
 ``sync``), is kept as a second line (``--fresh``, on by default): a fresh Orthanc is much
 slower than a running one. ``--startup`` (on by default) also times ``serve`` start-up.
 
-``--profile DIR`` then samples dicom-ai's process tree with ``py-spy`` (not a dependency:
-``pip install py-spy`` into the venv to use it) while it receives ``--profile-rounds`` more
+``--profile DIR`` then samples dicom-ai's process tree with ``py-spy`` (in the ``dev`` extra,
+for measuring only) while it receives ``--profile-rounds`` more
 rounds with the largest sender count, and writes the raw stacks and a table of where the CPU
 goes per instance (:mod:`benchmarks.ingest_profile`).
 
@@ -364,7 +364,7 @@ def binary_in_venv(name: str) -> str:
     candidate = Path(sys.executable).parent / name
     found = str(candidate) if candidate.is_file() else shutil.which(name)
     if found is None:
-        raise SystemExit(f"{name} not found: .venv/bin/pip install {name} (for measuring only)")
+        raise SystemExit(f"{name} not found: make .venv/.installed (the dev extra has it)")
     return found
 
 
