@@ -24,7 +24,7 @@ from typing import Any
 
 from pydicom import dcmread
 
-from dicom_ai.config import load_settings
+from dicom_ai.config import Settings, load_settings
 from dicom_ai.network.scu import Peer, inspect, iter_files, send_files
 from dicom_ai.network.standin import StandInPacs
 from dicom_ai.service import Service
@@ -120,31 +120,13 @@ def run_demo(work: Path, *, studies: int = 4, seed: int = 7, timeout: float = 30
             truth[row["StudyInstanceUID"]] = row["label"] == "1"
     # The stand-in follows dicom.tune_network as the service does.
     pacs = StandInPacs(work / "pacs", tune_network=load_settings(None).dicom.tune_network)
-    pacs_host, pacs_port = pacs.start()
-    settings = load_settings(
-        None,
-        dicom={"host": "127.0.0.1", "port": 0, "receivers": 1},
-        storage={"root": work / "store", "min_free_bytes": 0},
-        completion={"series_quiet_seconds": quiet_seconds,
-                    "study_quiet_seconds": quiet_seconds, "poll_seconds": 0.2},
-        workers={"backend": "local", "processes": 1, "poll_seconds": 0.5},
-        delivery={"poll_seconds": 0.5, "retry_initial_seconds": 1.0},
-        logging={"level": "WARNING"},
-        api={"host": "127.0.0.1", "port": 0},
-        destinations=[{"name": "pacs", "ae_title": pacs.ae_title, "host": pacs_host,
-                       "port": pacs_port}],
-        routes=[{"name": "chest-xray", "match": {"Modality": ["CR", "DX"]},
-                 "model": "chest-nodule", "destinations": ["pacs"], "send_heatmap": True}],
-    )
+    settings = _demo_settings(
+        work, pacs, quiet_seconds, destination={},
+        route={"name": "chest-xray", "match": {"Modality": ["CR", "DX"]},
+               "model": "chest-nodule", "send_heatmap": True})
     service = Service(settings)
     try:
-        service.start()
-        assert service.address is not None
-        files = [f for f in (inspect(p) for p in iter_files([source])) if f is not None]
-        report = send_files(files, Peer(settings.dicom.ae_title, *service.address),
-                            settings.dicom)
-        if not report.ok:
-            raise RuntimeError(f"pushing the studies failed: {report.failures[:3]}")
+        _push(source, service, settings)
         results = {uid: DemoStudy(uid, t) for uid, t in truth.items()}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -174,6 +156,37 @@ def run_demo(work: Path, *, studies: int = 4, seed: int = 7, timeout: float = 30
     ordered = sorted(results.values(), key=lambda s: s.study_instance_uid)
     return DemoResult(ordered, work, pacs.folder, time.monotonic() - started,
                       all(s.sr_path is not None for s in ordered))
+
+
+def _demo_settings(work: Path, pacs: StandInPacs, quiet_seconds: float, *,
+                   destination: dict[str, Any], route: dict[str, Any]) -> Settings:
+    """The demo service's settings (SQLite, one receiver, one local worker, free loopback
+    ports) with `pacs`, started here, as its one destination and `route` sending to it."""
+    pacs_host, pacs_port = pacs.start()
+    return load_settings(
+        None,
+        dicom={"host": "127.0.0.1", "port": 0, "receivers": 1},
+        storage={"root": work / "store", "min_free_bytes": 0},
+        completion={"series_quiet_seconds": quiet_seconds,
+                    "study_quiet_seconds": quiet_seconds, "poll_seconds": 0.2},
+        workers={"backend": "local", "processes": 1, "poll_seconds": 0.5},
+        delivery={"poll_seconds": 0.5, "retry_initial_seconds": 1.0},
+        logging={"level": "WARNING"},
+        api={"host": "127.0.0.1", "port": 0},
+        destinations=[{"name": "pacs", "ae_title": pacs.ae_title, "host": pacs_host,
+                       "port": pacs_port, **destination}],
+        routes=[{**route, "destinations": ["pacs"]}],
+    )
+
+
+def _push(source: Path, service: Service, settings: Settings) -> None:
+    """Start `service` and push every DICOM file under `source` to it."""
+    service.start()
+    assert service.address is not None
+    files = [f for f in (inspect(p) for p in iter_files([source])) if f is not None]
+    report = send_files(files, Peer(settings.dicom.ae_title, *service.address), settings.dicom)
+    if not report.ok:
+        raise RuntimeError(f"pushing the studies failed: {report.failures[:3]}")
 
 
 # -- the CT loop ------------------------------------------------------------------------------
@@ -330,32 +343,14 @@ def run_ct_demo(work: Path, *, studies: int = 2, seed: int = 7, matrix: int = 25
                namespace="demo", chest_ct=chest_ct or demo_chest_ct(matrix))
     truth = _read_truth(source)
     pacs = StandInPacs(work / "pacs", tune_network=load_settings(None).dicom.tune_network)
-    pacs_host, pacs_port = pacs.start()
-    settings = load_settings(
-        None,
-        dicom={"host": "127.0.0.1", "port": 0, "receivers": 1},
-        storage={"root": work / "store", "min_free_bytes": 0},
-        completion={"series_quiet_seconds": quiet_seconds,
-                    "study_quiet_seconds": quiet_seconds, "poll_seconds": 0.2},
-        workers={"backend": "local", "processes": 1, "poll_seconds": 0.5},
-        delivery={"poll_seconds": 0.5, "retry_initial_seconds": 1.0},
-        logging={"level": "WARNING"},
-        api={"host": "127.0.0.1", "port": 0},
-        destinations=[{"name": "pacs", "ae_title": pacs.ae_title, "host": pacs_host,
-                       "port": pacs_port, "sr_kind": "comprehensive3d"}],
-        routes=[{"name": "chest-ct", "match": {"Modality": "CT", "BodyPartExamined": "CHEST"},
-                 "model": model, "destinations": ["pacs"], "send_seg": True}],
-    )
+    settings = _demo_settings(
+        work, pacs, quiet_seconds, destination={"sr_kind": "comprehensive3d"},
+        route={"name": "chest-ct", "match": {"Modality": "CT", "BodyPartExamined": "CHEST"},
+               "model": model, "send_seg": True})
     results = {uid: CTDemoStudy(uid, lesions) for uid, lesions in truth.items()}
     service = Service(settings)
     try:
-        service.start()
-        assert service.address is not None
-        files = [f for f in (inspect(p) for p in iter_files([source])) if f is not None]
-        report = send_files(files, Peer(settings.dicom.ae_title, *service.address),
-                            settings.dicom)
-        if not report.ok:
-            raise RuntimeError(f"pushing the studies failed: {report.failures[:3]}")
+        _push(source, service, settings)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             _collect_ct(pacs.received(), results)
