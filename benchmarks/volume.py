@@ -13,7 +13,7 @@ and the start of the outbox's C-STORE:
 
 * ``quiet_completion``: last C-STORE -> ``study.complete`` (the quiet period and the poll);
 * ``routing``: event -> job dispatched; ``queue``: dispatched -> claimed by the worker;
-* the job's ``timings`` (:mod:`dicom_ai.runner.volumes`, :mod:`dicom_ai.runner.run`):
+* the job's ``timings`` (:mod:`dicom_ai.inference.volumes`, :mod:`dicom_ai.runner.run`):
   ``load`` (headers, pixel decode, modality values), ``resample``, ``window`` (window and
   normalisation), ``inference`` (the sliding window: patch extraction, forward passes,
   blending), ``post`` (lesions mapped back to the source slices, labelled and measured),

@@ -686,7 +686,7 @@ def linear_window_of(
     """The ``(center, width)`` of the LINEAR VOI to apply to modality values, or ``None``.
 
     One rule for the 2D path (:func:`grey_to_unit`) and volume models
-    (:mod:`dicom_ai.runner.volumes`, ``dicom-ai preview``), PS3.3 C.11.2:
+    (:mod:`dicom_ai.inference.volumes`, ``dicom-ai preview``), PS3.3 C.11.2:
 
     * an explicit `window` (a model spec's) wins, returned as given (the caller checks its
       width: :func:`grey_to_unit` refuses one below 1, a spec's ``Window`` cannot hold one);

@@ -128,7 +128,7 @@ def model_inputs(
 
     A volume model (``input_kind`` ``volume`` or ``slices``) gets :func:`volume_montage`: the
     series loaded as a volume and run through the job runner's own chain
-    (:func:`~dicom_ai.runner.volumes.prepare_volume_input`: HU, resample to ``target_spacing``,
+    (:func:`~dicom_ai.pipeline.volume.prepare_volume_input`: HU, resample to ``target_spacing``,
     window, normalise), shown as :data:`MONTAGE_SLICES` evenly spaced slices of the model input,
     the steps ending with the sliding window's patch count; files that are not a CT or MR volume
     are refused, as serving skips them. A bare spec of a 2D input with ``target_spacing`` and
@@ -230,9 +230,9 @@ def volume_montage(paths: Sequence[Path], spec: PreprocessingSpec, *,
     """A volume model's input as the job runner makes it, and evenly spaced slices of it.
 
     :func:`~dicom_ai.pipeline.loading.load_volume`, then
-    :func:`~dicom_ai.runner.volumes.prepare_volume_input` -- the runner's own chain: modality
+    :func:`~dicom_ai.pipeline.volume.prepare_volume_input` -- the runner's own chain: modality
     values in ``float32`` (HU for CT), resampled to ``target_spacing``, the spec's window (else
-    the slices' LINEAR window, :func:`~dicom_ai.runner.volumes.volume_window`), the spec's
+    the slices' LINEAR window, :func:`~dicom_ai.pipeline.volume.volume_window`), the spec's
     normalisation over the whole volume -- and the patch grid of the sliding window
     (:func:`~dicom_ai.pipeline.volume.patch_starts`), counted, not run. The stored values are
     dropped once converted and the modality values once resampled: a 300 x 512 x 512 CT at
@@ -260,7 +260,7 @@ def volume_montage(paths: Sequence[Path], spec: PreprocessingSpec, *,
     PreprocessingError
         A spec that is not a volume model's, or the volume core refusing it.
     """
-    from dicom_ai.runner.volumes import prepare_volume_input
+    from dicom_ai.pipeline.volume import prepare_volume_input
 
     if spec.input_kind == "image":
         raise PreprocessingError("a volume montage needs input_kind 'volume' or 'slices'")
@@ -308,7 +308,7 @@ def _is_ct(volume: Volume) -> bool:
 
 def _describe_volume_window(spec: PreprocessingSpec, window: tuple[float, float] | None,
                             ds: Dataset | None) -> str:
-    """The window :func:`~dicom_ai.runner.volumes.volume_window` chose, in words."""
+    """The window :func:`~dicom_ai.pipeline.volume.volume_window` chose, in words."""
     if window is None:
         why = "the slices have no LINEAR window"
         if ds is not None and ds.get("WindowCenter") is not None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -46,7 +47,13 @@ from scipy.spatial import ConvexHull, QhullError
 
 from dicom_ai.exceptions import DicomAIError
 from dicom_ai.pipeline.loading import Volume
-from dicom_ai.pipeline.preprocessing import apply_modality_lut, mask_bits_stored, resample_volume
+from dicom_ai.pipeline.preprocessing import (
+    apply_modality_lut,
+    linear_window_of,
+    mask_bits_stored,
+    resample_volume,
+)
+from dicom_ai.values import PreprocessingSpec
 
 __all__ = [
     "VOLUME_MODALITIES",
@@ -59,6 +66,8 @@ __all__ = [
     "SourceLesion",
     "SourceLesions",
     "VolumeError",
+    "VolumeInput",
+    "add_timing",
     "blend_weights",
     "find_lesions",
     "forms_volume",
@@ -68,12 +77,14 @@ __all__ = [
     "modality_volume",
     "normalize_volume",
     "patch_starts",
+    "prepare_volume_input",
     "resample",
     "slice_stack",
     "sliding_window",
     "sliding_window_slices",
     "source_lesions",
     "to_source",
+    "volume_window",
     "window_volume",
 ]
 
@@ -1403,3 +1414,116 @@ def normalize_volume(array: Float32Array, mode: str) -> Float32Array:
         slab -= np.float32(shift)
         slab *= np.float32(scale)
     return array
+
+
+# -- a volume model's input: the runner's chain, also dicom-ai preview's -------------------------
+def volume_window(volume: Volume, wanted: tuple[float, float] | None) -> tuple[float, float] | None:
+    """The window a volume model applies: the spec's, else the first slice's LINEAR window.
+
+    :func:`~dicom_ai.pipeline.preprocessing.linear_window_of` with the volume rules: a VOI LUT
+    Sequence is ignored (the LINEAR window is used if the slice has one), a ``SIGMOID`` or
+    ``LINEAR_EXACT`` function or a width below 1 gives no window (the modality values, HU for
+    CT, go to the normalisation as they are). ``dicom-ai preview`` calls this too.
+
+    Parameters
+    ----------
+    volume : Volume
+        The loaded volume (its first slice's header is read).
+    wanted : tuple of float or None
+        The spec's ``window_values``.
+
+    Returns
+    -------
+    tuple of float or None
+        ``(center, width)`` or None.
+    """
+    first = volume.datasets[0] if volume.datasets else None
+    return linear_window_of(first, wanted, volume=True)
+
+
+def add_timing(timings: dict[str, float], stage: str, started: float) -> float:
+    """Add the seconds since `started` to ``timings[stage]``; returns now (the next start)."""
+    now = time.perf_counter()
+    timings[stage] = timings.get(stage, 0.0) + now - started
+    return now
+
+
+@dataclass(frozen=True)
+class VolumeInput:
+    """A volume model's input, before the sliding window (:func:`prepare_volume_input`).
+
+    Attributes
+    ----------
+    array : numpy.ndarray
+        ``float32`` ``(slices, rows, columns)``: modality values resampled to the spec's
+        ``target_spacing`` (the source grid without it), windowed and normalised -- exactly
+        what the patches are cut from.
+    grid : Grid
+        Geometry of :attr:`array` (the resampled grid, or the source grid).
+    resampled : Resampled or None
+        The resampling (to map outputs back with :func:`~dicom_ai.pipeline.volume.to_source`);
+        None without ``target_spacing``. Its ``array`` is :attr:`array`.
+    modality : ModalityValues or None
+        Modality values (HU for CT) on the source grid, when asked to keep them: read when
+        needed (:func:`~dicom_ai.pipeline.volume.modality_values`), no volume-sized array.
+    window : tuple of float or None
+        The ``(center, width)`` applied (:func:`volume_window`), or None.
+    """
+
+    array: NDArray[np.float32]
+    grid: Grid
+    resampled: Resampled | None
+    modality: ModalityValues | None
+    window: tuple[float, float] | None
+
+
+def prepare_volume_input(volume: Volume, grid: Grid, prep: PreprocessingSpec, *,
+                         keep_modality: bool = True,
+                         timings: dict[str, float] | None = None) -> VolumeInput:
+    """Modality values -> resample to ``target_spacing`` -> window -> normalise, in ``float32``.
+
+    The one chain from a loaded volume to a volume model's input: the job runner cuts its
+    patches from the result and ``dicom-ai preview`` shows its slices, so the preview is the
+    serving input. The window and normalisation run in place on the resampled array (no
+    ``float64`` copy, no second volume-sized array beyond the modality values).
+
+    Parameters
+    ----------
+    volume : Volume
+        From :func:`~dicom_ai.pipeline.loading.load_volume`.
+    grid : Grid
+        ``Grid.of(volume)``.
+    prep : PreprocessingSpec
+        The model's preprocessing.
+    keep_modality : bool
+        Keep the source-grid modality values (the runner's mean HU per lesion); without,
+        they are dropped as soon as they are resampled (the preview's bounded memory).
+    timings : dict, optional
+        Receives seconds under ``load`` (modality values), ``resample`` and ``window``.
+
+    Returns
+    -------
+    VolumeInput
+    """
+    started = time.perf_counter()
+    stages: dict[str, float] = {} if timings is None else timings
+    # Converted slab by slab as resample reads it: no 300 MB float32 copy of a 300-slice CT.
+    hu = modality_values(volume)
+    started = add_timing(stages, "load", started)
+    resampled: Resampled | None = None
+    if prep.target_spacing is not None:
+        resampled = resample(hu, grid, prep.target_spacing)
+        model_input = resampled.array  # a new float32 array: windowed in place below
+        model_grid = resampled.grid
+    else:
+        # `hu` stays in modality values for the lesions' mean HU, unless not wanted.
+        model_input = hu.copy()  # the whole float32 array, windowed in place below
+        model_grid = grid
+    kept = hu if keep_modality else None
+    del hu  # without keep_modality, freed here: the peak is the stored values + two grids
+    started = add_timing(stages, "resample", started)
+    window = volume_window(volume, prep.window_values)
+    window_volume(model_input, window)
+    normalize_volume(model_input, prep.normalization)
+    add_timing(stages, "window", started)
+    return VolumeInput(model_input, model_grid, resampled, kept, window)

@@ -28,6 +28,7 @@ from dicom_ai.exceptions import (
 from dicom_ai.inference.postprocess import detections, heat_region, to_image_space
 from dicom_ai.inference.runtime import InferenceError, Predictor
 from dicom_ai.inference.spec import ModelSpec
+from dicom_ai.inference.volumes import analyse_volumes
 from dicom_ai.pipeline.loading import (
     DecodeError,
     Frame,
@@ -42,7 +43,6 @@ from dicom_ai.pipeline.preprocessing import (
     preprocess_frame,
     unit_image,
 )
-from dicom_ai.runner.volumes import analyse_volumes
 from dicom_ai.values import Finding, FindingScope, HeatMap, Location, ModelRun
 
 __all__ = ["SKIP_REASONS", "Analysis", "OutOfScopeError", "analyse", "skip_reasons"]
@@ -107,7 +107,7 @@ def analyse(paths: Sequence[Path], predictor: Predictor, *, seed: str,
     image's score (a series or study decision: any of its images') is above the threshold.
 
     A volume model (``input_kind`` ``volume`` or ``slices``) runs over each eligible series
-    that forms a volume instead (:mod:`dicom_ai.runner.volumes`): one finding per lesion with
+    that forms a volume instead (:mod:`dicom_ai.inference.volumes`): one finding per lesion with
     its :class:`~dicom_ai.values.VolumeRegion`, or an absent study finding per label; a series
     that is not a volume is skipped with its reason.
 

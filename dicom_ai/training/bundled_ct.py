@@ -23,7 +23,7 @@ left in ``--work``):
    (fewer, bigger forward passes over a 300 x 512 x 512 study).
 3. ``evaluate``: the model folder is written, loaded with
    :func:`~dicom_ai.inference.runtime.load_predictor` and run over every held-out study by
-   :func:`~dicom_ai.runner.volumes.analyse_volumes` (the job runner's own path: load, resample,
+   :func:`~dicom_ai.inference.volumes.analyse_volumes` (the job runner's own path: load, resample,
    window, sliding window, back to the source slices, connected components). Each lesion it
    reports is matched to the ground truth (:mod:`~dicom_ai.training.volume_metrics`): FROC,
    Dice, volume and diameter errors with bootstrap CIs over studies, into
@@ -461,7 +461,7 @@ def evaluate_folder(folder: Path, studies: Sequence[tuple[list[Path], Path | Non
                     recipe: Recipe, report: Path) -> dict[str, Any]:
     """Serve the model folder over held-out studies and measure it per lesion.
 
-    Every study runs through :func:`~dicom_ai.runner.volumes.analyse_volumes` twice on one
+    Every study runs through :func:`~dicom_ai.inference.volumes.analyse_volumes` twice on one
     loaded predictor whose forward passes are remembered: once with the spec as shipped (the
     operating point, Dice, volumes: what a PACS receives) and once with the threshold lowered
     to :data:`~dicom_ai.training.volume_metrics.CANDIDATE_THRESHOLD` (candidates scored by
@@ -483,7 +483,7 @@ def evaluate_folder(folder: Path, studies: Sequence[tuple[list[Path], Path | Non
     dict
         The metrics (:func:`~dicom_ai.training.volume_metrics.volume_report`) plus timings.
     """
-    from dicom_ai.runner.volumes import analyse_volumes
+    from dicom_ai.inference.volumes import analyse_volumes
     from dicom_ai.training import volume_metrics as vm
 
     inner = load_predictor(folder, batch_size=8)

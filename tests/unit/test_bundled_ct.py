@@ -13,7 +13,7 @@ from pydicom import dcmread
 
 from dicom_ai.inference.runtime import load_predictor
 from dicom_ai.inference.spec import read_spec
-from dicom_ai.runner.volumes import analyse_volumes
+from dicom_ai.inference.volumes import analyse_volumes
 from dicom_ai.training.bundled_ct import (
     MODEL_NAME,
     MODEL_VERSION,

@@ -23,6 +23,7 @@ import pydicom
 import pytest
 from PIL import Image
 
+from dicom_ai.inference import volumes as runner_volumes
 from dicom_ai.inference.runtime import load_predictor
 from dicom_ai.inference.spec import ModelSpec, OutputLabel, write_spec
 from dicom_ai.pipeline.loading import LoadError, load_volume
@@ -40,7 +41,6 @@ from dicom_ai.pipeline.volume import (
     resample,
     window_volume,
 )
-from dicom_ai.runner import volumes as runner_volumes
 from dicom_ai.training.synth import ChestCT, synthesize
 from dicom_ai.values import CodedConcept, PreprocessingSpec
 from tests.peers import make_ct_series, sample_file
@@ -168,7 +168,7 @@ def test_the_steps_name_shapes_window_and_patches(chest: list[Path], tmp_path: P
 def test_the_slices_window_is_used_and_a_sigmoid_one_is_not(
         chest: list[Path], tmp_path: Path) -> None:
     """Without a spec window the first slice's LINEAR window applies; a SIGMOID window is not
-    read as a linear one: the values stay HU (runner.volumes.volume_window, one rule)."""
+    read as a linear one: the values stay HU (pipeline.volume.volume_window, one rule)."""
     own = VOLUME.model_copy(update={"window": None})
     steps = volume_montage(chest, own, slices=2).steps
     ds = pydicom.dcmread(chest[0], stop_before_pixels=True)

@@ -39,13 +39,13 @@ from dicom_ai.pipeline.volume import (
     find_lesions,
     label_lesions,
     normalize_volume,
+    volume_window,
     window_volume,
 )
 from dicom_ai.reporting import summarize_sr
 from dicom_ai.runner.analysis import OutOfScopeError, analyse
 from dicom_ai.runner.results import build_results, finding_row
 from dicom_ai.runner.run import JobRunner
-from dicom_ai.runner.volumes import volume_window
 from dicom_ai.training.synth import ChestCT, read_lesion_masks, synthesize
 from dicom_ai.values import CodedConcept, PreprocessingSpec
 from storage import jobs

@@ -37,31 +37,21 @@ from dicom_ai.config import LimitsSettings
 from dicom_ai.exceptions import JobError, safe_message
 from dicom_ai.inference.runtime import InferenceError, Predictor
 from dicom_ai.pipeline.loading import DecodeError, LoadError, Volume, load_volume
-from dicom_ai.pipeline.preprocessing import linear_window_of
 from dicom_ai.pipeline.volume import (
     Grid,
     ModalityValues,
     Resampled,
     VolumeError,
+    add_timing,
     forms_volume,
-    modality_values,
-    normalize_volume,
-    resample,
+    prepare_volume_input,
     sliding_window,
     sliding_window_slices,
     source_lesions,
-    window_volume,
 )
-from dicom_ai.values import Finding, PreprocessingSpec, VolumeRegion
+from dicom_ai.values import Finding, VolumeRegion
 
-__all__ = [
-    "VolumeInput",
-    "VolumeResult",
-    "analyse_volumes",
-    "prepare_volume_input",
-    "tracking_id",
-    "volume_window",
-]
+__all__ = ["VolumeResult", "analyse_volumes", "tracking_id"]
 
 #: 3D patches per forward pass: a 64 x 128 x 128 float32 patch is 4 MiB in and out.
 VOLUME_BATCH = 4
@@ -106,124 +96,13 @@ def _tracking_uid(key: str, *parts: object) -> str:
     return str(generate_uid(entropy_srcs=["dicom-ai-tracking", key, *map(str, parts)]))
 
 
-def volume_window(volume: Volume, wanted: tuple[float, float] | None) -> tuple[float, float] | None:
-    """The window a volume model applies: the spec's, else the first slice's LINEAR window.
-
-    :func:`~dicom_ai.pipeline.preprocessing.linear_window_of` with the volume rules: a VOI LUT
-    Sequence is ignored (the LINEAR window is used if the slice has one), a ``SIGMOID`` or
-    ``LINEAR_EXACT`` function or a width below 1 gives no window (the modality values, HU for
-    CT, go to the normalisation as they are). ``dicom-ai preview`` calls this too.
-
-    Parameters
-    ----------
-    volume : Volume
-        The loaded volume (its first slice's header is read).
-    wanted : tuple of float or None
-        The spec's ``window_values``.
-
-    Returns
-    -------
-    tuple of float or None
-        ``(center, width)`` or None.
-    """
-    first = volume.datasets[0] if volume.datasets else None
-    return linear_window_of(first, wanted, volume=True)
-
-
-def _add(timings: dict[str, float], stage: str, started: float) -> float:
-    now = time.perf_counter()
-    timings[stage] = timings.get(stage, 0.0) + now - started
-    return now
-
-
-@dataclass(frozen=True)
-class VolumeInput:
-    """A volume model's input, before the sliding window (:func:`prepare_volume_input`).
-
-    Attributes
-    ----------
-    array : numpy.ndarray
-        ``float32`` ``(slices, rows, columns)``: modality values resampled to the spec's
-        ``target_spacing`` (the source grid without it), windowed and normalised -- exactly
-        what the patches are cut from.
-    grid : Grid
-        Geometry of :attr:`array` (the resampled grid, or the source grid).
-    resampled : Resampled or None
-        The resampling (to map outputs back with :func:`~dicom_ai.pipeline.volume.to_source`);
-        None without ``target_spacing``. Its ``array`` is :attr:`array`.
-    modality : ModalityValues or None
-        Modality values (HU for CT) on the source grid, when asked to keep them: read when
-        needed (:func:`~dicom_ai.pipeline.volume.modality_values`), no volume-sized array.
-    window : tuple of float or None
-        The ``(center, width)`` applied (:func:`volume_window`), or None.
-    """
-
-    array: NDArray[np.float32]
-    grid: Grid
-    resampled: Resampled | None
-    modality: ModalityValues | None
-    window: tuple[float, float] | None
-
-
-def prepare_volume_input(volume: Volume, grid: Grid, prep: PreprocessingSpec, *,
-                         keep_modality: bool = True,
-                         timings: dict[str, float] | None = None) -> VolumeInput:
-    """Modality values -> resample to ``target_spacing`` -> window -> normalise, in ``float32``.
-
-    The one chain from a loaded volume to a volume model's input: the job runner cuts its
-    patches from the result and ``dicom-ai preview`` shows its slices, so the preview is the
-    serving input. The window and normalisation run in place on the resampled array (no
-    ``float64`` copy, no second volume-sized array beyond the modality values).
-
-    Parameters
-    ----------
-    volume : Volume
-        From :func:`~dicom_ai.pipeline.loading.load_volume`.
-    grid : Grid
-        ``Grid.of(volume)``.
-    prep : PreprocessingSpec
-        The model's preprocessing.
-    keep_modality : bool
-        Keep the source-grid modality values (the runner's mean HU per lesion); without,
-        they are dropped as soon as they are resampled (the preview's bounded memory).
-    timings : dict, optional
-        Receives seconds under ``load`` (modality values), ``resample`` and ``window``.
-
-    Returns
-    -------
-    VolumeInput
-    """
-    started = time.perf_counter()
-    stages: dict[str, float] = {} if timings is None else timings
-    # Converted slab by slab as resample reads it: no 300 MB float32 copy of a 300-slice CT.
-    hu = modality_values(volume)
-    started = _add(stages, "load", started)
-    resampled: Resampled | None = None
-    if prep.target_spacing is not None:
-        resampled = resample(hu, grid, prep.target_spacing)
-        model_input = resampled.array  # a new float32 array: windowed in place below
-        model_grid = resampled.grid
-    else:
-        # `hu` stays in modality values for the lesions' mean HU, unless not wanted.
-        model_input = hu.copy()  # the whole float32 array, windowed in place below
-        model_grid = grid
-    kept = hu if keep_modality else None
-    del hu  # without keep_modality, freed here: the peak is the stored values + two grids
-    started = _add(stages, "resample", started)
-    window = volume_window(volume, prep.window_values)
-    window_volume(model_input, window)
-    normalize_volume(model_input, prep.normalization)
-    _add(stages, "window", started)
-    return VolumeInput(model_input, model_grid, resampled, kept, window)
-
-
 def _probabilities(predictor: Predictor, volume: Volume, grid: Grid,
                    timings: dict[str, float], started: float
                    ) -> tuple[NDArray[np.float32], Resampled | None, ModalityValues]:
     """The model's output on the resampled grid, its resampling, and the source HU volume."""
     spec = predictor.spec
     prep = spec.preprocessing
-    _add(timings, "load", started)  # reading the files, before the chain below
+    add_timing(timings, "load", started)  # reading the files, before the chain below
     prepared = prepare_volume_input(volume, grid, prep, timings=timings)
     model_input, resampled, hu = prepared.array, prepared.resampled, prepared.modality
     assert hu is not None
@@ -235,7 +114,7 @@ def _probabilities(predictor: Predictor, volume: Volume, grid: Grid,
         try:
             return predictor.predict(batch)
         finally:
-            _add(timings, "forward", begun)
+            add_timing(timings, "forward", begun)
 
     try:
         if prep.input_kind == "volume":
@@ -251,7 +130,7 @@ def _probabilities(predictor: Predictor, volume: Volume, grid: Grid,
         raise JobError(safe_message(exc), retryable=True) from exc
     except VolumeError as exc:  # an output of the wrong shape: the model, not the data
         raise JobError(f"{predictor.label}: {safe_message(exc)}", retryable=False) from exc
-    _add(timings, "inference", started)
+    add_timing(timings, "inference", started)
     return output, resampled, hu
 
 
@@ -349,7 +228,7 @@ def analyse_volumes(eligible: Sequence[Sequence[Dataset]], predictor: Predictor,
         del output, resampled, hu
         analysed.extend(datasets)
         all_uids.update(dict.fromkeys(uids))
-        started = _add(timings, "post", started)
+        started = add_timing(timings, "post", started)
     if not analysed:
         return None
     first = analysed[0]
@@ -374,7 +253,7 @@ def analyse_volumes(eligible: Sequence[Sequence[Dataset]], predictor: Predictor,
             probability=probability, threshold=label.threshold, present=False,
             sop_instance_uids=tuple(all_uids), scope="study",
             tracking_uid=_tracking_uid(seed, "study", label.name)))
-    _add(timings, "post", started)
+    add_timing(timings, "post", started)
     unique: dict[str, Dataset] = {}
     for ds in analysed:
         unique.setdefault(str(ds.SOPInstanceUID), ds)
