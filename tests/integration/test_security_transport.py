@@ -218,6 +218,19 @@ def serve(tmp_path: Path, make_settings: MakeSettings) -> Iterator[Callable[...,
 # -- findings -------------------------------------------------------------------------------
 
 
+def settled_rss(pid: int, timeout: float = 20.0) -> int:
+    """The process tree's RSS once it stops growing (two readings 0.5 s apart within 1 MiB)."""
+    deadline = time.monotonic() + timeout
+    last = tree_rss(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = tree_rss(pid)
+        if abs(now - last) < 1024 * 1024:
+            return now
+        last = now
+    return last
+
+
 @pytest.mark.parametrize("attack", [
     pytest.param("association request", marks=needs_tuning("aborting an oversized PDU")),
     "data, no size limit"])
@@ -229,7 +242,11 @@ def test_declared_lengths_cost_no_memory(serve: Callable[..., DicomAIServe], att
     """
     server = serve(receivers=1, maximum_pdu_size=0)
     assert server.process is not None
-    before = tree_rss(server.process.pid)
+    # Measured from a service done starting: it answers C-ECHO while the rest (the HTTP API's
+    # imports) still loads, ~40 MiB within the next seconds, which is not what an attack costs
+    # (it left the bound a few MiB of margin: a flaky failure).
+    assert echo_ok(server.port)
+    before = settled_rss(server.process.pid)
     with opened([]) as sockets:
         for _ in range(3):
             if attack == "association request":
@@ -241,7 +258,8 @@ def test_declared_lengths_cost_no_memory(serve: Callable[..., DicomAIServe], att
             sockets.append(sock)
         time.sleep(1.5)  # what would be allocated for the declared lengths is by now
         grown = tree_rss(server.process.pid) - before
-        assert grown < 48 * 1024 * 1024, f"the serve tree grew by {grown / 2**20:.0f} MiB"
+        # 0.6-3.8 MiB measured (each connection reads ahead at most READ_STEP, 1 MiB).
+        assert grown < 16 * 1024 * 1024, f"the serve tree grew by {grown / 2**20:.0f} MiB"
         if attack == "association request":
             assert all(closed_by_peer(sock, 5) for sock in sockets)
     assert echo_ok(server.port)
