@@ -29,7 +29,7 @@ which sums that stack into an ``int64`` volume: 600 MiB more).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import highdicom as hd
@@ -96,7 +96,8 @@ def has_segments(run: ModelRun) -> bool:
 
 def build_seg(run: ModelRun, sources: Sequence[Dataset], *, series_instance_uid: str,
               sop_instance_uid: str, series_number: int = 9902,
-              software_version: str = "") -> Dataset:
+              software_version: str = "",
+              headers: Mapping[str, Dataset] | None = None) -> Dataset:
     """Build the BINARY Segmentation of a run's segment findings (PS3.3 A.51, C.8.20).
 
     Parameters
@@ -116,6 +117,10 @@ def build_seg(run: ModelRun, sources: Sequence[Dataset], *, series_instance_uid:
         General Series number.
     software_version : str
         Software Versions (0018,1020), type 1 in Enhanced General Equipment: "unknown" if empty.
+    headers : mapping, optional
+        :func:`~dicom_ai.reporting.sr.source_headers` of `sources`, when the caller built them
+        already (the job's SR takes the same ones); used by the volume layout only (a 2D SEG
+        copies the headers of the few images that hold a segment).
 
     Returns
     -------
@@ -133,25 +138,25 @@ def build_seg(run: ModelRun, sources: Sequence[Dataset], *, series_instance_uid:
     if region_findings(run):
         return _build_volume_seg(run, sources, series_instance_uid=series_instance_uid,
                                  sop_instance_uid=sop_instance_uid, series_number=series_number,
-                                 software_version=software_version)
+                                 software_version=software_version, headers=headers)
     findings = segment_findings(run)
     if not findings:
         raise ReportError("the run has no finding located by a segment: nothing to segment")
     numbers = [f.location.segment_number if f.location else None for f in findings]
     if numbers != list(range(1, len(findings) + 1)):
         raise ReportError(f"segment numbers must be 1..{len(findings)}, got {numbers}")
-    headers: dict[str, Dataset] = {}
+    by_uid: dict[str, Dataset] = {}
     for ds in sources:
-        headers.setdefault(str(ds.SOPInstanceUID), ds)
+        by_uid.setdefault(str(ds.SOPInstanceUID), ds)
     # Frames: the source images that hold a segment, in the caller's source order.
     wanted = {f.location.sop_instance_uid for f in findings if f.location}
-    missing = wanted.difference(headers)
+    missing = wanted.difference(by_uid)
     if missing:
         raise ReportError(f"segment location images not among the sources: {sorted(missing)}")
-    used = [uid for uid in headers if uid in wanted]
+    used = [uid for uid in by_uid if uid in wanted]
     images = []
     for uid in used:
-        images.append(source_header(headers[uid]))
+        images.append(source_header(by_uid[uid]))
     rows, cols = int(images[0].Rows), int(images[0].Columns)
     pixels = np.zeros((len(used), rows, cols, len(findings)), dtype=bool)
     descriptions = []
@@ -220,8 +225,8 @@ def _segmentation(run: ModelRun, images: list[Dataset], pixels: NDArray[Any],
 
 
 def _build_volume_seg(run: ModelRun, sources: Sequence[Dataset], *, series_instance_uid: str,
-                      sop_instance_uid: str, series_number: int,
-                      software_version: str) -> Dataset:
+                      sop_instance_uid: str, series_number: int, software_version: str,
+                      headers: Mapping[str, Dataset] | None) -> Dataset:
     """The multi-frame SEG of a run's volume regions (see the module docstring)."""
     findings = region_findings(run)
     if segment_findings(run):
@@ -236,8 +241,9 @@ def _build_volume_seg(run: ModelRun, sources: Sequence[Dataset], *, series_insta
                 or region.shape != grid.shape):
             raise ReportError("every region of one SEG must lie on the same source grid")
     wanted = set(grid.sop_instance_uids)
-    headers = source_headers([ds for ds in sources if str(ds.SOPInstanceUID) in wanted]
-                             or sources)
+    if headers is None:
+        headers = source_headers([ds for ds in sources if str(ds.SOPInstanceUID) in wanted]
+                                 or sources)
     missing = [uid for uid in grid.sop_instance_uids if uid not in headers]
     if missing:
         raise ReportError(f"{len(missing)} slices of the regions' grid are not among the "
@@ -249,7 +255,7 @@ def _build_volume_seg(run: ModelRun, sources: Sequence[Dataset], *, series_insta
         raise ReportError(f"the regions' grid {grid.shape} does not match the slices "
                           f"({int(images[0].Rows)} x {int(images[0].Columns)})")
     pixels = _paint(regions, grid.shape)
-    if len(headers) == 1 and len(images) > 1:
+    if len(set(grid.sop_instance_uids)) == 1 and len(images) > 1:
         # An enhanced multi-frame source (one instance, a slice per frame): highdicom takes it
         # as the one source image, with a pixel-array frame per source frame in frame order.
         images, pixels = _onto_frames(images[0], pixels)

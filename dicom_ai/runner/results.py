@@ -101,6 +101,7 @@ def build_results(analysis: Analysis, route: Route, settings: Settings, *, store
         has_segments,
     )
     from dicom_ai.reporting.capture import heatmap_finding
+    from dicom_ai.reporting.sr import source_headers
 
     run = analysis.run
     sources = analysis.datasets
@@ -127,13 +128,17 @@ def build_results(analysis: Analysis, route: Route, settings: Settings, *, store
         ))
 
     version = __version__
+    # The sources' evidence headers, built once for the SEG and every SR (0.8 s for 300 CT
+    # slices under load); a failure is named after the first object that needs them.
+    with _building("SEG" if has_segments(run) else "SR", sources):
+        headers = source_headers(sources)
     seg: Dataset | None = None
     if has_segments(run):  # 2D segment locations, or the regions of a volume model
         with _building("SEG", sources):
             seg = build_seg(run, sources,
                             series_instance_uid=result_uid(seed, "seg-series"),
                             sop_instance_uid=result_uid(seed, "seg"),
-                            software_version=version)
+                            software_version=version, headers=headers)
             keep(seg, "seg", None, [d.name for d in wanted] if route.send_seg else [])
     heatmap_paths: dict[str, str] = {}
     if route.send_heatmap:
@@ -163,7 +168,7 @@ def build_results(analysis: Analysis, route: Route, settings: Settings, *, store
                           series_instance_uid=result_uid(seed, "sr-series", kind),
                           sop_instance_uid=result_uid(seed, "sr", kind),
                           predecessor=predecessor, segmentation=seg,
-                          software_version=version)
+                          software_version=version, headers=headers)
             keep(sr, "sr", kind, [d.name for d in wanted if d.sr_kind == kind])
     # The SR first: the outbox sends in creation order, and the SR is what a PACS needs.
     results.sort(key=lambda r: r.kind != "sr")
