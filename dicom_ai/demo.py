@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -107,8 +108,6 @@ def run_demo(work: Path, *, studies: int = 4, seed: int = 7, timeout: float = 30
     -------
     DemoResult
     """
-    from dicom_ai.reporting import summarize_sr
-
     started = time.monotonic()
     source = work / "studies"
     # A namespace of its own: `dicom-ai synth` never makes the demo's UIDs.
@@ -128,34 +127,54 @@ def run_demo(work: Path, *, studies: int = 4, seed: int = 7, timeout: float = 30
     try:
         _push(source, service, settings)
         results = {uid: DemoStudy(uid, t) for uid, t in truth.items()}
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for path in pacs.received():
-                ds = dcmread(path, stop_before_pixels=True)
-                study = results.get(str(ds.StudyInstanceUID))
-                if study is None:
-                    continue
-                if str(ds.SOPClassUID) in SR_CLASSES and study.sr_path is None:
-                    found = summarize_sr(ds)
-                    study.sr_path = path
-                    study.probability = max((f.probability for f in found), default=None)
-                    study.present = any(f.present for f in found)
-                elif str(ds.SOPClassUID) == SC_CLASS and path not in study.heatmap_paths:
-                    study.heatmap_paths.append(path)
-            if all(s.sr_path is not None for s in results.values()):
-                # A study's heat-map SC is its own outbox row and may follow its SR: give the
-                # stragglers a few seconds rather than stopping the service under them.
-                # Heat-maps go with present findings only (the route's default heatmap_for).
-                if all(s.heatmap_paths or not s.present for s in results.values()):
-                    break
-                deadline = min(deadline, time.monotonic() + HEATMAP_GRACE_SECONDS)
-            time.sleep(0.5)
+        # A study's heat-map SC is its own outbox row and may follow its SR; heat-maps go with
+        # present findings only (the route's default heatmap_for).
+        _await_results(
+            pacs, lambda paths: _collect_cr(paths, results), timeout,
+            srs_in=lambda: all(s.sr_path is not None for s in results.values()),
+            followers_in=lambda: all(s.heatmap_paths or not s.present
+                                     for s in results.values()),
+            grace=HEATMAP_GRACE_SECONDS)
     finally:
         service.stop()
         pacs.stop()
     ordered = sorted(results.values(), key=lambda s: s.study_instance_uid)
     return DemoResult(ordered, work, pacs.folder, time.monotonic() - started,
                       all(s.sr_path is not None for s in ordered))
+
+
+def _await_results(pacs: StandInPacs, collect: Callable[[list[Path]], None], timeout: float,
+                   *, srs_in: Callable[[], bool], followers_in: Callable[[], bool],
+                   grace: float) -> None:
+    """Poll the stand-in PACS until every study's SR is in and what follows it (heat-maps,
+    SEGs), or `grace` seconds after the last SR, or `timeout`: rather than stopping the
+    service under objects still in its outbox."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        collect(pacs.received())
+        if srs_in():
+            if followers_in():
+                return
+            deadline = min(deadline, time.monotonic() + grace)
+        time.sleep(0.5)
+
+
+def _collect_cr(paths: list[Path], results: dict[str, DemoStudy]) -> None:
+    """Record what the stand-in PACS received for each CR demo study (SR, heat-map SCs)."""
+    from dicom_ai.reporting import summarize_sr
+
+    for path in paths:
+        ds = dcmread(path, stop_before_pixels=True)
+        study = results.get(str(ds.StudyInstanceUID))
+        if study is None:
+            continue
+        if str(ds.SOPClassUID) in SR_CLASSES and study.sr_path is None:
+            found = summarize_sr(ds)
+            study.sr_path = path
+            study.probability = max((f.probability for f in found), default=None)
+            study.present = any(f.present for f in found)
+        elif str(ds.SOPClassUID) == SC_CLASS and path not in study.heatmap_paths:
+            study.heatmap_paths.append(path)
 
 
 def _demo_settings(work: Path, pacs: StandInPacs, quiet_seconds: float, *,
@@ -351,16 +370,13 @@ def run_ct_demo(work: Path, *, studies: int = 2, seed: int = 7, matrix: int = 25
     service = Service(settings)
     try:
         _push(source, service, settings)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            _collect_ct(pacs.received(), results)
-            if all(s.sr_path is not None for s in results.values()):
-                # The SEG is its own outbox row and may follow the SR; it goes with studies
-                # that have lesions only.
-                if all(s.seg_path or not s.found for s in results.values()):
-                    break
-                deadline = min(deadline, time.monotonic() + SEG_GRACE_SECONDS)
-            time.sleep(0.5)
+        # The SEG is its own outbox row and may follow the SR; it goes with studies that have
+        # lesions only.
+        _await_results(
+            pacs, lambda paths: _collect_ct(paths, results), timeout,
+            srs_in=lambda: all(s.sr_path is not None for s in results.values()),
+            followers_in=lambda: all(s.seg_path or not s.found for s in results.values()),
+            grace=SEG_GRACE_SECONDS)
     finally:
         service.stop()
         pacs.stop()
