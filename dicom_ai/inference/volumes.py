@@ -197,7 +197,7 @@ def analyse_volumes(eligible: Sequence[Sequence[Dataset]], predictor: Predictor,
         output, resampled, hu = _probabilities(predictor, volume, grid, timings, started)
         started = time.perf_counter()
         uids = tuple(volume.sop_instance_uids)
-        del volume  # the stored pixel values are not needed any more
+        del volume  # its pixel values live on in `hu` (read lazily) until the series is done
         # Mean attenuation means something for CT (HU); MR intensities are arbitrary units.
         ct = str(datasets[0].get("Modality", "")).strip().upper() == "CT"
         for k, label in enumerate(spec.outputs):

@@ -47,6 +47,7 @@ from dicom_ai.pipeline.volume import (
     forms_volume,
     modality_volume,
     patch_starts,
+    prepare_volume_input,
     resample,
 )
 from dicom_ai.values import WINDOW_PRESETS, PreprocessingSpec, Window
@@ -260,8 +261,6 @@ def volume_montage(paths: Sequence[Path], spec: PreprocessingSpec, *,
     PreprocessingError
         A spec that is not a volume model's, or the volume core refusing it.
     """
-    from dicom_ai.pipeline.volume import prepare_volume_input
-
     if spec.input_kind == "image":
         raise PreprocessingError("a volume montage needs input_kind 'volume' or 'slices'")
     volume: Volume = load_volume(paths, limits=limits)
