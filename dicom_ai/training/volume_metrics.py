@@ -39,6 +39,7 @@ from scipy import ndimage
 
 from dicom_ai.pipeline.volume import Grid, measure_lesions
 from dicom_ai.training.evaluate import SYNTHETIC_NOTE
+from dicom_ai.training.metrics import dice as _dice  # `dice` names a lesion's value below
 
 __all__ = ["CANDIDATE_THRESHOLD", "FROC_RATES", "SIZE_BINS_MM", "SYNTHETIC_NOTE", "CaseMatch",
            "Detection", "TruthLesion", "bootstrap_over_cases", "froc", "froc_curve",
@@ -135,11 +136,6 @@ class CaseMatch:
     truth: list[TruthLesion]
     detections: list[Detection]
     dice: float
-
-
-def _dice(a: NDArray[np.bool_], b: NDArray[np.bool_]) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def _diameter(mask: NDArray[np.bool_], spacing: tuple[float, float, float]) -> float:
