@@ -56,13 +56,8 @@ from dicom_ai import __version__
 from dicom_ai.inference.runtime import Predictor, load_predictor
 from dicom_ai.inference.spec import ModelSpec, OutputLabel, Provenance, read_spec, write_spec
 from dicom_ai.pipeline.loading import load_volume
-from dicom_ai.pipeline.volume import (
-    Grid,
-    modality_volume,
-    normalize_volume,
-    resample,
-    window_volume,
-)
+from dicom_ai.pipeline.volume import Grid, prepare_volume_input, resample
+from dicom_ai.training.report import plot_froc
 from dicom_ai.training.synth import ChestCT, read_lesion_masks, synthesize
 from dicom_ai.values import CodedConcept, PreprocessingSpec, WindowPreset
 
@@ -218,11 +213,12 @@ def prepare_study(files: Sequence[Path], masks: Path | None) -> PreparedStudy:
     """
     volume = load_volume(files)
     grid = Grid.of(volume)
-    resampled = resample(modality_volume(volume), grid, TARGET_SPACING)
+    # The serving chain itself (prepare_volume_input); of the spec, only the spacing, window
+    # and normalisation matter here.
+    serving = PreprocessingSpec(input_shape=(8, 8), window=WINDOW, normalization="none",
+                                target_spacing=TARGET_SPACING)
+    image = prepare_volume_input(volume, grid, serving, keep_modality=False).array
     del volume
-    image = resampled.array
-    window_volume(image, PreprocessingSpec(input_shape=(8, 8), window=WINDOW).window_values)
-    normalize_volume(image, "none")
     truth = np.zeros(image.shape, dtype=bool)
     lesions: list[NDArray[np.intp]] = []
     if masks is not None:
@@ -525,7 +521,7 @@ def evaluate_folder(folder: Path, studies: Sequence[tuple[list[Path], Path | Non
     metrics["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
     report.mkdir(parents=True, exist_ok=True)
     (report / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-    vm.plot_froc(metrics["froc"], report / "froc.png")
+    plot_froc(metrics["froc"], report / "froc.png")
     return metrics
 
 

@@ -37,6 +37,7 @@ from dicom_ai.training.metrics import (
 __all__ = [
     "SYNTHETIC_ONLY_NOTICE",
     "plot_calibration",
+    "plot_froc",
     "plot_learning_curve",
     "plot_pr",
     "plot_roc",
@@ -73,6 +74,41 @@ def _finish(
     ax.legend(loc=legend_loc)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_froc(froc_metrics: Mapping[str, Any], path: PathLike) -> Path:
+    """The FROC curve with the reported points and their CIs, as a PNG.
+
+    Parameters
+    ----------
+    froc_metrics : mapping
+        ``volume_metrics.volume_report(...)["froc"]``: the ``curve`` (``fp_per_volume``,
+        ``sensitivity``), and the reported ``rates`` with ``sensitivity``, ``ci_low`` and
+        ``ci_high``.
+    path : str or path-like
+        Where to write the PNG.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    curve = froc_metrics["curve"]
+    ax.step(np.maximum(curve["fp_per_volume"], 1e-2), curve["sensitivity"], where="post",
+            label="FROC (held-out studies)")
+    rates = np.asarray(froc_metrics["rates"], dtype=np.float64)
+    sens = np.asarray(froc_metrics["sensitivity"], dtype=np.float64)
+    err = np.vstack([sens - np.asarray(froc_metrics["ci_low"], dtype=np.float64),
+                     np.asarray(froc_metrics["ci_high"], dtype=np.float64) - sens])
+    ax.errorbar(rates, sens, yerr=np.clip(err, 0.0, None), fmt="o", capsize=3,
+                label="sensitivity at fixed FP/volume (95% CI)")
+    ax.set_xscale("log")
+    ax.set_xlim(0.1, 10.0)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("false positives per volume")
+    ax.set_ylabel("lesion sensitivity")
+    return _finish(fig, ax, path, legend_loc="lower right")
 
 
 def plot_roc(

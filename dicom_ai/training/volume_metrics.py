@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +42,7 @@ from dicom_ai.training.metrics import dice as _dice  # `dice` names a lesion's v
 
 __all__ = ["CANDIDATE_THRESHOLD", "FROC_RATES", "SIZE_BINS_MM", "SYNTHETIC_NOTE", "CaseMatch",
            "Detection", "TruthLesion", "bootstrap_over_cases", "froc", "froc_curve",
-           "headline", "match_lesions", "model_card", "plot_froc", "volume_report"]
+           "headline", "match_lesions", "model_card", "volume_report"]
 
 #: False positives per volume at which the FROC sensitivity is reported (LUNA16's seven).
 FROC_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -484,50 +483,6 @@ def headline(metrics: Mapping[str, Any]) -> dict[str, float]:
     for rate, sens in zip(metrics["froc"]["rates"], metrics["froc"]["sensitivity"], strict=True):
         out[f"froc_sensitivity_at_{rate:g}_fp"] = sens
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
-
-
-def plot_froc(froc_metrics: Mapping[str, Any], path: Path) -> Path:
-    """The FROC curve with the reported points and their CIs, as a PNG.
-
-    Parameters
-    ----------
-    froc_metrics : mapping
-        ``volume_report(...)["froc"]``.
-    path : Path
-        Output file.
-
-    Returns
-    -------
-    Path
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.0))
-    curve = froc_metrics["curve"]
-    ax.step(np.maximum(curve["fp_per_volume"], 1e-2), curve["sensitivity"], where="post",
-            label="FROC (held-out studies)")
-    rates = np.asarray(froc_metrics["rates"], dtype=np.float64)
-    sens = np.asarray(froc_metrics["sensitivity"], dtype=np.float64)
-    err = np.vstack([sens - np.asarray(froc_metrics["ci_low"], dtype=np.float64),
-                     np.asarray(froc_metrics["ci_high"], dtype=np.float64) - sens])
-    ax.errorbar(rates, sens, yerr=np.clip(err, 0.0, None), fmt="o", capsize=3,
-                label="sensitivity at fixed FP/volume (95% CI)")
-    ax.set_xscale("log")
-    ax.set_xlim(0.1, 10.0)
-    ax.set_ylim(0.0, 1.02)
-    ax.set_xlabel("false positives per volume")
-    ax.set_ylabel("lesion sensitivity")
-    ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fig.savefig(path, format="png", dpi=100, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return path
 
 
 def _fmt(point: Mapping[str, float], scale: float = 1.0, digits: int = 3) -> str:
